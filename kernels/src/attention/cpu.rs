@@ -1,0 +1,434 @@
+//! The CPU flash-attention engine (Dao et al., "FlashAttention", 2022, on a CPU).
+//!
+//! One work item is one KV head, a block of queries and a range of keys. Its rows are the
+//! (query, head) pairs of the block for every query head sharing that KV head, so with GQA a
+//! K/V tile is loaded once for the whole group. Scores are formed transposed, key-major:
+//! `S^T[BK, rows] = K_tile . Q^T`, where `Q^T` is packed once per item (scaled by
+//! `scale * log2(e)`, so the softmax uses exp2) and K is read in place with no packing; the
+//! running max, the sum and the exp2 are then vertical vector operations across rows, and
+//! `O[rows, d] += P . V_tile` reads V rows in place. bf16/f16 tiles are widened to f32 first.
+//! Work items run on the rayon pool; the decode shape (few rows, long KV) splits the keys
+//! of each item across threads and merges the parts by their log-sum-exp.
+
+use super::{check_len, merge_into, AttnParams, AttnShape};
+use crate::cpu::{Isa, Ops};
+use crate::{Element, KernelError};
+use rayon::prelude::*;
+
+/// Keys per tile.
+const BK: usize = 64;
+/// Rows (queries x heads of a group) per work item, as a target.
+const ROWS: usize = 64;
+
+/// How the work is divided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Query tiles when they give every thread enough work, split-KV otherwise.
+    #[default]
+    Auto,
+    /// One item per (KV head, query block), each over all its keys.
+    QueryTiles,
+    /// As `QueryTiles`, with each item's keys cut into `splits` parts computed in
+    /// parallel and merged (flash-decoding).
+    SplitKv { splits: usize },
+}
+
+/// Options of the CPU backend.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuOptions {
+    pub strategy: Strategy,
+    pub isa: Isa,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions {
+            strategy: Strategy::Auto,
+            isa: Isa::detect(),
+        }
+    }
+}
+
+/// Flash-attention forward on the CPU with the default options. See the module docs of
+/// [`crate::attention`] for layouts; `out` may be of another element type than the inputs
+/// (f32 partial results for a later merge, say).
+pub fn attention<T: Element, O: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    shape: AttnShape,
+    params: &AttnParams,
+    out: &mut [O],
+    lse: &mut [f32],
+) -> Result<(), KernelError> {
+    attention_with(q, k, v, shape, params, out, lse, &CpuOptions::default())
+}
+
+/// [`attention`] with explicit options.
+pub fn attention_with<T: Element, O: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    shape: AttnShape,
+    params: &AttnParams,
+    out: &mut [O],
+    lse: &mut [f32],
+    opts: &CpuOptions,
+) -> Result<(), KernelError> {
+    const OP: &str = "attention";
+    shape.check(OP)?;
+    params.check(OP)?;
+    let AttnShape {
+        n_q,
+        n_kv,
+        h_q,
+        h_kv,
+        d,
+    } = shape;
+    check_len(OP, "q", n_q * h_q * d, q.len())?;
+    check_len(OP, "k", n_kv * h_kv * d, k.len())?;
+    check_len(OP, "v", n_kv * h_kv * d, v.len())?;
+    check_len(OP, "out", n_q * h_q * d, out.len())?;
+    check_len(OP, "lse", n_q * h_q, lse.len())?;
+    if n_q == 0 {
+        return Ok(());
+    }
+
+    let engine = Engine {
+        q,
+        k,
+        v,
+        shape,
+        params: *params,
+        ops: Ops::new(opts.isa),
+        scale2: params.scale * std::f32::consts::LOG2_E,
+    };
+    let g = shape.group();
+    let bq = (ROWS / g).max(1);
+    let n_blocks = n_q.div_ceil(bq);
+    let items = n_blocks * h_kv;
+    let splits = match opts.strategy {
+        Strategy::QueryTiles => 1,
+        Strategy::SplitKv { splits } => splits.max(1),
+        Strategy::Auto => {
+            let threads = rayon::current_num_threads();
+            if items >= 4 * threads {
+                1
+            } else {
+                (4 * threads).div_ceil(items).min(n_kv / (4 * BK)).max(1)
+            }
+        }
+    };
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let lse_ptr = SyncPtr(lse.as_mut_ptr());
+    let block_of = |i: usize| {
+        let (hk, b) = (i % h_kv, i / h_kv);
+        (hk, b * bq, ((b + 1) * bq).min(n_q))
+    };
+
+    if splits == 1 {
+        // Longest items first (causal masks make late query blocks the costly ones), so
+        // work stealing ends with short items.
+        let mut order: Vec<usize> = (0..items).collect();
+        order.sort_by_key(|&i| {
+            let (_, q0, q1) = block_of(i);
+            std::cmp::Reverse(engine.span(q0, q1, 0, n_kv).1)
+        });
+        order.par_iter().for_each_init(Scratch::default, |sc, &i| {
+            let (hk, q0, q1) = block_of(i);
+            engine.block(sc, hk, q0, q1, 0, n_kv);
+            // SAFETY: items cover disjoint (query, head) rows of `out` and `lse`.
+            unsafe { engine.store(sc, hk, q0, q1, out_ptr, lse_ptr) };
+        });
+        return Ok(());
+    }
+
+    // Split-KV: every item's keys cut into `splits` ranges, computed in parallel into f32
+    // partial results, then merged per item.
+    let chunk = n_kv.div_ceil(splits);
+    let rows_max = bq * g;
+    let mut part_o = vec![0f32; items * splits * rows_max * d];
+    let mut part_l = vec![f32::NEG_INFINITY; items * splits * rows_max];
+    part_o
+        .par_chunks_mut(rows_max * d)
+        .zip(part_l.par_chunks_mut(rows_max))
+        .enumerate()
+        .for_each_init(Scratch::default, |sc, (p, (po, pl))| {
+            let (i, s) = (p / splits, p % splits);
+            let (hk, q0, q1) = block_of(i);
+            let (j0, j1) = ((s * chunk).min(n_kv), ((s + 1) * chunk).min(n_kv));
+            engine.block(sc, hk, q0, q1, j0, j1);
+            let rows = (q1 - q0) * g;
+            sc.finish(rows, d, &mut po[..rows * d], &mut pl[..rows]);
+        });
+    part_o
+        .par_chunks_mut(splits * rows_max * d)
+        .zip(part_l.par_chunks_mut(splits * rows_max))
+        .enumerate()
+        .for_each(|(i, (po, pl))| {
+            let (hk, q0, q1) = block_of(i);
+            let rows = (q1 - q0) * g;
+            let (acc_o, rest_o) = po.split_at_mut(rows_max * d);
+            let (acc_l, rest_l) = pl.split_at_mut(rows_max);
+            for s in 1..splits {
+                let o = &rest_o[(s - 1) * rows_max * d..][..rows * d];
+                let l = &rest_l[(s - 1) * rows_max..][..rows];
+                merge_into(&mut acc_o[..rows * d], &mut acc_l[..rows], o, l, d)
+                    .expect("partial results are sized by construction");
+            }
+            for r in 0..rows {
+                let (qi, gi) = (q0 + r / g, r % g);
+                let row = qi * h_q + hk * g + gi;
+                // SAFETY: each item writes its own rows of `out` and `lse`.
+                unsafe {
+                    let o = std::slice::from_raw_parts_mut(out_ptr.get().add(row * d), d);
+                    for (x, y) in o.iter_mut().zip(&acc_o[r * d..(r + 1) * d]) {
+                        *x = O::from_f32(*y);
+                    }
+                    *lse_ptr.get().add(row) = acc_l[r];
+                }
+            }
+        });
+    Ok(())
+}
+
+/// A raw pointer that work items share to write disjoint rows.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+// SAFETY: only used to write rows that no other item touches.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    // A method, not a field access, so closures capture the whole (Sync) wrapper.
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Per-thread buffers, reused across work items.
+#[derive(Default)]
+struct Scratch {
+    /// `Q^T`: `[d, rows_pad]`, scaled by `scale * log2(e)`.
+    qt: Vec<f32>,
+    /// A K tile widened to f32: `[BK, d]`.
+    kbuf: Vec<f32>,
+    /// A V tile widened to f32: `[BK, d_pad]`.
+    vbuf: Vec<f32>,
+    /// Scores, then probabilities, key-major: `[BK, rows_pad]`.
+    st: Vec<f32>,
+    /// Output accumulator: `[rows, d_pad]`.
+    o: Vec<f32>,
+    /// Running max (log2 units), running sum and the last rescale factor, per row.
+    m: Vec<f32>,
+    l: Vec<f32>,
+    alpha: Vec<f32>,
+    /// Visible key range of each query of the block.
+    lo: Vec<usize>,
+    hi: Vec<usize>,
+    d_pad: usize,
+}
+
+impl Scratch {
+    fn prepare(&mut self, rows: usize, d: usize, nq: usize) {
+        let rp = rows.next_multiple_of(16);
+        let dp = d.next_multiple_of(16);
+        self.d_pad = dp;
+        let fit = |v: &mut Vec<f32>, n: usize, x: f32| {
+            v.clear();
+            v.resize(n, x);
+        };
+        fit(&mut self.qt, d * rp, 0.0);
+        fit(&mut self.kbuf, BK * d, 0.0);
+        fit(&mut self.vbuf, BK * dp, 0.0);
+        fit(&mut self.st, BK * rp, 0.0);
+        fit(&mut self.o, rows * dp, 0.0);
+        fit(&mut self.m, rp, f32::NEG_INFINITY);
+        fit(&mut self.l, rp, 0.0);
+        fit(&mut self.alpha, rp, 1.0);
+        self.lo.resize(nq, 0);
+        self.hi.resize(nq, 0);
+    }
+
+    /// Normalised output rows and their natural-log LSE.
+    fn finish(&self, rows: usize, d: usize, out: &mut [f32], lse: &mut [f32]) {
+        for r in 0..rows {
+            lse[r] = self.finish_row(r, d, &mut out[r * d..(r + 1) * d]);
+        }
+    }
+
+    /// Row `r` normalised into `out`; returns its natural-log LSE (`-inf` with zeros when
+    /// the row saw no key).
+    fn finish_row(&self, r: usize, d: usize, out: &mut [f32]) -> f32 {
+        let l = self.l[r];
+        if l > 0.0 {
+            let inv = 1.0 / l;
+            for (x, y) in out.iter_mut().zip(&self.o[r * self.d_pad..][..d]) {
+                *x = y * inv;
+            }
+            (self.m[r] + l.log2()) * std::f32::consts::LN_2
+        } else {
+            out.fill(0.0);
+            f32::NEG_INFINITY
+        }
+    }
+}
+
+struct Engine<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    shape: AttnShape,
+    params: AttnParams,
+    ops: Ops,
+    scale2: f32,
+}
+
+impl<T: Element> Engine<'_, T> {
+    /// The union `[lo, hi)` of keys seen by queries `q0..q1`, within `[j0, j1)`.
+    fn span(&self, q0: usize, q1: usize, j0: usize, j1: usize) -> (usize, usize) {
+        let (mut lo, mut hi) = (j1, j0);
+        for i in q0..q1 {
+            let (a, b) = self.params.key_range(i, self.shape.n_kv);
+            let (a, b) = (a.max(j0), b.min(j1));
+            if a < b {
+                lo = lo.min(a);
+                hi = hi.max(b);
+            }
+        }
+        (lo, hi.max(lo))
+    }
+
+    /// Runs KV head `hk`, queries `q0..q1`, keys `j0..j1` into `sc` (un-normalised).
+    fn block(&self, sc: &mut Scratch, hk: usize, q0: usize, q1: usize, j0: usize, j1: usize) {
+        let AttnShape { h_q, h_kv, d, .. } = self.shape;
+        let g = self.shape.group();
+        let nq = q1 - q0;
+        let rows = nq * g;
+        sc.prepare(rows, d, nq);
+        let (rp, dp) = (rows.next_multiple_of(16), sc.d_pad);
+
+        for i in 0..nq {
+            for gi in 0..g {
+                let r = i * g + gi;
+                let src = &self.q[((q0 + i) * h_q + hk * g + gi) * d..][..d];
+                for (dd, x) in src.iter().enumerate() {
+                    sc.qt[dd * rp + r] = x.to_f32() * self.scale2;
+                }
+            }
+            let (a, b) = self.params.key_range(q0 + i, self.shape.n_kv);
+            sc.lo[i] = a.max(j0);
+            sc.hi[i] = b.min(j1).max(sc.lo[i]);
+        }
+        let (start, end) = self.span(q0, q1, j0, j1);
+        let ld = h_kv * d;
+        let (k32, v32) = (T::as_f32(self.k), T::as_f32(self.v));
+
+        let mut t = start;
+        while t < end {
+            let kt = BK.min(end - t);
+            let base = (t * h_kv + hk) * d;
+            // S^T[kt, rp] = K_tile[kt, d] . Q^T[d, rp]
+            let (kp, lda) = match k32 {
+                Some(k) => (k[base..].as_ptr(), ld),
+                None => {
+                    for j in 0..kt {
+                        T::widen(&self.k[base + j * ld..][..d], &mut sc.kbuf[j * d..][..d]);
+                    }
+                    (sc.kbuf.as_ptr(), d)
+                }
+            };
+            // SAFETY: `kp` has kt rows of d values at stride lda; qt is [d, rp]; st is [BK, rp].
+            unsafe {
+                self.ops.gemm(
+                    kt,
+                    rp,
+                    d,
+                    kp,
+                    lda,
+                    1,
+                    sc.qt.as_ptr(),
+                    rp,
+                    sc.st.as_mut_ptr(),
+                    rp,
+                    false,
+                )
+            };
+            for i in 0..nq {
+                let (lo, hi) = (sc.lo[i], sc.hi[i]);
+                if lo <= t && hi >= t + kt {
+                    continue;
+                }
+                for j in 0..kt {
+                    if t + j < lo || t + j >= hi {
+                        sc.st[j * rp + i * g..][..g].fill(f32::NEG_INFINITY);
+                    }
+                }
+            }
+            self.ops
+                .softmax_tile(&mut sc.st, kt, rp, rp, &mut sc.m, &mut sc.l, &mut sc.alpha);
+            for r in 0..rows {
+                let a = sc.alpha[r];
+                if a != 1.0 {
+                    sc.o[r * dp..(r + 1) * dp].iter_mut().for_each(|x| *x *= a);
+                }
+            }
+            // O[rows, d] += P[rows, kt] . V_tile[kt, d], P read from S^T.
+            let (vp, ldv) = match v32 {
+                Some(v) => (v[base..].as_ptr(), ld),
+                None => {
+                    for j in 0..kt {
+                        T::widen(&self.v[base + j * ld..][..d], &mut sc.vbuf[j * dp..][..d]);
+                    }
+                    (sc.vbuf.as_ptr(), dp)
+                }
+            };
+            // SAFETY: st holds [kt, rp]; vp has kt rows of d values at stride ldv (only d
+            // columns are read); o is [rows, dp].
+            unsafe {
+                self.ops.gemm(
+                    rows,
+                    d,
+                    kt,
+                    sc.st.as_ptr(),
+                    1,
+                    rp,
+                    vp,
+                    ldv,
+                    sc.o.as_mut_ptr(),
+                    dp,
+                    true,
+                )
+            };
+            t += kt;
+        }
+    }
+
+    /// Normalises the block in `sc` and writes it to `out` and `lse`.
+    ///
+    /// # Safety
+    /// No other thread may write the rows of queries `q0..q1`, heads of group `hk`.
+    unsafe fn store<O: Element>(
+        &self,
+        sc: &Scratch,
+        hk: usize,
+        q0: usize,
+        q1: usize,
+        out: SyncPtr<O>,
+        lse: SyncPtr<f32>,
+    ) {
+        let AttnShape { h_q, d, .. } = self.shape;
+        let g = self.shape.group();
+        let rows = (q1 - q0) * g;
+        let mut tmp = [0f32; 256];
+        for r in 0..rows {
+            let row = (q0 + r / g) * h_q + hk * g + r % g;
+            let l = sc.finish_row(r, d, &mut tmp[..d]);
+            let o = std::slice::from_raw_parts_mut(out.get().add(row * d), d);
+            for (x, y) in o.iter_mut().zip(&tmp[..d]) {
+                *x = O::from_f32(*y);
+            }
+            *lse.get().add(row) = l;
+        }
+    }
+}

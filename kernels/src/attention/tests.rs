@@ -1,0 +1,273 @@
+//! Every path of the CPU attention against the float64 reference, on fresh random inputs at
+//! awkward sizes, for every instruction set this CPU has.
+
+use super::reference::{attention_f64, rel_error};
+use super::*;
+use crate::{Element, Isa};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+
+const TOL_F32: f64 = 1e-5;
+const TOL_BF16: f64 = 1e-2;
+
+struct Case {
+    shape: AttnShape,
+    params: AttnParams,
+}
+
+fn case(n_q: usize, n_kv: usize, h_kv: usize, ratio: usize, d: usize, mask: Mask) -> Case {
+    let shape = AttnShape {
+        n_q,
+        n_kv,
+        h_q: h_kv * ratio,
+        h_kv,
+        d,
+    };
+    Case {
+        params: AttnParams::new(&shape, mask),
+        shape,
+    }
+}
+
+fn random<T: Element>(rng: &mut impl Rng, n: usize, amp: f32) -> Vec<T> {
+    (0..n)
+        .map(|_| T::from_f32(rng.random_range(-amp..amp)))
+        .collect()
+}
+
+/// Runs one case with fresh random inputs and returns (out error, lse error, seed).
+fn run<T: Element>(c: &Case, opts: &CpuOptions, amp: f32) -> (f64, f64, u64) {
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let AttnShape {
+        n_q,
+        n_kv,
+        h_q,
+        h_kv,
+        d,
+    } = c.shape;
+    let q: Vec<T> = random(&mut rng, n_q * h_q * d, amp);
+    let k: Vec<T> = random(&mut rng, n_kv * h_kv * d, amp);
+    let v: Vec<T> = random(&mut rng, n_kv * h_kv * d, 1.0);
+    let mut out = vec![T::default(); n_q * h_q * d];
+    let mut lse = vec![0f32; n_q * h_q];
+    attention_with(&q, &k, &v, c.shape, &c.params, &mut out, &mut lse, opts).unwrap();
+    let (want_o, want_l) = attention_f64(&q, &k, &v, c.shape, &c.params);
+    let got_o: Vec<f32> = out.iter().map(|x| x.to_f32()).collect();
+    (rel_error(&got_o, &want_o), rel_error(&lse, &want_l), seed)
+}
+
+fn check<T: Element>(c: &Case, opts: &CpuOptions, tol: f64) {
+    for amp in [1.0, 4.0] {
+        let (eo, el, seed) = run::<T>(c, opts, amp);
+        assert!(
+            eo <= tol && el <= tol,
+            "{:?} {:?} {:?} {} amp {amp}: out err {eo:.2e}, lse err {el:.2e} (seed {seed})",
+            c.shape,
+            c.params,
+            opts,
+            T::DTYPE.name()
+        );
+    }
+}
+
+fn opts(isa: Isa, strategy: Strategy) -> CpuOptions {
+    CpuOptions { strategy, isa }
+}
+
+const MASKS: [Mask; 4] = [
+    Mask::None,
+    Mask::Causal,
+    Mask::ChunkedLocal { chunk: 16 },
+    Mask::ChunkedLocal { chunk: 37 },
+];
+
+#[test]
+fn every_head_dim_ratio_and_mask_on_every_isa() {
+    for isa in Isa::all_available() {
+        for d in [64, 80, 96, 128] {
+            for ratio in [1, 4, 5, 8] {
+                for mask in MASKS {
+                    let c = case(65, 65, 2, ratio, d, mask);
+                    check::<f32>(&c, &opts(isa, Strategy::QueryTiles), TOL_F32);
+                    check::<bf16>(&c, &opts(isa, Strategy::QueryTiles), TOL_BF16);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn awkward_lengths() {
+    let o = CpuOptions::default();
+    for n in [1, 7, 63, 65, 1000] {
+        for mask in MASKS {
+            let c = case(n, n, 2, 4, 64, mask);
+            check::<f32>(&c, &o, TOL_F32);
+            check::<bf16>(&c, &o, TOL_BF16);
+        }
+    }
+    for d in [8, 24, 72, 136, 256] {
+        let c = case(33, 70, 1, 2, d, Mask::Causal);
+        check::<f32>(&c, &o, TOL_F32);
+        check::<half::f16>(&c, &o, TOL_BF16);
+    }
+}
+
+#[test]
+fn queries_offset_into_a_longer_kv() {
+    // The chunked-prefill shape: a chunk of queries at the end of the KV, and a KV that
+    // starts at an absolute position other than 0.
+    let o = CpuOptions::default();
+    for mask in MASKS {
+        for (n_q, n_kv) in [(1, 1000), (37, 1000), (130, 333)] {
+            let c = case(n_q, n_kv, 2, 4, 64, mask);
+            check::<f32>(&c, &o, TOL_F32);
+            let mut c = case(n_q, n_kv, 1, 8, 96, mask);
+            c.params = c.params.at(5000 + n_kv - n_q, 5000);
+            check::<f32>(&c, &o, TOL_F32);
+        }
+    }
+}
+
+#[test]
+fn split_kv_decode_matches_reference() {
+    for isa in Isa::all_available() {
+        for splits in [1, 2, 3, 7] {
+            for mask in MASKS {
+                for (n_q, ratio) in [(1, 8), (1, 5), (3, 4)] {
+                    let c = case(n_q, 777, 2, ratio, 128, mask);
+                    check::<f32>(&c, &opts(isa, Strategy::SplitKv { splits }), TOL_F32);
+                    check::<bf16>(&c, &opts(isa, Strategy::SplitKv { splits }), TOL_BF16);
+                }
+            }
+        }
+    }
+    // The automatic choice on a decode shape over a long KV.
+    let c = case(1, 5000, 1, 8, 64, Mask::Causal);
+    check::<f32>(&c, &CpuOptions::default(), TOL_F32);
+}
+
+#[test]
+fn rows_that_see_no_key_give_neg_inf_and_zeros() {
+    // Keys at absolute positions 100..120, queries at 10..20: causal, nothing is visible.
+    // Chunked-local with chunk 16: queries at 128..140 see only keys >= 128, i.e. none.
+    let shape = AttnShape {
+        n_q: 10,
+        n_kv: 20,
+        h_q: 4,
+        h_kv: 1,
+        d: 64,
+    };
+    for (mask, q_pos) in [(Mask::Causal, 10), (Mask::ChunkedLocal { chunk: 16 }, 128)] {
+        for strategy in [Strategy::QueryTiles, Strategy::SplitKv { splits: 3 }] {
+            let params = AttnParams::new(&shape, mask).at(q_pos, 100);
+            let mut rng = rand::rng();
+            let q: Vec<f32> = random(&mut rng, 10 * 4 * 64, 1.0);
+            let k: Vec<f32> = random(&mut rng, 20 * 64, 1.0);
+            let mut out = vec![1f32; 10 * 4 * 64];
+            let mut lse = vec![0f32; 40];
+            let o = opts(Isa::detect(), strategy);
+            attention_with(&q, &k, &k, shape, &params, &mut out, &mut lse, &o).unwrap();
+            assert!(lse.iter().all(|x| *x == f32::NEG_INFINITY), "{mask:?}");
+            assert!(out.iter().all(|x| *x == 0.0), "{mask:?}");
+        }
+    }
+}
+
+#[test]
+fn merging_parts_of_a_split_kv_equals_the_whole() {
+    let mut rng = rand::rng();
+    for mask in MASKS {
+        let (n_q, n_kv, h_kv, g, d) = (40, 300, 2, 4, 80);
+        let shape = AttnShape {
+            n_q,
+            n_kv,
+            h_q: h_kv * g,
+            h_kv,
+            d,
+        };
+        let params = AttnParams::new(&shape, mask);
+        let q: Vec<f32> = random(&mut rng, n_q * h_kv * g * d, 2.0);
+        let k: Vec<f32> = random(&mut rng, n_kv * h_kv * d, 2.0);
+        let v: Vec<f32> = random(&mut rng, n_kv * h_kv * d, 1.0);
+        let (want_o, want_l) = attention_f64(&q, &k, &v, shape, &params);
+        // Random cut points; each part is attention over a KV shard at its own position.
+        let mut cuts: Vec<usize> = (0..3).map(|_| rng.random_range(0..=n_kv)).collect();
+        cuts.extend([0, n_kv]);
+        cuts.sort();
+        let rows = n_q * h_kv * g;
+        let mut parts = Vec::new();
+        for w in cuts.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            let s = AttnShape {
+                n_kv: b - a,
+                ..shape
+            };
+            let p = params.at(params.q_pos, a);
+            let (mut o, mut l) = (vec![0f32; rows * d], vec![0f32; rows]);
+            let ks = &k[a * h_kv * d..b * h_kv * d];
+            let vs = &v[a * h_kv * d..b * h_kv * d];
+            attention(&q, ks, vs, s, &p, &mut o, &mut l).unwrap();
+            parts.push((o, l));
+        }
+        let refs: Vec<(&[f32], &[f32])> = parts.iter().map(|(o, l)| (&o[..], &l[..])).collect();
+        let (mut o, mut l) = (vec![0f32; rows * d], vec![0f32; rows]);
+        merge(&refs, d, &mut o, &mut l).unwrap();
+        assert!(rel_error(&o, &want_o) <= TOL_F32, "{mask:?} cuts {cuts:?}");
+        assert!(rel_error(&l, &want_l) <= TOL_F32, "{mask:?} cuts {cuts:?}");
+    }
+}
+
+#[test]
+fn bf16_inputs_with_f32_outputs() {
+    let c = case(50, 50, 1, 4, 64, Mask::Causal);
+    let mut rng = rand::rng();
+    let q: Vec<bf16> = random(&mut rng, 50 * 4 * 64, 1.0);
+    let k: Vec<bf16> = random(&mut rng, 50 * 64, 1.0);
+    let v: Vec<bf16> = random(&mut rng, 50 * 64, 1.0);
+    let mut out = vec![0f32; 50 * 4 * 64];
+    let mut lse = vec![0f32; 200];
+    attention(&q, &k, &v, c.shape, &c.params, &mut out, &mut lse).unwrap();
+    let (want_o, want_l) = attention_f64(&q, &k, &v, c.shape, &c.params);
+    // The inputs are exact in both; only f32 arithmetic separates the two.
+    assert!(rel_error(&out, &want_o) <= TOL_F32);
+    assert!(rel_error(&lse, &want_l) <= TOL_F32);
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let s = AttnShape {
+        n_q: 2,
+        n_kv: 3,
+        h_q: 4,
+        h_kv: 2,
+        d: 64,
+    };
+    let p = AttnParams::new(&s, Mask::Causal);
+    let buf = vec![0f32; 2 * 4 * 64];
+    let kv = vec![0f32; 3 * 2 * 64];
+    let (mut out, mut lse) = (vec![0f32; 2 * 4 * 64], vec![0f32; 8]);
+    let e = attention(&buf, &kv[1..], &kv, s, &p, &mut out, &mut lse).unwrap_err();
+    assert!(
+        matches!(e, KernelError::ShapeMismatch { buffer: "k", .. }),
+        "{e}"
+    );
+    let e = attention(&buf, &kv, &kv, s, &p, &mut out, &mut lse[1..]).unwrap_err();
+    assert!(
+        matches!(e, KernelError::ShapeMismatch { buffer: "lse", .. }),
+        "{e}"
+    );
+    for bad in [
+        AttnShape { h_q: 3, ..s },
+        AttnShape { d: 60, ..s },
+        AttnShape { d: 264, ..s },
+        AttnShape { h_kv: 0, ..s },
+    ] {
+        let e = attention(&buf, &kv, &kv, bad, &p, &mut out, &mut lse).unwrap_err();
+        assert!(matches!(e, KernelError::Unsupported { .. }), "{e}");
+    }
+    let p0 = AttnParams::new(&s, Mask::ChunkedLocal { chunk: 0 });
+    let e = attention(&buf, &kv, &kv, s, &p0, &mut out, &mut lse).unwrap_err();
+    assert!(matches!(e, KernelError::Unsupported { .. }), "{e}");
+}

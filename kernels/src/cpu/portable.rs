@@ -1,0 +1,106 @@
+//! Portable versions of the attention inner loops: plain Rust that LLVM vectorises, compiled
+//! once for the baseline target and once with AVX2 + FMA enabled.
+
+/// `c[m, n] (+)= sum_k a[i*ars + k*aks] * b[k*ldb + j]`, for `j < n`. The columns of `c` past
+/// `n` up to the next multiple of 16 are written as zeros (callers size `ldc` for that).
+///
+/// # Safety
+/// The pointers must be valid for the strides and sizes given.
+#[inline(always)]
+pub unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    ars: usize,
+    aks: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    const NB: usize = 16;
+    const MR: usize = 4;
+    let mut j0 = 0;
+    while j0 < n {
+        let nw = NB.min(n - j0);
+        let mut i0 = 0;
+        while i0 < m {
+            let mr = MR.min(m - i0);
+            let mut acc = [[0f32; NB]; MR];
+            if accumulate {
+                for (i, row) in acc.iter_mut().enumerate().take(mr) {
+                    for (jj, x) in row.iter_mut().enumerate().take(nw) {
+                        *x = *c.add((i0 + i) * ldc + j0 + jj);
+                    }
+                }
+            }
+            for kk in 0..k {
+                let mut bv = [0f32; NB];
+                for (jj, x) in bv.iter_mut().enumerate().take(nw) {
+                    *x = *b.add(kk * ldb + j0 + jj);
+                }
+                for (i, row) in acc.iter_mut().enumerate().take(mr) {
+                    let av = *a.add((i0 + i) * ars + kk * aks);
+                    for (x, bj) in row.iter_mut().zip(bv.iter()) {
+                        *x += av * bj;
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate().take(mr) {
+                for (jj, x) in row.iter().enumerate() {
+                    *c.add((i0 + i) * ldc + j0 + jj) = if jj < nw { *x } else { 0.0 };
+                }
+            }
+            i0 += mr;
+        }
+        j0 += NB;
+    }
+}
+
+/// One online-softmax step over a score tile stored key-major: `st[j * ld + col]` for
+/// `j < kt`, `col < ncols`. Scores are in log2 units. Updates the running max `m` and sum `l`
+/// per column, replaces the scores by `2^(s - m)` and writes each column's rescale factor.
+#[inline(always)]
+pub fn softmax_tile(
+    st: &mut [f32],
+    kt: usize,
+    ncols: usize,
+    ld: usize,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32],
+) {
+    let mut mx = vec![f32::NEG_INFINITY; ncols];
+    for j in 0..kt {
+        for (x, s) in mx.iter_mut().zip(&st[j * ld..j * ld + ncols]) {
+            *x = x.max(*s);
+        }
+    }
+    let mut mref = vec![0f32; ncols];
+    for c in 0..ncols {
+        let m_new = m[c].max(mx[c]);
+        // A column that has seen no unmasked key yet keeps m = -inf; 0 as its reference
+        // gives exp2(-inf) = 0 instead of NaN.
+        mref[c] = if m_new == f32::NEG_INFINITY {
+            0.0
+        } else {
+            m_new
+        };
+        alpha[c] = (m[c] - mref[c]).exp2();
+        m[c] = m_new;
+    }
+    let mut sum = vec![0f32; ncols];
+    for j in 0..kt {
+        let row = &mut st[j * ld..j * ld + ncols];
+        for c in 0..ncols {
+            let p = (row[c] - mref[c]).exp2();
+            row[c] = p;
+            sum[c] += p;
+        }
+    }
+    for c in 0..ncols {
+        l[c] = l[c] * alpha[c] + sum[c];
+    }
+}

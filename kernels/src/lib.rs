@@ -1,0 +1,20 @@
+//! longctx-kernels: the compute core of longctx.
+//!
+//! It owns exact attention (flash-attention forward with the log-sum-exp, causal /
+//! chunked-local / full masks at absolute positions, GQA, split-KV decode, and the LSE merge
+//! that ring attention and decode build on) and the CPU backend's vector code, with run-time
+//! selection of AVX-512, AVX2 or portable loops. Storage is f32, bf16 or f16; arithmetic is
+//! f32. Every kernel is tested against the naive float64 reference in
+//! [`attention::reference`].
+
+pub mod attention;
+pub mod cpu;
+mod element;
+mod error;
+
+pub use attention::{
+    attention, attention_with, merge, merge_into, AttnParams, AttnShape, CpuOptions, Mask, Strategy,
+};
+pub use cpu::Isa;
+pub use element::{DType, Element};
+pub use error::KernelError;

@@ -1,0 +1,194 @@
+//! `longctx bench kernels`: the attention cases of the foundation issue, with the machine's
+//! read bandwidth measured in the same run for the memory-bound decode case.
+
+use super::timing::{fill_random, median_secs, read_bandwidth_gbs, set_threads};
+use anyhow::Result;
+use half::bf16;
+use longctx_kernels::{attention, AttnParams, AttnShape, DType, Element, Isa, Mask};
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Threads the kernels use.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Timed repetitions per case (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Only the smaller cases, with fewer repetitions (a smoke run).
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    case: String,
+    dtype: &'static str,
+    shape: String,
+    median_ms: f64,
+    gflops: Option<f64>,
+    gbs: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    threads: usize,
+    isa: &'static str,
+    read_bandwidth_gbs: f64,
+    rows: Vec<Row>,
+}
+
+struct Case {
+    name: &'static str,
+    shape: AttnShape,
+    mask: Mask,
+}
+
+fn prefill(name: &'static str, l: usize, h: usize, d: usize, mask: Mask) -> Case {
+    Case {
+        name,
+        shape: AttnShape {
+            n_q: l,
+            n_kv: l,
+            h_q: h,
+            h_kv: h,
+            d,
+        },
+        mask,
+    }
+}
+
+fn cases(quick: bool) -> Vec<Case> {
+    let decode = Case {
+        name: "decode",
+        shape: AttnShape {
+            n_q: 1,
+            n_kv: if quick { 16384 } else { 131072 },
+            h_q: 32,
+            h_kv: 8,
+            d: 128,
+        },
+        mask: Mask::Causal,
+    };
+    if quick {
+        return vec![prefill("causal", 1024, 8, 64, Mask::Causal), decode];
+    }
+    vec![
+        prefill("causal", 4096, 8, 64, Mask::Causal),
+        prefill("causal", 4096, 8, 128, Mask::Causal),
+        prefill("causal", 16384, 4, 64, Mask::Causal),
+        prefill("full", 4096, 8, 64, Mask::None),
+        decode,
+    ]
+}
+
+fn time_case<T: Element>(c: &Case, reps: usize) -> Result<Row> {
+    let s = c.shape;
+    let q: Vec<T> = fill_random(s.n_q * s.h_q * s.d, 1);
+    let k: Vec<T> = fill_random(s.n_kv * s.h_kv * s.d, 2);
+    let v: Vec<T> = fill_random(s.n_kv * s.h_kv * s.d, 3);
+    let mut out = vec![T::default(); q.len()];
+    let mut lse = vec![0f32; s.n_q * s.h_q];
+    let params = AttnParams::new(&s, c.mask);
+    let mut result = Ok(());
+    let secs = median_secs(reps, || {
+        if let Err(e) = attention(&q, &k, &v, s, &params, &mut out, &mut lse) {
+            result = Err(e);
+        }
+    });
+    result?;
+    let causal = matches!(c.mask, Mask::Causal) && s.n_q > 1;
+    let flops = s.flops() * if causal { 0.5 } else { 1.0 };
+    let kv_bytes = 2 * s.n_kv * s.h_kv * s.d * T::DTYPE.size_bytes();
+    let decode = s.n_q == 1;
+    Ok(Row {
+        case: c.name.to_string(),
+        dtype: T::DTYPE.name(),
+        shape: format!(
+            "n_q={} n_kv={} h_q={} h_kv={} d={}",
+            s.n_q, s.n_kv, s.h_q, s.h_kv, s.d
+        ),
+        median_ms: secs * 1e3,
+        gflops: (!decode).then_some(flops / secs / 1e9),
+        gbs: decode.then_some(kv_bytes as f64 / secs / 1e9),
+    })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    set_threads(args.threads)?;
+    let reps = if args.quick { 2 } else { args.reps };
+    let bw = read_bandwidth_gbs(if args.quick { 256 << 20 } else { 1 << 30 });
+    let mut rows = Vec::new();
+    for c in cases(args.quick) {
+        for dt in [DType::F32, DType::BF16] {
+            let row = match dt {
+                DType::BF16 => time_case::<bf16>(&c, reps)?,
+                _ => time_case::<f32>(&c, reps)?,
+            };
+            if !args.json {
+                print_row(&row, rows.is_empty());
+            }
+            rows.push(row);
+        }
+    }
+    let report = Report {
+        machine: machine(),
+        threads: args.threads,
+        isa: Isa::detect().name(),
+        read_bandwidth_gbs: bw,
+        rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "\n{} | {} threads | {} | streaming read {:.1} GB/s",
+            report.machine, report.threads, report.isa, bw
+        );
+        for r in report.rows.iter().filter(|r| r.gbs.is_some()) {
+            println!(
+                "decode {}: {:.1} GB/s of KV = {:.0}% of the read bandwidth",
+                r.dtype,
+                r.gbs.unwrap_or(0.0),
+                100.0 * r.gbs.unwrap_or(0.0) / bw
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_row(r: &Row, header: bool) {
+    if header {
+        println!(
+            "{:<8} {:<5} {:<40} {:>11} {:>9} {:>7}",
+            "case", "dtype", "shape", "median ms", "GFLOP/s", "GB/s"
+        );
+    }
+    let opt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
+    println!(
+        "{:<8} {:<5} {:<40} {:>11.2} {:>9} {:>7}",
+        r.case,
+        r.dtype,
+        r.shape,
+        r.median_ms,
+        opt(r.gflops),
+        opt(r.gbs)
+    );
+}
+
+/// The CPU model, from /proc/cpuinfo where there is one.
+pub fn machine() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}

@@ -1,0 +1,19 @@
+//! `longctx bench ...`: measurements printed as a table or as JSON.
+
+mod kernels;
+mod timing;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Attention kernels (prefill and decode, f32 and bf16) and the memory bandwidth beside them.
+    Kernels(kernels::Args),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Kernels(args) => kernels::run(args),
+    }
+}
