@@ -55,6 +55,9 @@ impl Element for f32 {
     fn as_f32(s: &[Self]) -> Option<&[f32]> {
         Some(s)
     }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
 }
 
 impl Element for bf16 {
@@ -70,6 +73,11 @@ impl Element for bf16 {
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // SAFETY: bf16 is a transparent u16.
+        let bits = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const u16, src.len()) };
+        crate::cpu::widen_bf16(bits, dst);
     }
 }
 

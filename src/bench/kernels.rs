@@ -21,6 +21,9 @@ pub struct Args {
     /// Only the smaller cases, with fewer repetitions (a smoke run).
     #[arg(long)]
     quick: bool,
+    /// Only the cases whose name is one of these (causal, full, decode).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -123,7 +126,8 @@ pub fn run(args: Args) -> Result<()> {
     let reps = if args.quick { 2 } else { args.reps };
     let bw = read_bandwidth_gbs(if args.quick { 256 << 20 } else { 1 << 30 });
     let mut rows = Vec::new();
-    for c in cases(args.quick) {
+    let wanted = |c: &Case| args.only.is_empty() || args.only.iter().any(|o| o == c.name);
+    for c in cases(args.quick).into_iter().filter(wanted) {
         for dt in [DType::F32, DType::BF16] {
             let row = match dt {
                 DType::BF16 => time_case::<bf16>(&c, reps)?,

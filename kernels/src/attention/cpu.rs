@@ -17,6 +17,11 @@ use rayon::prelude::*;
 
 /// Keys per tile.
 const BK: usize = 64;
+/// Keys per tile on the split-KV path, where a tile spans every head: K and V tiles of
+/// `SPLIT_BK * h_kv * d` values each, this one and the next, stay within L2.
+const SPLIT_BK: usize = 16;
+/// How many tiles ahead the split-KV path prefetches.
+const PREFETCH_TILES: usize = 1;
 /// Rows (queries x heads of a group) per work item, as a target.
 const ROWS: usize = 64;
 
@@ -112,7 +117,11 @@ pub fn attention_with<T: Element, O: Element>(
         Strategy::SplitKv { splits } => splits.max(1),
         Strategy::Auto => {
             let threads = rayon::current_num_threads();
-            if items >= 4 * threads {
+            if n_q.min(bq) * g <= 16 && n_kv >= 8 * BK {
+                // Decode: few rows over a long KV is memory-bound; stream contiguous key
+                // ranges on every thread.
+                (4 * threads).max(n_kv.div_ceil(8192))
+            } else if items >= 4 * threads {
                 1
             } else {
                 (4 * threads).div_ceil(items).min(n_kv / (4 * BK)).max(1)
@@ -143,50 +152,85 @@ pub fn attention_with<T: Element, O: Element>(
         return Ok(());
     }
 
-    // Split-KV: every item's keys cut into `splits` ranges, computed in parallel into f32
-    // partial results, then merged per item.
-    let chunk = n_kv.div_ceil(splits);
-    let rows_max = bq * g;
-    let mut part_o = vec![0f32; items * splits * rows_max * d];
-    let mut part_l = vec![f32::NEG_INFINITY; items * splits * rows_max];
-    part_o
-        .par_chunks_mut(rows_max * d)
-        .zip(part_l.par_chunks_mut(rows_max))
-        .enumerate()
-        .for_each_init(Scratch::default, |sc, (p, (po, pl))| {
-            let (i, s) = (p / splits, p % splits);
-            let (hk, q0, q1) = block_of(i);
-            let (j0, j1) = ((s * chunk).min(n_kv), ((s + 1) * chunk).min(n_kv));
-            engine.block(sc, hk, q0, q1, j0, j1);
-            let rows = (q1 - q0) * g;
-            sc.finish(rows, d, &mut po[..rows * d], &mut pl[..rows]);
-        });
-    part_o
-        .par_chunks_mut(splits * rows_max * d)
-        .zip(part_l.par_chunks_mut(splits * rows_max))
-        .enumerate()
-        .for_each(|(i, (po, pl))| {
-            let (hk, q0, q1) = block_of(i);
-            let rows = (q1 - q0) * g;
-            let (acc_o, rest_o) = po.split_at_mut(rows_max * d);
-            let (acc_l, rest_l) = pl.split_at_mut(rows_max);
-            for s in 1..splits {
-                let o = &rest_o[(s - 1) * rows_max * d..][..rows * d];
-                let l = &rest_l[(s - 1) * rows_max..][..rows];
-                merge_into(&mut acc_o[..rows * d], &mut acc_l[..rows], o, l, d)
+    // Split-KV (flash-decoding): the keys cut into `splits` ranges; an item is one query
+    // block over one key range for every KV head, heads innermost so that the item streams
+    // a contiguous stretch of K and V. Parts are f32 and merged per row by their LSE.
+    let chunk = n_kv.div_ceil(splits).next_multiple_of(BK);
+    let splits = n_kv.div_ceil(chunk).max(1);
+    let rows_all = n_q * h_q;
+    let mut part_o = vec![0f32; splits * rows_all * d];
+    let mut part_l = vec![f32::NEG_INFINITY; splits * rows_all];
+    {
+        let po_ptr = SyncPtr(part_o.as_mut_ptr());
+        let pl_ptr = SyncPtr(part_l.as_mut_ptr());
+        // f32 tiles are read in place; other types are widened once per tile for all heads.
+        let staged = T::as_f32(k).is_none();
+        let work: Vec<(usize, usize)> = (0..splits)
+            .flat_map(|s| (0..n_blocks).map(move |b| (s, b)))
+            .collect();
+        work.par_iter()
+            .for_each_init(Staging::default, |st, &(s, b)| {
+                st.scratch.resize_with(h_kv, Scratch::default);
+                let (q0, q1) = (b * bq, ((b + 1) * bq).min(n_q));
+                let (j0, j1) = ((s * chunk).min(n_kv), ((s + 1) * chunk).min(n_kv));
+                let mut span = (0, 0);
+                for (hk, sc) in st.scratch.iter_mut().enumerate() {
+                    span = engine.begin(sc, hk, q0, q1, j0, j1);
+                }
+                let mut t = span.0;
+                while t < span.1 {
+                    let kt = SPLIT_BK.min(span.1 - t);
+                    let ahead = t + PREFETCH_TILES * SPLIT_BK;
+                    let next = (
+                        ahead.min(span.1),
+                        SPLIT_BK.min(span.1.saturating_sub(ahead)),
+                    );
+                    if staged {
+                        engine.stage(st, t, kt);
+                    }
+                    let (kd, vd) = (BK * d, BK * d.next_multiple_of(16));
+                    for (hk, sc) in st.scratch.iter_mut().enumerate() {
+                        // Pull the next tile towards the cache, one head's share at a time.
+                        engine.prefetch(next, hk);
+                        let kv = staged.then(|| {
+                            (&st.k[hk * kd..(hk + 1) * kd], &st.v[hk * vd..(hk + 1) * vd])
+                        });
+                        engine.tile(sc, hk, (q0, q1), (t, kt), kv);
+                    }
+                    t += kt;
+                }
+                let base = s * rows_all;
+                for (hk, sc) in st.scratch.iter().enumerate() {
+                    // SAFETY: split `s`, query block `b` owns these rows of the parts.
+                    unsafe {
+                        let o = SyncPtr(po_ptr.get().add(base * d));
+                        let l = SyncPtr(pl_ptr.get().add(base));
+                        engine.store(sc, hk, q0, q1, o, l);
+                    }
+                }
+            });
+    }
+    let out_rows = SyncPtr(out.as_mut_ptr());
+    (0..rows_all)
+        .into_par_iter()
+        .with_min_len(64)
+        .for_each(|row| {
+            let (mut o, mut l) = ([0f32; 256], [f32::NEG_INFINITY]);
+            let o = &mut o[..d];
+            o.fill(0.0);
+            for s in 0..splits {
+                let at = s * rows_all + row;
+                let (po, pl) = (&part_o[at * d..(at + 1) * d], &part_l[at..at + 1]);
+                merge_into(o, &mut l, po, pl, d)
                     .expect("partial results are sized by construction");
             }
-            for r in 0..rows {
-                let (qi, gi) = (q0 + r / g, r % g);
-                let row = qi * h_q + hk * g + gi;
-                // SAFETY: each item writes its own rows of `out` and `lse`.
-                unsafe {
-                    let o = std::slice::from_raw_parts_mut(out_ptr.get().add(row * d), d);
-                    for (x, y) in o.iter_mut().zip(&acc_o[r * d..(r + 1) * d]) {
-                        *x = O::from_f32(*y);
-                    }
-                    *lse_ptr.get().add(row) = acc_l[r];
+            // SAFETY: one task per row of `out` and `lse`.
+            unsafe {
+                let dst = std::slice::from_raw_parts_mut(out_rows.get().add(row * d), d);
+                for (x, y) in dst.iter_mut().zip(o.iter()) {
+                    *x = O::from_f32(*y);
                 }
+                *lse_ptr.get().add(row) = l[0];
             }
         });
     Ok(())
@@ -204,6 +248,18 @@ impl<T> SyncPtr<T> {
     fn get(self) -> *mut T {
         self.0
     }
+}
+
+/// Per-thread buffers of the split-KV path: a KV tile of every head, copied in memory order
+/// (one sequential stream the prefetchers follow, instead of one 4 KiB-strided stream per
+/// head), and the running state of each head.
+#[derive(Default)]
+struct Staging {
+    /// K tile per head: `[h_kv, BK, d]`.
+    k: Vec<f32>,
+    /// V tile per head: `[h_kv, BK, d_pad]`.
+    v: Vec<f32>,
+    scratch: Vec<Scratch>,
 }
 
 /// Per-thread buffers, reused across work items.
@@ -250,13 +306,6 @@ impl Scratch {
         self.hi.resize(nq, 0);
     }
 
-    /// Normalised output rows and their natural-log LSE.
-    fn finish(&self, rows: usize, d: usize, out: &mut [f32], lse: &mut [f32]) {
-        for r in 0..rows {
-            lse[r] = self.finish_row(r, d, &mut out[r * d..(r + 1) * d]);
-        }
-    }
-
     /// Row `r` normalised into `out`; returns its natural-log LSE (`-inf` with zeros when
     /// the row saw no key).
     fn finish_row(&self, r: usize, d: usize, out: &mut [f32]) -> f32 {
@@ -301,45 +350,88 @@ impl<T: Element> Engine<'_, T> {
 
     /// Runs KV head `hk`, queries `q0..q1`, keys `j0..j1` into `sc` (un-normalised).
     fn block(&self, sc: &mut Scratch, hk: usize, q0: usize, q1: usize, j0: usize, j1: usize) {
-        let AttnShape { h_q, h_kv, d, .. } = self.shape;
+        let (start, end) = self.begin(sc, hk, q0, q1, j0, j1);
+        let mut t = start;
+        while t < end {
+            let kt = BK.min(end - t);
+            self.tile(sc, hk, (q0, q1), (t, kt), None);
+            t += kt;
+        }
+    }
+
+    /// Packs the queries of head group `hk` into `sc` and resets its running state; returns
+    /// the keys `[start, end)` the block must visit.
+    fn begin(
+        &self,
+        sc: &mut Scratch,
+        hk: usize,
+        q0: usize,
+        q1: usize,
+        j0: usize,
+        j1: usize,
+    ) -> (usize, usize) {
+        let AttnShape { h_q, d, .. } = self.shape;
         let g = self.shape.group();
         let nq = q1 - q0;
         let rows = nq * g;
         sc.prepare(rows, d, nq);
-        let (rp, dp) = (rows.next_multiple_of(16), sc.d_pad);
-
+        let rp = rows.next_multiple_of(16);
+        // Few rows (decode): scores by dot products over Q packed row-major; otherwise by a
+        // GEMM over Q^T.
+        let few = rp == 16;
         for i in 0..nq {
             for gi in 0..g {
                 let r = i * g + gi;
                 let src = &self.q[((q0 + i) * h_q + hk * g + gi) * d..][..d];
                 for (dd, x) in src.iter().enumerate() {
-                    sc.qt[dd * rp + r] = x.to_f32() * self.scale2;
+                    let at = if few { r * d + dd } else { dd * rp + r };
+                    sc.qt[at] = x.to_f32() * self.scale2;
                 }
             }
             let (a, b) = self.params.key_range(q0 + i, self.shape.n_kv);
             sc.lo[i] = a.max(j0);
             sc.hi[i] = b.min(j1).max(sc.lo[i]);
         }
-        let (start, end) = self.span(q0, q1, j0, j1);
+        self.span(q0, q1, j0, j1)
+    }
+
+    /// One KV tile, keys `t..t + kt`, into the running state of `sc`. `staged` holds the
+    /// tile's K `[kt, d]` and V `[kt, d_pad]` already in f32, when the caller staged it.
+    fn tile(
+        &self,
+        sc: &mut Scratch,
+        hk: usize,
+        (q0, q1): (usize, usize),
+        (t, kt): (usize, usize),
+        staged: Option<(&[f32], &[f32])>,
+    ) {
+        let AttnShape { h_kv, d, .. } = self.shape;
+        let g = self.shape.group();
+        let nq = q1 - q0;
+        let rows = nq * g;
+        let (rp, dp) = (rows.next_multiple_of(16), sc.d_pad);
+        let few = rp == 16;
         let ld = h_kv * d;
         let (k32, v32) = (T::as_f32(self.k), T::as_f32(self.v));
-
-        let mut t = start;
-        while t < end {
-            let kt = BK.min(end - t);
-            let base = (t * h_kv + hk) * d;
-            // S^T[kt, rp] = K_tile[kt, d] . Q^T[d, rp]
-            let (kp, lda) = match k32 {
-                Some(k) => (k[base..].as_ptr(), ld),
-                None => {
-                    for j in 0..kt {
-                        T::widen(&self.k[base + j * ld..][..d], &mut sc.kbuf[j * d..][..d]);
-                    }
-                    (sc.kbuf.as_ptr(), d)
+        let base = (t * h_kv + hk) * d;
+        // S^T[kt, rp] = K_tile[kt, d] . Q^T[d, rp]
+        let (kp, lda) = match (staged, k32) {
+            (Some((k, _)), _) => (k.as_ptr(), d),
+            (None, Some(k)) => (k[base..].as_ptr(), ld),
+            (None, None) => {
+                for j in 0..kt {
+                    T::widen(&self.k[base + j * ld..][..d], &mut sc.kbuf[j * d..][..d]);
                 }
-            };
-            // SAFETY: `kp` has kt rows of d values at stride lda; qt is [d, rp]; st is [BK, rp].
-            unsafe {
+                (sc.kbuf.as_ptr(), d)
+            }
+        };
+        // SAFETY: `kp` has kt rows of d values at stride lda; qt is [rows, d] (few) or
+        // [d, rp]; st is [BK, rp].
+        unsafe {
+            if few {
+                let (q, st) = (sc.qt.as_ptr(), sc.st.as_mut_ptr());
+                self.ops.scores_dot(rows, kt, d, q, kp, lda, st, rp);
+            } else {
                 self.ops.gemm(
                     kt,
                     rp,
@@ -353,54 +445,80 @@ impl<T: Element> Engine<'_, T> {
                     rp,
                     false,
                 )
-            };
-            for i in 0..nq {
-                let (lo, hi) = (sc.lo[i], sc.hi[i]);
-                if lo <= t && hi >= t + kt {
-                    continue;
+            }
+        };
+        for i in 0..nq {
+            let (lo, hi) = (sc.lo[i], sc.hi[i]);
+            if lo <= t && hi >= t + kt {
+                continue;
+            }
+            for j in 0..kt {
+                if t + j < lo || t + j >= hi {
+                    sc.st[j * rp + i * g..][..g].fill(f32::NEG_INFINITY);
                 }
+            }
+        }
+        self.ops
+            .softmax_tile(&mut sc.st, kt, rp, rp, &mut sc.m, &mut sc.l, &mut sc.alpha);
+        for r in 0..rows {
+            let a = sc.alpha[r];
+            if a != 1.0 {
+                sc.o[r * dp..(r + 1) * dp].iter_mut().for_each(|x| *x *= a);
+            }
+        }
+        // O[rows, d] += P[rows, kt] . V_tile[kt, d], P read from S^T.
+        let (vp, ldv) = match (staged, v32) {
+            (Some((_, v)), _) => (v.as_ptr(), dp),
+            (None, Some(v)) => (v[base..].as_ptr(), ld),
+            (None, None) => {
                 for j in 0..kt {
-                    if t + j < lo || t + j >= hi {
-                        sc.st[j * rp + i * g..][..g].fill(f32::NEG_INFINITY);
-                    }
+                    T::widen(&self.v[base + j * ld..][..d], &mut sc.vbuf[j * dp..][..d]);
                 }
+                (sc.vbuf.as_ptr(), dp)
             }
-            self.ops
-                .softmax_tile(&mut sc.st, kt, rp, rp, &mut sc.m, &mut sc.l, &mut sc.alpha);
-            for r in 0..rows {
-                let a = sc.alpha[r];
-                if a != 1.0 {
-                    sc.o[r * dp..(r + 1) * dp].iter_mut().for_each(|x| *x *= a);
-                }
+        };
+        // SAFETY: st holds [kt, rp]; vp has kt rows of d values at stride ldv (only d
+        // columns are read); o is [rows, dp].
+        unsafe {
+            self.ops.gemm(
+                rows,
+                d,
+                kt,
+                sc.st.as_ptr(),
+                1,
+                rp,
+                vp,
+                ldv,
+                sc.o.as_mut_ptr(),
+                dp,
+                true,
+            )
+        };
+    }
+
+    /// Prefetches head `hk`'s share (1 / h_kv) of the K and V rows of keys `t..t + kt`, all
+    /// heads' rows being one contiguous stretch of memory.
+    fn prefetch(&self, (t, kt): (usize, usize), hk: usize) {
+        let AttnShape { h_kv, d, .. } = self.shape;
+        let (a, b) = (t * h_kv * d, (t + kt) * h_kv * d);
+        let share = (b - a).div_ceil(h_kv);
+        let (lo, hi) = ((a + hk * share).min(b), (a + (hk + 1) * share).min(b));
+        crate::cpu::prefetch(&self.k[lo..hi]);
+        crate::cpu::prefetch(&self.v[lo..hi]);
+    }
+
+    /// Copies keys `t..t + kt` of every head into `st`, widened to f32.
+    fn stage(&self, st: &mut Staging, t: usize, kt: usize) {
+        let AttnShape { h_kv, d, .. } = self.shape;
+        let dp = d.next_multiple_of(16);
+        st.k.resize(h_kv * BK * d, 0.0);
+        st.v.resize(h_kv * BK * dp, 0.0);
+        for j in 0..kt {
+            for hk in 0..h_kv {
+                let src = ((t + j) * h_kv + hk) * d;
+                T::widen(&self.k[src..src + d], &mut st.k[(hk * BK + j) * d..][..d]);
+                T::widen(&self.v[src..src + d], &mut st.v[(hk * BK + j) * dp..][..d]);
             }
-            // O[rows, d] += P[rows, kt] . V_tile[kt, d], P read from S^T.
-            let (vp, ldv) = match v32 {
-                Some(v) => (v[base..].as_ptr(), ld),
-                None => {
-                    for j in 0..kt {
-                        T::widen(&self.v[base + j * ld..][..d], &mut sc.vbuf[j * dp..][..d]);
-                    }
-                    (sc.vbuf.as_ptr(), dp)
-                }
-            };
-            // SAFETY: st holds [kt, rp]; vp has kt rows of d values at stride ldv (only d
-            // columns are read); o is [rows, dp].
-            unsafe {
-                self.ops.gemm(
-                    rows,
-                    d,
-                    kt,
-                    sc.st.as_ptr(),
-                    1,
-                    rp,
-                    vp,
-                    ldv,
-                    sc.o.as_mut_ptr(),
-                    dp,
-                    true,
-                )
-            };
-            t += kt;
         }
     }
 

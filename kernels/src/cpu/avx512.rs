@@ -194,3 +194,85 @@ pub unsafe fn softmax_tile(
         _mm512_storeu_ps(alpha.as_mut_ptr().add(c0), a);
     }
 }
+
+/// Scores of `R` query rows against `kt` keys (see [`scores_dot`]), with the `R`
+/// accumulators held in registers.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn dot_rows<const R: usize>(
+    kt: usize,
+    d: usize,
+    q: *const f32,
+    k: *const f32,
+    ldk: usize,
+    st: *mut f32,
+    ldst: usize,
+) {
+    let nvec = d.div_ceil(16);
+    let tail: __mmask16 = if d.is_multiple_of(16) {
+        0xFFFF
+    } else {
+        (1u16 << (d % 16)) - 1
+    };
+    for j in 0..kt {
+        let kr = k.add(j * ldk);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for c in 0..nvec {
+            let m = if c + 1 == nvec { tail } else { 0xFFFF };
+            let kv = _mm512_maskz_loadu_ps(m, kr.add(c * 16));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let qv = _mm512_maskz_loadu_ps(m, q.add(r * d + c * 16));
+                *a = _mm512_fmadd_ps(qv, kv, *a);
+            }
+        }
+        let mut s = [0f32; 16];
+        for (x, a) in s.iter_mut().zip(acc.iter()) {
+            *x = _mm512_reduce_add_ps(*a);
+        }
+        _mm512_storeu_ps(st.add(j * ldst), _mm512_loadu_ps(s.as_ptr()));
+    }
+}
+
+/// Same contract as [`super::portable::scores_dot`].
+///
+/// # Safety
+/// The CPU must have AVX-512F; the pointers must be valid for the sizes and strides given.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn scores_dot(
+    rows: usize,
+    kt: usize,
+    d: usize,
+    q: *const f32,
+    k: *const f32,
+    ldk: usize,
+    st: *mut f32,
+    ldst: usize,
+) {
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match rows {
+                $($r => dot_rows::<$r>(kt, d, q, k, ldk, st, ldst),)*
+                _ => unreachable!("scores_dot takes at most 16 rows, got {rows}"),
+            }
+        };
+    }
+    rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+}
+
+/// Same contract as [`super::portable::widen_bf16`].
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 16 <= n {
+        let h = _mm256_loadu_si256(s.add(i) as *const __m256i);
+        let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+        _mm512_storeu_ps(d.add(i), _mm512_castsi512_ps(w));
+        i += 16;
+    }
+    super::portable::widen_bf16(&src[i..n], &mut dst[i..n]);
+}

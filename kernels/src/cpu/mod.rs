@@ -76,6 +76,87 @@ impl Ops {
     }
 }
 
+impl Ops {
+    /// `st[j * ldst + r] = q[r, :] . k[j, :]` for `r < rows <= 16`, `j < kt`; columns
+    /// `rows..16` are zeroed. The score path for few rows (decode), where a GEMM would waste
+    /// most of its vector lanes.
+    ///
+    /// # Safety
+    /// `q` is `[rows, d]`; `k` has `kt` rows of `d` values at stride `ldk`; `st` is valid for
+    /// `(kt - 1) * ldst + 16` elements and `ldst >= 16`.
+    #[inline]
+    pub unsafe fn scores_dot(
+        &self,
+        rows: usize,
+        kt: usize,
+        d: usize,
+        q: *const f32,
+        k: *const f32,
+        ldk: usize,
+        st: *mut f32,
+        ldst: usize,
+    ) {
+        debug_assert!(rows <= 16 && ldst >= 16);
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::scores_dot(rows, kt, d, q, k, ldk, st, ldst),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => scores_dot_avx2(rows, kt, d, q, k, ldk, st, ldst),
+            _ => portable::scores_dot(rows, kt, d, q, k, ldk, st, ldst),
+        }
+    }
+}
+
+/// Asks the cache hierarchy (L2) for `data`, one request per 64-byte line; a hint only.
+#[inline]
+pub(crate) fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let bytes = std::mem::size_of_val(data);
+        let p = data.as_ptr() as *const i8;
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: `off < bytes`, inside `data`; prefetches never fault anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+/// Widens bf16 bit patterns to f32 with the best instruction set of this CPU.
+pub(crate) fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    match Isa::detect() {
+        // SAFETY: `detect` only returns instruction sets the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::widen_bf16(src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { widen_bf16_avx2(src, dst) },
+        _ => portable::widen_bf16(src, dst),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_dot_avx2(
+    rows: usize,
+    kt: usize,
+    d: usize,
+    q: *const f32,
+    k: *const f32,
+    ldk: usize,
+    st: *mut f32,
+    ldst: usize,
+) {
+    portable::scores_dot(rows, kt, d, q, k, ldk, st, ldst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_avx2(src: &[u16], dst: &mut [f32]) {
+    portable::widen_bf16(src, dst)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gemm_avx2(

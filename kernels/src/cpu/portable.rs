@@ -104,3 +104,49 @@ pub fn softmax_tile(
         l[c] = l[c] * alpha[c] + sum[c];
     }
 }
+
+/// Scores by dot products, for few rows: `st[j * ldst + r] = q[r, :] . k[j, :]` for
+/// `r < rows`, `j < kt`; columns `rows..16` of `st` are set to 0. `q` is `[rows, d]`, `k`
+/// has rows of `d` values at stride `ldk`.
+///
+/// # Safety
+/// The pointers must be valid for the sizes and strides given; `rows <= 16 <= ldst`.
+#[inline(always)]
+pub unsafe fn scores_dot(
+    rows: usize,
+    kt: usize,
+    d: usize,
+    q: *const f32,
+    k: *const f32,
+    ldk: usize,
+    st: *mut f32,
+    ldst: usize,
+) {
+    for j in 0..kt {
+        let kr = std::slice::from_raw_parts(k.add(j * ldk), d);
+        for r in 0..16 {
+            let v = if r < rows {
+                let qr = std::slice::from_raw_parts(q.add(r * d), d);
+                // Eight partial sums so the loop vectorises.
+                let mut acc = [0f32; 8];
+                for (qc, kc) in qr.chunks_exact(8).zip(kr.chunks_exact(8)) {
+                    for i in 0..8 {
+                        acc[i] += qc[i] * kc[i];
+                    }
+                }
+                acc.iter().sum()
+            } else {
+                0.0
+            };
+            *st.add(j * ldst + r) = v;
+        }
+    }
+}
+
+/// bf16 bit patterns widened to f32 (a shift into the top half).
+#[inline(always)]
+pub fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((*s as u32) << 16);
+    }
+}
