@@ -34,6 +34,12 @@ pub trait Element: Copy + Send + Sync + Default + 'static {
     fn from_f32(x: f32) -> Self;
     /// The slice itself when the storage is already f32 (the zero-copy path of the kernels).
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// Rounds `src` into `dst` (same length).
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(*s);
+        }
+    }
     /// Widens `src` into `dst` (same length).
     fn widen(src: &[Self], dst: &mut [f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
@@ -73,6 +79,15 @@ impl Element for bf16 {
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        // Round to nearest even, NaN kept quiet; branch-free so that it vectorises.
+        for (d, s) in dst.iter_mut().zip(src) {
+            let b = s.to_bits();
+            let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+            let nan = ((b >> 16) as u16) | 0x40;
+            *d = bf16::from_bits(if s.is_nan() { nan } else { rounded });
+        }
     }
     fn widen(src: &[Self], dst: &mut [f32]) {
         // SAFETY: bf16 is a transparent u16.

@@ -1,0 +1,264 @@
+//! Schedules and application against transformers' goldens (tests/reference/rope_goldens.py)
+//! and against a float64 reference at positions up to 10,485,760.
+
+use super::*;
+use half::bf16;
+use rand::Rng;
+use serde_json::Value;
+
+const GOLDENS: &str = include_str!("../../tests/reference/rope_goldens.json");
+
+fn goldens() -> Value {
+    serde_json::from_str(GOLDENS).expect("goldens parse")
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+/// Norm-wise relative error.
+fn rel(got: &[f64], want: &[f64]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn schedules_match_transformers() {
+    let g = goldens();
+    let cases = g["schedules"].as_array().unwrap();
+    assert_eq!(cases.len(), 12);
+    for c in cases {
+        let name = c["name"].as_str().unwrap();
+        let rope =
+            from_config_json(&c["config"].to_string()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let seq_len = c["seq_len"].as_u64().unwrap_or(0) as usize;
+        let got = rope.inv_freq(seq_len);
+        let want = floats(&c["inv_freq"]);
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            // transformers computes in f32: its values carry ~1e-7 relative rounding.
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{name}[{i}]: {a} vs {b}");
+        }
+        let af = c["attention_factor"].as_f64().unwrap();
+        assert!(
+            (rope.attention_factor() - af).abs() <= 1e-6 * af,
+            "{name}: attention factor"
+        );
+    }
+}
+
+#[test]
+fn static_ntk_raises_the_base() {
+    let d = 128.0f64;
+    let rope = Rope::new(10000.0, 128, Scaling::Ntk { factor: 4.0 }).unwrap();
+    let theta = 10000.0 * 4f64.powf(d / (d - 2.0));
+    for (i, f) in rope.inv_freq(0).iter().enumerate() {
+        let want = theta.powf(-(2.0 * i as f64) / d);
+        assert!((f - want).abs() <= 1e-12 * want);
+    }
+}
+
+/// The rotation as transformers computes it for one golden case: f32 angles from its f32
+/// inverse frequencies, then our layout code. Checks the pairing, signs and attention factor
+/// to f32 rounding.
+#[test]
+fn apply_matches_transformers_rotate_half_and_complex_forms() {
+    let g = goldens();
+    for c in g["apply"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        let layout = match c["layout"].as_str().unwrap() {
+            "interleaved" => Layout::Interleaved,
+            _ => Layout::RotateHalf,
+        };
+        let rope = from_config_json(&c["config"].to_string()).unwrap();
+        let inv32: Vec<f32> = rope.inv_freq(0).iter().map(|x| *x as f32).collect();
+        let af = rope.attention_factor() as f32;
+        let positions: Vec<usize> = c["positions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap() as usize)
+            .collect();
+        let d = c["d"].as_u64().unwrap() as usize;
+        for (key, h) in [
+            ("q", c["h_q"].as_u64().unwrap()),
+            ("k", c["h_kv"].as_u64().unwrap()),
+        ] {
+            let h = h as usize;
+            let x = floats(&c[key]);
+            let want = floats(&c[&format!("{key}_out")]);
+            for (i, &p) in positions.iter().enumerate() {
+                let row = i * h * d..(i + 1) * h * d;
+                // transformers' angles: f32(position) * f32(inv_freq), in f32.
+                let cos: Vec<f32> = inv32.iter().map(|f| (p as f32 * f).cos() * af).collect();
+                let sin: Vec<f32> = inv32.iter().map(|f| (p as f32 * f).sin() * af).collect();
+                let table = RopeTable::from_parts(p, 1, cos, sin);
+                let mut got: Vec<f32> = x[row.clone()].iter().map(|v| *v as f32).collect();
+                apply_table(&mut got, (1, h, d), p, &table, layout).unwrap();
+                let got: Vec<f64> = got.iter().map(|v| *v as f64).collect();
+                let e = rel(&got, &want[row.clone()]);
+                // Two f32 sin/cos implementations of the same f32 angle differ by about an
+                // ulp of the angle, which grows with the position.
+                let tol = 2e-6 + p as f64 * 1.2e-7;
+                assert!(e <= tol, "{name} {key} position {p}: rel err {e:.2e}");
+
+                // Our exact path agrees where f32 angles are still exact enough.
+                if p <= 17 {
+                    let mut exact: Vec<f32> = x[row.clone()].iter().map(|v| *v as f32).collect();
+                    apply(&mut exact, (1, h, d), p, &rope, 0, layout).unwrap();
+                    let exact: Vec<f64> = exact.iter().map(|v| *v as f64).collect();
+                    let e = rel(&exact, &want[row.clone()]);
+                    assert!(e <= 1e-5, "{name} {key} exact at {p}: rel err {e:.2e}");
+                }
+            }
+        }
+    }
+}
+
+/// f64 reference: the rotation with angles `pos * inv_freq` computed and taken sin/cos of
+/// in f64.
+fn reference(x: &[f32], h: usize, d: usize, pos0: usize, rope: &Rope, layout: Layout) -> Vec<f64> {
+    let inv = rope.inv_freq(0);
+    let af = rope.attention_factor();
+    let half = inv.len();
+    let mut out: Vec<f64> = x.iter().map(|v| *v as f64).collect();
+    for (i, row) in out.chunks_mut(h * d).enumerate() {
+        let p = (pos0 + i) as f64;
+        for head in row.chunks_mut(d) {
+            for (j, f) in inv.iter().enumerate() {
+                let (s, c) = (p * f).sin_cos();
+                let (ia, ib) = match layout {
+                    Layout::Interleaved => (2 * j, 2 * j + 1),
+                    Layout::RotateHalf => (j, j + half),
+                };
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = (a * c - b * s) * af;
+                head[ib] = (b * c + a * s) * af;
+            }
+        }
+    }
+    out
+}
+
+fn scout() -> Rope {
+    let g = goldens();
+    from_config_json(&g["schedules"][0]["config"].to_string()).unwrap()
+}
+
+#[test]
+fn exact_at_ten_million_positions() {
+    let mut rng = rand::rng();
+    let (h, d) = (3, 128);
+    for rope in [
+        scout(),
+        from_config_json(&goldens()["schedules"][7]["config"].to_string()).unwrap(),
+    ] {
+        for layout in [Layout::Interleaved, Layout::RotateHalf] {
+            // A window ending at 10,485,760, crossing anchors, and a few scattered rows.
+            for (pos0, n) in [
+                (10_485_760 - 300, 301),
+                (9_999_937, 5),
+                (4_194_303, 2),
+                (0, 70),
+            ] {
+                let x: Vec<f32> = (0..n * h * d)
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect();
+                let want = reference(&x, h, d, pos0, &rope, layout);
+                let mut got = x.clone();
+                apply(&mut got, (n, h, d), pos0, &rope, 0, layout).unwrap();
+                for (i, (g, w)) in got.chunks(h * d).zip(want.chunks(h * d)).enumerate() {
+                    let g: Vec<f64> = g.iter().map(|v| *v as f64).collect();
+                    let e = rel(&g, w);
+                    assert!(
+                        e <= 1e-6,
+                        "{layout:?} position {}: rel err {e:.2e}",
+                        pos0 + i
+                    );
+                }
+                // bf16 storage: the same rotation, rounded.
+                let mut b: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();
+                let xb: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+                let want = reference(&xb, h, d, pos0, &rope, layout);
+                apply(&mut b, (n, h, d), pos0, &rope, 0, layout).unwrap();
+                let g: Vec<f64> = b.iter().map(|v| v.to_f32() as f64).collect();
+                assert!(rel(&g, &want) <= 1e-2, "{layout:?} bf16 at {pos0}");
+            }
+        }
+    }
+}
+
+#[test]
+fn partial_rotary_leaves_the_other_dims_alone() {
+    let g = goldens();
+    let rope = from_config_json(&g["schedules"][11]["config"].to_string()).unwrap();
+    assert_eq!((rope.head_dim, rope.rotary_dim), (128, 64));
+    let mut rng = rand::rng();
+    let x: Vec<f32> = (0..2 * 128).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut y = x.clone();
+    apply(&mut y, (2, 1, 128), 12345, &rope, 0, Layout::RotateHalf).unwrap();
+    for r in 0..2 {
+        assert_eq!(
+            &y[r * 128 + 64..(r + 1) * 128],
+            &x[r * 128 + 64..(r + 1) * 128]
+        );
+        assert_ne!(&y[r * 128..r * 128 + 64], &x[r * 128..r * 128 + 64]);
+    }
+}
+
+#[test]
+fn dynamic_ntk_follows_transformers_cache_rules() {
+    let rope = Rope::new(
+        10000.0,
+        64,
+        Scaling::Dynamic {
+            factor: 4.0,
+            max_pos: 4096,
+        },
+    )
+    .unwrap();
+    let mut dynamic = DynamicNtk::new(rope.clone()).unwrap();
+    let original = rope.inv_freq(0);
+    assert_eq!(dynamic.update(100), &original[..]);
+    // Growth recomputes; a shorter sequence above the original length keeps the cache.
+    assert_eq!(dynamic.update(9999), &rope.inv_freq(10000)[..]);
+    assert_eq!(dynamic.update(5000), &rope.inv_freq(10000)[..]);
+    // Below the original length: back to the original frequencies.
+    assert_eq!(dynamic.update(10), &original[..]);
+}
+
+#[test]
+fn bad_configs_are_clear_errors() {
+    let e = from_config_json(r#"{"head_dim": 64, "rope_scaling": {"rope_type": "longrope2"}}"#)
+        .unwrap_err();
+    assert!(e.to_string().contains("longrope2"), "{e}");
+    let e =
+        from_config_json(r#"{"head_dim": 64, "rope_scaling": {"type": "linear"}}"#).unwrap_err();
+    assert!(e.to_string().contains("factor"), "{e}");
+    let e = from_config_json(r#"{"head_dim": 64, "rope_parameters": {"full_attention": {}}}"#)
+        .unwrap_err();
+    assert!(e.to_string().contains("per-layer"), "{e}");
+    assert!(from_config_json("{not json").is_err());
+    assert!(from_config_json(r#"{"rope_theta": 10000}"#).is_err());
+    let e = from_config_json(r#"{"head_dim": 64, "rope_theta": 0.5}"#).unwrap_err();
+    assert!(e.to_string().contains("rope_theta"), "{e}");
+    let rope = scout();
+    let mut x = vec![0f32; 10];
+    assert!(apply(&mut x, (1, 1, 128), 0, &rope, 0, Layout::Interleaved).is_err());
+    let table = RopeTable::for_rope(&rope, 0, 100, 10);
+    let mut x = vec![0f32; 128];
+    assert!(apply_table(&mut x, (1, 1, 128), 99, &table, Layout::Interleaved).is_err());
+}
+
+#[test]
+fn llama4_multimodal_config_reads_text_config() {
+    let g = goldens();
+    let text = g["schedules"][0]["config"].clone();
+    let mm = serde_json::json!({ "architectures": ["Llama4ForConditionalGeneration"], "text_config": text });
+    assert_eq!(from_config_json(&mm.to_string()).unwrap(), scout());
+}
