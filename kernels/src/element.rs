@@ -80,6 +80,7 @@ impl Element for bf16 {
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
     }
+    #[inline]
     fn narrow(src: &[f32], dst: &mut [Self]) {
         // Round to nearest even, NaN kept quiet; branch-free so that it vectorises.
         for (d, s) in dst.iter_mut().zip(src) {

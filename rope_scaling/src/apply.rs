@@ -143,12 +143,10 @@ pub fn apply_table<T: Element>(
     x.par_chunks_mut(h * d)
         .enumerate()
         .with_min_len(16)
-        .for_each(|(i, rows)| {
+        .for_each_init(Vec::new, |buf, (i, row)| {
             let (c, s) = table.row(pos0 + i);
-            let mut buf = [0f32; 1024];
-            for head in rows.chunks_mut(d) {
-                rotate(isa, head, &mut buf[..d], c, s, layout);
-            }
+            buf.resize(h * d, 0.0);
+            rotate(isa, row, buf, d, c, s, layout);
         });
     Ok(())
 }
@@ -177,21 +175,44 @@ pub fn apply<T: Element>(
     Ok(())
 }
 
-fn rotate<T: Element>(isa: Isa, x: &mut [T], buf: &mut [f32], c: &[f32], s: &[f32], l: Layout) {
-    T::widen(x, buf);
+/// One position: every head of `x` (rows of `d`), through an f32 buffer.
+fn rotate<T: Element>(
+    isa: Isa,
+    x: &mut [T],
+    buf: &mut [f32],
+    d: usize,
+    c: &[f32],
+    s: &[f32],
+    l: Layout,
+) {
     match isa {
         // SAFETY: `detect` only returns instruction sets this CPU has.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { rotate_avx512(buf, c, s, l) },
-        _ => rotate_f32(buf, c, s, l),
+        Isa::Avx512 => unsafe { rotate_row_avx512(x, buf, d, c, s, l) },
+        _ => rotate_row(x, buf, d, c, s, l),
     }
-    T::narrow(buf, x);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn rotate_avx512(x: &mut [f32], c: &[f32], s: &[f32], l: Layout) {
-    rotate_f32(x, c, s, l)
+unsafe fn rotate_row_avx512<T: Element>(
+    x: &mut [T],
+    buf: &mut [f32],
+    d: usize,
+    c: &[f32],
+    s: &[f32],
+    l: Layout,
+) {
+    rotate_row(x, buf, d, c, s, l)
+}
+
+#[inline(always)]
+fn rotate_row<T: Element>(x: &mut [T], buf: &mut [f32], d: usize, c: &[f32], s: &[f32], l: Layout) {
+    T::widen(x, buf);
+    for head in buf.chunks_mut(d) {
+        rotate_f32(head, c, s, l);
+    }
+    T::narrow(buf, x);
 }
 
 /// One head: the portable loop, written so that it vectorises.

@@ -5,6 +5,7 @@ use super::timing::{fill_random, median_secs, read_bandwidth_gbs, set_threads};
 use anyhow::Result;
 use half::bf16;
 use longctx_kernels::{attention, AttnParams, AttnShape, DType, Element, Isa, Mask};
+use longctx_rope::{apply_table, Layout, Rope, RopeTable, Scaling};
 use serde::Serialize;
 
 #[derive(clap::Args)]
@@ -21,7 +22,7 @@ pub struct Args {
     /// Only the smaller cases, with fewer repetitions (a smoke run).
     #[arg(long)]
     quick: bool,
-    /// Only the cases whose name is one of these (causal, full, decode).
+    /// Only the cases whose name is one of these (causal, full, decode, rope).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -122,6 +123,7 @@ fn time_case<T: Element>(c: &Case, reps: usize) -> Result<Row> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     set_threads(args.threads)?;
     let reps = if args.quick { 2 } else { args.reps };
     let bw = read_bandwidth_gbs(if args.quick { 256 << 20 } else { 1 << 30 });
@@ -139,6 +141,17 @@ pub fn run(args: Args) -> Result<()> {
             rows.push(row);
         }
     }
+    if wanted(&Case {
+        name: "rope",
+        shape: cases(true)[0].shape,
+        mask: Mask::None,
+    }) {
+        let row = time_rope(if args.quick { 1024 } else { 8192 }, reps)?;
+        if !args.json {
+            print_row(&row, rows.is_empty());
+        }
+        rows.push(row);
+    }
     let report = Report {
         machine: machine(),
         threads: args.threads,
@@ -155,7 +168,8 @@ pub fn run(args: Args) -> Result<()> {
         );
         for r in report.rows.iter().filter(|r| r.gbs.is_some()) {
             println!(
-                "decode {}: {:.1} GB/s of KV = {:.0}% of the read bandwidth",
+                "{} {}: {:.1} GB/s = {:.0}% of the read bandwidth",
+                r.case,
                 r.dtype,
                 r.gbs.unwrap_or(0.0),
                 100.0 * r.gbs.unwrap_or(0.0) / bw
@@ -182,6 +196,44 @@ fn print_row(r: &Row, header: bool) {
         opt(r.gflops),
         opt(r.gbs)
     );
+}
+
+/// RoPE apply (Scout's llama3 schedule, interleaved layout) of q `[n, 40, 128]` and k
+/// `[n, 8, 128]` in bf16 at position 10,000,000: the cos/sin table of the window is built once
+/// and used for both. GB/s counts the bytes read and written.
+fn time_rope(n: usize, reps: usize) -> Result<Row> {
+    let rope = Rope::new(
+        500000.0,
+        128,
+        Scaling::Llama3 {
+            factor: 16.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 1.0,
+            original_max_pos: 8192,
+        },
+    )?;
+    let pos0 = 10_000_000;
+    let mut q: Vec<bf16> = fill_random(n * 40 * 128, 4);
+    let mut k: Vec<bf16> = fill_random(n * 8 * 128, 5);
+    let mut result = Ok(());
+    let secs = median_secs(reps, || {
+        let table = RopeTable::for_rope(&rope, pos0 + n, pos0, n);
+        let r = apply_table(&mut q, (n, 40, 128), pos0, &table, Layout::Interleaved)
+            .and_then(|_| apply_table(&mut k, (n, 8, 128), pos0, &table, Layout::Interleaved));
+        if let Err(e) = r {
+            result = Err(e);
+        }
+    });
+    result?;
+    let bytes = 2 * (q.len() + k.len()) * 2;
+    Ok(Row {
+        case: "rope".into(),
+        dtype: "bf16",
+        shape: format!("q [{n}, 40, 128] k [{n}, 8, 128] @ 10M"),
+        median_ms: secs * 1e3,
+        gflops: None,
+        gbs: Some(bytes as f64 / secs / 1e9),
+    })
 }
 
 /// The CPU model, from /proc/cpuinfo where there is one.

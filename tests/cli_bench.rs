@@ -1,0 +1,49 @@
+//! End to end: the `longctx bench kernels` command runs and its JSON carries every case.
+
+use std::process::Command;
+
+#[test]
+fn bench_kernels_json_has_every_case() {
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(["bench", "kernels", "--quick", "--json", "--threads", "2"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(v["read_bandwidth_gbs"].as_f64().unwrap() > 0.0);
+    let rows = v["rows"].as_array().unwrap();
+    for (case, dtype) in [
+        ("causal", "f32"),
+        ("causal", "bf16"),
+        ("decode", "f32"),
+        ("decode", "bf16"),
+        ("rope", "bf16"),
+    ] {
+        let row = rows
+            .iter()
+            .find(|r| r["case"] == case && r["dtype"] == dtype)
+            .unwrap_or_else(|| panic!("no {case} {dtype} row"));
+        let rate = row["gflops"].as_f64().or(row["gbs"].as_f64()).unwrap();
+        assert!(rate > 0.0 && row["median_ms"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn bad_arguments_are_one_line_errors() {
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(["bench", "kernels", "--threads", "0", "--quick"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "error: --threads must be at least 1");
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(["bench", "nothing"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+}
