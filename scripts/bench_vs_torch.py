@@ -65,8 +65,11 @@ def main():
         ).stdout
     )
     dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
-    rows = []
+    rows, rope_rows = [], []
     for r in ours["rows"]:
+        if r["case"] == "rope":
+            rope_rows.append(r)
+            continue
         n_q, n_kv, h_q, h_kv, d = parse_shape(r["shape"])
         causal = r["case"] == "causal" or r["case"] == "decode"
         secs = time_torch(n_q, n_kv, h_q, h_kv, d, causal, dtypes[r["dtype"]], a.reps)
@@ -97,6 +100,9 @@ def main():
         if u == "GB/s":
             print(f"decode {dt}: {ov:.1f} GB/s = {100 * ov / ours['read_bandwidth_gbs']:.0f}% "
                   f"of the streaming read bandwidth")
+    for r in rope_rows:
+        print(f"rope {r['dtype']} {r['shape']}: {r['median_ms']:.2f} ms, {r['gbs']:.1f} GB/s read+written "
+              f"= {100 * r['gbs'] / ours['read_bandwidth_gbs']:.0f}% of the streaming read bandwidth")
     return 0
 
 
