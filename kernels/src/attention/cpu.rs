@@ -33,8 +33,9 @@ pub enum Strategy {
     Auto,
     /// One item per (KV head, query block), each over all its keys.
     QueryTiles,
-    /// As `QueryTiles`, with each item's keys cut into `splits` parts computed in
-    /// parallel and merged (flash-decoding).
+    /// Flash-decoding: the keys cut into `splits` ranges; an item is one query block over one
+    /// key range for every KV head (one contiguous stream of K and V), and the f32 parts are
+    /// merged by their LSE.
     SplitKv { splits: usize },
 }
 
