@@ -8,6 +8,15 @@ use std::arch::x86_64::*;
 const MR: usize = 6;
 const MAX_NV: usize = 4;
 
+/// The lanes of the last 16-wide vector of a row of `n` values.
+#[inline]
+fn tail_mask(n: usize) -> __mmask16 {
+    match n % 16 {
+        0 => 0xFFFF,
+        r => (1u16 << r) - 1,
+    }
+}
+
 /// `acc[MR, NV*16] (+)= A[MR, k] * B[k, NV*16]`, the last vector of B masked by `tail`.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -95,11 +104,7 @@ pub unsafe fn gemm(
     accumulate: bool,
 ) {
     let nvec = n.div_ceil(16);
-    let tail: __mmask16 = if n.is_multiple_of(16) {
-        0xFFFF
-    } else {
-        (1u16 << (n % 16)) - 1
-    };
+    let tail = tail_mask(n);
     let mut v0 = 0;
     while v0 < nvec {
         let nv = MAX_NV.min(nvec - v0);
@@ -209,11 +214,7 @@ unsafe fn dot_rows<const R: usize>(
     ldst: usize,
 ) {
     let nvec = d.div_ceil(16);
-    let tail: __mmask16 = if d.is_multiple_of(16) {
-        0xFFFF
-    } else {
-        (1u16 << (d % 16)) - 1
-    };
+    let tail = tail_mask(d);
     for j in 0..kt {
         let kr = k.add(j * ldk);
         let mut acc = [_mm512_setzero_ps(); R];
