@@ -47,3 +47,46 @@ fn bad_arguments_are_one_line_errors() {
         .expect("runs");
     assert!(!out.status.success());
 }
+
+#[test]
+fn bench_kvstore_json_has_both_measurements() {
+    let dir = std::env::temp_dir().join(format!("longctx-cli-kv-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args([
+            "bench",
+            "kvstore",
+            "--json",
+            "--stream-tokens",
+            "3000",
+            "--attn-tokens",
+            "2000",
+            "--queries",
+            "3",
+            "--reps",
+            "1",
+            "--dir",
+        ])
+        .arg(&dir)
+        .output()
+        .expect("runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["stream"]["tokens"], 3000);
+    assert!(v["stream"]["store_stream_gbs"].as_f64().unwrap() > 0.0);
+    let rows = v["attention"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["config"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["all resident", "keep-newest + prefetch", "LRU + prefetch"]
+    );
+    // 25% resident: keep-newest reads the spilled 75% and never writes; LRU writes back.
+    assert_eq!(rows[0]["spill_reads"], 0);
+    assert!(rows[1]["spill_reads"].as_u64().unwrap() > 0);
+    assert_eq!(rows[1]["spill_writes"], 0);
+    assert!(rows[2]["spill_writes"].as_u64().unwrap() > 0);
+}

@@ -18,6 +18,12 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+/// Most blocks read with one request.
+const MAX_RUN: usize = 8;
+
+/// Most block buffers kept for reuse.
+const RECYCLED: usize = 32;
+
 /// How a stream reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamOptions {
@@ -37,7 +43,9 @@ pub struct Block<T> {
     pub pos: usize,
     /// Tokens in it.
     pub len: usize,
-    buf: Arc<PageBuf>,
+    /// Always `Some` until the block is dropped and its buffer goes back to the store.
+    buf: Option<Arc<PageBuf>>,
+    home: Arc<Shared>,
     block_bytes: usize,
     row: usize,
     v0: usize,
@@ -46,7 +54,8 @@ pub struct Block<T> {
 
 impl<T: Pod> Block<T> {
     fn elems(&self) -> &[T] {
-        bytemuck::cast_slice(self.buf.bytes(self.block_bytes))
+        let buf = self.buf.as_ref().expect("a live block has its buffer");
+        bytemuck::cast_slice(buf.bytes(self.block_bytes))
     }
 
     /// Keys, `[len, h_kv, d]`.
@@ -57,6 +66,15 @@ impl<T: Pod> Block<T> {
     /// Values, `[len, h_kv, d]`.
     pub fn v(&self) -> &[T] {
         &self.elems()[self.v0..self.v0 + self.len * self.row]
+    }
+}
+
+impl<T> Drop for Block<T> {
+    fn drop(&mut self) {
+        // The last holder of a buffer no tier owns (a block read from disk) recycles it.
+        if let Some(buf) = self.buf.take().and_then(|b| Arc::try_unwrap(b).ok()) {
+            self.home.recycle(buf);
+        }
     }
 }
 
@@ -79,6 +97,7 @@ enum Source {
 /// The blocks of one layer of one sequence, in order. See [`KvStore::stream`].
 pub struct BlockStream<T> {
     source: Source,
+    home: Arc<Shared>,
     block_bytes: usize,
     row: usize,
     v0: usize,
@@ -92,6 +111,61 @@ impl Shared {
         let r = st.load(item.id, self.cfg.policy == Policy::Lru);
         st.release(item.id);
         r.map(|b| (b, item.pos, item.len))
+    }
+
+    /// Loads the next block, or under [`Policy::KeepNewest`] the next run of blocks that sit
+    /// in consecutive spill slots (up to `max`), with one read; drops their pins.
+    fn load_next(&self, items: &mut VecDeque<Item>, max: usize) -> Vec<Loaded> {
+        let Some(first) = items.pop_front() else {
+            return vec![];
+        };
+        let mut st = self.lock();
+        let start = match st.disk_slot(first.id) {
+            Some(s) if self.cfg.policy == Policy::KeepNewest && max > 1 => s,
+            _ => {
+                drop(st);
+                return vec![self.load_pinned(&first)];
+            }
+        };
+        let mut run = vec![first];
+        let mut sums = vec![start.1];
+        while run.len() < max {
+            match items.front().and_then(|it| st.disk_slot(it.id)) {
+                Some((slot, sum)) if slot == start.0 + run.len() as u64 => {
+                    sums.push(sum);
+                    run.push(items.pop_front().unwrap());
+                }
+                _ => break,
+            }
+        }
+        let pages = self.take_buffers(run.len());
+        let r = st.load_run(start.0, &sums, pages);
+        for it in &run {
+            st.release(it.id);
+        }
+        match r {
+            Ok(pages) => pages
+                .into_iter()
+                .zip(run)
+                .map(|(p, it)| Ok((p, it.pos, it.len)))
+                .collect(),
+            Err(e) => vec![Err(e)],
+        }
+    }
+
+    fn take_buffers(&self, n: usize) -> Vec<PageBuf> {
+        let bb = self.cfg.block_bytes();
+        let mut pool = self.recycled.lock().unwrap_or_else(|e| e.into_inner());
+        (0..n)
+            .map(|_| pool.pop().unwrap_or_else(|| PageBuf::zeroed(bb)))
+            .collect()
+    }
+
+    fn recycle(&self, buf: PageBuf) {
+        let mut pool = self.recycled.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < RECYCLED {
+            pool.push(buf);
+        }
     }
 
     fn unpin(&self, items: impl IntoIterator<Item = Item>) {
@@ -132,14 +206,16 @@ impl KvStore {
             Source::Inline(shared, items)
         } else {
             let (tx, rx) = sync_channel(opts.prefetch);
+            let max_run = opts.prefetch.clamp(1, MAX_RUN);
             let thread = std::thread::Builder::new()
                 .name("kv-prefetch".into())
                 .spawn(move || {
-                    while let Some(item) = items.pop_front() {
-                        let r = shared.load_pinned(&item);
-                        let failed = r.is_err();
-                        if tx.send(r).is_err() || failed {
-                            break;
+                    'outer: while !items.is_empty() {
+                        for r in shared.load_next(&mut items, max_run) {
+                            let failed = r.is_err();
+                            if tx.send(r).is_err() || failed {
+                                break 'outer;
+                            }
                         }
                     }
                     shared.unpin(items);
@@ -152,6 +228,7 @@ impl KvStore {
         };
         Ok(BlockStream {
             source,
+            home: self.shared.clone(),
             block_bytes: cfg.block_bytes(),
             row: cfg.h_kv * cfg.d,
             v0: bt * cfg.h_kv * cfg.d,
@@ -174,7 +251,8 @@ impl<T> Iterator for BlockStream<T> {
         Some(loaded.map(|(buf, pos, len)| Block {
             pos,
             len,
-            buf,
+            buf: Some(buf),
+            home: self.home.clone(),
             block_bytes: self.block_bytes,
             row: self.row,
             v0: self.v0,

@@ -1,6 +1,7 @@
 //! `longctx bench ...`: measurements printed as a table or as JSON.
 
 mod kernels;
+mod kvstore;
 mod timing;
 
 use anyhow::Result;
@@ -10,10 +11,13 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Attention kernels (prefill and decode, f32 and bf16) and the memory bandwidth beside them.
     Kernels(kernels::Args),
+    /// The KV store: streaming from the disk tier, and attention over a KV mostly on disk.
+    Kvstore(kvstore::Args),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Kernels(args) => kernels::run(args),
+        BenchCommand::Kvstore(args) => kvstore::run(args),
     }
 }
