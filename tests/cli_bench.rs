@@ -90,3 +90,51 @@ fn bench_kvstore_json_has_both_measurements() {
     assert_eq!(rows[1]["spill_writes"], 0);
     assert!(rows[2]["spill_writes"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn bench_ring_json_reports_every_partition() {
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args([
+            "bench",
+            "ring",
+            "--json",
+            "--ranks",
+            "4",
+            "--seq",
+            "1000",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "64",
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let parts = v["partitions"].as_array().unwrap();
+    let names: Vec<&str> = parts
+        .iter()
+        .map(|p| p["partition"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["contiguous", "zigzag", "striped"]);
+    for p in parts {
+        assert_eq!(p["steps"], 4);
+        assert_eq!(p["per_step"].as_array().unwrap().len(), 4);
+        assert!(p["efficiency"].as_f64().unwrap() > 0.0);
+    }
+    // Work balance is exact arithmetic: zigzag is balanced, contiguous is not.
+    assert!(parts[1]["balance_work"].as_f64().unwrap() <= 1.01);
+    assert!(parts[0]["balance_work"].as_f64().unwrap() > 1.5);
+    let bad = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(["bench", "ring", "--mask", "sliding"])
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected causal, none or chunked"));
+}

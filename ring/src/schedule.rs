@@ -16,7 +16,10 @@ pub struct Slot {
     pub compute: f64,
     /// Transfer time of the shard this step used (0 for the first step).
     pub transfer: f64,
-    /// Whether that shard was there by the time the previous step finished.
+    /// Seconds this step started late because the shard was still on the wire: waiting for a
+    /// busy sender to reach the step is imbalance, not transfer, and is not counted.
+    pub transfer_wait: f64,
+    /// No transfer wait.
     pub hidden: bool,
 }
 
@@ -37,6 +40,7 @@ pub fn simulate(compute: &[Vec<f64>], bytes: &[u64], link: &LinkModel) -> Timeli
             start: 0.0,
             compute: compute[r][0],
             transfer: 0.0,
+            transfer_wait: 0.0,
             hidden: true,
         });
     }
@@ -46,13 +50,17 @@ pub fn simulate(compute: &[Vec<f64>], bytes: &[u64], link: &LinkModel) -> Timeli
             // At step s rank r uses the shard of rank r - s, sent by r - 1 at its step s - 1.
             let shard = (r + p - s) % p;
             let transfer = link.transfer(bytes[shard]).as_secs_f64();
-            let arrive = slots[from][s - 1].start + transfer;
+            let sent = slots[from][s - 1].start;
+            let arrive = sent + transfer;
             let ready = slots[r][s - 1].start + slots[r][s - 1].compute;
+            let transfer_wait = (arrive - ready.max(sent)).max(0.0).min(transfer);
+            let transfer_wait = if arrive > ready { transfer_wait } else { 0.0 };
             slots[r].push(Slot {
                 start: ready.max(arrive),
                 compute: compute[r][s],
                 transfer,
-                hidden: arrive <= ready,
+                transfer_wait,
+                hidden: transfer_wait <= 1e-12,
             });
         }
     }
@@ -90,5 +98,17 @@ mod tests {
                                                                           // Step s starts at 2s (each transfer leaves when the sender starts its step).
         assert!((t.total - 7.0).abs() < 1e-9, "{}", t.total);
         assert!(!t.slots[0][1].hidden);
+    }
+
+    #[test]
+    fn waiting_for_a_busy_sender_is_not_a_transfer_wait() {
+        // Rank 3 is slow at step 0, so it forwards its step-1 shard late: rank 0 waits for it
+        // at step 2, but only the wire time (1 ms) counts as transfer wait.
+        let mut compute = vec![vec![0.1; 3]; 4];
+        compute[3][0] = 5.0;
+        let t = simulate(&compute, &[1_000_000; 4], &link(1.0, 0.0));
+        let s = t.slots[0][2];
+        assert!((s.start - 5.001).abs() < 1e-9, "{s:?}");
+        assert!((s.transfer_wait - 0.001).abs() < 1e-9, "{s:?}");
     }
 }

@@ -2,6 +2,7 @@
 
 mod kernels;
 mod kvstore;
+mod ring;
 mod timing;
 
 use anyhow::Result;
@@ -13,11 +14,14 @@ pub enum BenchCommand {
     Kernels(kernels::Args),
     /// The KV store: streaming from the disk tier, and attention over a KV mostly on disk.
     Kvstore(kvstore::Args),
+    /// Ring attention over P simulated devices: per-step compute and transfer, efficiency, balance.
+    Ring(ring::Args),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Kernels(args) => kernels::run(args),
         BenchCommand::Kvstore(args) => kvstore::run(args),
+        BenchCommand::Ring(args) => ring::run(args),
     }
 }
