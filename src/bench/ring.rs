@@ -224,7 +224,7 @@ pub fn run(args: Args) -> Result<()> {
                 }
             })
             .collect();
-            let ideal = single / p as f64;
+        let ideal = single / p as f64;
         rows.push(PartitionRow {
             partition: partition.name(),
             steps,
