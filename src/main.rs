@@ -1,6 +1,7 @@
 //! The `longctx` command.
 
 mod bench;
+mod commands;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -23,6 +24,15 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Download a model into the cache ($LONGCTX_HOME, default ~/.cache/longctx).
+    FetchModel {
+        /// The model: smollm2.
+        name: String,
+    },
+    /// Generate text from a prompt.
+    Generate(commands::generate::Args),
+    /// Perplexity of a model on a text file.
+    Perplexity(commands::perplexity::Args),
 }
 
 fn main() {
@@ -36,5 +46,8 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench { what } => bench::run(what),
+        Command::FetchModel { name } => commands::fetch_model(&name),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Perplexity(args) => commands::perplexity::run(args),
     }
 }

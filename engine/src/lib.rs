@@ -1,7 +1,26 @@
-//! longctx-engine: the models and the applications built on them.
+//! longctx-engine: the models and what runs them.
 //!
-//! It will own the Llama 4 text mixture-of-experts model and the dense Llama family (configs
-//! validated from Hugging Face config.json, weights from safetensors and GGUF), the
-//! tokenizer, sampling and generation, and the user-facing jobs: codebase Q&A, batch jobs,
-//! context-scaling evaluation and capacity planning. Nothing is implemented yet: see the
-//! models issue and the applications issue.
+//! It owns model configs (Hugging Face `config.json` and GGUF metadata, validated into one
+//! typed config), weights (GGUF with its quantised types dequantised at load, safetensors
+//! directories), the tokenizer (`tokenizers`, built from `tokenizer.json` or from GGUF
+//! metadata as transformers builds it) and chat templates (`minijinja`), the forward passes
+//! of dense Llama and Llama 4 (MoE) on the kernels crate with the KV in the KV store, sampling,
+//! generation and perplexity. The models are proven against transformers (goldens in
+//! `tests/reference/`).
+
+pub mod config;
+mod error;
+pub mod fetch;
+pub mod generate;
+pub mod gguf;
+pub mod load;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use error::{EngineError, Result};
+pub use load::{load, Loaded};
+pub use model::{KvOptions, Logits, Model};
+pub use tokenizer::Tokenizer;

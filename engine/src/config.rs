@@ -1,0 +1,336 @@
+//! One typed, validated model config, from a Hugging Face `config.json` (LlamaForCausalLM,
+//! Llama4ForCausalLM / Llama4TextConfig, Llama4ForConditionalGeneration's `text_config`) or
+//! from GGUF metadata (llama architecture).
+
+use crate::gguf::Gguf;
+use crate::{EngineError, Result};
+use longctx_rope::{Layout, Rope, Scaling};
+use serde_json::{Map, Value};
+
+/// The architectures this build runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Dense Llama (Llama 2/3, SmolLM2): rotate-half RoPE in every layer.
+    Llama,
+    /// Llama 4 text: MoE, NoPE layers, chunked attention, QK-norm, attention temperature.
+    Llama4,
+}
+
+/// Llama 4's mixture of experts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moe {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Intermediate size of each expert and of the shared expert.
+    pub intermediate: usize,
+    /// MoE layers are `step-1, 2*step-1, ...`; the rest are dense.
+    pub interleave_step: usize,
+}
+
+/// Llama 4's attention extras.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Llama4Attn {
+    /// `true` where the layer uses RoPE (and chunked attention); `false` for NoPE layers.
+    pub rope_layers: Vec<bool>,
+    pub chunk: usize,
+    pub qk_norm: bool,
+    pub temperature_tuning: bool,
+    pub floor_scale: f64,
+    pub attn_scale: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab: usize,
+    pub hidden: usize,
+    /// Intermediate size of the dense feed-forward layers.
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f32,
+    pub rope: Rope,
+    pub rope_layout: Layout,
+    pub tie_embeddings: bool,
+    /// The context length the model was trained for.
+    pub max_position: usize,
+    pub moe: Option<Moe>,
+    pub llama4: Option<Llama4Attn>,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+}
+
+fn get<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    m.get(k).filter(|v| !v.is_null())
+}
+
+fn usize_field(m: &Map<String, Value>, k: &str) -> Result<usize> {
+    get(m, k)
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .ok_or_else(|| EngineError::Config(format!("missing or non-integer `{k}`")))
+}
+
+fn ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => vec![],
+    }
+}
+
+impl ModelConfig {
+    /// From the text of a Hugging Face `config.json`.
+    pub fn from_hf_json(text: &str) -> Result<ModelConfig> {
+        let top: Value = serde_json::from_str(text)
+            .map_err(|e| EngineError::Config(format!("config.json is not JSON: {e}")))?;
+        let top = top
+            .as_object()
+            .ok_or_else(|| EngineError::Config("config.json is not an object".into()))?;
+        let archs: Vec<&str> = get(top, "architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let model_type = get(top, "model_type").and_then(Value::as_str).unwrap_or("");
+        let (cfg, arch) = if let Some(t) = get(top, "text_config").and_then(Value::as_object) {
+            (t, Arch::Llama4)
+        } else if model_type == "llama4_text"
+            || model_type == "llama4"
+            || archs.iter().any(|a| a.starts_with("Llama4"))
+        {
+            (top, Arch::Llama4)
+        } else if model_type == "llama" || archs.contains(&"LlamaForCausalLM") {
+            (top, Arch::Llama)
+        } else {
+            return Err(EngineError::Unsupported(format!(
+                "architecture {archs:?} (model_type {model_type:?}): this build runs \
+                 LlamaForCausalLM, Llama4ForCausalLM and Llama4ForConditionalGeneration"
+            )));
+        };
+        let hidden = usize_field(cfg, "hidden_size")?;
+        let heads = usize_field(cfg, "num_attention_heads")?;
+        let kv_heads = get(cfg, "num_key_value_heads")
+            .and_then(Value::as_u64)
+            .map_or(heads, |v| v as usize);
+        let head_dim = get(cfg, "head_dim")
+            .and_then(Value::as_u64)
+            .map_or(hidden / heads.max(1), |v| v as usize);
+        let layers = usize_field(cfg, "num_hidden_layers")?;
+        let rope = longctx_rope::from_config_json(&Value::Object(cfg.clone()).to_string())?;
+        let eps = get(cfg, "rms_norm_eps")
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-5) as f32;
+        let (moe, llama4, intermediate, layout) = match arch {
+            Arch::Llama => (
+                None,
+                None,
+                usize_field(cfg, "intermediate_size")?,
+                Layout::RotateHalf,
+            ),
+            Arch::Llama4 => {
+                let interval = get(cfg, "no_rope_layer_interval")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(4) as usize;
+                let rope_layers = match get(cfg, "no_rope_layers").and_then(Value::as_array) {
+                    Some(a) if !a.is_empty() => {
+                        a.iter().map(|x| x.as_u64().unwrap_or(1) != 0).collect()
+                    }
+                    _ => (0..layers)
+                        .map(|i| (i + 1) % interval.max(1) != 0)
+                        .collect(),
+                };
+                let f = |k: &str, d: f64| get(cfg, k).and_then(Value::as_f64).unwrap_or(d);
+                let temperature_tuning = match get(cfg, "attn_temperature_tuning") {
+                    Some(Value::Bool(b)) => *b,
+                    Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+                    _ => true,
+                };
+                let l4 = Llama4Attn {
+                    rope_layers,
+                    chunk: get(cfg, "attention_chunk_size")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(8192) as usize,
+                    qk_norm: get(cfg, "use_qk_norm")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(true),
+                    temperature_tuning,
+                    floor_scale: f("floor_scale", 8192.0),
+                    attn_scale: f("attn_scale", 0.1),
+                };
+                let moe = Moe {
+                    experts: usize_field(cfg, "num_local_experts")?,
+                    top_k: get(cfg, "num_experts_per_tok")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(1) as usize,
+                    intermediate: usize_field(cfg, "intermediate_size")?,
+                    interleave_step: get(cfg, "interleave_moe_layer_step")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(1) as usize,
+                };
+                let dense = get(cfg, "intermediate_size_mlp")
+                    .and_then(Value::as_u64)
+                    .map_or(moe.intermediate, |v| v as usize);
+                (Some(moe), Some(l4), dense, Layout::Interleaved)
+            }
+        };
+        let c = ModelConfig {
+            arch,
+            vocab: usize_field(cfg, "vocab_size")?,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            rms_eps: eps,
+            rope,
+            rope_layout: layout,
+            tie_embeddings: get(cfg, "tie_word_embeddings")
+                .or_else(|| get(top, "tie_word_embeddings"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            max_position: get(cfg, "max_position_embeddings")
+                .and_then(Value::as_u64)
+                .unwrap_or(8192) as usize,
+            moe,
+            llama4,
+            bos: ids(get(cfg, "bos_token_id")).first().copied(),
+            eos: ids(get(cfg, "eos_token_id")),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// From GGUF metadata (llama architecture; llama.cpp stores Q and K permuted for its
+    /// interleaved-pair RoPE, so that is the layout these weights use).
+    pub fn from_gguf(g: &Gguf) -> Result<ModelConfig> {
+        let arch = g
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if arch != "llama" {
+            return Err(EngineError::Unsupported(format!(
+                "GGUF architecture {arch:?}: this build reads llama GGUF files"
+            )));
+        }
+        let u = |k: &str| -> Result<usize> {
+            g.get(&format!("llama.{k}"))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| EngineError::Config(format!("GGUF lacks llama.{k}")))
+        };
+        let hidden = u("embedding_length")?;
+        let heads = u("attention.head_count")?;
+        let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
+        let head_dim = u("attention.key_length").unwrap_or(hidden / heads.max(1));
+        let theta = g
+            .get("llama.rope.freq_base")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10000.0);
+        let scaling = match g.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
+            None | Some("none") => Scaling::Default,
+            Some("linear") => Scaling::Linear {
+                factor: g
+                    .get("llama.rope.scaling.factor")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(1.0),
+            },
+            Some(t) => {
+                return Err(EngineError::Unsupported(format!(
+                    "GGUF RoPE scaling {t:?} (give it with --rope-scaling instead)"
+                )))
+            }
+        };
+        let mut rope = Rope::new(theta, head_dim, scaling)?;
+        if let Ok(r) = u("rope.dimension_count") {
+            rope.rotary_dim = r;
+        }
+        let vocab = match u("vocab_size") {
+            Ok(v) => v,
+            Err(_) => g
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.as_array())
+                .map(|a| a.len())
+                .ok_or_else(|| EngineError::Config("GGUF gives no vocabulary size".into()))?,
+        };
+        let tok = |k: &str| {
+            g.get(&format!("tokenizer.ggml.{k}"))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as u32)
+        };
+        let c = ModelConfig {
+            arch: Arch::Llama,
+            vocab,
+            hidden,
+            intermediate: u("feed_forward_length")?,
+            layers: u("block_count")?,
+            heads,
+            kv_heads,
+            head_dim,
+            rms_eps: g
+                .get("llama.attention.layer_norm_rms_epsilon")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-5) as f32,
+            rope,
+            rope_layout: Layout::Interleaved,
+            tie_embeddings: !g.tensors.contains_key("output.weight"),
+            max_position: u("context_length").unwrap_or(4096),
+            moe: None,
+            llama4: None,
+            bos: tok("bos_token_id"),
+            eos: tok("eos_token_id").into_iter().collect(),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(EngineError::Config(m));
+        if self.hidden == 0 || self.heads == 0 || self.kv_heads == 0 || self.layers == 0 {
+            return bad("hidden size, heads, KV heads and layers must be non-zero".into());
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return bad(format!(
+                "{} query heads are not a multiple of {} KV heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(8) || self.head_dim > 256 {
+            return bad(format!(
+                "head_dim {} must be a multiple of 8 up to 256",
+                self.head_dim
+            ));
+        }
+        if self.vocab == 0 || self.vocab > 1 << 24 {
+            return bad(format!("vocabulary of {} tokens", self.vocab));
+        }
+        if let Some(m) = &self.moe {
+            if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts || m.interleave_step == 0 {
+                return bad(format!("MoE config {m:?}"));
+            }
+        }
+        if let Some(l) = &self.llama4 {
+            if l.rope_layers.len() != self.layers || l.chunk == 0 {
+                return bad(format!(
+                    "no_rope_layers has {} entries for {} layers (chunk {})",
+                    l.rope_layers.len(),
+                    self.layers,
+                    l.chunk
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether layer `l` is a MoE layer.
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        self.moe
+            .as_ref()
+            .is_some_and(|m| (l + 1).is_multiple_of(m.interleave_step))
+    }
+}

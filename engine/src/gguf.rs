@@ -1,0 +1,437 @@
+//! GGUF files (llama.cpp's format): metadata, tensor directory, and tensors dequantised to f32.
+//!
+//! The file is memory-mapped and parsed through a cursor that checks every length and offset
+//! against the bytes that are there: string and array lengths are capped, dimensions are
+//! checked for overflow, and every tensor's byte range must lie inside the data section. A
+//! truncated or crafted file is an [`EngineError::BadFile`], never a panic or an
+//! out-of-bounds read.
+//!
+//! Layout (little-endian): magic `GGUF`, version (2 or 3), tensor count, metadata count;
+//! metadata `(key, type, value)`; tensor infos `(name, n_dims, dims, type, offset)`; padding to
+//! `general.alignment` (32 by default); tensor data, each at `data_start + offset`.
+
+use crate::{EngineError, Result};
+use half::f16;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// No key, string or name legitimately comes near these.
+const MAX_STRING: u64 = 64 << 20;
+const MAX_DIMS: u32 = 4;
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Tensor storage types this build reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<GgmlType> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block).
+    pub fn block(self) -> (u64, u64) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q8_0 => (32, 34),
+        }
+    }
+}
+
+/// One tensor's directory entry. `dims` are GGUF's (innermost first), so a weight of
+/// `[out, in]` in row-major terms has `dims == [in, out]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dims: Vec<u64>,
+    /// `None` for a type this build cannot read (reported when the tensor is asked for).
+    pub ty: Option<GgmlType>,
+    pub type_id: u32,
+    /// Absolute byte range in the file.
+    pub start: u64,
+    pub bytes: u64,
+}
+
+impl TensorInfo {
+    pub fn elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// A parsed, memory-mapped GGUF file.
+pub struct Gguf {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: BTreeMap<String, TensorInfo>,
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: u64, what: &str) -> std::result::Result<&'a [u8], String> {
+        let end = (self.pos as u64)
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len() as u64)
+            .ok_or_else(|| {
+                format!(
+                    "truncated: {what} needs {n} bytes at offset {}, the file has {}",
+                    self.pos,
+                    self.buf.len()
+                )
+            })?;
+        let s = &self.buf[self.pos..end as usize];
+        self.pos = end as usize;
+        Ok(s)
+    }
+
+    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
+    }
+
+    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+    }
+
+    fn string(&mut self, what: &str) -> std::result::Result<String, String> {
+        let n = self.u64(what)?;
+        if n > MAX_STRING {
+            return Err(format!("{what}: string length {n} is beyond any sane size"));
+        }
+        let b = self.take(n, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("{what}: not UTF-8"))
+    }
+
+    fn value(&mut self, ty: u32, what: &str, depth: u32) -> std::result::Result<Value, String> {
+        Ok(match ty {
+            0 => Value::U8(self.take(1, what)?[0]),
+            1 => Value::I8(self.take(1, what)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.take(2, what)?.try_into().unwrap())),
+            3 => Value::I16(i16::from_le_bytes(self.take(2, what)?.try_into().unwrap())),
+            4 => Value::U32(self.u32(what)?),
+            5 => Value::I32(self.u32(what)? as i32),
+            6 => Value::F32(f32::from_bits(self.u32(what)?)),
+            7 => Value::Bool(self.take(1, what)?[0] != 0),
+            8 => Value::String(self.string(what)?),
+            9 => {
+                if depth > 2 {
+                    return Err(format!("{what}: arrays nested too deep"));
+                }
+                let item = self.u32(what)?;
+                let n = self.u64(what)?;
+                // Every item takes at least one byte: a count beyond what is left is a lie.
+                let left = (self.buf.len() - self.pos) as u64;
+                if n > left {
+                    return Err(format!(
+                        "{what}: array of {n} items with {left} bytes left in the file"
+                    ));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    v.push(self.value(item, what, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::U64(self.u64(what)?),
+            11 => Value::I64(self.u64(what)? as i64),
+            12 => Value::F64(f64::from_bits(self.u64(what)?)),
+            t => return Err(format!("{what}: unknown value type {t}")),
+        })
+    }
+}
+
+impl Gguf {
+    pub fn open(path: &Path) -> Result<Gguf> {
+        let file = std::fs::File::open(path).map_err(|e| EngineError::io("opening", path, e))?;
+        // SAFETY: the map is read-only and private to this process; a file changed underneath
+        // it would show changed bytes, which the parser treats as untrusted input anyway.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| EngineError::io("mapping", path, e))?;
+        Gguf::parse(path, map)
+    }
+
+    fn parse(path: &Path, map: memmap2::Mmap) -> Result<Gguf> {
+        let bad = |reason: String| EngineError::BadFile {
+            path: path.to_path_buf(),
+            format: "GGUF",
+            reason,
+        };
+        let (version, metadata, tensors) = Self::parse_bytes(&map).map_err(bad)?;
+        Ok(Gguf {
+            path: path.to_path_buf(),
+            map,
+            version,
+            metadata,
+            tensors,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn parse_bytes(
+        buf: &[u8],
+    ) -> std::result::Result<(u32, BTreeMap<String, Value>, BTreeMap<String, TensorInfo>), String>
+    {
+        let mut c = Cursor { buf, pos: 0 };
+        if c.take(4, "the magic number")? != b"GGUF" {
+            return Err("bad magic number (not a GGUF file)".into());
+        }
+        let version = c.u32("the version")?;
+        if !(2..=3).contains(&version) {
+            return Err(format!("GGUF version {version}; this build reads 2 and 3"));
+        }
+        let n_tensors = c.u64("the tensor count")?;
+        let n_kv = c.u64("the metadata count")?;
+        let left = buf.len() as u64;
+        if n_tensors > left || n_kv > left {
+            return Err(format!(
+                "{n_tensors} tensors and {n_kv} metadata entries cannot fit {left} bytes"
+            ));
+        }
+        let mut metadata = BTreeMap::new();
+        for i in 0..n_kv {
+            let key = c.string(&format!("metadata key {i}"))?;
+            let ty = c.u32(&key)?;
+            let v = c.value(ty, &key, 0)?;
+            metadata.insert(key, v);
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two() && *a <= 1 << 20)
+                .ok_or_else(|| format!("general.alignment {v:?} is not a power of two"))?,
+        };
+        let mut infos = Vec::with_capacity(n_tensors as usize);
+        for i in 0..n_tensors {
+            let name = c.string(&format!("tensor name {i}"))?;
+            let n_dims = c.u32(&name)?;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(format!("tensor {name}: {n_dims} dimensions"));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(c.u64(&name)?);
+            }
+            let type_id = c.u32(&name)?;
+            let offset = c.u64(&name)?;
+            infos.push((name, dims, type_id, offset));
+        }
+        let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+        let mut tensors = BTreeMap::new();
+        for (name, dims, type_id, offset) in infos {
+            let elements = dims
+                .iter()
+                .try_fold(1u64, |a, d| a.checked_mul(*d))
+                .ok_or_else(|| format!("tensor {name}: dimensions {dims:?} overflow"))?;
+            let ty = GgmlType::from_id(type_id);
+            let bytes = match ty {
+                Some(t) => {
+                    let (per, size) = t.block();
+                    if dims[0] % per != 0 {
+                        return Err(format!(
+                            "tensor {name}: row of {} elements is not whole {t:?} blocks",
+                            dims[0]
+                        ));
+                    }
+                    (elements / per)
+                        .checked_mul(size)
+                        .ok_or_else(|| format!("tensor {name}: dimensions {dims:?} overflow"))?
+                }
+                None => 0,
+            };
+            let start = data_start
+                .checked_add(offset)
+                .filter(|s| s.checked_add(bytes).is_some_and(|e| e <= left))
+                .ok_or_else(|| {
+                    format!(
+                        "tensor {name}: {bytes} bytes at data offset {offset} lie outside the \
+                         file of {left} bytes (truncated?)"
+                    )
+                })?;
+            if tensors.contains_key(&name) {
+                return Err(format!("tensor {name} appears twice"));
+            }
+            tensors.insert(
+                name.clone(),
+                TensorInfo {
+                    name,
+                    dims,
+                    ty,
+                    type_id,
+                    start,
+                    bytes,
+                },
+            );
+        }
+        Ok((version, metadata, tensors))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// A tensor, dequantised to f32, in row-major order of its reversed GGUF dims.
+    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let info = self.tensors.get(name).ok_or_else(|| EngineError::Weight {
+            name: name.into(),
+            reason: format!("not in {}", self.path.display()),
+        })?;
+        let ty = info.ty.ok_or_else(|| {
+            EngineError::Unsupported(format!(
+                "tensor {name} has GGML type {}; this build reads F32, F16, BF16, Q4_0, Q4_1, Q8_0",
+                info.type_id
+            ))
+        })?;
+        let bytes = &self.map[info.start as usize..(info.start + info.bytes) as usize];
+        Ok(dequantize(ty, bytes, info.elements() as usize))
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantises `n` elements of type `ty` (the byte count has been checked by the parser).
+pub fn dequantize(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().unwrap());
+            }
+        }
+        GgmlType::F16 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = f16_at(b, 2 * i);
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (blk, o) in b.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(blk, 0);
+                for (x, q) in o.iter_mut().zip(&blk[2..]) {
+                    *x = d * (*q as i8) as f32;
+                }
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (blk, o) in b.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(blk, 0);
+                for (j, q) in blk[2..].iter().enumerate() {
+                    o[j] = d * ((q & 0x0f) as i32 - 8) as f32;
+                    o[j + 16] = d * ((q >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (blk, o) in b.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                for (j, q) in blk[4..].iter().enumerate() {
+                    o[j] = d * (q & 0x0f) as f32 + m;
+                    o[j + 16] = d * (q >> 4) as f32 + m;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Parses GGUF bytes held in memory (for fuzzing and tests).
+pub fn parse_header(buf: &[u8]) -> std::result::Result<usize, String> {
+    Gguf::parse_bytes(buf).map(|(_, m, t)| m.len() + t.len())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,179 @@
+//! GGUF parser tests: files written here, then truncated and corrupted at random.
+
+use super::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Writes a GGUF v3 file: metadata (key, type id, raw value bytes) and tensors.
+pub(crate) fn write_gguf(
+    meta: &[(&str, u32, Vec<u8>)],
+    tensors: &[(&str, Vec<u64>, u32, Vec<u8>)],
+) -> Vec<u8> {
+    let mut b = Vec::new();
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend((x.len() as u64).to_le_bytes());
+        b.extend(x.as_bytes());
+    };
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((meta.len() as u64).to_le_bytes());
+    for (k, t, v) in meta {
+        s(&mut b, k);
+        b.extend(t.to_le_bytes());
+        b.extend(v);
+    }
+    let mut offset = 0u64;
+    let mut offsets = vec![];
+    for (name, dims, ty, data) in tensors {
+        s(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        offsets.push(offset);
+        offset += (data.len() as u64).div_ceil(32) * 32;
+    }
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    let base = b.len();
+    for ((_, _, _, data), off) in tensors.iter().zip(offsets) {
+        b.resize(base + off as usize, 0);
+        b.extend(data);
+    }
+    b
+}
+
+pub(crate) fn str_value(x: &str) -> Vec<u8> {
+    let mut v = (x.len() as u64).to_le_bytes().to_vec();
+    v.extend(x.as_bytes());
+    v
+}
+
+fn sample_file(rng: &mut StdRng) -> (Vec<u8>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    // f32 [3, 2]
+    let a: Vec<f32> = (0..6).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let a_bytes: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
+    // Q8_0, one block of 32.
+    let d = f16::from_f32(0.125);
+    let qs: Vec<i8> = (0..32).map(|_| rng.random_range(-127..=127)).collect();
+    let mut q8 = d.to_le_bytes().to_vec();
+    q8.extend(qs.iter().map(|q| *q as u8));
+    let want_q8: Vec<f32> = qs.iter().map(|q| d.to_f32() * *q as f32).collect();
+    // Q4_1, one block of 32.
+    let (d, m) = (f16::from_f32(0.5), f16::from_f32(-2.0));
+    let nib: Vec<u8> = (0..16).map(|_| rng.random()).collect();
+    let mut q4 = d.to_le_bytes().to_vec();
+    q4.extend(m.to_le_bytes());
+    q4.extend(&nib);
+    let mut want_q4 = vec![0f32; 32];
+    for (j, q) in nib.iter().enumerate() {
+        want_q4[j] = 0.5 * (q & 15) as f32 - 2.0;
+        want_q4[j + 16] = 0.5 * (q >> 4) as f32 - 2.0;
+    }
+    let mut tokens = 9u32.to_le_bytes().to_vec(); // array of strings
+    tokens.extend(8u32.to_le_bytes());
+    tokens.extend(2u64.to_le_bytes());
+    tokens.extend(str_value("a"));
+    tokens.extend(str_value("b"));
+    let file = write_gguf(
+        &[
+            ("general.architecture", 8, str_value("llama")),
+            ("llama.block_count", 4, 2u32.to_le_bytes().to_vec()),
+            ("tokenizer.ggml.tokens", 9, tokens[4..].to_vec()),
+        ],
+        &[
+            ("a", vec![3, 2], 0, a_bytes),
+            ("q8", vec![32], 8, q8),
+            ("q4", vec![32], 3, q4),
+        ],
+    );
+    (file, a, want_q8, want_q4)
+}
+
+fn parse_file(bytes: &[u8]) -> Result<Gguf> {
+    let dir = std::env::temp_dir().join(format!(
+        "longctx-gguf-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::write(&dir, bytes).unwrap();
+    let r = Gguf::open(&dir);
+    let _ = std::fs::remove_file(&dir);
+    r
+}
+
+#[test]
+fn a_written_file_reads_back_with_every_type_dequantised() {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let (file, a, q8, q4) = sample_file(&mut rng);
+    let g = parse_file(&file).unwrap();
+    assert_eq!(
+        g.get("general.architecture").unwrap().as_str(),
+        Some("llama")
+    );
+    assert_eq!(g.get("llama.block_count").unwrap().as_u64(), Some(2));
+    assert_eq!(
+        g.get("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(g.tensors["a"].dims, vec![3, 2]);
+    assert_eq!(g.tensor_f32("a").unwrap(), a);
+    assert_eq!(g.tensor_f32("q8").unwrap(), q8);
+    assert_eq!(g.tensor_f32("q4").unwrap(), q4);
+    assert!(matches!(
+        g.tensor_f32("nope"),
+        Err(EngineError::Weight { .. })
+    ));
+}
+
+#[test]
+fn every_truncation_is_an_error_never_a_panic() {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let (file, ..) = sample_file(&mut rng);
+    for cut in 0..file.len() {
+        // Cuts inside the trailing padding of the last tensor still hold every byte it needs.
+        let r = parse_header(&file[..cut]);
+        let complete = parse_header(&file).is_ok() && cut >= file.len();
+        assert!(r.is_err() || !complete || cut == file.len(), "cut {cut}");
+        if cut < file.len() - 20 {
+            assert!(r.is_err(), "a file cut at {cut} of {} parsed", file.len());
+        }
+    }
+}
+
+#[test]
+fn corrupted_bytes_never_panic_and_lengths_are_capped() {
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (file, ..) = sample_file(&mut rng);
+    for _ in 0..3000 {
+        let mut f = file.clone();
+        for _ in 0..rng.random_range(1..4) {
+            let i = rng.random_range(0..f.len());
+            f[i] = rng.random();
+        }
+        let _ = parse_header(&f);
+    }
+    // A string length of 2^60 and a tensor far past the end: clear errors.
+    let mut f = file.clone();
+    f[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    assert!(parse_header(&f).unwrap_err().contains("length"));
+    let huge = write_gguf(&[], &[("t", vec![1 << 40, 1 << 40], 0, vec![0; 8])]);
+    assert!(parse_header(&huge).is_err());
+    let past = write_gguf(&[], &[("t", vec![1000], 0, vec![0; 8])]);
+    let e = parse_header(&past).unwrap_err();
+    assert!(e.contains("outside the file"), "{e}");
+    assert!(matches!(
+        parse_file(b"GGUF\x07\0\0\0"),
+        Err(EngineError::BadFile { .. })
+    ));
+}

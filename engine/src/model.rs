@@ -1,0 +1,458 @@
+//! The forward pass of dense Llama and Llama 4 (text, MoE), one chunk of tokens at a time,
+//! with the KV in the KV store. Every intermediate is named as in the Hugging Face modules
+//! (`input_layernorm`, `q_proj`, ...), and `../shared/LLAMA4.md` lists the Llama 4 rules
+//! followed here.
+
+use crate::config::{Arch, ModelConfig};
+use crate::ops::{matmul, rms_norm, silu_mul, MatRef};
+use crate::weights::{Tensor, Weights};
+use crate::{EngineError, Result};
+use longctx_kernels::{AttnParams, DType, Mask};
+use longctx_kvstore::{
+    attend, Budgets, KvConfig, KvStore, Policy, Retention, SeqId, StreamOptions,
+};
+use longctx_rope::Rope;
+use std::path::PathBuf;
+
+struct Mlp {
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// Llama 4's routed experts, fused as `gate_up_proj [E, hidden, 2I]`, `down_proj [E, I, hidden]`.
+struct Experts {
+    router: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    shared: Mlp,
+}
+
+enum Ffn {
+    Dense(Mlp),
+    Moe(Experts),
+}
+
+struct Layer {
+    input_layernorm: Tensor,
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    o_proj: Tensor,
+    post_attention_layernorm: Tensor,
+    ffn: Ffn,
+    /// Llama 4 NoPE layers: no RoPE, full causal attention, temperature tuning.
+    rope: bool,
+}
+
+/// A loaded model.
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// `None`: tied to the embeddings.
+    lm_head: Option<Tensor>,
+}
+
+/// Which logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    Last,
+    All,
+}
+
+/// How the KV store of a model is set up.
+#[derive(Clone, Debug)]
+pub struct KvOptions {
+    pub dtype: DType,
+    pub block_tokens: usize,
+    pub budgets: Budgets,
+    pub policy: Policy,
+    pub spill_dir: PathBuf,
+    pub prefetch: usize,
+}
+
+impl Default for KvOptions {
+    fn default() -> Self {
+        KvOptions {
+            dtype: DType::F32,
+            block_tokens: 256,
+            budgets: Budgets {
+                device: u64::MAX,
+                host: 0,
+                disk: 0,
+            },
+            policy: Policy::KeepNewest,
+            spill_dir: std::env::temp_dir().join("longctx-kv"),
+            prefetch: 4,
+        }
+    }
+}
+
+fn mlp(w: &mut Weights, p: &str, hidden: usize, inter: usize) -> Result<Mlp> {
+    Ok(Mlp {
+        gate: w.take(&format!("{p}.gate_proj.weight"), &[inter, hidden])?,
+        up: w.take(&format!("{p}.up_proj.weight"), &[inter, hidden])?,
+        down: w.take(&format!("{p}.down_proj.weight"), &[hidden, inter])?,
+    })
+}
+
+impl Model {
+    pub fn new(cfg: ModelConfig, mut w: Weights) -> Result<Model> {
+        let (h, hd) = (cfg.hidden, cfg.head_dim);
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for l in 0..cfg.layers {
+            let p = format!("model.layers.{l}");
+            let ffn = match cfg.arch {
+                Arch::Llama => Ffn::Dense(mlp(&mut w, &format!("{p}.mlp"), h, cfg.intermediate)?),
+                Arch::Llama4 if cfg.is_moe_layer(l) => {
+                    let m = cfg.moe.as_ref().expect("a Llama 4 config has MoE");
+                    let f = format!("{p}.feed_forward");
+                    Ffn::Moe(Experts {
+                        router: w.take(&format!("{f}.router.weight"), &[m.experts, h])?,
+                        gate_up: w.take(
+                            &format!("{f}.experts.gate_up_proj"),
+                            &[m.experts, h, 2 * m.intermediate],
+                        )?,
+                        down: w.take(
+                            &format!("{f}.experts.down_proj"),
+                            &[m.experts, m.intermediate, h],
+                        )?,
+                        shared: mlp(&mut w, &format!("{f}.shared_expert"), h, m.intermediate)?,
+                    })
+                }
+                Arch::Llama4 => Ffn::Dense(mlp(
+                    &mut w,
+                    &format!("{p}.feed_forward"),
+                    h,
+                    cfg.intermediate,
+                )?),
+            };
+            layers.push(Layer {
+                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q_proj: w.take(
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    &[cfg.heads * hd, h],
+                )?,
+                k_proj: w.take(
+                    &format!("{p}.self_attn.k_proj.weight"),
+                    &[cfg.kv_heads * hd, h],
+                )?,
+                v_proj: w.take(
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    &[cfg.kv_heads * hd, h],
+                )?,
+                o_proj: w.take(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    &[h, cfg.heads * hd],
+                )?,
+                post_attention_layernorm: w
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                ffn,
+                rope: cfg.llama4.as_ref().is_none_or(|l4| l4.rope_layers[l]),
+            });
+        }
+        let embed = w.take("model.embed_tokens.weight", &[cfg.vocab, h])?;
+        let norm = w.take("model.norm.weight", &[h])?;
+        let lm_head = if w.contains("lm_head.weight") && !cfg.tie_embeddings {
+            Some(w.take("lm_head.weight", &[cfg.vocab, h])?)
+        } else if cfg.tie_embeddings {
+            None
+        } else {
+            return Err(EngineError::Weight {
+                name: "lm_head.weight".into(),
+                reason: "missing, and the config does not tie it to the embeddings".into(),
+            });
+        };
+        Ok(Model {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// A KV store laid out for this model: chunked-local retention on Llama 4's RoPE layers.
+    pub fn kv_store(&self, opts: &KvOptions) -> Result<KvStore> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match &self.cfg.llama4 {
+                Some(l4) if l.rope => Retention::ChunkedLocal { chunk: l4.chunk },
+                _ => Retention::Full,
+            })
+            .collect();
+        Ok(KvStore::new(KvConfig {
+            block_tokens: opts.block_tokens,
+            h_kv: self.cfg.kv_heads,
+            d: self.cfg.head_dim,
+            dtype: opts.dtype,
+            layers,
+            budgets: opts.budgets,
+            policy: opts.policy,
+            spill_dir: opts.spill_dir.clone(),
+        })?)
+    }
+
+    /// Runs `tokens` (at positions `pos0..`) through the model, appending their KV to `seq`
+    /// (which must hold exactly `pos0` tokens), and returns the logits asked for
+    /// (`[1 or n, vocab]`). `rope` overrides the config's schedule (long-context scaling).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        store: &KvStore,
+        seq: SeqId,
+        want: Logits,
+        rope: Option<&Rope>,
+        prefetch: usize,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let (h, hd) = (c.hidden, c.head_dim);
+        let (qd, kd) = (c.heads * hd, c.kv_heads * hd);
+        let rope = rope.unwrap_or(&c.rope);
+        let mut x = vec![0f32; n * h];
+        for (row, t) in x.chunks_exact_mut(h).zip(tokens) {
+            let t = *t as usize;
+            if t >= c.vocab {
+                return Err(EngineError::Tokenizer(format!(
+                    "token id {t} outside the vocabulary of {}",
+                    c.vocab
+                )));
+            }
+            row.copy_from_slice(&self.embed.data[t * h..(t + 1) * h]);
+        }
+        let mut hbuf = vec![0f32; n * h];
+        let mut q = vec![0f32; n * qd];
+        let mut k = vec![0f32; n * kd];
+        let mut v = vec![0f32; n * kd];
+        let mut attn = vec![0f32; n * qd];
+        let mut lse = vec![0f32; n * c.heads];
+        let mut o = vec![0f32; n * h];
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(
+                &x,
+                Some(&layer.input_layernorm.data),
+                c.rms_eps,
+                h,
+                &mut hbuf,
+            );
+            matmul(&hbuf, n, MatRef::out_in(&layer.q_proj.data, qd, h), &mut q);
+            matmul(&hbuf, n, MatRef::out_in(&layer.k_proj.data, kd, h), &mut k);
+            matmul(&hbuf, n, MatRef::out_in(&layer.v_proj.data, kd, h), &mut v);
+            let mut mask = Mask::Causal;
+            if layer.rope {
+                let seq_len = pos0 + n;
+                longctx_rope::apply(&mut q, (n, c.heads, hd), pos0, rope, seq_len, c.rope_layout)?;
+                longctx_rope::apply(
+                    &mut k,
+                    (n, c.kv_heads, hd),
+                    pos0,
+                    rope,
+                    seq_len,
+                    c.rope_layout,
+                )?;
+            }
+            if let Some(l4) = &c.llama4 {
+                if layer.rope {
+                    mask = Mask::ChunkedLocal { chunk: l4.chunk };
+                    if l4.qk_norm {
+                        let qc = q.clone();
+                        rms_norm(&qc, None, c.rms_eps, hd, &mut q);
+                        let kc = k.clone();
+                        rms_norm(&kc, None, c.rms_eps, hd, &mut k);
+                    }
+                } else if l4.temperature_tuning {
+                    for (i, row) in q.chunks_exact_mut(qd).enumerate() {
+                        let pos = (pos0 + i) as f64;
+                        let s =
+                            1.0 + l4.attn_scale * ((pos + 1.0) / l4.floor_scale).floor().ln_1p();
+                        for e in row {
+                            *e *= s as f32;
+                        }
+                    }
+                }
+            }
+            append_kv(store, seq, l, &k, &v)?;
+            let params = AttnParams {
+                mask,
+                scale: 1.0 / (hd as f32).sqrt(),
+                q_pos: pos0,
+                k_pos: 0,
+            };
+            attend_typed(
+                store, seq, l, &q, c.heads, &params, prefetch, &mut attn, &mut lse,
+            )?;
+            matmul(&attn, n, MatRef::out_in(&layer.o_proj.data, h, qd), &mut o);
+            for (a, b) in x.iter_mut().zip(&o) {
+                *a += b;
+            }
+            rms_norm(
+                &x,
+                Some(&layer.post_attention_layernorm.data),
+                c.rms_eps,
+                h,
+                &mut hbuf,
+            );
+            match &layer.ffn {
+                Ffn::Dense(m) => {
+                    dense_mlp(m, &hbuf, n, h, &mut o);
+                    for (a, b) in x.iter_mut().zip(&o) {
+                        *a += b;
+                    }
+                }
+                Ffn::Moe(e) => {
+                    let m = c.moe.as_ref().expect("MoE config");
+                    moe(e, m.experts, m.top_k, m.intermediate, &hbuf, n, h, &mut o);
+                    for (a, b) in x.iter_mut().zip(&o) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+        let rows = match want {
+            Logits::Last => &x[(n - 1) * h..],
+            Logits::All => &x[..],
+        };
+        let m = rows.len() / h;
+        let mut normed = vec![0f32; m * h];
+        rms_norm(rows, Some(&self.norm.data), c.rms_eps, h, &mut normed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; m * c.vocab];
+        matmul(
+            &normed,
+            m,
+            MatRef::out_in(&head.data, c.vocab, h),
+            &mut logits,
+        );
+        Ok(logits)
+    }
+}
+
+fn append_kv(store: &KvStore, seq: SeqId, l: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    use half::{bf16, f16};
+    match store.config().dtype {
+        DType::F32 => store.append(seq, l, k, v)?,
+        DType::BF16 => {
+            let c = |x: &[f32]| x.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>();
+            store.append(seq, l, &c(k), &c(v))?
+        }
+        DType::F16 => {
+            let c = |x: &[f32]| x.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>();
+            store.append(seq, l, &c(k), &c(v))?
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_typed(
+    store: &KvStore,
+    seq: SeqId,
+    l: usize,
+    q: &[f32],
+    h_q: usize,
+    params: &AttnParams,
+    prefetch: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    use half::{bf16, f16};
+    let opts = StreamOptions { prefetch };
+    match store.config().dtype {
+        DType::F32 => attend(store, seq, l, q, h_q, params, opts, out, lse)?,
+        DType::BF16 => {
+            let qb: Vec<bf16> = q.iter().map(|v| bf16::from_f32(*v)).collect();
+            attend(store, seq, l, &qb, h_q, params, opts, out, lse)?
+        }
+        DType::F16 => {
+            let qb: Vec<f16> = q.iter().map(|v| f16::from_f32(*v)).collect();
+            attend(store, seq, l, &qb, h_q, params, opts, out, lse)?
+        }
+    }
+    Ok(())
+}
+
+fn dense_mlp(m: &Mlp, x: &[f32], n: usize, h: usize, out: &mut [f32]) {
+    let inter = m.gate.shape[0];
+    let mut g = vec![0f32; n * inter];
+    let mut u = vec![0f32; n * inter];
+    matmul(x, n, MatRef::out_in(&m.gate.data, inter, h), &mut g);
+    matmul(x, n, MatRef::out_in(&m.up.data, inter, h), &mut u);
+    silu_mul(&mut g, &u);
+    matmul(&g, n, MatRef::out_in(&m.down.data, h, inter), out);
+}
+
+/// Llama 4 MoE: router logits, top-k, sigmoid of the chosen logits (no softmax), each chosen
+/// expert applied to the input scaled by its score, plus the shared expert. Tokens are
+/// grouped by expert so each active expert is one matrix product.
+#[allow(clippy::too_many_arguments)]
+fn moe(
+    e: &Experts,
+    experts: usize,
+    top_k: usize,
+    inter: usize,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    out: &mut [f32],
+) {
+    let mut logits = vec![0f32; n * experts];
+    matmul(
+        x,
+        n,
+        MatRef::out_in(&e.router.data, experts, h),
+        &mut logits,
+    );
+    dense_mlp(&e.shared, x, n, h, out);
+    let mut groups: Vec<Vec<(usize, f32)>> = vec![vec![]; experts];
+    for t in 0..n {
+        let row = &logits[t * experts..(t + 1) * experts];
+        let mut idx: Vec<usize> = (0..experts).collect();
+        // torch.topk order: larger first; ties to the lower index.
+        idx.sort_by(|a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
+        for &ex in &idx[..top_k] {
+            let score = 1.0 / (1.0 + (-row[ex]).exp());
+            groups[ex].push((t, score));
+        }
+    }
+    let (gu_w, d_w) = (2 * inter, h);
+    for (ex, toks) in groups.iter().enumerate() {
+        if toks.is_empty() {
+            continue;
+        }
+        let m = toks.len();
+        let mut xin = vec![0f32; m * h];
+        for (r, (t, s)) in toks.iter().enumerate() {
+            for (a, b) in xin[r * h..(r + 1) * h]
+                .iter_mut()
+                .zip(&x[t * h..(t + 1) * h])
+            {
+                *a = b * s;
+            }
+        }
+        let gu = &e.gate_up.data[ex * h * gu_w..(ex + 1) * h * gu_w];
+        let dw = &e.down.data[ex * inter * d_w..(ex + 1) * inter * d_w];
+        let mut g = vec![0f32; m * inter];
+        let mut u = vec![0f32; m * inter];
+        matmul(&xin, m, MatRef::in_out(gu, h, gu_w, 0, inter), &mut g);
+        matmul(&xin, m, MatRef::in_out(gu, h, gu_w, inter, inter), &mut u);
+        silu_mul(&mut g, &u);
+        let mut y = vec![0f32; m * h];
+        matmul(&g, m, MatRef::in_out(dw, inter, d_w, 0, h), &mut y);
+        for (r, (t, _)) in toks.iter().enumerate() {
+            for (a, b) in out[t * h..(t + 1) * h]
+                .iter_mut()
+                .zip(&y[r * h..(r + 1) * h])
+            {
+                *a += b;
+            }
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The tokenizer (Hugging Face `tokenizers`), from a `tokenizer.json` or rebuilt from GGUF
+//! metadata exactly as transformers rebuilds it when it loads a GGUF file, and chat templates
+//! rendered with minijinja.
+
+use crate::gguf::{Gguf, Value};
+use crate::{EngineError, Result};
+use std::collections::HashMap;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+pub struct Tokenizer {
+    inner: HfTokenizer,
+    pub bos: Option<(u32, String)>,
+    pub eos: Option<(u32, String)>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+fn tk_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer(e.to_string())
+}
+
+/// GPT-2's byte-to-character map (printable stand-ins for every byte).
+fn bytes_to_unicode() -> HashMap<u8, char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    bs.into_iter()
+        .zip(cs)
+        .map(|(b, c)| (b as u8, char::from_u32(c).unwrap()))
+        .collect()
+}
+
+impl Tokenizer {
+    /// From a `tokenizer.json` (and, when present beside it, `tokenizer_config.json` for the
+    /// chat template and the BOS rule).
+    pub fn from_dir(dir: &std::path::Path) -> Result<Tokenizer> {
+        let inner = HfTokenizer::from_file(dir.join("tokenizer.json")).map_err(tk_err)?;
+        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let tok = |k: &str| -> Option<(u32, String)> {
+            let s = match cfg.get(k)? {
+                serde_json::Value::String(s) => s.clone(),
+                v => v.get("content")?.as_str()?.to_string(),
+            };
+            Some((inner.token_to_id(&s)?, s))
+        };
+        Ok(Tokenizer {
+            bos: tok("bos_token"),
+            eos: tok("eos_token"),
+            add_bos: cfg
+                .get("add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            chat_template: cfg
+                .get("chat_template")
+                .and_then(|v| v.as_str())
+                .map(String::from),
+            inner,
+        })
+    }
+
+    /// From GGUF metadata: byte-level BPE (`tokenizer.ggml.model = gpt2`) with its control
+    /// tokens as special added tokens, GPT-2's pre-tokenizer and decoder.
+    pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
+        let model = g
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if model != "gpt2" {
+            return Err(EngineError::Unsupported(format!(
+                "GGUF tokenizer model {model:?}: this build rebuilds byte-level BPE (gpt2) \
+                 tokenizers; use a Hugging Face directory with tokenizer.json"
+            )));
+        }
+        let strings = |k: &str| -> Result<Vec<String>> {
+            g.get(k)
+                .and_then(Value::as_array)
+                .ok_or_else(|| EngineError::Tokenizer(format!("GGUF lacks {k}")))?
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| EngineError::Tokenizer(format!("{k} holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = g
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let spelling = bytes_to_unicode();
+        let alphabet: std::collections::HashSet<char> = spelling.values().copied().collect();
+        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            // A token outside the byte alphabet is spelled byte by byte (as transformers does).
+            let key = if t.chars().all(|c| alphabet.contains(&c)) {
+                t.clone()
+            } else {
+                t.bytes().map(|b| spelling[&b]).collect()
+            };
+            vocab.insert(key, i as u32);
+        }
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| EngineError::Tokenizer(format!("merge {m:?} has no space")))
+            })
+            .collect::<Result<_>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
+            .build()
+            .map_err(tk_err)?;
+        let mut inner = HfTokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let control: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter().chain(std::iter::repeat(&1)))
+            .filter(|(t, ty)| **ty == 3 && t.chars().all(|c| alphabet.contains(&c)))
+            .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
+            .collect();
+        inner.add_special_tokens(&control);
+        let id = |k: &str| -> Option<(u32, String)> {
+            let i = g.get(k)?.as_u64()? as usize;
+            Some((i as u32, tokens.get(i)?.clone()))
+        };
+        Ok(Tokenizer {
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            add_bos: g
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            chat_template: g
+                .get("tokenizer.chat_template")
+                .and_then(Value::as_str)
+                .map(String::from),
+            inner,
+        })
+    }
+
+    /// Token ids of `text` as transformers' `tokenizer(text)` gives them (special tokens in the
+    /// text are matched whole; BOS prepended when the tokenizer says so).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tk_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            if let Some((b, _)) = &self.bos {
+                ids.push(*b);
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tk_err)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders a chat (`(role, content)` pairs) with the model's template, ending with the
+    /// assistant's turn opened.
+    pub fn render_chat(&self, messages: &[(&str, &str)]) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| EngineError::Tokenizer("the model has no chat template".into()))?;
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_template("chat", template).map_err(tk_err)?;
+        let msgs: Vec<minijinja::Value> = messages
+            .iter()
+            .map(|(r, c)| minijinja::context! { role => *r, content => *c })
+            .collect();
+        let tpl = env.get_template("chat").map_err(tk_err)?;
+        tpl.render(minijinja::context! {
+            messages => msgs,
+            add_generation_prompt => true,
+            bos_token => self.bos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+            eos_token => self.eos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+        })
+        .map_err(tk_err)
+    }
+}

@@ -1,0 +1,208 @@
+//! Weights by their Hugging Face names, dequantised to f32 at load, from a GGUF file or a
+//! safetensors directory (one file, or shards listed in `model.safetensors.index.json`).
+
+use crate::gguf::Gguf;
+use crate::{EngineError, Result};
+use half::{bf16, f16};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A tensor: row-major `shape`, f32 values.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Every tensor of a model, by Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
+pub struct Weights {
+    map: BTreeMap<String, Tensor>,
+}
+
+/// llama.cpp's tensor names, as Hugging Face's.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match name {
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Prefixes that wrap a text model's names in multimodal checkpoints.
+fn strip_prefix(name: &str) -> &str {
+    for p in ["language_model.", "model.language_model."] {
+        if let Some(rest) = name.strip_prefix(p) {
+            // `language_model.model.layers...` and `language_model.lm_head.weight`.
+            return rest;
+        }
+    }
+    name
+}
+
+impl Weights {
+    pub fn from_gguf(g: &Gguf) -> Result<Weights> {
+        let mut map = BTreeMap::new();
+        for (name, info) in &g.tensors {
+            let Some(hf) = hf_name(name) else {
+                continue; // rope_freqs and other tensors this build does not use
+            };
+            let shape: Vec<usize> = info.dims.iter().rev().map(|d| *d as usize).collect();
+            map.insert(
+                hf,
+                Tensor {
+                    shape,
+                    data: g.tensor_f32(name)?,
+                },
+            );
+        }
+        Ok(Weights { map })
+    }
+
+    /// A directory with `model.safetensors` or `model.safetensors.index.json` and its shards.
+    pub fn from_safetensors_dir(dir: &Path) -> Result<Weights> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<std::path::PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index)
+                .map_err(|e| EngineError::io("reading", &index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| EngineError::BadFile {
+                    path: index.clone(),
+                    format: "safetensors index",
+                    reason: e.to_string(),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| EngineError::BadFile {
+                    path: index.clone(),
+                    format: "safetensors index",
+                    reason: "no weight_map".into(),
+                })?;
+            let mut files: Vec<std::path::PathBuf> = Vec::new();
+            for f in map.values().filter_map(|f| f.as_str()) {
+                // Shard names come from the file: keep them inside the directory.
+                if f.contains('/') || f.contains("..") {
+                    return Err(EngineError::BadFile {
+                        path: index.clone(),
+                        format: "safetensors index",
+                        reason: format!("shard name {f:?} leaves the model directory"),
+                    });
+                }
+                let p = dir.join(f);
+                if !files.contains(&p) {
+                    files.push(p);
+                }
+            }
+            files
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut map = BTreeMap::new();
+        for f in files {
+            load_safetensors(&f, &mut map)?;
+        }
+        Ok(Weights { map })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.map.get(name).ok_or_else(|| EngineError::Weight {
+            name: name.into(),
+            reason: "missing from the checkpoint".into(),
+        })
+    }
+
+    /// Takes a tensor out, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.map.remove(name).ok_or_else(|| EngineError::Weight {
+            name: name.into(),
+            reason: "missing from the checkpoint".into(),
+        })?;
+        if t.shape != shape {
+            return Err(EngineError::Weight {
+                name: name.into(),
+                reason: format!("shape {:?}, the config needs {shape:?}", t.shape),
+            });
+        }
+        Ok(t)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+}
+
+fn load_safetensors(path: &Path, map: &mut BTreeMap<String, Tensor>) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| EngineError::io("opening", path, e))?;
+    // SAFETY: read-only private map; contents are validated by the safetensors parser.
+    let mm =
+        unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io("mapping", path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&mm).map_err(|e| EngineError::BadFile {
+        path: path.to_path_buf(),
+        format: "safetensors",
+        reason: e.to_string(),
+    })?;
+    for (name, view) in st.tensors() {
+        let b = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            safetensors::Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            t => {
+                return Err(EngineError::Unsupported(format!(
+                    "{}: tensor {name} is {t:?}; this build reads f32, bf16 and f16",
+                    path.display()
+                )))
+            }
+        };
+        let shape = view.shape().to_vec();
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(EngineError::BadFile {
+                path: path.to_path_buf(),
+                format: "safetensors",
+                reason: format!("tensor {name}: shape {shape:?} and {} values", data.len()),
+            });
+        }
+        map.insert(strip_prefix(&name).to_string(), Tensor { shape, data });
+    }
+    Ok(())
+}
+
+/// Validates a safetensors header held in memory (for fuzzing and tests).
+pub fn parse_safetensors_header(buf: &[u8]) -> std::result::Result<usize, String> {
+    safetensors::SafeTensors::deserialize(buf)
+        .map(|s| s.len())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,112 @@
+//! `longctx generate`.
+
+use anyhow::Result;
+use longctx_engine::generate::{generate, Sampler, Sampling};
+use longctx_engine::{KvOptions, Logits};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .gguf file or a Hugging Face model directory (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print tokens as they come.
+    #[arg(long)]
+    stream: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(
+        args.temperature >= 0.0,
+        "--temperature must not be negative"
+    );
+    anyhow::ensure!(
+        args.top_p > 0.0 && args.top_p <= 1.0,
+        "--top-p must be within (0, 1]"
+    );
+    let m = super::open(&args.model)?;
+    let text = if args.chat {
+        m.tokenizer.render_chat(&[("user", &args.prompt)])?
+    } else {
+        args.prompt.clone()
+    };
+    let ids = m.tokenizer.encode(&text)?;
+    anyhow::ensure!(!ids.is_empty(), "the prompt is empty");
+    let store = m.model.kv_store(&KvOptions::default())?;
+    let seq = store.create_seq();
+    let logits = m
+        .model
+        .forward(&ids, 0, &store, seq, Logits::Last, None, 4)?;
+    let mut sampler = Sampler::new(Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    });
+    let stop: Vec<u32> = m
+        .model
+        .cfg
+        .eos
+        .iter()
+        .copied()
+        .chain(m.tokenizer.eos.as_ref().map(|e| e.0))
+        .collect();
+    let mut shown = String::new();
+    let mut all = vec![];
+    let out = generate(
+        &m.model,
+        &store,
+        seq,
+        ids.len(),
+        &logits,
+        args.max_tokens,
+        &mut sampler,
+        &stop,
+        None,
+        4,
+        |t| {
+            if args.stream {
+                all.push(t);
+                let text = m.tokenizer.decode(&all)?;
+                // Print only what is complete (a multi-byte character may span tokens).
+                if text.len() > shown.len() && !text.ends_with('\u{FFFD}') {
+                    print!("{}", &text[shown.len()..]);
+                    let _ = std::io::stdout().flush();
+                    shown = text;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let text = m.tokenizer.decode(&out.tokens)?;
+    if args.stream {
+        println!("{}", &text[shown.len().min(text.len())..]);
+    } else {
+        println!("{text}");
+    }
+    eprintln!(
+        "{} prompt tokens, {} new; first token {:.2} s, decode {:.1} tok/s",
+        ids.len(),
+        out.tokens.len(),
+        out.first_token_s,
+        out.tokens.len().saturating_sub(1) as f64 / out.decode_s.max(1e-9)
+    );
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! The commands that run a model: fetch-model, generate, perplexity.
+
+pub mod generate;
+pub mod perplexity;
+
+use anyhow::{Context, Result};
+use longctx_engine::{fetch, load, Loaded};
+use std::path::PathBuf;
+
+/// `--model`: a .gguf file or a Hugging Face directory; the default model when absent.
+pub fn resolve_model(model: &Option<PathBuf>) -> Result<PathBuf> {
+    match model {
+        Some(p) => {
+            anyhow::ensure!(p.exists(), "model {} does not exist", p.display());
+            Ok(p.clone())
+        }
+        None => Ok(fetch::smollm2(&mut |m| eprintln!("{m}"))?),
+    }
+}
+
+pub fn open(model: &Option<PathBuf>) -> Result<Loaded> {
+    let path = resolve_model(model)?;
+    load(&path).with_context(|| format!("loading {}", path.display()))
+}
+
+/// `longctx fetch-model smollm2`.
+pub fn fetch_model(name: &str) -> Result<()> {
+    anyhow::ensure!(
+        name == "smollm2",
+        "unknown model {name:?}: the one fetchable model is smollm2"
+    );
+    let p = fetch::smollm2(&mut |m| eprintln!("{m}"))?;
+    println!("{}", p.display());
+    Ok(())
+}
