@@ -166,7 +166,11 @@ fn perplexity_command_matches_transformers() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let want = &g["perplexity"];
     assert_eq!(v["tokens"], want["tokens"]);
@@ -174,5 +178,8 @@ fn perplexity_command_matches_transformers() {
         v["perplexity"].as_f64().unwrap(),
         want["perplexity"].as_f64().unwrap(),
     );
-    assert!((p / q - 1.0).abs() < 1e-3, "perplexity {p} vs transformers {q}");
+    assert!(
+        (p / q - 1.0).abs() < 1e-3,
+        "perplexity {p} vs transformers {q}"
+    );
 }

@@ -23,8 +23,10 @@ pub struct Moe {
     pub top_k: usize,
     /// Intermediate size of each expert and of the shared expert.
     pub intermediate: usize,
-    /// MoE layers are `step-1, 2*step-1, ...`; the rest are dense.
+    /// MoE layers are `step-1, 2*step-1, ...` (or as `moe_layers` lists); the rest are dense.
     pub interleave_step: usize,
+    /// `true` for each MoE layer.
+    pub layers: Vec<bool>,
 }
 
 /// Llama 4's attention extras.
@@ -162,15 +164,25 @@ impl ModelConfig {
                     floor_scale: f("floor_scale", 8192.0),
                     attn_scale: f("attn_scale", 0.1),
                 };
+                let step = get(cfg, "interleave_moe_layer_step")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1)
+                    .max(1) as usize;
+                let moe_layers = match get(cfg, "moe_layers").and_then(Value::as_array) {
+                    Some(a) => {
+                        let listed: Vec<u64> = a.iter().filter_map(Value::as_u64).collect();
+                        (0..layers).map(|l| listed.contains(&(l as u64))).collect()
+                    }
+                    None => (0..layers).map(|l| (l + 1) % step == 0).collect(),
+                };
                 let moe = Moe {
+                    layers: moe_layers,
                     experts: usize_field(cfg, "num_local_experts")?,
                     top_k: get(cfg, "num_experts_per_tok")
                         .and_then(Value::as_u64)
                         .unwrap_or(1) as usize,
                     intermediate: usize_field(cfg, "intermediate_size")?,
-                    interleave_step: get(cfg, "interleave_moe_layer_step")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(1) as usize,
+                    interleave_step: step,
                 };
                 let dense = get(cfg, "intermediate_size_mlp")
                     .and_then(Value::as_u64)
@@ -310,7 +322,12 @@ impl ModelConfig {
             return bad(format!("vocabulary of {} tokens", self.vocab));
         }
         if let Some(m) = &self.moe {
-            if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts || m.interleave_step == 0 {
+            if m.experts == 0
+                || m.top_k == 0
+                || m.top_k > m.experts
+                || m.interleave_step == 0
+                || m.layers.len() != self.layers
+            {
                 return bad(format!("MoE config {m:?}"));
             }
         }
@@ -329,8 +346,6 @@ impl ModelConfig {
 
     /// Whether layer `l` is a MoE layer.
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        self.moe
-            .as_ref()
-            .is_some_and(|m| (l + 1).is_multiple_of(m.interleave_step))
+        self.moe.as_ref().is_some_and(|m| m.layers[l])
     }
 }
