@@ -4,10 +4,10 @@
 //! followed here.
 
 use crate::config::{Arch, ModelConfig};
-use crate::ops::{matmul, rms_norm, silu_mul, MatRef};
+use crate::ops::{rms_norm, silu_mul, Linear};
 use crate::weights::{Tensor, Weights};
 use crate::{EngineError, Result};
-use longctx_kernels::{AttnParams, DType, Mask};
+use longctx_kernels::{matmul, AttnParams, DType, Mask, Weight};
 use longctx_kvstore::{
     attend, Budgets, KvConfig, KvStore, Policy, Retention, SeqId, StreamOptions,
 };
@@ -15,14 +15,14 @@ use longctx_rope::Rope;
 use std::path::PathBuf;
 
 struct Mlp {
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// Llama 4's routed experts, fused as `gate_up_proj [E, hidden, 2I]`, `down_proj [E, I, hidden]`.
 struct Experts {
-    router: Tensor,
+    router: Linear,
     gate_up: Tensor,
     down: Tensor,
     shared: Mlp,
@@ -35,10 +35,10 @@ enum Ffn {
 
 struct Layer {
     input_layernorm: Tensor,
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     post_attention_layernorm: Tensor,
     ffn: Ffn,
     /// Llama 4 NoPE layers: no RoPE, full causal attention, temperature tuning.
@@ -51,8 +51,8 @@ pub struct Model {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    /// `None`: tied to the embeddings.
-    lm_head: Option<Tensor>,
+    /// The embeddings' transpose when tied.
+    lm_head: Linear,
 }
 
 /// Which logits a forward pass returns.
@@ -91,10 +91,13 @@ impl Default for KvOptions {
 }
 
 fn mlp(w: &mut Weights, p: &str, hidden: usize, inter: usize) -> Result<Mlp> {
+    let mut lin = |n: &str, shape: &[usize]| -> Result<Linear> {
+        Ok(Linear::from_out_in(w.take(&format!("{p}.{n}.weight"), shape)?))
+    };
     Ok(Mlp {
-        gate: w.take(&format!("{p}.gate_proj.weight"), &[inter, hidden])?,
-        up: w.take(&format!("{p}.up_proj.weight"), &[inter, hidden])?,
-        down: w.take(&format!("{p}.down_proj.weight"), &[hidden, inter])?,
+        gate: lin("gate_proj", &[inter, hidden])?,
+        up: lin("up_proj", &[inter, hidden])?,
+        down: lin("down_proj", &[hidden, inter])?,
     })
 }
 
@@ -110,7 +113,9 @@ impl Model {
                     let m = cfg.moe.as_ref().expect("a Llama 4 config has MoE");
                     let f = format!("{p}.feed_forward");
                     Ffn::Moe(Experts {
-                        router: w.take(&format!("{f}.router.weight"), &[m.experts, h])?,
+                        router: Linear::from_out_in(
+                            w.take(&format!("{f}.router.weight"), &[m.experts, h])?,
+                        ),
                         gate_up: w.take(
                             &format!("{f}.experts.gate_up_proj"),
                             &[m.experts, h, 2 * m.intermediate],
@@ -131,22 +136,22 @@ impl Model {
             };
             layers.push(Layer {
                 input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q_proj: w.take(
+                q_proj: Linear::from_out_in(w.take(
                     &format!("{p}.self_attn.q_proj.weight"),
                     &[cfg.heads * hd, h],
-                )?,
-                k_proj: w.take(
+                )?),
+                k_proj: Linear::from_out_in(w.take(
                     &format!("{p}.self_attn.k_proj.weight"),
                     &[cfg.kv_heads * hd, h],
-                )?,
-                v_proj: w.take(
+                )?),
+                v_proj: Linear::from_out_in(w.take(
                     &format!("{p}.self_attn.v_proj.weight"),
                     &[cfg.kv_heads * hd, h],
-                )?,
-                o_proj: w.take(
+                )?),
+                o_proj: Linear::from_out_in(w.take(
                     &format!("{p}.self_attn.o_proj.weight"),
                     &[h, cfg.heads * hd],
-                )?,
+                )?),
                 post_attention_layernorm: w
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 ffn,
@@ -156,9 +161,9 @@ impl Model {
         let embed = w.take("model.embed_tokens.weight", &[cfg.vocab, h])?;
         let norm = w.take("model.norm.weight", &[h])?;
         let lm_head = if w.contains("lm_head.weight") && !cfg.tie_embeddings {
-            Some(w.take("lm_head.weight", &[cfg.vocab, h])?)
+            Linear::from_out_in(w.take("lm_head.weight", &[cfg.vocab, h])?)
         } else if cfg.tie_embeddings {
-            None
+            Linear::from_out_in(embed.clone())
         } else {
             return Err(EngineError::Weight {
                 name: "lm_head.weight".into(),
@@ -243,9 +248,9 @@ impl Model {
                 h,
                 &mut hbuf,
             );
-            matmul(&hbuf, n, MatRef::out_in(&layer.q_proj.data, qd, h), &mut q);
-            matmul(&hbuf, n, MatRef::out_in(&layer.k_proj.data, kd, h), &mut k);
-            matmul(&hbuf, n, MatRef::out_in(&layer.v_proj.data, kd, h), &mut v);
+            layer.q_proj.forward(&hbuf, n, &mut q)?;
+            layer.k_proj.forward(&hbuf, n, &mut k)?;
+            layer.v_proj.forward(&hbuf, n, &mut v)?;
             let mut mask = Mask::Causal;
             if layer.rope {
                 let seq_len = pos0 + n;
@@ -289,7 +294,7 @@ impl Model {
             attend_typed(
                 store, seq, l, &q, c.heads, &params, prefetch, &mut attn, &mut lse,
             )?;
-            matmul(&attn, n, MatRef::out_in(&layer.o_proj.data, h, qd), &mut o);
+            layer.o_proj.forward(&attn, n, &mut o)?;
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
@@ -302,14 +307,14 @@ impl Model {
             );
             match &layer.ffn {
                 Ffn::Dense(m) => {
-                    dense_mlp(m, &hbuf, n, h, &mut o);
+                    dense_mlp(m, &hbuf, n, &mut o)?;
                     for (a, b) in x.iter_mut().zip(&o) {
                         *a += b;
                     }
                 }
                 Ffn::Moe(e) => {
                     let m = c.moe.as_ref().expect("MoE config");
-                    moe(e, m.experts, m.top_k, m.intermediate, &hbuf, n, h, &mut o);
+                    moe(e, m.experts, m.top_k, m.intermediate, &hbuf, n, h, &mut o)?;
                     for (a, b) in x.iter_mut().zip(&o) {
                         *a += b;
                     }
@@ -323,14 +328,8 @@ impl Model {
         let m = rows.len() / h;
         let mut normed = vec![0f32; m * h];
         rms_norm(rows, Some(&self.norm.data), c.rms_eps, h, &mut normed);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; m * c.vocab];
-        matmul(
-            &normed,
-            m,
-            MatRef::out_in(&head.data, c.vocab, h),
-            &mut logits,
-        );
+        self.lm_head.forward(&normed, m, &mut logits)?;
         Ok(logits)
     }
 }
@@ -379,14 +378,14 @@ fn attend_typed(
     Ok(())
 }
 
-fn dense_mlp(m: &Mlp, x: &[f32], n: usize, h: usize, out: &mut [f32]) {
-    let inter = m.gate.shape[0];
+fn dense_mlp(m: &Mlp, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    let inter = m.gate.out;
     let mut g = vec![0f32; n * inter];
     let mut u = vec![0f32; n * inter];
-    matmul(x, n, MatRef::out_in(&m.gate.data, inter, h), &mut g);
-    matmul(x, n, MatRef::out_in(&m.up.data, inter, h), &mut u);
+    m.gate.forward(x, n, &mut g)?;
+    m.up.forward(x, n, &mut u)?;
     silu_mul(&mut g, &u);
-    matmul(&g, n, MatRef::out_in(&m.down.data, h, inter), out);
+    m.down.forward(&g, n, out)
 }
 
 /// Llama 4 MoE: router logits, top-k, sigmoid of the chosen logits (no softmax), each chosen
@@ -402,15 +401,10 @@ fn moe(
     n: usize,
     h: usize,
     out: &mut [f32],
-) {
+) -> Result<()> {
     let mut logits = vec![0f32; n * experts];
-    matmul(
-        x,
-        n,
-        MatRef::out_in(&e.router.data, experts, h),
-        &mut logits,
-    );
-    dense_mlp(&e.shared, x, n, h, out);
+    e.router.forward(x, n, &mut logits)?;
+    dense_mlp(&e.shared, x, n, out)?;
     let mut groups: Vec<Vec<(usize, f32)>> = vec![vec![]; experts];
     for t in 0..n {
         let row = &logits[t * experts..(t + 1) * experts];
@@ -441,11 +435,11 @@ fn moe(
         let dw = &e.down.data[ex * inter * d_w..(ex + 1) * inter * d_w];
         let mut g = vec![0f32; m * inter];
         let mut u = vec![0f32; m * inter];
-        matmul(&xin, m, MatRef::in_out(gu, h, gu_w, 0, inter), &mut g);
-        matmul(&xin, m, MatRef::in_out(gu, h, gu_w, inter, inter), &mut u);
+        matmul(&xin, m, Weight::columns(gu, h, gu_w, 0, inter), &mut g)?;
+        matmul(&xin, m, Weight::columns(gu, h, gu_w, inter, inter), &mut u)?;
         silu_mul(&mut g, &u);
         let mut y = vec![0f32; m * h];
-        matmul(&g, m, MatRef::in_out(dw, inter, d_w, 0, h), &mut y);
+        matmul(&g, m, Weight::new(dw, inter, d_w), &mut y)?;
         for (r, (t, _)) in toks.iter().enumerate() {
             for (a, b) in out[t * h..(t + 1) * h]
                 .iter_mut()
@@ -455,4 +449,5 @@ fn moe(
             }
         }
     }
+    Ok(())
 }

@@ -1,90 +1,39 @@
-//! The dense ops of a forward pass on the CPU: matrix products (the `gemm` crate's AVX-512
-//! kernels), RMSNorm, SwiGLU.
+//! The dense ops of a forward pass on the CPU: linear layers (the kernels crate's matmul on
+//! weights transposed once at load), RMSNorm, SwiGLU.
 
-/// A weight matrix as a product needs it: `out x inp`, stored either as Hugging Face linear
-/// layers store it (`[out, inp]`, row-major) or transposed (`[inp, out]`, Llama 4's fused
-/// experts), possibly as a column window of a wider matrix.
-#[derive(Clone, Copy, Debug)]
-pub struct MatRef<'a> {
-    pub data: &'a [f32],
-    pub out: usize,
+use crate::weights::Tensor;
+use crate::Result;
+use longctx_kernels::{matmul, Weight};
+
+/// A linear layer without bias, its weight stored input-major (`[in, out]`).
+pub struct Linear {
+    wt: Vec<f32>,
     pub inp: usize,
-    /// Element `(o, i)` is at `o * out_stride + i * in_stride`.
-    pub out_stride: usize,
-    pub in_stride: usize,
+    pub out: usize,
 }
 
-impl<'a> MatRef<'a> {
-    /// `[out, inp]` row-major.
-    pub fn out_in(data: &'a [f32], out: usize, inp: usize) -> MatRef<'a> {
-        assert_eq!(data.len(), out * inp, "weight of the wrong size");
-        MatRef {
-            data,
-            out,
-            inp,
-            out_stride: inp,
-            in_stride: 1,
+impl Linear {
+    /// From a Hugging Face `[out, in]` weight.
+    pub fn from_out_in(t: Tensor) -> Linear {
+        let (out, inp) = (t.shape[0], t.shape[1]);
+        let mut wt = vec![0f32; out * inp];
+        // Blocked transpose: both sides stay in cache.
+        const B: usize = 64;
+        for o0 in (0..out).step_by(B) {
+            for i0 in (0..inp).step_by(B) {
+                for o in o0..(o0 + B).min(out) {
+                    for i in i0..(i0 + B).min(inp) {
+                        wt[i * out + o] = t.data[o * inp + i];
+                    }
+                }
+            }
         }
+        Linear { wt, inp, out }
     }
 
-    /// Columns `c0..c0 + out` of an `[inp, width]` row-major matrix.
-    pub fn in_out(data: &'a [f32], inp: usize, width: usize, c0: usize, out: usize) -> MatRef<'a> {
-        assert!(
-            data.len() == inp * width && c0 + out <= width,
-            "weight of the wrong size"
-        );
-        MatRef {
-            data: &data[c0..],
-            out,
-            inp,
-            out_stride: 1,
-            in_stride: width,
-        }
-    }
-}
-
-/// `y[m, out] = x[m, inp] . W^T` (overwriting `y`).
-pub fn matmul(x: &[f32], m: usize, w: MatRef, y: &mut [f32]) {
-    let (k, n) = (w.inp, w.out);
-    assert_eq!(x.len(), m * k, "matmul input");
-    assert_eq!(y.len(), m * n, "matmul output");
-    if m == 0 || n == 0 {
-        return;
-    }
-    // The last element the strides reach must be inside the slice (MatRef's constructors
-    // guarantee it; this keeps the unsafe call below honest).
-    let last = (n - 1) * w.out_stride + (k - 1) * w.in_stride;
-    assert!(last < w.data.len(), "weight strides outside the slice");
-    let threads = rayon::current_num_threads();
-    // SAFETY: dst is m x n with row stride n; lhs is m x k with row stride k; rhs (k x n) has
-    // element (i, j) = W(j, i) at i * in_stride + j * out_stride, all within the slices as
-    // checked above.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.data.as_ptr(),
-            w.out_stride as isize,
-            w.in_stride as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
-        );
+    /// `y[m, out] = x[m, in] . W^T`.
+    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        Ok(matmul(x, m, Weight::new(&self.wt, self.inp, self.out), y)?)
     }
 }
 
@@ -122,29 +71,23 @@ mod tests {
     use rand::Rng;
 
     #[test]
-    fn matmul_matches_a_naive_product_in_both_layouts() {
+    fn linear_transposes_a_hugging_face_weight() {
         let mut rng = rand::rng();
-        let (m, k, n) = (7, 33, 19);
-        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let mut y = vec![0f32; m * n];
-        matmul(&x, m, MatRef::out_in(&w, n, k), &mut y);
-        // The same weights stored [k, 2n] with ours in columns n..2n.
-        let mut wt = vec![0f32; k * 2 * n];
-        for o in 0..n {
-            for i in 0..k {
-                wt[i * 2 * n + n + o] = w[o * k + i];
-            }
-        }
-        let mut y2 = vec![0f32; m * n];
-        matmul(&x, m, MatRef::in_out(&wt, k, 2 * n, n, n), &mut y2);
+        let (m, inp, out) = (3, 70, 130);
+        let w: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let lin = Linear::from_out_in(Tensor {
+            shape: vec![out, inp],
+            data: w.clone(),
+        });
+        let mut y = vec![0f32; m * out];
+        lin.forward(&x, m, &mut y).unwrap();
         for r in 0..m {
-            for o in 0..n {
-                let want: f64 = (0..k)
-                    .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+            for o in 0..out {
+                let want: f64 = (0..inp)
+                    .map(|i| x[r * inp + i] as f64 * w[o * inp + i] as f64)
                     .sum();
-                assert!((y[r * n + o] as f64 - want).abs() < 1e-4);
-                assert!((y2[r * n + o] as f64 - want).abs() < 1e-4);
+                assert!((y[r * out + o] as f64 - want).abs() < 1e-4);
             }
         }
     }

@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod cpu;
+pub mod matmul;
 mod element;
 mod error;
 
@@ -16,5 +17,6 @@ pub use attention::{
     attention, attention_with, merge, merge_into, AttnParams, AttnShape, CpuOptions, Mask, Strategy,
 };
 pub use cpu::Isa;
+pub use matmul::{matmul, Weight};
 pub use element::{DType, Element};
 pub use error::KernelError;

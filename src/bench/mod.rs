@@ -1,5 +1,6 @@
 //! `longctx bench ...`: measurements printed as a table or as JSON.
 
+mod e2e;
 mod kernels;
 mod kvstore;
 mod ring;
@@ -16,6 +17,8 @@ pub enum BenchCommand {
     Kvstore(kvstore::Args),
     /// Ring attention over P simulated devices: per-step compute and transfer, efficiency, balance.
     Ring(ring::Args),
+    /// The default model end to end: prefill and decode tokens/s at 2K and 8K of context.
+    E2e(e2e::Args),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -23,5 +26,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Kernels(args) => kernels::run(args),
         BenchCommand::Kvstore(args) => kvstore::run(args),
         BenchCommand::Ring(args) => ring::run(args),
+        BenchCommand::E2e(args) => e2e::run(args),
     }
 }

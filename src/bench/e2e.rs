@@ -1,0 +1,112 @@
+//! `longctx bench e2e`: the default model's prefill and decode speed at given context lengths.
+
+use super::kernels::machine;
+use super::timing::set_threads;
+use anyhow::Result;
+use longctx_engine::{KvOptions, Logits};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Context lengths.
+    #[arg(long, value_delimiter = ',', default_values_t = [2048usize, 8192])]
+    lengths: Vec<usize>,
+    /// Tokens per prefill forward pass.
+    #[arg(long, default_value_t = 2048)]
+    chunk: usize,
+    /// Decode steps timed at each length.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    context: usize,
+    prefill_s: f64,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    threads: usize,
+    model: String,
+    rows: Vec<Row>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
+    anyhow::ensure!(args.chunk >= 1, "--chunk must be at least 1");
+    set_threads(args.threads)?;
+    let path = crate::commands::resolve_model(&args.model)?;
+    let m = longctx_engine::load(&path)?;
+    let vocab = m.model.cfg.vocab as u32;
+    let mut rows = vec![];
+    for &len in &args.lengths {
+        // Deterministic token ids spread over the vocabulary (content does not change speed).
+        let ids: Vec<u32> = (0..len as u64)
+            .map(|i| (i.wrapping_mul(2654435761) % (vocab as u64 - 100) + 100) as u32)
+            .collect();
+        let store = m.model.kv_store(&KvOptions::default())?;
+        let seq = store.create_seq();
+        let t = Instant::now();
+        let mut logits = vec![];
+        for (i, part) in ids.chunks(args.chunk).enumerate() {
+            logits = m
+                .model
+                .forward(part, i * args.chunk, &store, seq, Logits::Last, None, 4)?;
+        }
+        let prefill = t.elapsed().as_secs_f64();
+        let mut next = argmax(&logits);
+        let t = Instant::now();
+        for i in 0..args.decode_tokens {
+            let l = m
+                .model
+                .forward(&[next], len + i, &store, seq, Logits::Last, None, 4)?;
+            next = argmax(&l);
+        }
+        let decode = t.elapsed().as_secs_f64();
+        rows.push(Row {
+            context: len,
+            prefill_s: prefill,
+            prefill_tok_s: len as f64 / prefill,
+            decode_tok_s: args.decode_tokens as f64 / decode,
+        });
+    }
+    let r = Report {
+        machine: machine(),
+        threads: args.threads,
+        model: path.display().to_string(),
+        rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("{} ({} threads), {}", r.machine, r.threads, r.model);
+    println!("{:>8} {:>10} {:>14} {:>13}", "context", "prefill s", "prefill tok/s", "decode tok/s");
+    for x in &r.rows {
+        println!(
+            "{:>8} {:>10.2} {:>14.1} {:>13.1}",
+            x.context, x.prefill_s, x.prefill_tok_s, x.decode_tok_s
+        );
+    }
+    Ok(())
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    x.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b })
+        .0 as u32
+}
