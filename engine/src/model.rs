@@ -92,7 +92,9 @@ impl Default for KvOptions {
 
 fn mlp(w: &mut Weights, p: &str, hidden: usize, inter: usize) -> Result<Mlp> {
     let mut lin = |n: &str, shape: &[usize]| -> Result<Linear> {
-        Ok(Linear::from_out_in(w.take(&format!("{p}.{n}.weight"), shape)?))
+        Ok(Linear::from_out_in(
+            w.take(&format!("{p}.{n}.weight"), shape)?,
+        ))
     };
     Ok(Mlp {
         gate: lin("gate_proj", &[inter, hidden])?,

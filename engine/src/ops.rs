@@ -74,7 +74,9 @@ mod tests {
     fn linear_transposes_a_hugging_face_weight() {
         let mut rng = rand::rng();
         let (m, inp, out) = (3, 70, 130);
-        let w: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let w: Vec<f32> = (0..out * inp)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
         let lin = Linear::from_out_in(Tensor {
             shape: vec![out, inp],

@@ -9,14 +9,14 @@
 
 pub mod attention;
 pub mod cpu;
-pub mod matmul;
 mod element;
 mod error;
+pub mod matmul;
 
 pub use attention::{
     attention, attention_with, merge, merge_into, AttnParams, AttnShape, CpuOptions, Mask, Strategy,
 };
 pub use cpu::Isa;
-pub use matmul::{matmul, Weight};
 pub use element::{DType, Element};
 pub use error::KernelError;
+pub use matmul::{matmul, Weight};

@@ -79,46 +79,48 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
         .flat_map(|r| (0..col_tiles).map(move |c| (r, c)))
         .collect();
     let out = SendPtr(y.as_mut_ptr());
-    tiles.par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, &(rt, ct)| {
-        let (i0, j0) = (rt * MB, ct * nb);
-        let (mb, cols) = (MB.min(m - i0), nb.min(n - j0));
-        // The micro-kernel writes whole 16-wide vectors: a padded local tile.
-        let ldc = cols.next_multiple_of(16);
-        buf.resize(mb * ldc, 0.0);
-        let mut k0 = 0;
-        while k0 < k {
-            let kb = KB.min(k - k0);
-            // SAFETY: a is rows i0.. of x (stride k) from column k0, kb deep; b is rows k0..
-            // of the weight (stride ld) from column j0, cols wide, inside `w.data` as checked
-            // above; c is the local tile of mb x ldc.
-            unsafe {
-                ops.gemm(
-                    mb,
-                    cols,
-                    kb,
-                    x.as_ptr().add(i0 * k + k0),
-                    k,
-                    1,
-                    w.data.as_ptr().add(k0 * w.ld + j0),
-                    w.ld,
-                    buf.as_mut_ptr(),
-                    ldc,
-                    k0 > 0,
-                );
+    tiles
+        .par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, &(rt, ct)| {
+            let (i0, j0) = (rt * MB, ct * nb);
+            let (mb, cols) = (MB.min(m - i0), nb.min(n - j0));
+            // The micro-kernel writes whole 16-wide vectors: a padded local tile.
+            let ldc = cols.next_multiple_of(16);
+            buf.resize(mb * ldc, 0.0);
+            let mut k0 = 0;
+            while k0 < k {
+                let kb = KB.min(k - k0);
+                // SAFETY: a is rows i0.. of x (stride k) from column k0, kb deep; b is rows k0..
+                // of the weight (stride ld) from column j0, cols wide, inside `w.data` as checked
+                // above; c is the local tile of mb x ldc.
+                unsafe {
+                    ops.gemm(
+                        mb,
+                        cols,
+                        kb,
+                        x.as_ptr().add(i0 * k + k0),
+                        k,
+                        1,
+                        w.data.as_ptr().add(k0 * w.ld + j0),
+                        w.ld,
+                        buf.as_mut_ptr(),
+                        ldc,
+                        k0 > 0,
+                    );
+                }
+                k0 += kb;
             }
-            k0 += kb;
-        }
-        for r in 0..mb {
-            // SAFETY: tiles are disjoint, so each output element is written by one task.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    buf.as_ptr().add(r * ldc),
-                    out.get().add((i0 + r) * n + j0),
-                    cols,
-                );
+            for r in 0..mb {
+                // SAFETY: tiles are disjoint, so each output element is written by one task.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr().add(r * ldc),
+                        out.get().add((i0 + r) * n + j0),
+                        cols,
+                    );
+                }
             }
-        }
-    });
+        });
     Ok(())
 }
 
@@ -142,11 +144,19 @@ mod tests {
     #[test]
     fn matches_f64_products_at_awkward_sizes_and_windows() {
         let mut rng = rand::rng();
-        for (m, k, n) in [(1, 1, 1), (1, 576, 1536), (7, 33, 19), (97, 300, 257), (200, 70, 600)] {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (1, 576, 1536),
+            (7, 33, 19),
+            (97, 300, 257),
+            (200, 70, 600),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             // A window of columns 5..5+n of a [k, n + 9] matrix.
             let width = n + 9;
-            let w: Vec<f32> = (0..k * width).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f32> = (0..k * width)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
             let mut y = vec![0f32; m * n];
             matmul(&x, m, Weight::columns(&w, k, width, 5, n), &mut y).unwrap();
             let (mut num, mut den) = (0f64, 0f64);

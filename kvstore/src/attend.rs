@@ -1,11 +1,26 @@
 //! Attention of a block of queries over one layer's KV as the store holds it: the layer is
-//! streamed block by block (read ahead of use), each block attended by the CPU kernel at its
-//! absolute positions, and the partial results merged by their log-sum-exp. Blocks no query
-//! can see under the mask are not read at all.
+//! streamed block by block (read ahead of use), attended by the CPU kernel at absolute
+//! positions, and the partial results merged by their log-sum-exp. Blocks no query can see
+//! under the mask are skipped.
+//!
+//! Two ways to cut the work, by the number of query rows:
+//! - many rows (prefill): consecutive blocks are copied into one contiguous segment of up to
+//!   [`SEGMENT`] tokens, so the kernel runs long tiles and the merge (whose cost grows with
+//!   the number of parts times the rows) runs once per segment, not once per block;
+//! - few rows (decode): copying would double the memory traffic of a memory-bound step, so
+//!   each block is attended in place, up to [`GROUP`] blocks in parallel, then merged in order.
 
-use crate::{KvStore, Result, SeqId, StreamOptions};
+use crate::{Block, KvStore, Result, SeqId, StreamOptions};
 use bytemuck::Pod;
 use longctx_kernels::{attention, merge_into, AttnParams, AttnShape, Element};
+use rayon::prelude::*;
+
+/// Tokens per contiguous segment on the prefill path.
+pub const SEGMENT: usize = 4096;
+/// Blocks attended in parallel on the decode path (bounds the blocks held at once).
+pub const GROUP: usize = 64;
+/// Query rows (queries x heads) up to which the decode path is taken.
+const FEW_ROWS: usize = 64;
 
 /// Queries `q` (`[n_q, h_q, d]`, the first at absolute position `params.q_pos`) against every
 /// held key of `layer`; `params.k_pos` is ignored (blocks carry their positions). Writes
@@ -33,31 +48,77 @@ pub fn attend<T: Element + Pod>(
     // The masks are monotone: the first query sees the lowest key, the last the highest.
     let lo = params.mask.visible(params.q_pos).0;
     let hi = params.mask.visible(params.q_pos + n_q - 1).1;
+    let visible = |b: &Block<T>| b.pos + b.len > lo && b.pos < hi;
+    let shape = |n_kv| AttnShape {
+        n_q,
+        n_kv,
+        h_q,
+        h_kv,
+        d,
+    };
+    let row = h_kv * d;
     let mut part_out = vec![0f32; out.len()];
     let mut part_lse = vec![0f32; lse.len()];
-    for block in store.stream::<T>(seq, layer, opts)? {
-        let block = block?;
-        if block.pos + block.len <= lo || block.pos >= hi {
+    let mut stream = store.stream::<T>(seq, layer, opts)?;
+    if n_q * h_q <= FEW_ROWS {
+        loop {
+            let mut group = Vec::with_capacity(GROUP);
+            for b in stream.by_ref() {
+                let b = b?;
+                if visible(&b) {
+                    group.push(b);
+                    if group.len() == GROUP {
+                        break;
+                    }
+                }
+            }
+            if group.is_empty() {
+                return Ok(());
+            }
+            let parts: Vec<_> = group
+                .par_iter()
+                .map(|b| {
+                    let mut o = vec![0f32; out.len()];
+                    let mut l = vec![0f32; lse.len()];
+                    let p = params.at(params.q_pos, b.pos);
+                    attention(q, b.k(), b.v(), shape(b.len), &p, &mut o, &mut l).map(|_| (o, l))
+                })
+                .collect();
+            for part in parts {
+                let (o, l) = part?;
+                merge_into(out, lse, &o, &l, d)?;
+            }
+        }
+    }
+    // Prefill: contiguous segments.
+    let (mut k, mut v) = (Vec::<T>::new(), Vec::<T>::new());
+    let mut seg_pos = 0;
+    let mut flush = |k: &mut Vec<T>, v: &mut Vec<T>, pos: usize| -> Result<()> {
+        if k.is_empty() {
+            return Ok(());
+        }
+        let n_kv = k.len() / row;
+        let p = params.at(params.q_pos, pos);
+        attention(q, k, v, shape(n_kv), &p, &mut part_out, &mut part_lse)?;
+        merge_into(out, lse, &part_out, &part_lse, d)?;
+        k.clear();
+        v.clear();
+        Ok(())
+    };
+    for b in stream {
+        let b = b?;
+        if !visible(&b) {
             continue;
         }
-        let shape = AttnShape {
-            n_q,
-            n_kv: block.len,
-            h_q,
-            h_kv,
-            d,
-        };
-        let p = params.at(params.q_pos, block.pos);
-        attention(
-            q,
-            block.k(),
-            block.v(),
-            shape,
-            &p,
-            &mut part_out,
-            &mut part_lse,
-        )?;
-        merge_into(out, lse, &part_out, &part_lse, d)?;
+        let contiguous = !k.is_empty() && seg_pos + k.len() / row == b.pos;
+        if !contiguous || k.len() / row + b.len > SEGMENT {
+            flush(&mut k, &mut v, seg_pos)?;
+        }
+        if k.is_empty() {
+            seg_pos = b.pos;
+        }
+        k.extend_from_slice(b.k());
+        v.extend_from_slice(b.v());
     }
-    Ok(())
+    flush(&mut k, &mut v, seg_pos)
 }

@@ -188,12 +188,14 @@ impl KvStore {
         check_dtype::<T>(cfg, "stream")?;
         let bt = cfg.block_tokens;
         let mut items = VecDeque::new();
+        let mut spilled = false;
         {
             let mut st = self.lock();
             let t = st.table(seq, layer)?.clone();
             for (i, id) in t.blocks.iter().enumerate() {
                 let pos = (t.first + i) * bt;
                 st.retain(*id);
+                spilled |= st.disk_slot(*id).is_some();
                 items.push_back(Item {
                     id: *id,
                     pos,
@@ -202,7 +204,8 @@ impl KvStore {
             }
         }
         let shared = self.shared.clone();
-        let source = if opts.prefetch == 0 {
+        // Nothing to read ahead when every block is in memory: no thread.
+        let source = if opts.prefetch == 0 || !spilled {
             Source::Inline(shared, items)
         } else {
             let (tx, rx) = sync_channel(opts.prefetch);

@@ -94,7 +94,10 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     println!("{} ({} threads), {}", r.machine, r.threads, r.model);
-    println!("{:>8} {:>10} {:>14} {:>13}", "context", "prefill s", "prefill tok/s", "decode tok/s");
+    println!(
+        "{:>8} {:>10} {:>14} {:>13}",
+        "context", "prefill s", "prefill tok/s", "decode tok/s"
+    );
     for x in &r.rows {
         println!(
             "{:>8} {:>10.2} {:>14.1} {:>13.1}",
@@ -107,6 +110,9 @@ pub fn run(args: Args) -> Result<()> {
 fn argmax(x: &[f32]) -> u32 {
     x.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b })
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, v)| if *v > b.1 { (i, *v) } else { b },
+        )
         .0 as u32
 }
