@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod load;
 pub mod model;
 pub mod ops;
+pub mod runner;
 pub mod tokenizer;
 pub mod weights;
 
@@ -23,4 +24,5 @@ pub use config::{Arch, ModelConfig};
 pub use error::{EngineError, Result};
 pub use load::{load, Loaded};
 pub use model::{KvOptions, Logits, Model};
+pub use runner::Runner;
 pub use tokenizer::Tokenizer;

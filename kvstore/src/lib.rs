@@ -29,7 +29,7 @@ mod store;
 mod stream;
 pub mod table;
 
-pub use attend::attend;
+pub use attend::{attend, GROUP, SEGMENT};
 pub use config::{Budgets, KvConfig, Policy, Retention, SeqId, Tier};
 pub use error::{KvError, Result};
 pub use snapshot::{SnapshotMeta, FILE_NAME as SNAPSHOT_FILE};
