@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod units;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

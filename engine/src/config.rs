@@ -349,3 +349,38 @@ impl ModelConfig {
         self.moe.as_ref().is_some_and(|m| m.layers[l])
     }
 }
+
+/// The RoPE schedule for running past the trained length: `kind` is one of `linear`, `ntk`,
+/// `dynamic`, `yarn` (with `factor`), or `none` for the config's own.
+pub fn rope_override(cfg: &ModelConfig, kind: &str, factor: f64) -> Result<Rope> {
+    let mut rope = cfg.rope.clone();
+    let orig = cfg.max_position;
+    if !(factor.is_finite() && factor >= 1.0) && kind != "none" {
+        return Err(EngineError::Config(format!(
+            "RoPE factor {factor} must be a number >= 1"
+        )));
+    }
+    rope.scaling = match kind {
+        "none" => return Ok(rope),
+        "linear" => Scaling::Linear { factor },
+        "ntk" => Scaling::Ntk { factor },
+        "dynamic" => Scaling::Dynamic {
+            factor,
+            max_pos: orig,
+        },
+        "yarn" => Scaling::Yarn {
+            factor,
+            original_max_pos: orig,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: 0.1 * factor.ln() + 1.0,
+            truncate: true,
+        },
+        k => {
+            return Err(EngineError::Config(format!(
+                "RoPE scaling {k:?}: expected none, linear, ntk, dynamic or yarn"
+            )))
+        }
+    };
+    Ok(rope)
+}

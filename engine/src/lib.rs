@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod load;
 pub mod model;
 pub mod ops;
+pub mod random;
 pub mod runner;
 pub mod tokenizer;
 pub mod weights;

@@ -60,6 +60,11 @@ fn strip_prefix(name: &str) -> &str {
 }
 
 impl Weights {
+    /// Tensors already in memory, by Hugging Face name.
+    pub fn from_map(map: BTreeMap<String, Tensor>) -> Weights {
+        Weights { map }
+    }
+
     pub fn from_gguf(g: &Gguf) -> Result<Weights> {
         let mut map = BTreeMap::new();
         for (name, info) in &g.tensors {

@@ -4,6 +4,7 @@ mod e2e;
 mod kernels;
 mod kvstore;
 mod ring;
+mod scaling;
 mod timing;
 
 use anyhow::Result;
@@ -19,6 +20,8 @@ pub enum BenchCommand {
     Ring(ring::Args),
     /// The default model end to end: prefill and decode tokens/s at 2K and 8K of context.
     E2e(e2e::Args),
+    /// Chunked prefill at growing context lengths: time, tokens/s, peak RSS, KV per tier.
+    Scaling(scaling::Args),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -27,5 +30,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Kvstore(args) => kvstore::run(args),
         BenchCommand::Ring(args) => ring::run(args),
         BenchCommand::E2e(args) => e2e::run(args),
+        BenchCommand::Scaling(args) => scaling::run(args),
     }
 }

@@ -1,0 +1,292 @@
+//! `longctx bench scaling`: chunked prefill at growing context lengths (time, tokens/s,
+//! ms/token, peak RSS, KV bytes per tier), with a log-log plot that shows linear and
+//! quadratic growth at a glance.
+
+use super::kernels::machine;
+use super::timing::set_threads;
+use crate::units;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
+use longctx_engine::config::rope_override;
+use longctx_engine::random::{random_model, tiny_llama4_config};
+use longctx_engine::{KvOptions, Model, Runner};
+use longctx_kernels::DType;
+use longctx_kvstore::{Budgets, Policy};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .gguf file, a Hugging Face directory, or `tiny-llama4` (Llama 4 architecture at
+    /// hidden 128 with random weights). Default: SmolLM2-135M-Instruct.
+    #[arg(long)]
+    model: Option<String>,
+    /// Context lengths (k = 1024, m = 1024^2).
+    #[arg(long, value_delimiter = ',', default_value = "1k,2k,4k,8k")]
+    lengths: Vec<String>,
+    /// Tokens per chunk (default: planned from --activation-budget).
+    #[arg(long)]
+    chunk: Option<usize>,
+    /// Activation memory the chunk planner may use.
+    #[arg(long, default_value = "256MiB")]
+    activation_budget: String,
+    /// KV store budgets per tier; what does not fit spills down, to disk last.
+    #[arg(long, default_value = "64GiB")]
+    kv_device: String,
+    #[arg(long, default_value = "0")]
+    kv_host: String,
+    #[arg(long, default_value = "1TiB")]
+    kv_disk: String,
+    /// KV element type: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    kv_dtype: String,
+    /// Where KV spill files go.
+    #[arg(long)]
+    spill_dir: Option<PathBuf>,
+    /// RoPE scaling past the trained length: none, linear, ntk, dynamic, yarn.
+    #[arg(long, default_value = "none")]
+    rope_scaling: String,
+    #[arg(long, default_value_t = 1.0)]
+    rope_factor: f64,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long)]
+    json: bool,
+    /// Write a log-log plot of prefill time and ms/token against length (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    tokens: usize,
+    chunk: usize,
+    seconds: f64,
+    tokens_per_s: f64,
+    ms_per_token: f64,
+    peak_rss_mib: f64,
+    kv_device_bytes: u64,
+    kv_host_bytes: u64,
+    kv_disk_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    threads: usize,
+    model: String,
+    rope: String,
+    rows: Vec<Row>,
+}
+
+/// Peak resident memory since the last reset, from /proc (0 where there is none).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn reset_peak_rss() {
+    // "5" resets the peak RSS counter (Linux >= 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
+    let lengths: Vec<usize> = args
+        .lengths
+        .iter()
+        .map(|s| units::tokens(s))
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(
+        lengths.iter().all(|l| *l >= 1),
+        "--lengths must be at least 1 token each"
+    );
+    let budgets = Budgets {
+        device: units::bytes(&args.kv_device)?,
+        host: units::bytes(&args.kv_host)?,
+        disk: units::bytes(&args.kv_disk)?,
+    };
+    let dtype = match args.kv_dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        d => anyhow::bail!("--kv-dtype {d}: expected f32 or bf16"),
+    };
+    let activation = units::bytes(&args.activation_budget)?;
+    set_threads(args.threads)?;
+    let (model, name): (Model, String) = match args.model.as_deref() {
+        Some("tiny-llama4") => (random_model(tiny_llama4_config(), 1)?, "tiny-llama4 (random)".into()),
+        m => {
+            let path = crate::commands::resolve_model(&m.map(PathBuf::from))?;
+            let loaded = longctx_engine::load(&path)
+                .with_context(|| format!("loading {}", path.display()))?;
+            (loaded.model, path.display().to_string())
+        }
+    };
+    let rope = rope_override(&model.cfg, &args.rope_scaling, args.rope_factor)?;
+    let spill_dir = args.spill_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("longctx-scaling-{}", std::process::id()))
+    });
+    let mut runner = Runner::new(&model);
+    runner.rope = Some(rope.clone());
+    let mut rows = vec![];
+    for &n in &lengths {
+        let vocab = model.cfg.vocab as u64;
+        let tokens: Vec<u32> = (0..n as u64)
+            .map(|i| (i.wrapping_mul(2654435761) % (vocab - 3) + 3) as u32)
+            .collect();
+        let store = model.kv_store(&KvOptions {
+            dtype,
+            budgets,
+            policy: Policy::KeepNewest,
+            spill_dir: spill_dir.clone(),
+            ..KvOptions::default()
+        })?;
+        let chunking = match args.chunk {
+            Some(c) => Chunking::Fixed(c),
+            None => Chunking::Budget(activation),
+        };
+        let opts = PrefillOptions {
+            chunking,
+            checkpoints: None,
+        };
+        let bar = ProgressBar::new(n as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta} {msg}",
+            )
+            .unwrap(),
+        );
+        bar.set_prefix(format!("{n} tokens"));
+        reset_peak_rss();
+        let done = prefill(&runner, &store, &tokens, &opts, &AtomicBool::new(false), |p| {
+            bar.set_position(p.done as u64);
+            bar.set_message(format!(
+                "KV device {} MiB, disk {} MiB",
+                p.kv_bytes[0] >> 20,
+                p.kv_bytes[2] >> 20
+            ));
+        })?;
+        bar.finish_and_clear();
+        let u = store.usage();
+        rows.push(Row {
+            tokens: n,
+            chunk: done.chunk,
+            seconds: done.seconds,
+            tokens_per_s: n as f64 / done.seconds,
+            ms_per_token: done.seconds * 1e3 / n as f64,
+            peak_rss_mib: peak_rss_mib(),
+            kv_device_bytes: u.bytes[0],
+            kv_host_bytes: u.bytes[1],
+            kv_disk_bytes: u.bytes[2],
+        });
+        if !args.json {
+            let r = rows.last().unwrap();
+            eprintln!(
+                "{:>9} tokens: {:.2} s, {:.1} tok/s, peak RSS {:.0} MiB",
+                r.tokens, r.seconds, r.tokens_per_s, r.peak_rss_mib
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&spill_dir);
+    let report = Report {
+        machine: machine(),
+        threads: args.threads,
+        model: name,
+        rope: format!("{:?}", rope.scaling),
+        rows,
+    };
+    if let Some(p) = &args.plot {
+        plot(&report, p)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({} threads), {}, RoPE {}",
+        report.machine, report.threads, report.model, report.rope
+    );
+    println!(
+        "{:>9} {:>6} {:>10} {:>10} {:>8} {:>10} {:>12} {:>12}",
+        "tokens", "chunk", "seconds", "tok/s", "ms/tok", "peak MiB", "KV dev MiB", "KV disk MiB"
+    );
+    for r in &report.rows {
+        println!(
+            "{:>9} {:>6} {:>10.2} {:>10.1} {:>8.3} {:>10.0} {:>12.1} {:>12.1}",
+            r.tokens,
+            r.chunk,
+            r.seconds,
+            r.tokens_per_s,
+            r.ms_per_token,
+            r.peak_rss_mib,
+            r.kv_device_bytes as f64 / 1048576.0,
+            r.kv_disk_bytes as f64 / 1048576.0
+        );
+    }
+    Ok(())
+}
+
+/// Prefill seconds and ms/token against tokens, both axes logarithmic, with slope-1 and
+/// slope-2 guides through the first point.
+fn plot(r: &Report, path: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    let pts: Vec<(f64, f64)> = r.rows.iter().map(|x| (x.tokens as f64, x.seconds)).collect();
+    anyhow::ensure!(!pts.is_empty(), "nothing to plot");
+    let (x0, x1) = (
+        pts.iter().map(|p| p.0).fold(f64::MAX, f64::min) / 1.5,
+        pts.iter().map(|p| p.0).fold(0.0, f64::max) * 1.5,
+    );
+    let (y0, y1) = (
+        pts.iter().map(|p| p.1).fold(f64::MAX, f64::min).max(1e-4) / 3.0,
+        pts.iter().map(|p| p.1).fold(0.0, f64::max) * 3.0,
+    );
+    let root = SVGBackend::new(path, (800, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("prefill time vs context, {}", r.model), ("sans-serif", 18))
+        .margin(20)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("context tokens")
+        .y_desc("prefill seconds")
+        .draw()?;
+    let (px, py) = pts[0];
+    let guide = |k: i32| {
+        (0..=40).map(move |i| {
+            let x = x0 * (x1 / x0).powf(i as f64 / 40.0);
+            (x, py * (x / px).powi(k))
+        })
+    };
+    chart
+        .draw_series(LineSeries::new(guide(1), BLUE.mix(0.3)))?
+        .label("linear")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.mix(0.3)));
+    chart
+        .draw_series(LineSeries::new(guide(2), RED.mix(0.3)))?
+        .label("quadratic")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.mix(0.3)));
+    chart
+        .draw_series(LineSeries::new(pts.clone(), BLACK.stroke_width(2)))?
+        .label("measured")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, BLACK.filled())))?;
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
