@@ -30,6 +30,9 @@ enum Command {
         /// The model: smollm2.
         name: String,
     },
+    /// Ask a question about a repository: its files are packed into the prompt, prefilled
+    /// once, and the KV kept for the next question.
+    Ask(commands::ask::Args),
     /// Generate text from a prompt.
     Generate(commands::generate::Args),
     /// Perplexity of a model on a text file.
@@ -48,6 +51,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::FetchModel { name } => commands::fetch_model(&name),
+        Command::Ask(args) => commands::ask::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
     }

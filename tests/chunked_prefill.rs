@@ -9,7 +9,11 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
     (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
 }
 

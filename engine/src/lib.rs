@@ -8,6 +8,7 @@
 //! generation and perplexity. The models are proven against transformers (goldens in
 //! `tests/reference/`).
 
+pub mod apps;
 pub mod config;
 mod error;
 pub mod fetch;

@@ -54,7 +54,13 @@ pub fn random_model(cfg: ModelConfig, seed: u64) -> Result<Model> {
     let mut map = BTreeMap::new();
     let mut put = |name: String, shape: Vec<usize>, scale: f32| {
         let n = shape.iter().product();
-        map.insert(name, Tensor { data: rnd(n, scale), shape });
+        map.insert(
+            name,
+            Tensor {
+                data: rnd(n, scale),
+                shape,
+            },
+        );
     };
     let (h, hd) = (cfg.hidden, cfg.head_dim);
     let w = 1.0 / (h as f32).sqrt();
@@ -65,10 +71,26 @@ pub fn random_model(cfg: ModelConfig, seed: u64) -> Result<Model> {
         let p = format!("model.layers.{l}");
         put(format!("{p}.input_layernorm.weight"), vec![h], 1.0);
         put(format!("{p}.post_attention_layernorm.weight"), vec![h], 1.0);
-        put(format!("{p}.self_attn.q_proj.weight"), vec![cfg.heads * hd, h], w);
-        put(format!("{p}.self_attn.k_proj.weight"), vec![cfg.kv_heads * hd, h], w);
-        put(format!("{p}.self_attn.v_proj.weight"), vec![cfg.kv_heads * hd, h], w);
-        put(format!("{p}.self_attn.o_proj.weight"), vec![h, cfg.heads * hd], w);
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![cfg.heads * hd, h],
+            w,
+        );
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![cfg.kv_heads * hd, h],
+            w,
+        );
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![cfg.kv_heads * hd, h],
+            w,
+        );
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, cfg.heads * hd],
+            w,
+        );
         let mlp = |put: &mut dyn FnMut(String, Vec<usize>, f32), p: &str, inter: usize| {
             put(format!("{p}.gate_proj.weight"), vec![inter, h], w);
             put(format!("{p}.up_proj.weight"), vec![inter, h], w);
@@ -79,8 +101,16 @@ pub fn random_model(cfg: ModelConfig, seed: u64) -> Result<Model> {
                 let m = cfg.moe.as_ref().expect("MoE config");
                 let f = format!("{p}.feed_forward");
                 put(format!("{f}.router.weight"), vec![m.experts, h], w);
-                put(format!("{f}.experts.gate_up_proj"), vec![m.experts, h, 2 * m.intermediate], w);
-                put(format!("{f}.experts.down_proj"), vec![m.experts, m.intermediate, h], w);
+                put(
+                    format!("{f}.experts.gate_up_proj"),
+                    vec![m.experts, h, 2 * m.intermediate],
+                    w,
+                );
+                put(
+                    format!("{f}.experts.down_proj"),
+                    vec![m.experts, m.intermediate, h],
+                    w,
+                );
                 mlp(&mut put, &format!("{f}.shared_expert"), m.intermediate);
             }
             (Arch::Llama4, false) => mlp(&mut put, &format!("{p}.feed_forward"), cfg.intermediate),

@@ -123,7 +123,10 @@ pub fn run(args: Args) -> Result<()> {
     let activation = units::bytes(&args.activation_budget)?;
     set_threads(args.threads)?;
     let (model, name): (Model, String) = match args.model.as_deref() {
-        Some("tiny-llama4") => (random_model(tiny_llama4_config(), 1)?, "tiny-llama4 (random)".into()),
+        Some("tiny-llama4") => (
+            random_model(tiny_llama4_config(), 1)?,
+            "tiny-llama4 (random)".into(),
+        ),
         m => {
             let path = crate::commands::resolve_model(&m.map(PathBuf::from))?;
             let loaded = longctx_engine::load(&path)
@@ -167,14 +170,21 @@ pub fn run(args: Args) -> Result<()> {
         );
         bar.set_prefix(format!("{n} tokens"));
         reset_peak_rss();
-        let done = prefill(&runner, &store, &tokens, &opts, &AtomicBool::new(false), |p| {
-            bar.set_position(p.done as u64);
-            bar.set_message(format!(
-                "KV device {} MiB, disk {} MiB",
-                p.kv_bytes[0] >> 20,
-                p.kv_bytes[2] >> 20
-            ));
-        })?;
+        let done = prefill(
+            &runner,
+            &store,
+            &tokens,
+            &opts,
+            &AtomicBool::new(false),
+            |p| {
+                bar.set_position(p.done as u64);
+                bar.set_message(format!(
+                    "KV device {} MiB, disk {} MiB",
+                    p.kv_bytes[0] >> 20,
+                    p.kv_bytes[2] >> 20
+                ));
+            },
+        )?;
         bar.finish_and_clear();
         let u = store.usage();
         rows.push(Row {
@@ -239,7 +249,11 @@ pub fn run(args: Args) -> Result<()> {
 /// slope-2 guides through the first point.
 fn plot(r: &Report, path: &std::path::Path) -> Result<()> {
     use plotters::prelude::*;
-    let pts: Vec<(f64, f64)> = r.rows.iter().map(|x| (x.tokens as f64, x.seconds)).collect();
+    let pts: Vec<(f64, f64)> = r
+        .rows
+        .iter()
+        .map(|x| (x.tokens as f64, x.seconds))
+        .collect();
     anyhow::ensure!(!pts.is_empty(), "nothing to plot");
     let (x0, x1) = (
         pts.iter().map(|p| p.0).fold(f64::MAX, f64::min) / 1.5,
@@ -252,7 +266,10 @@ fn plot(r: &Report, path: &std::path::Path) -> Result<()> {
     let root = SVGBackend::new(path, (800, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("prefill time vs context, {}", r.model), ("sans-serif", 18))
+        .caption(
+            format!("prefill time vs context, {}", r.model),
+            ("sans-serif", 18),
+        )
         .margin(20)
         .x_label_area_size(40)
         .y_label_area_size(60)

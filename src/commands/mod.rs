@@ -1,5 +1,6 @@
 //! The commands that run a model: fetch-model, generate, perplexity.
 
+pub mod ask;
 pub mod generate;
 pub mod perplexity;
 
@@ -32,4 +33,17 @@ pub fn fetch_model(name: &str) -> Result<()> {
     let p = fetch::smollm2(&mut |m| eprintln!("{m}"))?;
     println!("{}", p.display());
     Ok(())
+}
+
+/// A progress bar on stderr (drawn only on a terminal).
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_prefix(what.to_string());
+    bar
 }

@@ -1,0 +1,219 @@
+//! `longctx ask`: a question about a repository, answered from its files.
+
+use crate::commands::progress_bar;
+use anyhow::{Context, Result};
+use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
+use longctx_engine::apps::ask::{collect_files, pack, snapshot_dir};
+use longctx_engine::config::rope_override;
+use longctx_engine::generate::{generate, Sampler, Sampling};
+use longctx_engine::{fetch, KvOptions, Logits, Runner};
+use longctx_kvstore::SnapshotMeta;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The repository to read.
+    #[arg(long)]
+    repo: PathBuf,
+    /// The question.
+    question: String,
+    /// A .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt plus answer budget in tokens (default: the model's trained context).
+    #[arg(long)]
+    max_context: Option<usize>,
+    /// Longest answer in tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Only files matching these globs (gitignore syntax).
+    #[arg(long)]
+    include: Vec<String>,
+    /// Leave out files matching these globs.
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Files larger than this are skipped.
+    #[arg(long, default_value_t = 256 * 1024)]
+    max_file_bytes: u64,
+    /// RoPE scaling to run past the trained length: none, linear, ntk, dynamic, yarn.
+    #[arg(long, default_value = "none")]
+    rope_scaling: String,
+    #[arg(long, default_value_t = 1.0)]
+    rope_factor: f64,
+    /// Neither read nor write the KV snapshot of the repository.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let t0 = Instant::now();
+    anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
+    anyhow::ensure!(!args.question.trim().is_empty(), "the question is empty");
+    let m = super::open(&args.model)?;
+    let cfg = &m.model.cfg;
+    let budget = args.max_context.unwrap_or(cfg.max_position);
+    let rope = rope_override(cfg, &args.rope_scaling, args.rope_factor)?;
+    if budget > cfg.max_position && args.rope_scaling == "none" {
+        eprintln!(
+            "warning: --max-context {budget} is past the model's trained {} tokens; \
+             consider --rope-scaling dynamic --rope-factor {}",
+            cfg.max_position,
+            budget.div_ceil(cfg.max_position)
+        );
+    }
+    let (files, skipped) = collect_files(
+        &args.repo,
+        &args.include,
+        &args.exclude,
+        args.max_file_bytes,
+    )
+    .with_context(|| format!("reading {}", args.repo.display()))?;
+    anyhow::ensure!(
+        !files.is_empty(),
+        "no text files to read in {} ({} skipped)",
+        args.repo.display(),
+        skipped.len()
+    );
+    let packed = pack(
+        &m.tokenizer,
+        &files,
+        &args.question,
+        budget,
+        args.max_tokens,
+    )?;
+    eprintln!(
+        "{} files packed into {} prompt tokens ({} skipped as binary, huge or unreadable)",
+        packed.included.len(),
+        packed.prefix.len() + packed.suffix.len(),
+        skipped.len()
+    );
+    if !packed.left_out.is_empty() {
+        let shown: Vec<&str> = packed
+            .left_out
+            .iter()
+            .take(10)
+            .map(|s| s.as_str())
+            .collect();
+        eprintln!(
+            "left out for lack of room ({} files, least relevant last): {}{}",
+            packed.left_out.len(),
+            shown.join(", "),
+            if packed.left_out.len() > 10 {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
+
+    let home = fetch::home();
+    let store = m.model.kv_store(&KvOptions {
+        spill_dir: home.join("spill"),
+        ..KvOptions::default()
+    })?;
+    let fingerprint = format!("{}|{:?}", m.fingerprint, rope);
+    let snap = snapshot_dir(&home, &fingerprint, &packed.prefix);
+    let meta = SnapshotMeta {
+        fingerprint: &fingerprint,
+        tokens: &packed.prefix,
+    };
+    let mut runner = Runner::new(&m.model);
+    runner.rope = Some(rope.clone());
+    let cached = if args.no_cache {
+        None
+    } else {
+        store.load_snapshot(&snap, &meta).ok()
+    };
+    let seq = match cached {
+        Some(seq) => {
+            eprintln!(
+                "reusing the prefilled KV of this repository ({} tokens) from {}",
+                packed.prefix.len(),
+                snap.display()
+            );
+            seq
+        }
+        None => {
+            let bar = progress_bar(packed.prefix.len() as u64, "prefill");
+            let opts = PrefillOptions {
+                chunking: Chunking::Budget(256 << 20),
+                checkpoints: None,
+            };
+            let done = prefill(
+                &runner,
+                &store,
+                &packed.prefix,
+                &opts,
+                &AtomicBool::new(false),
+                |p| bar.set_position(p.done as u64),
+            )?;
+            bar.finish_and_clear();
+            eprintln!(
+                "prefilled {} tokens in {:.1} s ({:.0} tok/s)",
+                packed.prefix.len(),
+                done.seconds,
+                packed.prefix.len() as f64 / done.seconds
+            );
+            if !args.no_cache {
+                if let Err(e) = store.save_snapshot(done.seq, &snap, &meta) {
+                    eprintln!("warning: could not save the KV snapshot: {e}");
+                }
+            }
+            done.seq
+        }
+    };
+    let pos = packed.prefix.len();
+    let logits = m.model.forward(
+        &packed.suffix,
+        pos,
+        &store,
+        seq,
+        Logits::Last,
+        Some(&rope),
+        4,
+    )?;
+    let stop: Vec<u32> = cfg
+        .eos
+        .iter()
+        .copied()
+        .chain(m.tokenizer.eos.as_ref().map(|e| e.0))
+        .collect();
+    let mut sampler = Sampler::new(Sampling::default());
+    let mut all = vec![];
+    let mut shown = String::new();
+    let mut ttft = None;
+    let out = generate(
+        &m.model,
+        &store,
+        seq,
+        pos + packed.suffix.len(),
+        &logits,
+        args.max_tokens,
+        &mut sampler,
+        &stop,
+        Some(&rope),
+        4,
+        |t| {
+            ttft.get_or_insert(t0.elapsed().as_secs_f64());
+            all.push(t);
+            let text = m.tokenizer.decode(&all)?;
+            if text.len() > shown.len() && !text.ends_with('\u{FFFD}') {
+                print!("{}", &text[shown.len()..]);
+                let _ = std::io::stdout().flush();
+                shown = text;
+            }
+            Ok(())
+        },
+    )?;
+    println!();
+    eprintln!(
+        "time to first token {:.2} s; {} answer tokens at {:.1} tok/s",
+        ttft.unwrap_or(t0.elapsed().as_secs_f64()),
+        out.tokens.len(),
+        out.tokens.len().saturating_sub(1) as f64 / out.decode_s.max(1e-9)
+    );
+    Ok(())
+}
