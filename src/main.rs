@@ -33,6 +33,9 @@ enum Command {
     /// Ask a question about a repository: its files are packed into the prompt, prefilled
     /// once, and the KV kept for the next question.
     Ask(commands::ask::Args),
+    /// Run JSONL jobs (prompts, or questions about documents) into a JSONL results file;
+    /// a rerun skips the ids already answered.
+    Batch(commands::batch::Args),
     /// Generate text from a prompt.
     Generate(commands::generate::Args),
     /// Perplexity of a model on a text file.
@@ -52,6 +55,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { what } => bench::run(what),
         Command::FetchModel { name } => commands::fetch_model(&name),
         Command::Ask(args) => commands::ask::run(args),
+        Command::Batch(args) => commands::batch::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
     }

@@ -1,6 +1,7 @@
 //! The commands that run a model: fetch-model, generate, perplexity.
 
 pub mod ask;
+pub mod batch;
 pub mod generate;
 pub mod perplexity;
 
