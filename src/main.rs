@@ -36,6 +36,11 @@ enum Command {
     /// Run JSONL jobs (prompts, or questions about documents) into a JSONL results file;
     /// a rerun skips the ids already answered.
     Batch(commands::batch::Args),
+    /// Evaluations of long-context ability.
+    Eval {
+        #[command(subcommand)]
+        what: commands::eval::EvalCommand,
+    },
     /// Generate text from a prompt.
     Generate(commands::generate::Args),
     /// Perplexity of a model on a text file.
@@ -56,6 +61,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::FetchModel { name } => commands::fetch_model(&name),
         Command::Ask(args) => commands::ask::run(args),
         Command::Batch(args) => commands::batch::run(args),
+        Command::Eval { what } => commands::eval::run(what),
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
     }

@@ -2,6 +2,7 @@
 
 pub mod ask;
 pub mod batch;
+pub mod eval;
 pub mod generate;
 pub mod perplexity;
 

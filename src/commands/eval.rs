@@ -1,0 +1,211 @@
+//! `longctx eval passkey`: passkey retrieval over context lengths and depths.
+
+use crate::commands::progress_bar;
+use crate::units;
+use anyhow::Result;
+use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
+use longctx_engine::apps::passkey::{correct, key_for, prompt};
+use longctx_engine::config::rope_override;
+use longctx_engine::generate::{generate, Sampler, Sampling};
+use longctx_engine::{KvOptions, Runner};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+#[derive(clap::Subcommand)]
+pub enum EvalCommand {
+    /// Passkey retrieval: a 5-digit key hidden in filler text, asked for at the end.
+    Passkey(Args),
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt lengths in tokens (k = 1024).
+    #[arg(long, value_delimiter = ',', default_value = "1k,2k,4k,8k")]
+    lengths: Vec<String>,
+    /// Depths of the key, in percent of the filler.
+    #[arg(long, value_delimiter = ',', default_value = "0,25,50,75,100")]
+    depths: Vec<usize>,
+    /// RoPE scaling past the trained length: none, linear, ntk, dynamic, yarn.
+    #[arg(long, default_value = "none")]
+    rope_scaling: String,
+    #[arg(long, default_value_t = 1.0)]
+    rope_factor: f64,
+    /// Seed of the keys.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+    /// Write a heat map (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Cell {
+    length: usize,
+    prompt_tokens: usize,
+    depth: usize,
+    key: u32,
+    answer: String,
+    correct: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    rope: String,
+    cells: Vec<Cell>,
+    accuracy: f64,
+}
+
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    let EvalCommand::Passkey(args) = cmd;
+    let lengths: Vec<usize> = args
+        .lengths
+        .iter()
+        .map(|s| units::tokens(s))
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(
+        lengths.iter().all(|l| *l >= 64),
+        "--lengths must be at least 64 tokens"
+    );
+    anyhow::ensure!(
+        args.depths.iter().all(|d| *d <= 100),
+        "--depths are percentages, 0 to 100"
+    );
+    let path = super::resolve_model(&args.model)?;
+    let m = longctx_engine::load(&path)?;
+    let rope = rope_override(&m.model.cfg, &args.rope_scaling, args.rope_factor)?;
+    let mut runner = Runner::new(&m.model);
+    runner.rope = Some(rope.clone());
+    let bar = progress_bar((lengths.len() * args.depths.len()) as u64, "passkey");
+    let mut cells = vec![];
+    for &length in &lengths {
+        for &depth in &args.depths {
+            let key = key_for(length, depth, args.seed);
+            let ids = prompt(&m.tokenizer, length, depth, key)?;
+            let store = m.model.kv_store(&KvOptions::default())?;
+            let opts = PrefillOptions {
+                chunking: Chunking::Budget(256 << 20),
+                checkpoints: None,
+            };
+            let done = prefill(
+                &runner,
+                &store,
+                &ids,
+                &opts,
+                &AtomicBool::new(false),
+                |_| {},
+            )?;
+            let mut sampler = Sampler::new(Sampling::default());
+            let out = generate(
+                &m.model,
+                &store,
+                done.seq,
+                ids.len(),
+                &done.logits,
+                8,
+                &mut sampler,
+                &[],
+                Some(&rope),
+                4,
+                |_| Ok(()),
+            )?;
+            let answer = m.tokenizer.decode(&out.tokens)?;
+            cells.push(Cell {
+                length,
+                prompt_tokens: ids.len(),
+                depth,
+                key,
+                correct: correct(&answer, key),
+                answer,
+            });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let accuracy = cells.iter().filter(|c| c.correct).count() as f64 / cells.len().max(1) as f64;
+    let report = Report {
+        model: path.display().to_string(),
+        rope: format!("{:?}", rope.scaling),
+        cells,
+        accuracy,
+    };
+    if let Some(p) = &args.plot {
+        heat_map(&report, &lengths, &args.depths, p)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("passkey retrieval, {}, RoPE {}", report.model, report.rope);
+    print!("{:>8}", "length");
+    for d in &args.depths {
+        print!(" {:>5}%", d);
+    }
+    println!();
+    for &l in &lengths {
+        print!("{:>8}", l);
+        for &d in &args.depths {
+            let c = report
+                .cells
+                .iter()
+                .find(|c| c.length == l && c.depth == d)
+                .expect("every cell ran");
+            print!(" {:>6}", if c.correct { "yes" } else { "no" });
+        }
+        println!();
+    }
+    println!("accuracy {:.0}%", report.accuracy * 100.0);
+    Ok(())
+}
+
+fn heat_map(r: &Report, lengths: &[usize], depths: &[usize], path: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(
+        path,
+        (
+            120 + 90 * depths.len() as u32,
+            120 + 50 * lengths.len() as u32,
+        ),
+    )
+    .into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "passkey retrieval, RoPE {}",
+                r.rope.split(' ').next().unwrap_or("")
+            ),
+            ("sans-serif", 16),
+        )
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0..depths.len(), 0..lengths.len())?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("depth %")
+        .y_desc("context tokens")
+        .x_labels(depths.len())
+        .y_labels(lengths.len())
+        .x_label_formatter(&|i| depths.get(*i).map(|d| d.to_string()).unwrap_or_default())
+        .y_label_formatter(&|i| lengths.get(*i).map(|l| l.to_string()).unwrap_or_default())
+        .draw()?;
+    chart.draw_series(r.cells.iter().map(|c| {
+        let x = depths.iter().position(|d| *d == c.depth).unwrap_or(0);
+        let y = lengths.iter().position(|l| *l == c.length).unwrap_or(0);
+        let color = if c.correct {
+            GREEN.mix(0.7)
+        } else {
+            RED.mix(0.7)
+        };
+        Rectangle::new([(x, y), (x + 1, y + 1)], color.filled())
+    }))?;
+    root.present()?;
+    Ok(())
+}
