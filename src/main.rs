@@ -43,6 +43,8 @@ enum Command {
     },
     /// Generate text from a prompt.
     Generate(commands::generate::Args),
+    /// Capacity planning: does a context fit a GPU configuration, and what to change if not.
+    Plan(commands::plan::Args),
     /// Perplexity of a model on a text file.
     Perplexity(commands::perplexity::Args),
 }
@@ -64,5 +66,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { what } => commands::eval::run(what),
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
+        Command::Plan(args) => commands::plan::run(args),
     }
 }

@@ -138,3 +138,39 @@ fn bench_ring_json_reports_every_partition() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected causal, none or chunked"));
 }
+
+#[test]
+fn plan_reproduces_scout_on_h100_and_h200() {
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+            .args(["plan", "--json"])
+            .args(args)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let h200 = run(&["--context", "10m", "--gpu-mem", "141GB"]);
+    assert_eq!(h200["fits"], true);
+    let h100 = run(&["--context", "10m", "--gpu-mem", "80GB"]);
+    assert_eq!(h100["fits"], false);
+    assert!(h100["advice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a.as_str().unwrap().contains("fp8")));
+    assert_eq!(
+        run(&["--context", "10m", "--gpu-mem", "80GB", "--kv-dtype", "fp8"])["fits"],
+        true
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(["plan", "--model", "nonesuch"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+}

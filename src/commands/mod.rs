@@ -5,6 +5,7 @@ pub mod batch;
 pub mod eval;
 pub mod generate;
 pub mod perplexity;
+pub mod plan;
 
 use anyhow::{Context, Result};
 use longctx_engine::{fetch, load, Loaded};
