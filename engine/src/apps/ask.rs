@@ -111,10 +111,17 @@ pub fn collect_files(
     Ok((files, skipped))
 }
 
+/// Words too common in questions to say anything about a file.
+const STOP: &[&str] = &[
+    "the", "and", "for", "with", "how", "does", "what", "which", "where", "when", "why", "who",
+    "are", "this", "that", "from", "into", "its", "can", "you", "use", "used", "work", "works",
+];
+
 fn words(s: &str) -> impl Iterator<Item = String> + '_ {
     s.split(|c: char| !c.is_alphanumeric() && c != '_')
         .filter(|w| w.len() > 2)
         .map(|w| w.to_lowercase())
+        .filter(|w| !STOP.contains(&w.as_str()))
 }
 
 /// How relevant a file looks to a question: question words found in its path count most,
