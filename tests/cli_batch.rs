@@ -68,3 +68,49 @@ fn a_killed_batch_resumes_without_losing_or_duplicating_lines() {
     assert_eq!(ids.len(), 11, "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bad_input_is_one_clear_line_and_a_failure() {
+    let bin = env!("CARGO_BIN_EXE_longctx");
+    let one_line_error = |args: &[&str], needle: &str| {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("error: ") && last.contains(needle),
+            "{args:?}: {err}"
+        );
+    };
+    one_line_error(
+        &[
+            "generate",
+            "--prompt",
+            "hello",
+            "--max-context",
+            "8",
+            "--max-tokens",
+            "16",
+        ],
+        "exceeds the limit",
+    );
+    one_line_error(&["ask", "--repo", "/no/such/repo", "q?"], "/no/such/repo");
+    let empty = std::env::temp_dir().join(format!("longctx-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    one_line_error(
+        &["ask", "--repo", empty.to_str().unwrap(), "q?"],
+        "no text files",
+    );
+    one_line_error(
+        &[
+            "batch",
+            "--input",
+            "/no/such.jsonl",
+            "--output",
+            "/tmp/x.jsonl",
+        ],
+        "/no/such.jsonl",
+    );
+    one_line_error(&["perplexity", "--file", "/no/such.txt"], "/no/such.txt");
+    let _ = std::fs::remove_dir_all(&empty);
+}

@@ -11,7 +11,17 @@ use std::collections::BTreeMap;
 /// Llama 4 text at hidden 128: 4 layers of which the last is a global NoPE layer, 2 query
 /// heads of 64, 1 KV head, 4 experts (top-1) in every layer, chunked attention of 8192.
 pub fn tiny_llama4_config() -> ModelConfig {
-    let json = serde_json::json!({
+    tiny_llama4(false)
+}
+
+/// The same with every layer chunked-local (no global layer): its prefill cost is linear in
+/// the length, which the scaling benchmark shows.
+pub fn tiny_llama4_local_config() -> ModelConfig {
+    tiny_llama4(true)
+}
+
+fn tiny_llama4(all_local: bool) -> ModelConfig {
+    let mut json = serde_json::json!({
         "architectures": ["Llama4ForCausalLM"],
         "model_type": "llama4_text",
         "vocab_size": 1024,
@@ -35,6 +45,9 @@ pub fn tiny_llama4_config() -> ModelConfig {
         "max_position_embeddings": 10485760,
         "tie_word_embeddings": false
     });
+    if all_local {
+        json["no_rope_layers"] = serde_json::json!([1, 1, 1, 1]);
+    }
     ModelConfig::from_hf_json(&json.to_string()).expect("the built-in config is valid")
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
 use longctx_engine::config::rope_override;
-use longctx_engine::random::{random_model, tiny_llama4_config};
+use longctx_engine::random::{random_model, tiny_llama4_config, tiny_llama4_local_config};
 use longctx_engine::{KvOptions, Model, Runner};
 use longctx_kernels::DType;
 use longctx_kvstore::{Budgets, Policy};
@@ -19,8 +19,9 @@ use std::sync::atomic::AtomicBool;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A .gguf file, a Hugging Face directory, or `tiny-llama4` (Llama 4 architecture at
-    /// hidden 128 with random weights). Default: SmolLM2-135M-Instruct.
+    /// A .gguf file, a Hugging Face directory, `tiny-llama4` (Llama 4 architecture at hidden
+    /// 128 with random weights) or `tiny-llama4-local` (the same, every layer chunked-local).
+    /// Default: SmolLM2-135M-Instruct.
     #[arg(long)]
     model: Option<String>,
     /// Context lengths (k = 1024, m = 1024^2).
@@ -126,6 +127,10 @@ pub fn run(args: Args) -> Result<()> {
         Some("tiny-llama4") => (
             random_model(tiny_llama4_config(), 1)?,
             "tiny-llama4 (random)".into(),
+        ),
+        Some("tiny-llama4-local") => (
+            random_model(tiny_llama4_local_config(), 1)?,
+            "tiny-llama4-local (random, every layer chunked-local)".into(),
         ),
         m => {
             let path = crate::commands::resolve_model(&m.map(PathBuf::from))?;

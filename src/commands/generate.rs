@@ -30,6 +30,9 @@ pub struct Args {
     /// Print tokens as they come.
     #[arg(long)]
     stream: bool,
+    /// Prompt plus new tokens allowed (default: the model's trained context).
+    #[arg(long)]
+    max_context: Option<usize>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -49,6 +52,14 @@ pub fn run(args: Args) -> Result<()> {
     };
     let ids = m.tokenizer.encode(&text)?;
     anyhow::ensure!(!ids.is_empty(), "the prompt is empty");
+    let limit = args.max_context.unwrap_or(m.model.cfg.max_position);
+    if ids.len() + args.max_tokens > limit {
+        return Err(longctx_engine::EngineError::PromptTooLong {
+            tokens: ids.len() + args.max_tokens,
+            limit,
+        }
+        .into());
+    }
     let store = m.model.kv_store(&KvOptions::default())?;
     let seq = store.create_seq();
     let logits = m
