@@ -2,7 +2,7 @@
 
 use crate::commands::progress_bar;
 use anyhow::{Context, Result};
-use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
+use longctx_chunked_prefill::{prefill, Checkpoints, Chunking, PrefillOptions};
 use longctx_engine::apps::ask::{collect_files, pack, snapshot_dir};
 use longctx_engine::config::rope_override;
 use longctx_engine::generate::{generate, Sampler, Sampling};
@@ -10,7 +10,8 @@ use longctx_engine::{fetch, KvOptions, Logits, Runner};
 use longctx_kvstore::SnapshotMeta;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -138,24 +139,41 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => {
             let bar = progress_bar(packed.prefix.len() as u64, "prefill");
+            // A long prefill checkpoints every few chunks and on Ctrl-C, so an interrupted
+            // one resumes where it stopped.
+            let partial = snap.with_extension("partial");
             let opts = PrefillOptions {
-                chunking: Chunking::Budget(256 << 20),
-                checkpoints: None,
+                // Chunks of 1024 keep Ctrl-C prompt and cost little speed.
+                chunking: Chunking::Fixed(1024),
+                checkpoints: (!args.no_cache).then(|| Checkpoints {
+                    dir: partial.clone(),
+                    every: 4,
+                    fingerprint: fingerprint.clone(),
+                }),
             };
-            let done = prefill(
-                &runner,
-                &store,
-                &packed.prefix,
-                &opts,
-                &AtomicBool::new(false),
-                |p| bar.set_position(p.done as u64),
-            )?;
+            let cancel = Arc::new(AtomicBool::new(false));
+            let flag = cancel.clone();
+            // Ignore a failure to install (a handler may exist already): Ctrl-C then just kills.
+            let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
+            let done = prefill(&runner, &store, &packed.prefix, &opts, &cancel, |p| {
+                bar.set_position(p.done as u64)
+            });
             bar.finish_and_clear();
+            let done = done?;
+            let _ = std::fs::remove_dir_all(&partial);
+            let computed = packed.prefix.len() - done.resumed_from;
             eprintln!(
-                "prefilled {} tokens in {:.1} s ({:.0} tok/s)",
-                packed.prefix.len(),
+                "prefilled {computed} tokens in {:.1} s ({:.0} tok/s){}",
                 done.seconds,
-                packed.prefix.len() as f64 / done.seconds
+                computed as f64 / done.seconds,
+                if done.resumed_from > 0 {
+                    format!(
+                        ", resuming an interrupted prefill at token {}",
+                        done.resumed_from
+                    )
+                } else {
+                    String::new()
+                }
             );
             if !args.no_cache {
                 if let Err(e) = store.save_snapshot(done.seq, &snap, &meta) {
