@@ -40,6 +40,8 @@ pub enum EngineError {
     Kv(#[from] longctx_kvstore::KvError),
     #[error(transparent)]
     Rope(#[from] longctx_rope::RopeError),
+    #[error(transparent)]
+    Prefill(#[from] longctx_chunked_prefill::PrefillError),
 }
 
 impl EngineError {

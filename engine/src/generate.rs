@@ -1,7 +1,9 @@
 //! Sampling and generation.
 
 use crate::model::{Logits, Model};
+use crate::runner::Runner;
 use crate::Result;
+use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
 use longctx_kvstore::{KvStore, SeqId};
 use longctx_rope::Rope;
 
@@ -144,6 +146,38 @@ pub fn generate(
         first_token_s: first,
         decode_s: t0.elapsed().as_secs_f64() - first,
     })
+}
+
+/// Prefills `ids` into a new sequence of `store` (in chunks whose activations fit 256 MiB),
+/// then generates up to `max_tokens` as [`generate`] does.
+pub fn complete(
+    runner: &Runner,
+    store: &KvStore,
+    ids: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    stop: &[u32],
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generated> {
+    let opts = PrefillOptions {
+        chunking: Chunking::Budget(256 << 20),
+        checkpoints: None,
+    };
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let done = prefill(runner, store, ids, &opts, &never, |_| {})?;
+    generate(
+        runner.model,
+        store,
+        done.seq,
+        ids.len(),
+        &done.logits,
+        max_tokens,
+        sampler,
+        stop,
+        runner.rope.as_ref(),
+        runner.prefetch,
+        on_token,
+    )
 }
 
 /// Negative log-likelihood (nats) of token `target` under `logits`.

@@ -19,6 +19,17 @@ pub struct Loaded {
     pub fingerprint: String,
 }
 
+impl Loaded {
+    /// Tokens that end an answer: the config's EOS ids and the tokenizer's.
+    pub fn stop_tokens(&self) -> Vec<u32> {
+        let mut stop = self.model.cfg.eos.clone();
+        stop.extend(self.tokenizer.eos.as_ref().map(|e| e.0));
+        stop.sort_unstable();
+        stop.dedup();
+        stop
+    }
+}
+
 fn fingerprint(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| EngineError::io("opening", path, e))?;
     let len = f

@@ -1,6 +1,6 @@
 //! `longctx ask`: a question about a repository, answered from its files.
 
-use crate::commands::progress_bar;
+use crate::commands::{progress_bar, StreamPrinter};
 use anyhow::{Context, Result};
 use longctx_chunked_prefill::{prefill, Checkpoints, Chunking, PrefillOptions};
 use longctx_engine::apps::ask::{collect_files, pack, snapshot_dir};
@@ -8,7 +8,6 @@ use longctx_engine::config::rope_override;
 use longctx_engine::generate::{generate, Sampler, Sampling};
 use longctx_engine::{fetch, KvOptions, Logits, Runner};
 use longctx_kvstore::SnapshotMeta;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -193,15 +192,8 @@ pub fn run(args: Args) -> Result<()> {
         Some(&rope),
         4,
     )?;
-    let stop: Vec<u32> = cfg
-        .eos
-        .iter()
-        .copied()
-        .chain(m.tokenizer.eos.as_ref().map(|e| e.0))
-        .collect();
     let mut sampler = Sampler::new(Sampling::default());
-    let mut all = vec![];
-    let mut shown = String::new();
+    let mut printer = StreamPrinter::default();
     let mut ttft = None;
     let out = generate(
         &m.model,
@@ -211,22 +203,15 @@ pub fn run(args: Args) -> Result<()> {
         &logits,
         args.max_tokens,
         &mut sampler,
-        &stop,
+        &m.stop_tokens(),
         Some(&rope),
         4,
         |t| {
             ttft.get_or_insert(t0.elapsed().as_secs_f64());
-            all.push(t);
-            let text = m.tokenizer.decode(&all)?;
-            if text.len() > shown.len() && !text.ends_with('\u{FFFD}') {
-                print!("{}", &text[shown.len()..]);
-                let _ = std::io::stdout().flush();
-                shown = text;
-            }
-            Ok(())
+            printer.push(&m.tokenizer, t)
         },
     )?;
-    println!();
+    printer.finish(&m.tokenizer.decode(&out.tokens)?);
     eprintln!(
         "time to first token {:.2} s; {} answer tokens at {:.1} tok/s",
         ttft.unwrap_or(t0.elapsed().as_secs_f64()),

@@ -2,14 +2,12 @@
 
 use crate::commands::progress_bar;
 use anyhow::{Context, Result};
-use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
 use longctx_engine::apps::batch::{error_record, parse_job, Job, Results, Task};
-use longctx_engine::generate::{generate, Sampler, Sampling};
+use longctx_engine::generate::{complete, Sampler, Sampling};
 use longctx_engine::{EngineError, KvOptions, Loaded, Runner};
 use serde_json::json;
 use std::io::BufRead;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -62,44 +60,17 @@ fn run_job(
         });
     }
     let store = m.model.kv_store(&KvOptions::default())?;
-    let runner = Runner::new(&m.model);
-    let opts = PrefillOptions {
-        chunking: Chunking::Budget(256 << 20),
-        checkpoints: None,
-    };
-    let done = prefill(
-        &runner,
-        &store,
-        &ids,
-        &opts,
-        &AtomicBool::new(false),
-        |_| {},
-    )
-    .map_err(|e| EngineError::Unsupported(e.to_string()))?;
     let mut sampler = Sampler::new(Sampling {
         temperature: job.temperature.unwrap_or(0.0),
-        seed: 0,
         ..Sampling::default()
     });
-    let stop: Vec<u32> = m
-        .model
-        .cfg
-        .eos
-        .iter()
-        .copied()
-        .chain(m.tokenizer.eos.as_ref().map(|e| e.0))
-        .collect();
-    let out = generate(
-        &m.model,
+    let out = complete(
+        &Runner::new(&m.model),
         &store,
-        done.seq,
-        ids.len(),
-        &done.logits,
+        &ids,
         max_tokens,
         &mut sampler,
-        &stop,
-        None,
-        4,
+        &m.stop_tokens(),
         |_| Ok(()),
     )?;
     Ok(json!({

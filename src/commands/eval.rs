@@ -3,14 +3,12 @@
 use crate::commands::progress_bar;
 use crate::units;
 use anyhow::Result;
-use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
 use longctx_engine::apps::passkey::{correct, key_for, prompt};
 use longctx_engine::config::rope_override;
-use longctx_engine::generate::{generate, Sampler, Sampling};
+use longctx_engine::generate::{complete, Sampler, Sampling};
 use longctx_engine::{KvOptions, Runner};
 use serde::Serialize;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 
 #[derive(clap::Subcommand)]
 pub enum EvalCommand {
@@ -88,32 +86,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             let key = key_for(length, depth, args.seed);
             let ids = prompt(&m.tokenizer, length, depth, key)?;
             let store = m.model.kv_store(&KvOptions::default())?;
-            let opts = PrefillOptions {
-                chunking: Chunking::Budget(256 << 20),
-                checkpoints: None,
-            };
-            let done = prefill(
-                &runner,
-                &store,
-                &ids,
-                &opts,
-                &AtomicBool::new(false),
-                |_| {},
-            )?;
             let mut sampler = Sampler::new(Sampling::default());
-            let out = generate(
-                &m.model,
-                &store,
-                done.seq,
-                ids.len(),
-                &done.logits,
-                8,
-                &mut sampler,
-                &[],
-                Some(&rope),
-                4,
-                |_| Ok(()),
-            )?;
+            let out = complete(&runner, &store, &ids, 8, &mut sampler, &[], |_| Ok(()))?;
             let answer = m.tokenizer.decode(&out.tokens)?;
             cells.push(Cell {
                 length,

@@ -1,9 +1,9 @@
 //! `longctx generate`.
 
+use crate::commands::StreamPrinter;
 use anyhow::Result;
 use longctx_engine::generate::{generate, Sampler, Sampling};
 use longctx_engine::{KvOptions, Logits};
-use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -71,16 +71,7 @@ pub fn run(args: Args) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     });
-    let stop: Vec<u32> = m
-        .model
-        .cfg
-        .eos
-        .iter()
-        .copied()
-        .chain(m.tokenizer.eos.as_ref().map(|e| e.0))
-        .collect();
-    let mut shown = String::new();
-    let mut all = vec![];
+    let mut printer = StreamPrinter::default();
     let out = generate(
         &m.model,
         &store,
@@ -89,29 +80,17 @@ pub fn run(args: Args) -> Result<()> {
         &logits,
         args.max_tokens,
         &mut sampler,
-        &stop,
+        &m.stop_tokens(),
         None,
         4,
         |t| {
             if args.stream {
-                all.push(t);
-                let text = m.tokenizer.decode(&all)?;
-                // Print only what is complete (a multi-byte character may span tokens).
-                if text.len() > shown.len() && !text.ends_with('\u{FFFD}') {
-                    print!("{}", &text[shown.len()..]);
-                    let _ = std::io::stdout().flush();
-                    shown = text;
-                }
+                printer.push(&m.tokenizer, t)?;
             }
             Ok(())
         },
     )?;
-    let text = m.tokenizer.decode(&out.tokens)?;
-    if args.stream {
-        println!("{}", &text[shown.len().min(text.len())..]);
-    } else {
-        println!("{text}");
-    }
+    printer.finish(&m.tokenizer.decode(&out.tokens)?);
     eprintln!(
         "{} prompt tokens, {} new; first token {:.2} s, decode {:.1} tok/s",
         ids.len(),

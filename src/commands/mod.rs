@@ -50,3 +50,30 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     bar.set_prefix(what.to_string());
     bar
 }
+
+/// Prints generated tokens as they come, only whole characters (a multi-byte character may
+/// span tokens).
+#[derive(Default)]
+pub struct StreamPrinter {
+    tokens: Vec<u32>,
+    shown: String,
+}
+
+impl StreamPrinter {
+    pub fn push(&mut self, tok: &longctx_engine::Tokenizer, t: u32) -> longctx_engine::Result<()> {
+        use std::io::Write;
+        self.tokens.push(t);
+        let text = tok.decode(&self.tokens)?;
+        if text.len() > self.shown.len() && !text.ends_with('\u{FFFD}') {
+            print!("{}", &text[self.shown.len()..]);
+            let _ = std::io::stdout().flush();
+            self.shown = text;
+        }
+        Ok(())
+    }
+
+    /// Prints what is left of `text` (the whole answer) and a newline.
+    pub fn finish(&self, text: &str) {
+        println!("{}", text.get(self.shown.len()..).unwrap_or(""));
+    }
+}
