@@ -25,6 +25,15 @@ pub fn tokens(s: &str) -> Result<usize> {
     Ok((n * mult) as usize)
 }
 
+/// A `--lengths` list: every entry a token count of at least `min`.
+pub fn token_list(items: &[String], min: usize) -> Result<Vec<usize>> {
+    let v: Vec<usize> = items.iter().map(|s| tokens(s)).collect::<Result<_>>()?;
+    if let Some(bad) = v.iter().find(|l| **l < min) {
+        bail!("--lengths: {bad} is below the minimum of {min} tokens");
+    }
+    Ok(v)
+}
+
 /// `1000000`, `512MiB`, `2GiB`, `2G`, `1.5GB`.
 pub fn bytes(s: &str) -> Result<u64> {
     let (n, unit) = split(s.trim());

@@ -102,15 +102,7 @@ fn reset_peak_rss() {
 
 pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
-    let lengths: Vec<usize> = args
-        .lengths
-        .iter()
-        .map(|s| units::tokens(s))
-        .collect::<Result<_>>()?;
-    anyhow::ensure!(
-        lengths.iter().all(|l| *l >= 1),
-        "--lengths must be at least 1 token each"
-    );
+    let lengths = units::token_list(&args.lengths, 1)?;
     let budgets = Budgets {
         device: units::bytes(&args.kv_device)?,
         host: units::bytes(&args.kv_host)?,

@@ -61,15 +61,7 @@ struct Report {
 
 pub fn run(cmd: EvalCommand) -> Result<()> {
     let EvalCommand::Passkey(args) = cmd;
-    let lengths: Vec<usize> = args
-        .lengths
-        .iter()
-        .map(|s| units::tokens(s))
-        .collect::<Result<_>>()?;
-    anyhow::ensure!(
-        lengths.iter().all(|l| *l >= 64),
-        "--lengths must be at least 64 tokens"
-    );
+    let lengths = units::token_list(&args.lengths, 64)?;
     anyhow::ensure!(
         args.depths.iter().all(|d| *d <= 100),
         "--depths are percentages, 0 to 100"
