@@ -68,6 +68,10 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
     }
     let ops = Ops::new(Isa::detect());
     let threads = rayon::current_num_threads().max(1);
+    if m == 1 {
+        gemv(&ops, x, w, y, threads);
+        return Ok(());
+    }
     // Narrower column strips when there are few rows, so every thread has work.
     let nb = if m <= MB {
         NB.min(n.div_ceil(threads * 4).next_multiple_of(64)).max(64)
@@ -122,6 +126,43 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
             }
         });
     Ok(())
+}
+
+/// One row (decode): memory-bound, so the weight is streamed row after row (contiguous
+/// reads), its rows split across threads, each accumulating a partial `y` that is summed at
+/// the end.
+fn gemv(ops: &Ops, x: &[f32], w: Weight, y: &mut [f32], threads: usize) {
+    let (k, n) = (w.k, w.n);
+    // At least 64 rows per part so the partial sums stay cheap next to the streaming.
+    let parts = threads.min(k.div_ceil(64)).max(1);
+    let per = k.div_ceil(parts);
+    let partials: Vec<Vec<f32>> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let (r0, r1) = (p * per, ((p + 1) * per).min(k));
+            let mut acc = vec![0f32; n];
+            if r0 < r1 {
+                // SAFETY: rows r0..r1 of the weight, each n long at stride ld, lie inside
+                // `w.data` (checked by the caller).
+                unsafe {
+                    ops.axpy_rows(
+                        &mut acc,
+                        &x[r0..r1],
+                        w.data.as_ptr().add(r0 * w.ld),
+                        w.ld,
+                        n,
+                    )
+                };
+            }
+            acc
+        })
+        .collect();
+    y.copy_from_slice(&partials[0]);
+    for p in &partials[1..] {
+        for (a, b) in y.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
 }
 
 #[derive(Clone, Copy)]

@@ -24,6 +24,9 @@ pub struct Args {
     decode_tokens: usize,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// KV cache element type: f32 (exact) or bf16 (half the bytes per decode step).
+    #[arg(long, default_value = "f32")]
+    kv_dtype: String,
     #[arg(long)]
     json: bool,
 }
@@ -40,6 +43,7 @@ struct Row {
 struct Report {
     machine: String,
     threads: usize,
+    kv_dtype: String,
     model: String,
     rows: Vec<Row>,
 }
@@ -47,6 +51,11 @@ struct Report {
 pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(args.chunk >= 1, "--chunk must be at least 1");
+    let dtype = match args.kv_dtype.as_str() {
+        "f32" => longctx_kernels::DType::F32,
+        "bf16" => longctx_kernels::DType::BF16,
+        d => anyhow::bail!("--kv-dtype {d}: expected f32 or bf16"),
+    };
     set_threads(args.threads)?;
     let path = crate::commands::resolve_model(&args.model)?;
     let m = longctx_engine::load(&path)?;
@@ -57,7 +66,10 @@ pub fn run(args: Args) -> Result<()> {
         let ids: Vec<u32> = (0..len as u64)
             .map(|i| (i.wrapping_mul(2654435761) % (vocab as u64 - 100) + 100) as u32)
             .collect();
-        let store = m.model.kv_store(&KvOptions::default())?;
+        let store = m.model.kv_store(&KvOptions {
+            dtype,
+            ..KvOptions::default()
+        })?;
         let seq = store.create_seq();
         let t = Instant::now();
         let mut logits = vec![];
@@ -86,6 +98,7 @@ pub fn run(args: Args) -> Result<()> {
     let r = Report {
         machine: machine(),
         threads: args.threads,
+        kv_dtype: args.kv_dtype.clone(),
         model: path.display().to_string(),
         rows,
     };
@@ -93,7 +106,10 @@ pub fn run(args: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("{} ({} threads), {}", r.machine, r.threads, r.model);
+    println!(
+        "{} ({} threads), {}, KV {}",
+        r.machine, r.threads, r.model, r.kv_dtype
+    );
     println!(
         "{:>8} {:>10} {:>14} {:>13}",
         "context", "prefill s", "prefill tok/s", "decode tok/s"

@@ -52,6 +52,26 @@ impl Ops {
         }
     }
 
+    /// `y[0..n] += sum_r x[r] * B[r, 0..n]`, `B` with row stride `ld` (the decode GEMV).
+    ///
+    /// # Safety
+    /// `b` must be valid for `(x.len() - 1) * ld + n` elements; `y.len() >= n`.
+    #[inline]
+    pub unsafe fn axpy_rows(&self, y: &mut [f32], x: &[f32], b: *const f32, ld: usize, n: usize) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::axpy_rows(y, x, b, ld, n),
+            _ => {
+                for (r, xr) in x.iter().enumerate() {
+                    let row = std::slice::from_raw_parts(b.add(r * ld), n);
+                    for (yj, bj) in y[..n].iter_mut().zip(row) {
+                        *yj += xr * bj;
+                    }
+                }
+            }
+        }
+    }
+
     /// One online-softmax step over a key-major score tile (log2 units); see
     /// `portable::softmax_tile`. `ncols` is a multiple of 16.
     #[inline]
