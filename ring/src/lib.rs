@@ -12,11 +12,13 @@
 //! Every rank works on absolute positions, so the result equals the single-device kernel's
 //! for every mask, partition and rank count; the tests check that to 1e-5.
 //!
-//! Not here yet: the NCCL transport (cudarc's `nccl` module, rank bootstrap from torchrun's
-//! environment variables and a TCP rendezvous for the unique id), which needs the CUDA
-//! backend and a multi-GPU machine to test.
+//! [`bootstrap`] reads a multi-process group from torchrun's environment variables and runs a
+//! TCP rendezvous (tokio) through which rank 0 hands out the NCCL unique id. Not here yet: the
+//! NCCL transport itself (cudarc's `nccl` module), which needs the CUDA backend and a
+//! multi-GPU machine to test.
 
 mod attend;
+pub mod bootstrap;
 mod decode;
 mod error;
 pub mod partition;
