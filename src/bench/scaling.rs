@@ -135,10 +135,13 @@ pub fn run(args: Args) -> Result<()> {
     let spill_dir = args.spill_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("longctx-scaling-{}", std::process::id()))
     });
-    let mut runner = Runner::new(&model);
-    runner.rope = Some(rope.clone());
     let mut rows = vec![];
     for &n in &lengths {
+        let runner = Runner {
+            rope: Some(rope.clone()),
+            ..Runner::new(&model)
+        }
+        .for_length(n);
         let vocab = model.cfg.vocab as u64;
         let tokens: Vec<u32> = (0..n as u64)
             .map(|i| (i.wrapping_mul(2654435761) % (vocab - 3) + 3) as u32)

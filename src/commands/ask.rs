@@ -114,14 +114,20 @@ pub fn run(args: Args) -> Result<()> {
         spill_dir: home.join("spill"),
         ..KvOptions::default()
     })?;
+    // Dynamic NTK fixed at the context budget: the same for every question, so the KV of the
+    // files is reusable.
+    let runner = Runner {
+        rope: Some(rope),
+        ..Runner::new(&m.model)
+    }
+    .for_length(budget);
+    let rope = runner.rope.clone().expect("set above");
     let fingerprint = format!("{}|{:?}", m.fingerprint, rope);
     let snap = snapshot_dir(&home, &fingerprint, &packed.prefix);
     let meta = SnapshotMeta {
         fingerprint: &fingerprint,
         tokens: &packed.prefix,
     };
-    let mut runner = Runner::new(&m.model);
-    runner.rope = Some(rope.clone());
     let cached = if args.no_cache {
         None
     } else {

@@ -79,7 +79,12 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             let ids = prompt(&m.tokenizer, length, depth, key)?;
             let store = m.model.kv_store(&KvOptions::default())?;
             let mut sampler = Sampler::new(Sampling::default());
-            let out = complete(&runner, &store, &ids, 8, &mut sampler, &[], |_| Ok(()))?;
+            let job = Runner {
+                rope: runner.rope.clone(),
+                ..Runner::new(&m.model)
+            }
+            .for_length(ids.len() + 8);
+            let out = complete(&job, &store, &ids, 8, &mut sampler, &[], |_| Ok(()))?;
             let answer = m.tokenizer.decode(&out.tokens)?;
             cells.push(Cell {
                 length,
