@@ -3,11 +3,13 @@
 
 use crate::weights::Tensor;
 use crate::Result;
-use longctx_kernels::{matmul, Weight};
+use longctx_kernels::{matmul, matvec_bf16, Weight};
 
-/// A linear layer without bias, its weight stored input-major (`[in, out]`).
+/// A linear layer without bias, its weight stored input-major (`[in, out]`), and optionally a
+/// bf16 copy that one-token (decode) products stream instead: half the bytes per token.
 pub struct Linear {
     wt: Vec<f32>,
+    wt_bf16: Option<Vec<u16>>,
     pub inp: usize,
     pub out: usize,
 }
@@ -28,11 +30,29 @@ impl Linear {
                 }
             }
         }
-        Linear { wt, inp, out }
+        Linear {
+            wt,
+            wt_bf16: None,
+            inp,
+            out,
+        }
+    }
+
+    /// Keeps a bf16 copy for one-row products (rounded to nearest even).
+    pub fn enable_bf16_decode(&mut self) {
+        self.wt_bf16 = Some(
+            self.wt
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect(),
+        );
     }
 
     /// `y[m, out] = x[m, in] . W^T`.
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        if let (1, Some(b)) = (m, &self.wt_bf16) {
+            return Ok(matvec_bf16(x, b, self.out, y)?);
+        }
         Ok(matmul(x, m, Weight::new(&self.wt, self.inp, self.out), y)?)
     }
 }

@@ -19,4 +19,4 @@ pub use attention::{
 pub use cpu::Isa;
 pub use element::{DType, Element};
 pub use error::KernelError;
-pub use matmul::{matmul, Weight};
+pub use matmul::{matmul, matvec_bf16, Weight};

@@ -128,6 +128,43 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
     Ok(())
 }
 
+/// `y[n] = x[k] . B[k, n]` with `B` stored as bf16 bit patterns, row-major: the decode
+/// product on weights kept in bf16 (half the bytes of f32; each widened exactly to f32).
+pub fn matvec_bf16(x: &[f32], b: &[u16], n: usize, y: &mut [f32]) -> Result<(), KernelError> {
+    const OP: &str = "matvec_bf16";
+    let k = x.len();
+    crate::attention::check_len(OP, "b", k * n, b.len())?;
+    crate::attention::check_len(OP, "y", n, y.len())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let ops = Ops::new(Isa::detect());
+    let parts = rayon::current_num_threads()
+        .max(1)
+        .min(k.div_ceil(64))
+        .max(1);
+    let per = k.div_ceil(parts.max(1)).max(1);
+    let partials: Vec<Vec<f32>> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let (r0, r1) = ((p * per).min(k), ((p + 1) * per).min(k));
+            let mut acc = vec![0f32; n];
+            if r0 < r1 {
+                // SAFETY: rows r0..r1 of the k x n matrix `b`, checked above.
+                unsafe { ops.axpy_rows_bf16(&mut acc, &x[r0..r1], b.as_ptr().add(r0 * n), n, n) };
+            }
+            acc
+        })
+        .collect();
+    y.fill(0.0);
+    for p in &partials {
+        for (a, v) in y.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+    Ok(())
+}
+
 /// One row (decode): memory-bound, so the weight is streamed row after row (contiguous
 /// reads), its rows split across threads, each accumulating a partial `y` that is summed at
 /// the end.
@@ -212,6 +249,28 @@ mod tests {
             }
             let e = (num / den).sqrt();
             assert!(e < 1e-6, "{m}x{k}x{n}: {e:e}");
+        }
+    }
+
+    #[test]
+    fn bf16_matvec_equals_the_f32_product_of_the_rounded_weights() {
+        let mut rng = rand::rng();
+        for (k, n) in [(1, 1), (7, 19), (576, 1536), (300, 257)] {
+            let x: Vec<f32> = (0..k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<half::bf16> = (0..k * n)
+                .map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect();
+            let bits: Vec<u16> = w.iter().map(|v| v.to_bits()).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let (mut y, mut want) = (vec![0f32; n], vec![0f32; n]);
+            matvec_bf16(&x, &bits, n, &mut y).unwrap();
+            matmul(&x, 1, Weight::new(&wf, k, n), &mut want).unwrap();
+            for (a, b) in y.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{k}x{n}: {a} vs {b}"
+                );
+            }
         }
     }
 

@@ -27,6 +27,9 @@ pub struct Args {
     /// KV cache element type: f32 (exact) or bf16 (half the bytes per decode step).
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
+    /// Weights decode streams: f32 (exact) or bf16 (half the bytes, bf16-rounded weights).
+    #[arg(long, default_value = "f32")]
+    decode_weights: String,
     #[arg(long)]
     json: bool,
 }
@@ -44,6 +47,7 @@ struct Report {
     machine: String,
     threads: usize,
     kv_dtype: String,
+    decode_weights: String,
     model: String,
     rows: Vec<Row>,
 }
@@ -58,7 +62,12 @@ pub fn run(args: Args) -> Result<()> {
     };
     set_threads(args.threads)?;
     let path = crate::commands::resolve_model(&args.model)?;
-    let m = longctx_engine::load(&path)?;
+    let mut m = longctx_engine::load(&path)?;
+    match args.decode_weights.as_str() {
+        "f32" => {}
+        "bf16" => m.model.enable_bf16_decode(),
+        w => anyhow::bail!("--decode-weights {w}: expected f32 or bf16"),
+    }
     let vocab = m.model.cfg.vocab as u32;
     let mut rows = vec![];
     for &len in &args.lengths {
@@ -99,6 +108,7 @@ pub fn run(args: Args) -> Result<()> {
         machine: machine(),
         threads: args.threads,
         kv_dtype: args.kv_dtype.clone(),
+        decode_weights: args.decode_weights.clone(),
         model: path.display().to_string(),
         rows,
     };
@@ -107,8 +117,8 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} ({} threads), {}, KV {}",
-        r.machine, r.threads, r.model, r.kv_dtype
+        "{} ({} threads), {}, KV {}, decode weights {}",
+        r.machine, r.threads, r.model, r.kv_dtype, r.decode_weights
     );
     println!(
         "{:>8} {:>10} {:>14} {:>13}",

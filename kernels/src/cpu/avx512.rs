@@ -331,3 +331,61 @@ pub unsafe fn axpy_rows(y: &mut [f32], x: &[f32], b: *const f32, ld: usize, n: u
         r += 1;
     }
 }
+
+/// [`axpy_rows`] with `B` stored as bf16 (the upper halves of f32s): half the bytes streamed,
+/// each widened in registers.
+///
+/// # Safety
+/// As [`axpy_rows`], with `b` pointing at bf16 bit patterns.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn axpy_rows_bf16(y: &mut [f32], x: &[f32], b: *const u16, ld: usize, n: usize) {
+    #[inline(always)]
+    unsafe fn widen(p: *const u16) -> __m512 {
+        let h = _mm256_loadu_si256(p.cast());
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+    let full = n / 16 * 16;
+    let yp = y.as_mut_ptr();
+    let mut r = 0;
+    while r + 4 <= x.len() {
+        let xs = [
+            _mm512_set1_ps(x[r]),
+            _mm512_set1_ps(x[r + 1]),
+            _mm512_set1_ps(x[r + 2]),
+            _mm512_set1_ps(x[r + 3]),
+        ];
+        let rows = [
+            b.add(r * ld),
+            b.add((r + 1) * ld),
+            b.add((r + 2) * ld),
+            b.add((r + 3) * ld),
+        ];
+        let mut j = 0;
+        while j < full {
+            let mut acc = _mm512_loadu_ps(yp.add(j));
+            for (xv, row) in xs.iter().zip(rows.iter()) {
+                acc = _mm512_fmadd_ps(*xv, widen(row.add(j)), acc);
+            }
+            _mm512_storeu_ps(yp.add(j), acc);
+            j += 16;
+        }
+        r += 4;
+    }
+    while r < x.len() {
+        let (xv, row) = (_mm512_set1_ps(x[r]), b.add(r * ld));
+        let mut j = 0;
+        while j < full {
+            let acc = _mm512_fmadd_ps(xv, widen(row.add(j)), _mm512_loadu_ps(yp.add(j)));
+            _mm512_storeu_ps(yp.add(j), acc);
+            j += 16;
+        }
+        r += 1;
+    }
+    // The last n % 16 columns, scalar.
+    for (rr, xr) in x.iter().enumerate() {
+        for j in full..n {
+            let w = f32::from_bits((*b.add(rr * ld + j) as u32) << 16);
+            *yp.add(j) += xr * w;
+        }
+    }
+}

@@ -72,6 +72,33 @@ impl Ops {
         }
     }
 
+    /// [`Ops::axpy_rows`] with `B` as bf16 bit patterns.
+    ///
+    /// # Safety
+    /// As [`Ops::axpy_rows`].
+    #[inline]
+    pub unsafe fn axpy_rows_bf16(
+        &self,
+        y: &mut [f32],
+        x: &[f32],
+        b: *const u16,
+        ld: usize,
+        n: usize,
+    ) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::axpy_rows_bf16(y, x, b, ld, n),
+            _ => {
+                for (r, xr) in x.iter().enumerate() {
+                    let row = std::slice::from_raw_parts(b.add(r * ld), n);
+                    for (yj, bj) in y[..n].iter_mut().zip(row) {
+                        *yj += xr * f32::from_bits((*bj as u32) << 16);
+                    }
+                }
+            }
+        }
+    }
+
     /// One online-softmax step over a key-major score tile (log2 units); see
     /// `portable::softmax_tile`. `ncols` is a multiple of 16.
     #[inline]
