@@ -183,3 +183,47 @@ fn perplexity_command_matches_transformers() {
         "perplexity {p} vs transformers {q}"
     );
 }
+
+#[test]
+fn bf16_decode_weights_keep_the_greedy_answer() {
+    // bf16-rounded weights for one-token products (an opt-in speed mode): the greedy answer
+    // to the golden chat prompt stays transformers' for its first tokens.
+    let g = golden();
+    let path = fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    let mut m = load(&path).unwrap();
+    m.model.enable_bf16_decode();
+    let chat = ids(&g["chat_ids"]);
+    let store = m.model.kv_store(&KvOptions::default()).unwrap();
+    let seq = store.create_seq();
+    let logits = m
+        .model
+        .forward(&chat, 0, &store, seq, Logits::Last, None, 2)
+        .unwrap();
+    let mut sampler = Sampler::new(Sampling::default());
+    let out = generate(
+        &m.model,
+        &store,
+        seq,
+        chat.len(),
+        &logits,
+        32,
+        &mut sampler,
+        &[],
+        None,
+        2,
+        |_| Ok(()),
+    )
+    .unwrap();
+    let want = ids(&g["greedy_new_ids"]);
+    let same = out
+        .tokens
+        .iter()
+        .zip(&want)
+        .take_while(|(a, b)| a == b)
+        .count();
+    eprintln!(
+        "bf16 decode: {same} of {} greedy tokens identical",
+        want.len()
+    );
+    assert!(same >= 16, "only {same} tokens agree");
+}
