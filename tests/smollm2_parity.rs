@@ -31,6 +31,33 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// 32 greedy tokens after the golden chat prompt, with no stop token (transformers stops
+/// after EOS and keeps it).
+fn greedy(m: &Loaded, chat: &[u32]) -> Vec<u32> {
+    let store = m.model.kv_store(&KvOptions::default()).unwrap();
+    let seq = store.create_seq();
+    let logits = m
+        .model
+        .forward(chat, 0, &store, seq, Logits::Last, None, 2)
+        .unwrap();
+    let mut sampler = Sampler::new(Sampling::default());
+    let out = generate(
+        &m.model,
+        &store,
+        seq,
+        chat.len(),
+        &logits,
+        32,
+        &mut sampler,
+        &[],
+        None,
+        2,
+        |_| Ok(()),
+    )
+    .unwrap();
+    out.tokens
+}
+
 fn rel(got: &[f32], want: &[f64]) -> f64 {
     let num: f64 = got
         .iter()
@@ -123,32 +150,11 @@ fn chunked_prefill_equals_one_pass() {
 #[test]
 fn greedy_generation_matches_transformers_token_for_token() {
     let g = golden();
-    let m = model();
-    let chat = ids(&g["chat_ids"]);
-    let store = m.model.kv_store(&KvOptions::default()).unwrap();
-    let seq = store.create_seq();
-    let logits = m
-        .model
-        .forward(&chat, 0, &store, seq, Logits::Last, None, 2)
-        .unwrap();
-    let mut sampler = Sampler::new(Sampling::default());
-    // transformers stops after EOS and keeps it; so do we with no stop tokens and 32 at most.
-    let out = generate(
-        &m.model,
-        &store,
-        seq,
-        chat.len(),
-        &logits,
-        32,
-        &mut sampler,
-        &[],
-        None,
-        2,
-        |_| Ok(()),
-    )
-    .unwrap();
     let want = ids(&g["greedy_new_ids"]);
-    assert_eq!(out.tokens[..want.len()], want[..]);
+    assert_eq!(
+        greedy(model(), &ids(&g["chat_ids"]))[..want.len()],
+        want[..]
+    );
 }
 
 #[test]
@@ -192,35 +198,9 @@ fn bf16_decode_weights_keep_the_greedy_answer() {
     let path = fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
     let mut m = load(&path).unwrap();
     m.model.enable_bf16_decode();
-    let chat = ids(&g["chat_ids"]);
-    let store = m.model.kv_store(&KvOptions::default()).unwrap();
-    let seq = store.create_seq();
-    let logits = m
-        .model
-        .forward(&chat, 0, &store, seq, Logits::Last, None, 2)
-        .unwrap();
-    let mut sampler = Sampler::new(Sampling::default());
-    let out = generate(
-        &m.model,
-        &store,
-        seq,
-        chat.len(),
-        &logits,
-        32,
-        &mut sampler,
-        &[],
-        None,
-        2,
-        |_| Ok(()),
-    )
-    .unwrap();
+    let out = greedy(&m, &ids(&g["chat_ids"]));
     let want = ids(&g["greedy_new_ids"]);
-    let same = out
-        .tokens
-        .iter()
-        .zip(&want)
-        .take_while(|(a, b)| a == b)
-        .count();
+    let same = out.iter().zip(&want).take_while(|(a, b)| a == b).count();
     eprintln!(
         "bf16 decode: {same} of {} greedy tokens identical",
         want.len()
