@@ -6,7 +6,7 @@
 //! AVX-512) over `k` in slices that keep the tile's part of `B` in L2. With one row (decode)
 //! the tiles are column strips, so the weight streams from memory once across all threads.
 
-use crate::cpu::{Isa, Ops};
+use crate::cpu::{Isa, Ops, RowElem};
 use crate::KernelError;
 use rayon::prelude::*;
 
@@ -69,7 +69,7 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
     let ops = Ops::new(Isa::detect());
     let threads = rayon::current_num_threads().max(1);
     if m == 1 {
-        gemv(&ops, x, w, y, threads);
+        gemv(&ops, x, w.data, w.ld, n, y);
         return Ok(());
     }
     // Narrower column strips when there are few rows, so every thread has work.
@@ -132,26 +132,32 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
 /// product on weights kept in bf16 (half the bytes of f32; each widened exactly to f32).
 pub fn matvec_bf16(x: &[f32], b: &[u16], n: usize, y: &mut [f32]) -> Result<(), KernelError> {
     const OP: &str = "matvec_bf16";
-    let k = x.len();
-    crate::attention::check_len(OP, "b", k * n, b.len())?;
+    crate::attention::check_len(OP, "b", x.len() * n, b.len())?;
     crate::attention::check_len(OP, "y", n, y.len())?;
-    if n == 0 {
-        return Ok(());
+    if n > 0 {
+        gemv(&Ops::new(Isa::detect()), x, b, n, n, y);
     }
-    let ops = Ops::new(Isa::detect());
-    let parts = rayon::current_num_threads()
-        .max(1)
-        .min(k.div_ceil(64))
-        .max(1);
-    let per = k.div_ceil(parts.max(1)).max(1);
+    Ok(())
+}
+
+/// One row (decode): memory-bound, so the weight (`x.len()` rows of `n` at stride `ld`) is
+/// streamed row after row (contiguous reads), its rows split across threads, each
+/// accumulating a partial `y` that is summed at the end. The caller has checked that `b`
+/// holds the rows.
+fn gemv<T: RowElem>(ops: &Ops, x: &[f32], b: &[T], ld: usize, n: usize, y: &mut [f32]) {
+    let k = x.len();
+    // At least 64 rows per part so the partial sums stay cheap next to the streaming.
+    let parts = rayon::current_num_threads().min(k.div_ceil(64)).max(1);
+    let per = k.div_ceil(parts).max(1);
     let partials: Vec<Vec<f32>> = (0..parts)
         .into_par_iter()
         .map(|p| {
             let (r0, r1) = ((p * per).min(k), ((p + 1) * per).min(k));
             let mut acc = vec![0f32; n];
             if r0 < r1 {
-                // SAFETY: rows r0..r1 of the k x n matrix `b`, checked above.
-                unsafe { ops.axpy_rows_bf16(&mut acc, &x[r0..r1], b.as_ptr().add(r0 * n), n, n) };
+                // SAFETY: rows r0..r1, each n long at stride ld, lie inside `b` (checked by
+                // the caller).
+                unsafe { ops.axpy_rows(&mut acc, &x[r0..r1], b.as_ptr().add(r0 * ld), ld, n) };
             }
             acc
         })
@@ -160,44 +166,6 @@ pub fn matvec_bf16(x: &[f32], b: &[u16], n: usize, y: &mut [f32]) -> Result<(), 
     for p in &partials {
         for (a, v) in y.iter_mut().zip(p) {
             *a += v;
-        }
-    }
-    Ok(())
-}
-
-/// One row (decode): memory-bound, so the weight is streamed row after row (contiguous
-/// reads), its rows split across threads, each accumulating a partial `y` that is summed at
-/// the end.
-fn gemv(ops: &Ops, x: &[f32], w: Weight, y: &mut [f32], threads: usize) {
-    let (k, n) = (w.k, w.n);
-    // At least 64 rows per part so the partial sums stay cheap next to the streaming.
-    let parts = threads.min(k.div_ceil(64)).max(1);
-    let per = k.div_ceil(parts);
-    let partials: Vec<Vec<f32>> = (0..parts)
-        .into_par_iter()
-        .map(|p| {
-            let (r0, r1) = (p * per, ((p + 1) * per).min(k));
-            let mut acc = vec![0f32; n];
-            if r0 < r1 {
-                // SAFETY: rows r0..r1 of the weight, each n long at stride ld, lie inside
-                // `w.data` (checked by the caller).
-                unsafe {
-                    ops.axpy_rows(
-                        &mut acc,
-                        &x[r0..r1],
-                        w.data.as_ptr().add(r0 * w.ld),
-                        w.ld,
-                        n,
-                    )
-                };
-            }
-            acc
-        })
-        .collect();
-    y.copy_from_slice(&partials[0]);
-    for p in &partials[1..] {
-        for (a, b) in y.iter_mut().zip(p) {
-            *a += b;
         }
     }
 }

@@ -278,72 +278,21 @@ pub unsafe fn widen_bf16(src: &[u16], dst: &mut [f32]) {
     super::portable::widen_bf16(&src[i..n], &mut dst[i..n]);
 }
 
-/// `y[0..n] += sum_r x[r] * B[r, 0..n]` over `x.len()` rows of `B` (row stride `ld`), four rows
-/// at a time so `y` is loaded and stored once per four rows of `B` streamed.
+/// `y[0..n] += sum_r x[r] * B[r, 0..n]` over `x.len()` rows of `B` (row stride `ld`, elements
+/// widened to f32 as they are loaded), four rows at a time so `y` is loaded and stored once per
+/// four rows of `B` streamed; the last `n % 16` columns are done in scalar code.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `b` must be valid for `(x.len() - 1) * ld + n` elements and
 /// `y` for `n`.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn axpy_rows(y: &mut [f32], x: &[f32], b: *const f32, ld: usize, n: usize) {
-    let yp = y.as_mut_ptr();
-    let mut r = 0;
-    while r + 4 <= x.len() {
-        let (x0, x1, x2, x3) = (
-            _mm512_set1_ps(x[r]),
-            _mm512_set1_ps(x[r + 1]),
-            _mm512_set1_ps(x[r + 2]),
-            _mm512_set1_ps(x[r + 3]),
-        );
-        let (b0, b1, b2, b3) = (
-            b.add(r * ld),
-            b.add((r + 1) * ld),
-            b.add((r + 2) * ld),
-            b.add((r + 3) * ld),
-        );
-        let mut j = 0;
-        while j < n {
-            let m = tail_mask(if n - j >= 16 { 16 } else { n - j });
-            let mut acc = _mm512_maskz_loadu_ps(m, yp.add(j));
-            acc = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, b0.add(j)), acc);
-            acc = _mm512_fmadd_ps(x1, _mm512_maskz_loadu_ps(m, b1.add(j)), acc);
-            acc = _mm512_fmadd_ps(x2, _mm512_maskz_loadu_ps(m, b2.add(j)), acc);
-            acc = _mm512_fmadd_ps(x3, _mm512_maskz_loadu_ps(m, b3.add(j)), acc);
-            _mm512_mask_storeu_ps(yp.add(j), m, acc);
-            j += 16;
-        }
-        r += 4;
-    }
-    while r < x.len() {
-        let xr = _mm512_set1_ps(x[r]);
-        let br = b.add(r * ld);
-        let mut j = 0;
-        while j < n {
-            let m = tail_mask(if n - j >= 16 { 16 } else { n - j });
-            let acc = _mm512_fmadd_ps(
-                xr,
-                _mm512_maskz_loadu_ps(m, br.add(j)),
-                _mm512_maskz_loadu_ps(m, yp.add(j)),
-            );
-            _mm512_mask_storeu_ps(yp.add(j), m, acc);
-            j += 16;
-        }
-        r += 1;
-    }
-}
-
-/// [`axpy_rows`] with `B` stored as bf16 (the upper halves of f32s): half the bytes streamed,
-/// each widened in registers.
-///
-/// # Safety
-/// As [`axpy_rows`], with `b` pointing at bf16 bit patterns.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn axpy_rows_bf16(y: &mut [f32], x: &[f32], b: *const u16, ld: usize, n: usize) {
-    #[inline(always)]
-    unsafe fn widen(p: *const u16) -> __m512 {
-        let h = _mm256_loadu_si256(p.cast());
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-    }
+pub unsafe fn axpy_rows<T: super::RowElem>(
+    y: &mut [f32],
+    x: &[f32],
+    b: *const T,
+    ld: usize,
+    n: usize,
+) {
     let full = n / 16 * 16;
     let yp = y.as_mut_ptr();
     let mut r = 0;
@@ -364,7 +313,7 @@ pub unsafe fn axpy_rows_bf16(y: &mut [f32], x: &[f32], b: *const u16, ld: usize,
         while j < full {
             let mut acc = _mm512_loadu_ps(yp.add(j));
             for (xv, row) in xs.iter().zip(rows.iter()) {
-                acc = _mm512_fmadd_ps(*xv, widen(row.add(j)), acc);
+                acc = _mm512_fmadd_ps(*xv, T::load16(row.add(j)), acc);
             }
             _mm512_storeu_ps(yp.add(j), acc);
             j += 16;
@@ -375,17 +324,15 @@ pub unsafe fn axpy_rows_bf16(y: &mut [f32], x: &[f32], b: *const u16, ld: usize,
         let (xv, row) = (_mm512_set1_ps(x[r]), b.add(r * ld));
         let mut j = 0;
         while j < full {
-            let acc = _mm512_fmadd_ps(xv, widen(row.add(j)), _mm512_loadu_ps(yp.add(j)));
+            let acc = _mm512_fmadd_ps(xv, T::load16(row.add(j)), _mm512_loadu_ps(yp.add(j)));
             _mm512_storeu_ps(yp.add(j), acc);
             j += 16;
         }
         r += 1;
     }
-    // The last n % 16 columns, scalar.
     for (rr, xr) in x.iter().enumerate() {
         for j in full..n {
-            let w = f32::from_bits((*b.add(rr * ld + j) as u32) << 16);
-            *yp.add(j) += xr * w;
+            *yp.add(j) += xr * (*b.add(rr * ld + j)).to_f32();
         }
     }
 }

@@ -8,6 +8,44 @@ mod portable;
 
 pub use isa::Isa;
 
+/// An element of a weight the decode GEMV streams: f32, or bf16 held as its bit pattern
+/// (`u16`), widened exactly to f32 on load.
+pub(crate) trait RowElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Sixteen consecutive elements as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` must be valid for 16 elements; only called from AVX-512F code.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl RowElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+impl RowElem for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = _mm256_loadu_si256(p.cast());
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+}
+
 /// The inner loops for one instruction set, chosen once per kernel call.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ops {
@@ -57,45 +95,18 @@ impl Ops {
     /// # Safety
     /// `b` must be valid for `(x.len() - 1) * ld + n` elements; `y.len() >= n`.
     #[inline]
-    pub unsafe fn axpy_rows(&self, y: &mut [f32], x: &[f32], b: *const f32, ld: usize, n: usize) {
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => avx512::axpy_rows(y, x, b, ld, n),
-            _ => {
-                for (r, xr) in x.iter().enumerate() {
-                    let row = std::slice::from_raw_parts(b.add(r * ld), n);
-                    for (yj, bj) in y[..n].iter_mut().zip(row) {
-                        *yj += xr * bj;
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`Ops::axpy_rows`] with `B` as bf16 bit patterns.
-    ///
-    /// # Safety
-    /// As [`Ops::axpy_rows`].
-    #[inline]
-    pub unsafe fn axpy_rows_bf16(
+    pub unsafe fn axpy_rows<T: RowElem>(
         &self,
         y: &mut [f32],
         x: &[f32],
-        b: *const u16,
+        b: *const T,
         ld: usize,
         n: usize,
     ) {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => avx512::axpy_rows_bf16(y, x, b, ld, n),
-            _ => {
-                for (r, xr) in x.iter().enumerate() {
-                    let row = std::slice::from_raw_parts(b.add(r * ld), n);
-                    for (yj, bj) in y[..n].iter_mut().zip(row) {
-                        *yj += xr * f32::from_bits((*bj as u32) << 16);
-                    }
-                }
-            }
+            Isa::Avx512 => avx512::axpy_rows(y, x, b, ld, n),
+            _ => portable::axpy_rows(y, x, b, ld, n),
         }
     }
 

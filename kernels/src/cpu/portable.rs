@@ -150,3 +150,22 @@ pub fn widen_bf16(src: &[u16], dst: &mut [f32]) {
         *d = f32::from_bits((*s as u32) << 16);
     }
 }
+
+/// Same contract as [`super::avx512::axpy_rows`], any CPU.
+///
+/// # Safety
+/// `b` must be valid for `(x.len() - 1) * ld + n` elements; `y.len() >= n`.
+pub unsafe fn axpy_rows<T: super::RowElem>(
+    y: &mut [f32],
+    x: &[f32],
+    b: *const T,
+    ld: usize,
+    n: usize,
+) {
+    for (r, xr) in x.iter().enumerate() {
+        let row = std::slice::from_raw_parts(b.add(r * ld), n);
+        for (yj, bj) in y[..n].iter_mut().zip(row) {
+            *yj += xr * bj.to_f32();
+        }
+    }
+}
