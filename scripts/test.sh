@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Every CUDA kernel compiled with NVRTC and assembled with ptxas for sm_80 / sm_90 (no GPU).
+scripts/cuda-check.sh | tail -n 3
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"

@@ -14,8 +14,19 @@ use clap::{Parser, Subcommand};
     about = "Long-context runtime for Llama-4-class models"
 )]
 struct Cli {
+    /// Where to compute: auto (the CPU backend, with one line saying whether a GPU is there),
+    /// cpu, or cuda (an error naming the reason when no GPU can be used).
+    #[arg(long, global = true, value_enum, default_value_t = Device::Auto)]
+    device: Device,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 #[derive(Subcommand)]
@@ -57,7 +68,46 @@ fn main() {
     }
 }
 
+/// Checks `--device` against the machine before a command runs. The model forward runs on
+/// the CPU backend; the CUDA kernels are run by `bench gpu`.
+fn check_device(device: Device, command: &Command) -> Result<()> {
+    use bench::BenchCommand as B;
+    // The commands that run a model say where; the CPU micro-benchmarks and planning don't.
+    let (gpu_command, computes) = match command {
+        Command::Bench { what: B::Gpu(_) } => (true, true),
+        Command::Bench {
+            what: B::E2e(_) | B::Scaling(_),
+        } => (false, true),
+        Command::Bench { .. } | Command::Plan(_) | Command::FetchModel { .. } => (false, false),
+        _ => (false, true),
+    };
+    if device == Device::Cpu
+        || !computes && device == Device::Auto
+        || gpu_command && device == Device::Auto
+    {
+        return Ok(());
+    }
+    let probe = longctx_kernels::cuda::probe(0);
+    match (device, probe) {
+        (Device::Cuda, Err(e)) => anyhow::bail!("--device cuda: {e}"),
+        (Device::Cuda, Ok(_)) if gpu_command => Ok(()),
+        (Device::Cuda, Ok(info)) => anyhow::bail!(
+            "--device cuda: {info} is present, but this command runs on the CPU backend only \
+             so far (`longctx bench gpu` runs the CUDA kernels)"
+        ),
+        (_, Err(e)) => {
+            eprintln!("device: CPU backend ({e})");
+            Ok(())
+        }
+        (_, Ok(info)) => {
+            eprintln!("device: CPU backend ({info} present; `longctx bench gpu` uses it)");
+            Ok(())
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
+    check_device(cli.device, &cli.command)?;
     match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::FetchModel { name } => commands::fetch_model(&name),

@@ -174,3 +174,28 @@ fn plan_reproduces_scout_on_h100_and_h200() {
     assert!(!bad.status.success());
     assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
 }
+
+#[test]
+fn no_gpu_is_one_clear_line() {
+    if longctx_kernels::cuda::probe(0).is_ok() {
+        eprintln!("skipped: a GPU is present (scripts/gpu-check.sh covers this machine)");
+        return;
+    }
+    for args in [
+        &["bench", "gpu", "--quick"][..],
+        &["--device", "cuda", "bench", "kernels", "--quick"][..],
+        &["--device", "cuda", "plan", "--context", "1m"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+            .args(args)
+            .output()
+            .expect("runs");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains("no GPU: libcuda"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -3,12 +3,14 @@
 //! It owns exact attention (flash-attention forward with the log-sum-exp, causal /
 //! chunked-local / full masks at absolute positions, GQA, split-KV decode, and the LSE merge
 //! that ring attention and decode build on) and the CPU backend's vector code, with run-time
-//! selection of AVX-512, AVX2 or portable loops. Storage is f32, bf16 or f16; arithmetic is
+//! selection of AVX-512, AVX2 or portable loops, and the CUDA backend ([`cuda`]: the same
+//! attention on tensor cores, split-KV decode, the small ops of a forward pass, cuBLAS). Storage is f32, bf16 or f16; arithmetic is
 //! f32. Every kernel is tested against the naive float64 reference in
 //! [`attention::reference`].
 
 pub mod attention;
 pub mod cpu;
+pub mod cuda;
 mod element;
 mod error;
 pub mod matmul;

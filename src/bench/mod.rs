@@ -1,6 +1,7 @@
 //! `longctx bench ...`: measurements printed as a table or as JSON.
 
 mod e2e;
+mod gpu;
 mod kernels;
 mod kvstore;
 mod ring;
@@ -20,6 +21,8 @@ pub enum BenchCommand {
     Ring(ring::Args),
     /// The default model end to end: prefill and decode tokens/s at 2K and 8K of context.
     E2e(e2e::Args),
+    /// The CUDA kernels: self-test against the CPU kernel, and flash-attention timings.
+    Gpu(gpu::Args),
     /// Chunked prefill at growing context lengths: time, tokens/s, peak RSS, KV per tier.
     Scaling(scaling::Args),
 }
@@ -31,5 +34,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Ring(args) => ring::run(args),
         BenchCommand::E2e(args) => e2e::run(args),
         BenchCommand::Scaling(args) => scaling::run(args),
+        BenchCommand::Gpu(args) => gpu::run(args),
     }
 }

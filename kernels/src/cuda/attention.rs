@@ -1,0 +1,265 @@
+//! Host side of the attention kernels: shape checks, variant choice and launches.
+
+use super::source::{Family, Variant, HEAD_DIMS};
+use super::{Gpu, GpuElem, GpuError};
+use crate::attention::check_len;
+use crate::{AttnParams, AttnShape, KernelError, Mask};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+/// Where K and V live.
+#[derive(Clone, Copy, Debug)]
+pub enum KvLayout<'a> {
+    /// `k` and `v` are `[n_kv, h_kv, d]`.
+    Contiguous,
+    /// `k` is a layer's block pool in the KV store's block layout (each block K
+    /// `[block_tokens, h_kv, d]` then V of the same shape; `v` is ignored) and `table[i]` is
+    /// the pool block holding the sequence's tokens `[i * block_tokens, (i + 1) *
+    /// block_tokens)`.
+    Paged {
+        table: &'a [i32],
+        block_tokens: usize,
+    },
+}
+
+const THREADS: u32 = 128;
+/// Query rows per flash_fwd block (`BM` in flash_fwd.cu).
+const BM: usize = 64;
+
+/// The mask as the kernels take it: (kind, chunk).
+fn mask_args(mask: Mask) -> (i32, i64) {
+    match mask {
+        Mask::None => (0, 1),
+        Mask::Causal => (1, 1),
+        Mask::ChunkedLocal { chunk } => (2, chunk as i64),
+    }
+}
+
+/// Device-side K/V: views for K and V, and the uploaded block table when paged.
+struct Kv<'a, T> {
+    k: CudaView<'a, T>,
+    v: CudaView<'a, T>,
+    table: Option<CudaSlice<i32>>,
+    block_tokens: usize,
+}
+
+impl Gpu {
+    fn kv<'a, T: GpuElem>(
+        &self,
+        op: &'static str,
+        k: &'a CudaSlice<T>,
+        v: &'a CudaSlice<T>,
+        layout: KvLayout<'_>,
+        shape: &AttnShape,
+    ) -> Result<Kv<'a, T>, GpuError> {
+        let AttnShape { n_kv, h_kv, d, .. } = *shape;
+        match layout {
+            KvLayout::Contiguous => {
+                check_len(op, "k", n_kv * h_kv * d, k.len())?;
+                check_len(op, "v", n_kv * h_kv * d, v.len())?;
+                Ok(Kv {
+                    k: k.as_view(),
+                    v: v.as_view(),
+                    table: None,
+                    block_tokens: 1,
+                })
+            }
+            KvLayout::Paged {
+                table,
+                block_tokens,
+            } => {
+                let bad =
+                    |reason: String| GpuError::Kernel(KernelError::Unsupported { op, reason });
+                if block_tokens == 0 {
+                    return Err(bad("block_tokens is 0".into()));
+                }
+                let half = block_tokens * h_kv * d;
+                if !k.len().is_multiple_of(2 * half) {
+                    return Err(bad(format!(
+                        "pool of {} elements is not whole blocks of {}",
+                        k.len(),
+                        2 * half
+                    )));
+                }
+                let blocks = k.len() / (2 * half);
+                let needed = n_kv.div_ceil(block_tokens);
+                if table.len() < needed {
+                    return Err(bad(format!(
+                        "block table has {} entries, {n_kv} tokens need {needed}",
+                        table.len()
+                    )));
+                }
+                // Checked here so that the kernel never reads outside the pool.
+                if let Some(b) = table[..needed]
+                    .iter()
+                    .find(|&&b| b < 0 || b as usize >= blocks)
+                {
+                    return Err(bad(format!(
+                        "block table entry {b} outside the pool's {blocks} blocks"
+                    )));
+                }
+                // A zero-token sequence still gets a (never read) one-entry table: no empty allocation.
+                let host: &[i32] = if needed == 0 { &[0] } else { &table[..needed] };
+                let dev = self.stream.clone_htod(host)?;
+                Ok(Kv {
+                    k: k.as_view(),
+                    v: k.slice(half.min(k.len())..),
+                    table: Some(dev),
+                    block_tokens,
+                })
+            }
+        }
+    }
+
+    fn check_common<T: GpuElem>(
+        op: &'static str,
+        q: &CudaSlice<T>,
+        shape: &AttnShape,
+        params: &AttnParams,
+        out: &CudaSlice<T>,
+        lse: &CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        shape.check(op)?;
+        params.check(op)?;
+        if !HEAD_DIMS.contains(&shape.d) {
+            return Err(KernelError::Unsupported {
+                op,
+                reason: format!("head_dim {} (the GPU kernels take {HEAD_DIMS:?})", shape.d),
+            }
+            .into());
+        }
+        let AttnShape { n_q, h_q, d, .. } = *shape;
+        check_len(op, "q", n_q * h_q * d, q.len())?;
+        check_len(op, "out", n_q * h_q * d, out.len())?;
+        check_len(op, "lse", n_q * h_q, lse.len())?;
+        Ok(())
+    }
+
+    /// Flash-attention forward, the GPU twin of [`crate::attention`]: `out` in the input's
+    /// type, `lse` in f32 (natural log). Tensor cores; any number of queries.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention<T: GpuElem>(
+        &self,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        layout: KvLayout<'_>,
+        shape: AttnShape,
+        params: &AttnParams,
+        out: &mut CudaSlice<T>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "cuda attention";
+        Self::check_common(OP, q, &shape, params, out, lse)?;
+        let kv = self.kv(OP, k, v, layout, &shape)?;
+        if shape.n_q == 0 {
+            return Ok(());
+        }
+        let variant = Variant::attention(Family::FlashFwd, T::DTYPE, shape.d, kv.table.is_some());
+        let f = self.function(variant, "flash_fwd")?;
+        let (mask, chunk) = mask_args(params.mask);
+        let (n_q, n_kv, h_q, h_kv) = (
+            shape.n_q as i32,
+            shape.n_kv as i32,
+            shape.h_q as i32,
+            shape.h_kv as i32,
+        );
+        let scale_log2 = params.scale * std::f32::consts::LOG2_E;
+        let (q_pos, k_pos) = (params.q_pos as i64, params.k_pos as i64);
+        let bt = kv.block_tokens as i32;
+        let null = 0u64;
+        let cfg = LaunchConfig {
+            grid_dim: (shape.n_q.div_ceil(BM) as u32, shape.h_q as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(q).arg(&kv.k).arg(&kv.v).arg(out).arg(lse);
+        b.arg(&n_q).arg(&n_kv).arg(&h_q).arg(&h_kv).arg(&scale_log2);
+        b.arg(&mask).arg(&chunk).arg(&q_pos).arg(&k_pos);
+        match &kv.table {
+            Some(t) => b.arg(t),
+            None => b.arg(&null),
+        };
+        b.arg(&bt);
+        // SAFETY: argument order and types match flash_fwd's signature; lengths checked above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Split-KV decode (flash-decoding) for few queries over a long KV: the keys cut into
+    /// `splits` ranges (None: enough blocks to fill the GPU), partial results merged by LSE.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode<T: GpuElem>(
+        &self,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        layout: KvLayout<'_>,
+        shape: AttnShape,
+        params: &AttnParams,
+        splits: Option<usize>,
+        out: &mut CudaSlice<T>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "cuda decode";
+        Self::check_common(OP, q, &shape, params, out, lse)?;
+        let kv = self.kv(OP, k, v, layout, &shape)?;
+        if shape.n_q == 0 {
+            return Ok(());
+        }
+        let rows = shape.n_q * shape.h_q;
+        let splits = splits
+            .unwrap_or_else(|| {
+                let fill = (4 * self.info.multiprocessors).div_ceil(rows);
+                fill.min((shape.n_kv / 256).max(1))
+            })
+            .clamp(1, 4096);
+        let variant = Variant::attention(Family::Decode, T::DTYPE, shape.d, kv.table.is_some());
+        let f = self.function(variant, "flash_decode")?;
+        let combine = self.function(variant, "flash_decode_combine")?;
+        let mut part_o = self.stream.alloc_zeros::<f32>(splits * rows * shape.d)?;
+        let mut part_lse = self.stream.alloc_zeros::<f32>(splits * rows)?;
+        let (mask, chunk) = mask_args(params.mask);
+        let (n_q, n_kv, h_q, h_kv) = (
+            shape.n_q as i32,
+            shape.n_kv as i32,
+            shape.h_q as i32,
+            shape.h_kv as i32,
+        );
+        let scale_log2 = params.scale * std::f32::consts::LOG2_E;
+        let (q_pos, k_pos) = (params.q_pos as i64, params.k_pos as i64);
+        let (bt, splits_i) = (kv.block_tokens as i32, splits as i32);
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(q)
+            .arg(&kv.k)
+            .arg(&kv.v)
+            .arg(&mut part_o)
+            .arg(&mut part_lse);
+        b.arg(&n_q).arg(&n_kv).arg(&h_q).arg(&h_kv).arg(&scale_log2);
+        b.arg(&mask).arg(&chunk).arg(&q_pos).arg(&k_pos);
+        match &kv.table {
+            Some(t) => b.arg(t),
+            None => b.arg(&null),
+        };
+        b.arg(&bt).arg(&splits_i);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, splits as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument order and types match flash_decode's signature.
+        unsafe { b.launch(cfg) }?;
+        let mut c = self.stream.launch_builder(&combine);
+        c.arg(&part_o).arg(&part_lse).arg(out).arg(lse);
+        c.arg(&n_q).arg(&h_q).arg(&splits_i);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above, for flash_decode_combine.
+        unsafe { c.launch(cfg) }?;
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! `longctx bench gpu`: the GPU self-test (every CUDA kernel against the CPU kernel or a
+//! float64 reference on fresh random inputs) and our bf16 flash-attention forward timed at the
+//! shapes `scripts/gpu-check.sh` also gives PyTorch's SDPA.
+
+use anyhow::{bail, Result};
+use longctx_kernels::cuda::{bench_attention, self_test, BenchCase, Gpu};
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Only the correctness checks.
+    #[arg(long)]
+    check_only: bool,
+    /// Only the timings.
+    #[arg(long)]
+    bench_only: bool,
+    /// Timed repetitions per case (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// One timing case (a smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    ordinal: usize,
+}
+
+#[derive(Serialize)]
+struct Check {
+    name: String,
+    rel_err: f64,
+    tol: f64,
+    pass: bool,
+}
+
+#[derive(Serialize)]
+struct Timing {
+    l: usize,
+    batch: usize,
+    heads: usize,
+    d: usize,
+    causal: bool,
+    ms: f64,
+    tflops: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    device: String,
+    checks: Vec<Check>,
+    timings: Vec<Timing>,
+}
+
+/// The cases of the issue: bf16, L = 4K and 16K, D = 64 and 128, causal and not, with
+/// batch x heads filling the GPU (16K tokens a batch, 2048 model dims: FlashAttention's own
+/// benchmark shapes).
+pub fn cases(quick: bool) -> Vec<BenchCase> {
+    let mut v = Vec::new();
+    for l in [4096, 16384] {
+        for d in [64, 128] {
+            for causal in [false, true] {
+                v.push(BenchCase {
+                    l,
+                    batch: 16384 / l,
+                    heads: 2048 / d,
+                    d,
+                    causal,
+                });
+            }
+        }
+    }
+    if quick {
+        v.retain(|c| c.l == 4096 && c.d == 128 && c.causal);
+    }
+    v
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cache = longctx_engine::fetch::home().join("cuda");
+    let gpu = Gpu::new(args.ordinal, Some(cache))?;
+    let mut report = Report {
+        device: gpu.info.to_string(),
+        checks: Vec::new(),
+        timings: Vec::new(),
+    };
+    if !args.json {
+        println!("{}", report.device);
+    }
+    if !args.bench_only {
+        for r in self_test(&gpu)? {
+            report.checks.push(Check {
+                pass: r.pass(),
+                name: r.name,
+                rel_err: r.rel_err,
+                tol: r.tol,
+            });
+        }
+        if !args.json {
+            println!("\n{:<72} {:>10} {:>8}  result", "check", "rel err", "bound");
+            for c in &report.checks {
+                let verdict = if c.pass { "ok" } else { "FAIL" };
+                println!(
+                    "{:<72} {:>10.2e} {:>8.0e}  {verdict}",
+                    c.name, c.rel_err, c.tol
+                );
+            }
+        }
+    }
+    if !args.check_only {
+        for case in cases(args.quick) {
+            let ms = bench_attention(&gpu, case, args.reps)?;
+            report.timings.push(Timing {
+                l: case.l,
+                batch: case.batch,
+                heads: case.heads,
+                d: case.d,
+                causal: case.causal,
+                ms,
+                tflops: case.flops() / (ms * 1e-3) / 1e12,
+            });
+        }
+        if !args.json {
+            println!(
+                "\n{:>6} {:>5} {:>5} {:>4} {:>7} {:>10} {:>9}",
+                "L", "batch", "heads", "D", "causal", "ms", "TFLOP/s"
+            );
+            for t in &report.timings {
+                println!(
+                    "{:>6} {:>5} {:>5} {:>4} {:>7} {:>10.3} {:>9.1}",
+                    t.l, t.batch, t.heads, t.d, t.causal, t.ms, t.tflops
+                );
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    let failed = report.checks.iter().filter(|c| !c.pass).count();
+    if failed > 0 {
+        bail!("{failed} of {} GPU checks failed", report.checks.len());
+    }
+    Ok(())
+}
