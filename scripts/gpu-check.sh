@@ -29,7 +29,7 @@ if command -v cargo >/dev/null 2>&1; then
 fi
 [ -x "$bin" ] || { echo "gpu-check: no binary: run scripts/gpu-check.sh --prepare and carry .gpu"; exit 2; }
 
-# cudarc loads libnvrtc / libcublas by name: point it at the toolkit's or PyTorch's copies,
+# cudarc loads libnvrtc / libcublas / libnccl by name: point it at the toolkit's or PyTorch's copies,
 # linking the unversioned names to whatever major version is there (CUDA 13 on these machines).
 libs=$(mktemp -d)
 for dir in /usr/local/cuda/lib64 $(python3 - <<'PY' 2>/dev/null
@@ -39,7 +39,7 @@ for base in site.getsitepackages():
         print(d)
 PY
 ); do
-    for lib in nvrtc nvrtc-builtins cublas cublasLt; do
+    for lib in nvrtc nvrtc-builtins cublas cublasLt nccl; do
         f=$(ls "$dir"/lib$lib.so* 2>/dev/null | sort -V | tail -1)
         if [ -n "$f" ] && [ ! -e "$libs/lib$lib.so" ]; then ln -s "$f" "$libs/lib$lib.so"; fi
     done

@@ -38,8 +38,8 @@ pub fn ring_decode<T: Element + Pod>(
     let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
     let want = (out.len() + lse.len()) * 4;
     for _ in 1..p {
-        t.send(next, part)?;
-        part = t.recv(prev)?;
+        t.start_exchange(next, part, prev)?;
+        part = t.finish_exchange(prev)?;
         if part.len() != want {
             return Err(RingError::Malformed {
                 rank: r,

@@ -22,6 +22,9 @@ pub enum RingError {
         peer: usize,
         reason: String,
     },
+    /// The transport cannot run here (no GPU, no NCCL) or its library failed.
+    #[error("ring transport unavailable: {0}")]
+    Unavailable(String),
     /// Inputs that do not fit the layout or each other.
     #[error("ring: {0}")]
     Shape(String),

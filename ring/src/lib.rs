@@ -5,7 +5,7 @@
 //! crate's flash attention and merges partial results by log-sum-exp ([`ring_attention`];
 //! Liu et al., "Ring Attention with Blockwise Transformers", 2023; zigzag balancing as in
 //! ring-flash-attention), sharded decode ([`ring_decode`]), the transports behind one small
-//! trait ([`Transport`]: ranks as threads in one process, and a wrapper that models a link's
+//! trait ([`Transport`]: ranks as threads in one process, NCCL between processes, and a wrapper that models a link's
 //! latency and bandwidth), and the timeline of a ring from measured step times
 //! ([`schedule`]), for benchmarking rings larger than the machine.
 //!
@@ -13,14 +13,14 @@
 //! for every mask, partition and rank count; the tests check that to 1e-5.
 //!
 //! [`bootstrap`] reads a multi-process group from torchrun's environment variables and runs a
-//! TCP rendezvous (tokio) through which rank 0 hands out the NCCL unique id. Not here yet: the
-//! NCCL transport itself (cudarc's `nccl` module), which needs the CUDA backend and a
-//! multi-GPU machine to test.
+//! TCP rendezvous (tokio) through which rank 0 hands out the NCCL unique id, on which
+//! [`nccl::Nccl`] builds the NCCL transport (cudarc's `nccl` module; one GPU per rank).
 
 mod attend;
 pub mod bootstrap;
 mod decode;
 mod error;
+pub mod nccl;
 pub mod partition;
 mod prefill;
 pub mod schedule;

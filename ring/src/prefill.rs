@@ -113,7 +113,7 @@ pub fn ring_attention<T: Element + Pod>(
         let source = (r + p - s) % p;
         let more = s + 1 < steps;
         if more {
-            t.send(next, shard.clone())?;
+            t.start_exchange(next, shard.clone(), prev)?;
         }
         let want = 2 * tokens(&layout[source]) * krow * std::mem::size_of::<T>();
         if shard.len() != want {
@@ -142,7 +142,7 @@ pub fn ring_attention<T: Element + Pod>(
         let compute_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         if more {
-            shard = t.recv(prev)?;
+            shard = t.finish_exchange(prev)?;
         }
         stats.push(StepStat {
             source,

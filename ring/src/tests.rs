@@ -373,3 +373,24 @@ fn a_failed_or_stalled_peer_is_an_error_on_every_rank_not_a_hang() {
         }
     }
 }
+
+#[test]
+fn nccl_without_a_gpu_is_a_typed_error_not_a_panic() {
+    let env = crate::bootstrap::RankEnv {
+        rank: 0,
+        world: 1,
+        master_addr: "127.0.0.1".into(),
+        master_port: 1,
+    };
+    if longctx_kernels::cuda::probe(0).is_ok() {
+        eprintln!("skipped: a GPU is present (longctx bench gpu checks NCCL there)");
+        return;
+    }
+    let t = Instant::now();
+    match crate::nccl::Nccl::connect(&env, 0, Duration::from_secs(5)) {
+        Err(RingError::Unavailable(m)) => assert!(m.contains("no GPU"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("connected without a GPU"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(1));
+}

@@ -16,6 +16,20 @@ pub trait Transport: Send {
     fn world(&self) -> usize;
     fn send(&mut self, to: usize, data: Bytes) -> Result<(), RingError>;
     fn recv(&mut self, from: usize) -> Result<Bytes, RingError>;
+
+    /// Sends `data` to `to` and receives from `from` as one operation that proceeds while
+    /// the caller computes; [`Transport::finish_exchange`] returns what came. A ring step is
+    /// one exchange. The default sends now and receives at finish, which is all channels
+    /// need; NCCL must issue both sides in one group.
+    fn start_exchange(&mut self, to: usize, data: Bytes, from: usize) -> Result<(), RingError> {
+        let _ = from;
+        self.send(to, data)
+    }
+
+    /// Completes the exchange started with [`Transport::start_exchange`].
+    fn finish_exchange(&mut self, from: usize) -> Result<Bytes, RingError> {
+        self.recv(from)
+    }
 }
 
 /// Ranks as threads of one process.

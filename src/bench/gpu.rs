@@ -78,6 +78,45 @@ pub fn cases(quick: bool) -> Vec<BenchCase> {
     v
 }
 
+/// The NCCL transport on one GPU: a group of one rank exchanging with itself through the
+/// same two grouped rounds (lengths, then payloads) a ring step uses.
+fn nccl_check(ordinal: usize) -> Check {
+    use longctx_ring::{bootstrap::RankEnv, nccl::Nccl, Transport};
+    let name = "nccl transport: self-exchange, world 1 (lengths + payload rounds)".to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(29517);
+    let env = RankEnv {
+        rank: 0,
+        world: 1,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    let run = || -> Result<bool> {
+        let mut t = Nccl::connect(&env, ordinal, std::time::Duration::from_secs(30))?;
+        let msg: Vec<u8> = (0..3_000_017u32).map(|i| (i * 7 + 3) as u8).collect();
+        t.start_exchange(0, bytes::Bytes::from(msg.clone()), 0)?;
+        let got = t.finish_exchange(0)?;
+        t.send(0, bytes::Bytes::from_static(b""))?;
+        let empty = t.recv(0)?;
+        Ok(got[..] == msg[..] && empty.is_empty())
+    };
+    let ok = match run() {
+        Ok(ok) => ok,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            false
+        }
+    };
+    Check {
+        name,
+        rel_err: if ok { 0.0 } else { f64::INFINITY },
+        tol: 0.0,
+        pass: ok,
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let cache = longctx_engine::fetch::home().join("cuda");
     let gpu = Gpu::new(args.ordinal, Some(cache))?;
@@ -98,6 +137,7 @@ pub fn run(args: Args) -> Result<()> {
                 tol: r.tol,
             });
         }
+        report.checks.push(nccl_check(args.ordinal));
         if !args.json {
             println!("\n{:<72} {:>10} {:>8}  result", "check", "rel err", "bound");
             for c in &report.checks {
