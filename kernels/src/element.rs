@@ -34,6 +34,10 @@ pub trait Element: Copy + Send + Sync + Default + 'static {
     fn from_f32(x: f32) -> Self;
     /// The slice itself when the storage is already f32 (the zero-copy path of the kernels).
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// The bit patterns when the storage is bf16 (read in place by the decode path).
+    fn as_bf16_bits(_: &[Self]) -> Option<&[u16]> {
+        None
+    }
     /// Rounds `src` into `dst` (same length).
     fn narrow(src: &[f32], dst: &mut [Self]) {
         for (d, s) in dst.iter_mut().zip(src) {
@@ -79,6 +83,10 @@ impl Element for bf16 {
     }
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    fn as_bf16_bits(s: &[Self]) -> Option<&[u16]> {
+        // SAFETY: bf16 is a transparent u16.
+        Some(unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) })
     }
     #[inline]
     fn narrow(src: &[f32], dst: &mut [Self]) {

@@ -164,8 +164,10 @@ pub fn attention_with<T: Element, O: Element>(
     {
         let po_ptr = SyncPtr(part_o.as_mut_ptr());
         let pl_ptr = SyncPtr(part_l.as_mut_ptr());
-        // f32 tiles are read in place; other types are widened once per tile for all heads.
-        let staged = T::as_f32(k).is_none();
+        // f32 tiles are read in place, and so are bf16 ones for few rows (decode: widened in
+        // registers); other cases are widened once per tile for all heads.
+        let direct_bf16 = T::as_bf16_bits(k).is_some() && n_q.min(bq) * g <= 16;
+        let staged = T::as_f32(k).is_none() && !direct_bf16;
         let work: Vec<(usize, usize)> = (0..splits)
             .flat_map(|s| (0..n_blocks).map(move |b| (s, b)))
             .collect();
@@ -415,6 +417,37 @@ impl<T: Element> Engine<'_, T> {
         let ld = h_kv * d;
         let (k32, v32) = (T::as_f32(self.k), T::as_f32(self.v));
         let base = (t * h_kv + hk) * d;
+        let bits = match (staged, few) {
+            (None, true) => T::as_bf16_bits(self.k).zip(T::as_bf16_bits(self.v)),
+            _ => None,
+        };
+        if let Some((kb, vb)) = bits {
+            // Decode over a bf16 cache: K and V read in place, widened in registers.
+            // SAFETY: kt rows of d values at stride ld from `base` lie within k and v.
+            unsafe {
+                let (q, st) = (sc.qt.as_ptr(), sc.st.as_mut_ptr());
+                self.ops
+                    .scores_dot(rows, kt, d, q, kb[base..].as_ptr(), ld, st, rp);
+            }
+            self.softmax_step(sc, nq, t, kt);
+            let mut p = [0f32; BK];
+            for r in 0..rows {
+                for (j, x) in p[..kt].iter_mut().enumerate() {
+                    *x = sc.st[j * rp + r];
+                }
+                // SAFETY: as above; o's row r has d_pad >= d values.
+                unsafe {
+                    self.ops.axpy_rows(
+                        &mut sc.o[r * dp..r * dp + d],
+                        &p[..kt],
+                        vb[base..].as_ptr(),
+                        ld,
+                        d,
+                    )
+                };
+            }
+            return;
+        }
         // S^T[kt, rp] = K_tile[kt, d] . Q^T[d, rp]
         let (kp, lda) = match (staged, k32) {
             (Some((k, _)), _) => (k.as_ptr(), d),
@@ -448,25 +481,7 @@ impl<T: Element> Engine<'_, T> {
                 )
             }
         };
-        for i in 0..nq {
-            let (lo, hi) = (sc.lo[i], sc.hi[i]);
-            if lo <= t && hi >= t + kt {
-                continue;
-            }
-            for j in 0..kt {
-                if t + j < lo || t + j >= hi {
-                    sc.st[j * rp + i * g..][..g].fill(f32::NEG_INFINITY);
-                }
-            }
-        }
-        self.ops
-            .softmax_tile(&mut sc.st, kt, rp, rp, &mut sc.m, &mut sc.l, &mut sc.alpha);
-        for r in 0..rows {
-            let a = sc.alpha[r];
-            if a != 1.0 {
-                sc.o[r * dp..(r + 1) * dp].iter_mut().for_each(|x| *x *= a);
-            }
-        }
+        self.softmax_step(sc, nq, t, kt);
         // O[rows, d] += P[rows, kt] . V_tile[kt, d], P read from S^T.
         let (vp, ldv) = match (staged, v32) {
             (Some((_, v)), _) => (v.as_ptr(), dp),
@@ -495,6 +510,33 @@ impl<T: Element> Engine<'_, T> {
                 true,
             )
         };
+    }
+
+    /// Masks the score tile of keys `t..t + kt`, takes the online-softmax step and rescales
+    /// the output rows.
+    fn softmax_step(&self, sc: &mut Scratch, nq: usize, t: usize, kt: usize) {
+        let g = self.shape.group();
+        let rows = nq * g;
+        let (rp, dp) = (rows.next_multiple_of(16), sc.d_pad);
+        for i in 0..nq {
+            let (lo, hi) = (sc.lo[i], sc.hi[i]);
+            if lo <= t && hi >= t + kt {
+                continue;
+            }
+            for j in 0..kt {
+                if t + j < lo || t + j >= hi {
+                    sc.st[j * rp + i * g..][..g].fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+        self.ops
+            .softmax_tile(&mut sc.st, kt, rp, rp, &mut sc.m, &mut sc.l, &mut sc.alpha);
+        for r in 0..rows {
+            let a = sc.alpha[r];
+            if a != 1.0 {
+                sc.o[r * dp..(r + 1) * dp].iter_mut().for_each(|x| *x *= a);
+            }
+        }
     }
 
     /// Prefetches head `hk`'s share (1 / h_kv) of the K and V rows of keys `t..t + kt`, all

@@ -204,11 +204,11 @@ pub unsafe fn softmax_tile(
 /// accumulators held in registers.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn dot_rows<const R: usize>(
+unsafe fn dot_rows<const R: usize, T: super::RowElem>(
     kt: usize,
     d: usize,
     q: *const f32,
-    k: *const f32,
+    k: *const T,
     ldk: usize,
     st: *mut f32,
     ldst: usize,
@@ -220,7 +220,12 @@ unsafe fn dot_rows<const R: usize>(
         let mut acc = [_mm512_setzero_ps(); R];
         for c in 0..nvec {
             let m = if c + 1 == nvec { tail } else { 0xFFFF };
-            let kv = _mm512_maskz_loadu_ps(m, kr.add(c * 16));
+            // K widened in registers (bf16: a shift), never through memory.
+            let kv = if m == 0xFFFF {
+                T::load16(kr.add(c * 16))
+            } else {
+                T::load_tail(kr.add(c * 16), d % 16)
+            };
             for (r, a) in acc.iter_mut().enumerate() {
                 let qv = _mm512_maskz_loadu_ps(m, q.add(r * d + c * 16));
                 *a = _mm512_fmadd_ps(qv, kv, *a);
@@ -239,12 +244,12 @@ unsafe fn dot_rows<const R: usize>(
 /// # Safety
 /// The CPU must have AVX-512F; the pointers must be valid for the sizes and strides given.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn scores_dot(
+pub unsafe fn scores_dot<T: super::RowElem>(
     rows: usize,
     kt: usize,
     d: usize,
     q: *const f32,
-    k: *const f32,
+    k: *const T,
     ldk: usize,
     st: *mut f32,
     ldst: usize,
@@ -252,7 +257,7 @@ pub unsafe fn scores_dot(
     macro_rules! rows {
         ($($r:literal)*) => {
             match rows {
-                $($r => dot_rows::<$r>(kt, d, q, k, ldk, st, ldst),)*
+                $($r => dot_rows::<$r, T>(kt, d, q, k, ldk, st, ldst),)*
                 _ => unreachable!("scores_dot takes at most 16 rows, got {rows}"),
             }
         };

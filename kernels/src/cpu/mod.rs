@@ -18,6 +18,14 @@ pub(crate) trait RowElem: Copy + Send + Sync + 'static {
     /// `p` must be valid for 16 elements; only called from AVX-512F code.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// The first `n < 16` elements at `p` as f32 lanes, the other lanes zero.
+    ///
+    /// # Safety
+    /// `p` must be valid for `n` elements; only called from AVX-512F code.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load_tail(p: *const Self, n: usize) -> std::arch::x86_64::__m512;
+    /// `Some(p)` when the elements are f32 (the AVX2 paths take only those).
+    fn f32_ptr(p: *const Self) -> Option<*const f32>;
 }
 
 impl RowElem for f32 {
@@ -29,6 +37,14 @@ impl RowElem for f32 {
     #[inline(always)]
     unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
         std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_tail(p: *const f32, n: usize) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p)
+    }
+    fn f32_ptr(p: *const f32) -> Option<*const f32> {
+        Some(p)
     }
 }
 
@@ -43,6 +59,16 @@ impl RowElem for u16 {
         use std::arch::x86_64::*;
         let h = _mm256_loadu_si256(p.cast());
         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_tail(p: *const u16, n: usize) -> std::arch::x86_64::__m512 {
+        let mut buf = [0u16; 16];
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+        Self::load16(buf.as_ptr())
+    }
+    fn f32_ptr(_: *const u16) -> Option<*const f32> {
+        None
     }
 }
 
@@ -143,23 +169,23 @@ impl Ops {
     /// `q` is `[rows, d]`; `k` has `kt` rows of `d` values at stride `ldk`; `st` is valid for
     /// `(kt - 1) * ldst + 16` elements and `ldst >= 16`.
     #[inline]
-    pub unsafe fn scores_dot(
+    pub unsafe fn scores_dot<T: RowElem>(
         &self,
         rows: usize,
         kt: usize,
         d: usize,
         q: *const f32,
-        k: *const f32,
+        k: *const T,
         ldk: usize,
         st: *mut f32,
         ldst: usize,
     ) {
         debug_assert!(rows <= 16 && ldst >= 16);
-        match self.isa {
+        match (self.isa, T::f32_ptr(k)) {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => avx512::scores_dot(rows, kt, d, q, k, ldk, st, ldst),
+            (Isa::Avx512, _) => avx512::scores_dot(rows, kt, d, q, k, ldk, st, ldst),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => scores_dot_avx2(rows, kt, d, q, k, ldk, st, ldst),
+            (Isa::Avx2, Some(k)) => scores_dot_avx2(rows, kt, d, q, k, ldk, st, ldst),
             _ => portable::scores_dot(rows, kt, d, q, k, ldk, st, ldst),
         }
     }

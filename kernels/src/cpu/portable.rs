@@ -112,18 +112,23 @@ pub fn softmax_tile(
 /// # Safety
 /// The pointers must be valid for the sizes and strides given; `rows <= 16 <= ldst`.
 #[inline(always)]
-pub unsafe fn scores_dot(
+pub unsafe fn scores_dot<T: super::RowElem>(
     rows: usize,
     kt: usize,
     d: usize,
     q: *const f32,
-    k: *const f32,
+    k: *const T,
     ldk: usize,
     st: *mut f32,
     ldst: usize,
 ) {
+    let mut kbuf = [0f32; 256];
     for j in 0..kt {
-        let kr = std::slice::from_raw_parts(k.add(j * ldk), d);
+        let src = std::slice::from_raw_parts(k.add(j * ldk), d);
+        for (x, y) in kbuf.iter_mut().zip(src) {
+            *x = y.to_f32();
+        }
+        let kr = &kbuf[..d];
         for r in 0..16 {
             let v = if r < rows {
                 let qr = std::slice::from_raw_parts(q.add(r * d), d);
