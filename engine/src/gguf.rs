@@ -375,6 +375,25 @@ impl Gguf {
     }
 }
 
+impl Gguf {
+    /// A tensor's bytes as stored, when it is in a block format that the quantised decode
+    /// path keeps (Q4_0, Q4_1, Q8_0); None otherwise.
+    pub fn tensor_blocks(&self, name: &str) -> Option<(longctx_kernels::QKind, &[u8])> {
+        use longctx_kernels::QKind;
+        let info = self.tensors.get(name)?;
+        let kind = match info.ty? {
+            GgmlType::Q4_0 => QKind::Q4_0,
+            GgmlType::Q4_1 => QKind::Q4_1,
+            GgmlType::Q8_0 => QKind::Q8_0,
+            _ => return None,
+        };
+        Some((
+            kind,
+            &self.map[info.start as usize..(info.start + info.bytes) as usize],
+        ))
+    }
+}
+
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }

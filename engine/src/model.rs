@@ -201,6 +201,27 @@ impl Model {
         self.lm_head.enable_bf16_decode();
     }
 
+    /// Decode (one-token) products read block-quantised weights with int8 activations
+    /// (llama.cpp's CPU scheme): a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks (0.6 bytes a
+    /// weight for SmolLM2's Q4_1), other weights quantised to 8 bits. Prefill stays f32.
+    pub fn enable_quant_decode(&mut self) -> Result<()> {
+        let mlp = |m: &mut Mlp| -> Result<()> {
+            m.gate.enable_quant_decode()?;
+            m.up.enable_quant_decode()?;
+            m.down.enable_quant_decode()
+        };
+        for l in &mut self.layers {
+            for lin in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj] {
+                lin.enable_quant_decode()?;
+            }
+            match &mut l.ffn {
+                Ffn::Dense(m) => mlp(m)?,
+                Ffn::Moe(e) => mlp(&mut e.shared)?,
+            }
+        }
+        self.lm_head.enable_quant_decode()
+    }
+
     /// A KV store laid out for this model: chunked-local retention on Llama 4's RoPE layers.
     pub fn kv_store(&self, opts: &KvOptions) -> Result<KvStore> {
         let layers = self

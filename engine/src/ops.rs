@@ -3,13 +3,16 @@
 
 use crate::weights::Tensor;
 use crate::Result;
-use longctx_kernels::{matmul, matvec_bf16, Weight};
+use longctx_kernels::{matmul, matvec_bf16, QKind, QMatrix, Weight};
 
 /// A linear layer without bias, its weight stored input-major (`[in, out]`), and optionally a
-/// bf16 copy that one-token (decode) products stream instead: half the bytes per token.
+/// bf16 or a block-quantised copy that one-token (decode) products stream instead.
 pub struct Linear {
     wt: Vec<f32>,
     wt_bf16: Option<Vec<u16>>,
+    wt_q: Option<QMatrix>,
+    /// The GGUF blocks this weight came from, until the quantised copy is made of them.
+    blocks: Option<(QKind, Vec<u8>)>,
     pub inp: usize,
     pub out: usize,
 }
@@ -33,9 +36,30 @@ impl Linear {
         Linear {
             wt,
             wt_bf16: None,
+            wt_q: None,
+            blocks: t.blocks,
             inp,
             out,
         }
+    }
+
+    /// Keeps a block-quantised copy for one-row products: the GGUF file's own blocks when
+    /// the weight came in Q4_0 / Q4_1 / Q8_0, else the f32 weight quantised to 8 bits.
+    pub fn enable_quant_decode(&mut self) -> Result<()> {
+        let q = match self.blocks.take() {
+            Some((kind, bytes)) => QMatrix::from_gguf(kind, &bytes, self.out, self.inp)?,
+            None => {
+                let mut w = vec![0f32; self.out * self.inp];
+                for i in 0..self.inp {
+                    for o in 0..self.out {
+                        w[o * self.inp + i] = self.wt[i * self.out + o];
+                    }
+                }
+                QMatrix::quantize_q8(&w, self.out, self.inp)?
+            }
+        };
+        self.wt_q = Some(q);
+        Ok(())
     }
 
     /// Keeps a bf16 copy for one-row products (rounded to nearest even).
@@ -50,6 +74,9 @@ impl Linear {
 
     /// `y[m, out] = x[m, in] . W^T`.
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        if let (1, Some(q)) = (m, &self.wt_q) {
+            return Ok(q.gemv(x, y)?);
+        }
         if let (1, Some(b)) = (m, &self.wt_bf16) {
             return Ok(matvec_bf16(x, b, self.out, y)?);
         }
@@ -98,10 +125,7 @@ mod tests {
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
         let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let lin = Linear::from_out_in(Tensor {
-            shape: vec![out, inp],
-            data: w.clone(),
-        });
+        let lin = Linear::from_out_in(Tensor::new(vec![out, inp], w.clone()));
         let mut y = vec![0f32; m * out];
         lin.forward(&x, m, &mut y).unwrap();
         for r in 0..m {

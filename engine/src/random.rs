@@ -67,13 +67,7 @@ pub fn random_model(cfg: ModelConfig, seed: u64) -> Result<Model> {
     let mut map = BTreeMap::new();
     let mut put = |name: String, shape: Vec<usize>, scale: f32| {
         let n = shape.iter().product();
-        map.insert(
-            name,
-            Tensor {
-                data: rnd(n, scale),
-                shape,
-            },
-        );
+        map.insert(name, Tensor::new(shape, rnd(n, scale)));
     };
     let (h, hd) = (cfg.hidden, cfg.head_dim);
     let w = 1.0 / (h as f32).sqrt();

@@ -7,11 +7,23 @@ use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// A tensor: row-major `shape`, f32 values.
+/// A tensor: row-major `shape`, f32 values, and, for a GGUF tensor in a block format, its
+/// blocks as stored (what the quantised decode path multiplies by).
 #[derive(Clone, Debug)]
 pub struct Tensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+    pub blocks: Option<(longctx_kernels::QKind, Vec<u8>)>,
+}
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        Tensor {
+            shape,
+            data,
+            blocks: None,
+        }
+    }
 }
 
 /// Every tensor of a model, by Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
@@ -77,6 +89,7 @@ impl Weights {
                 Tensor {
                     shape,
                     data: g.tensor_f32(name)?,
+                    blocks: g.tensor_blocks(name).map(|(k, b)| (k, b.to_vec())),
                 },
             );
         }
@@ -200,7 +213,7 @@ fn load_safetensors(path: &Path, map: &mut BTreeMap<String, Tensor>) -> Result<(
                 reason: format!("tensor {name}: shape {shape:?} and {} values", data.len()),
             });
         }
-        map.insert(strip_prefix(&name).to_string(), Tensor { shape, data });
+        map.insert(strip_prefix(&name).to_string(), Tensor::new(shape, data));
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod cuda;
 mod element;
 mod error;
 pub mod matmul;
+pub mod quant;
 
 pub use attention::{
     attention, attention_with, merge, merge_into, AttnParams, AttnShape, CpuOptions, Mask, Strategy,
@@ -22,3 +23,4 @@ pub use cpu::Isa;
 pub use element::{DType, Element};
 pub use error::KernelError;
 pub use matmul::{matmul, matvec_bf16, Weight};
+pub use quant::{QKind, QMatrix};

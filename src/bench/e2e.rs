@@ -27,7 +27,8 @@ pub struct Args {
     /// KV cache element type: f32 (exact) or bf16 (half the bytes per decode step).
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
-    /// Weights decode streams: f32 (exact) or bf16 (half the bytes, bf16-rounded weights).
+    /// Weights decode streams: f32 (exact), bf16 (half the bytes, bf16-rounded weights) or
+    /// quant (the GGUF blocks, e.g. Q4_1, times int8 activations, as llama.cpp does).
     #[arg(long, default_value = "f32")]
     decode_weights: String,
     #[arg(long)]
@@ -66,7 +67,8 @@ pub fn run(args: Args) -> Result<()> {
     match args.decode_weights.as_str() {
         "f32" => {}
         "bf16" => m.model.enable_bf16_decode(),
-        w => anyhow::bail!("--decode-weights {w}: expected f32 or bf16"),
+        "quant" => m.model.enable_quant_decode()?,
+        w => anyhow::bail!("--decode-weights {w}: expected f32, bf16 or quant"),
     }
     let vocab = m.model.cfg.vocab as u32;
     let mut rows = vec![];
