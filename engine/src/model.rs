@@ -28,6 +28,8 @@ struct Experts {
     shared: Mlp,
 }
 
+// One per layer, a few dozen per model: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Ffn {
     Dense(Mlp),
     Moe(Experts),

@@ -10,7 +10,7 @@ use longctx_kernels::{matmul, matvec_bf16, QKind, QMatrix, Weight};
 pub struct Linear {
     wt: Vec<f32>,
     wt_bf16: Option<Vec<u16>>,
-    wt_q: Option<QMatrix>,
+    wt_q: Option<Box<QMatrix>>,
     /// The GGUF blocks this weight came from, until the quantised copy is made of them.
     blocks: Option<(QKind, Vec<u8>)>,
     pub inp: usize,
@@ -58,7 +58,7 @@ impl Linear {
                 QMatrix::quantize_q8(&w, self.out, self.inp)?
             }
         };
-        self.wt_q = Some(q);
+        self.wt_q = Some(Box::new(q));
         Ok(())
     }
 
