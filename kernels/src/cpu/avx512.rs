@@ -239,6 +239,87 @@ unsafe fn dot_rows<const R: usize, T: super::RowElem>(
     }
 }
 
+/// Sums of eight vectors, `out[j] = sum(v[j])`, by a transposing butterfly: 23 shuffles
+/// and adds instead of eight full horizontal reductions.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn reduce8(v: &[__m512; 8]) -> [f32; 8] {
+    // Halves: lanes 0-7 partial sums of v[2i], lanes 8-15 of v[2i + 1].
+    let pair = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
+    };
+    let (x01, x23, x45, x67) = (
+        pair(v[0], v[1]),
+        pair(v[2], v[3]),
+        pair(v[4], v[5]),
+        pair(v[6], v[7]),
+    );
+    // Quarters: quarter q holds 4 partial sums of v[q] (y1) or v[4 + q] (y2).
+    let quad = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xDD>(a, b),
+        )
+    };
+    let (y1, y2) = (quad(x01, x23), quad(x45, x67));
+    // Per 128-bit lane: [y1 a0+a2, y1 a1+a3, y2 b0+b2, y2 b1+b3], then adjacent pairs.
+    let u = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x44>(y1, y2),
+        _mm512_shuffle_ps::<0xEE>(y1, y2),
+    );
+    let u = _mm512_add_ps(u, _mm512_permute_ps::<0xB1>(u));
+    let mut t = [0f32; 16];
+    _mm512_storeu_ps(t.as_mut_ptr(), u);
+    [t[0], t[4], t[8], t[12], t[2], t[6], t[10], t[14]]
+}
+
+/// Scores of `R <= 3` rows, eight keys at a time: `R x 8` accumulators in registers, each K
+/// chunk loaded (and widened) once for all rows, and one butterfly per row per eight keys in
+/// place of a horizontal sum per row per key. `d` must be a multiple of 16.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn dot_rows_x8<const R: usize, T: super::RowElem>(
+    kt: usize,
+    d: usize,
+    q: *const f32,
+    k: *const T,
+    ldk: usize,
+    st: *mut f32,
+    ldst: usize,
+) -> usize {
+    const J: usize = 8;
+    let nvec = d / 16;
+    let mut j0 = 0;
+    while j0 + J <= kt {
+        let mut acc = [[_mm512_setzero_ps(); J]; R];
+        for c in 0..nvec {
+            let mut qv = [_mm512_setzero_ps(); R];
+            for (r, x) in qv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(q.add(r * d + c * 16));
+            }
+            for j in 0..J {
+                let kv = T::load16(k.add((j0 + j) * ldk + c * 16));
+                for r in 0..R {
+                    acc[r][j] = _mm512_fmadd_ps(qv[r], kv, acc[r][j]);
+                }
+            }
+        }
+        for j in 0..J {
+            _mm512_storeu_ps(st.add((j0 + j) * ldst), _mm512_setzero_ps());
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (j, v) in reduce8(a).iter().enumerate() {
+                *st.add((j0 + j) * ldst + r) = *v;
+            }
+        }
+        j0 += J;
+    }
+    j0
+}
+
 /// Same contract as [`super::portable::scores_dot`].
 ///
 /// # Safety
@@ -254,6 +335,14 @@ pub unsafe fn scores_dot<T: super::RowElem>(
     st: *mut f32,
     ldst: usize,
 ) {
+    // Few rows (decode with a small GQA group): keys eight at a time, the rest one by one.
+    let done = match (rows, d % 16) {
+        (1, 0) => dot_rows_x8::<1, T>(kt, d, q, k, ldk, st, ldst),
+        (2, 0) => dot_rows_x8::<2, T>(kt, d, q, k, ldk, st, ldst),
+        (3, 0) => dot_rows_x8::<3, T>(kt, d, q, k, ldk, st, ldst),
+        _ => 0,
+    };
+    let (kt, k, st) = (kt - done, k.add(done * ldk), st.add(done * ldst));
     macro_rules! rows {
         ($($r:literal)*) => {
             match rows {
