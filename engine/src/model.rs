@@ -7,7 +7,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::ops::{rms_norm, silu_mul, Linear};
 use crate::weights::{Tensor, Weights};
 use crate::{EngineError, Result};
-use longctx_kernels::{matmul, AttnParams, DType, Mask, Weight};
+use longctx_kernels::{matmul, AttnParams, DType, Mask, QMatrix, Weight};
 use longctx_kvstore::{
     attend, Budgets, KvConfig, KvStore, Policy, Retention, SeqId, StreamOptions,
 };
@@ -45,6 +45,10 @@ struct Layer {
     ffn: Ffn,
     /// Llama 4 NoPE layers: no RoPE, full causal attention, temperature tuning.
     rope: bool,
+    /// Decode's stacked quantised projections: Q|K|V, and gate|up of a dense MLP (one
+    /// product, one parallel region each, instead of three and two).
+    qkv_q: Option<QMatrix>,
+    gate_up_q: Option<QMatrix>,
 }
 
 /// A loaded model.
@@ -160,6 +164,8 @@ impl Model {
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 ffn,
                 rope: cfg.llama4.as_ref().is_none_or(|l4| l4.rope_layers[l]),
+                qkv_q: None,
+                gate_up_q: None,
             });
         }
         let embed = w.take("model.embed_tokens.weight", &[cfg.vocab, h])?;
@@ -219,6 +225,14 @@ impl Model {
             match &mut l.ffn {
                 Ffn::Dense(m) => mlp(m)?,
                 Ffn::Moe(e) => mlp(&mut e.shared)?,
+            }
+            let stack = |parts: &[&Linear]| -> Option<QMatrix> {
+                let qs: Option<Vec<&QMatrix>> = parts.iter().map(|p| p.quant()).collect();
+                QMatrix::concat(&qs?).ok()
+            };
+            l.qkv_q = stack(&[&l.q_proj, &l.k_proj, &l.v_proj]);
+            if let Ffn::Dense(m) = &l.ffn {
+                l.gate_up_q = stack(&[&m.gate, &m.up]);
             }
         }
         self.lm_head.enable_quant_decode()
@@ -293,9 +307,20 @@ impl Model {
                 h,
                 &mut hbuf,
             );
-            layer.q_proj.forward(&hbuf, n, &mut q)?;
-            layer.k_proj.forward(&hbuf, n, &mut k)?;
-            layer.v_proj.forward(&hbuf, n, &mut v)?;
+            match (&layer.qkv_q, n) {
+                (Some(w), 1) => {
+                    let mut qkv = vec![0f32; qd + 2 * kd];
+                    w.gemv(&hbuf, &mut qkv)?;
+                    q.copy_from_slice(&qkv[..qd]);
+                    k.copy_from_slice(&qkv[qd..qd + kd]);
+                    v.copy_from_slice(&qkv[qd + kd..]);
+                }
+                _ => {
+                    layer.q_proj.forward(&hbuf, n, &mut q)?;
+                    layer.k_proj.forward(&hbuf, n, &mut k)?;
+                    layer.v_proj.forward(&hbuf, n, &mut v)?;
+                }
+            }
             let mut mask = Mask::Causal;
             if layer.rope {
                 let seq_len = pos0 + n;
@@ -352,7 +377,7 @@ impl Model {
             );
             match &layer.ffn {
                 Ffn::Dense(m) => {
-                    dense_mlp(m, &hbuf, n, &mut o)?;
+                    dense_mlp(m, layer.gate_up_q.as_ref(), &hbuf, n, &mut o)?;
                     for (a, b) in x.iter_mut().zip(&o) {
                         *a += b;
                     }
@@ -423,12 +448,28 @@ fn attend_typed(
     Ok(())
 }
 
-fn dense_mlp(m: &Mlp, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+fn dense_mlp(
+    m: &Mlp,
+    gate_up: Option<&QMatrix>,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
     let inter = m.gate.out;
     let mut g = vec![0f32; n * inter];
     let mut u = vec![0f32; n * inter];
-    m.gate.forward(x, n, &mut g)?;
-    m.up.forward(x, n, &mut u)?;
+    match (gate_up, n) {
+        (Some(w), 1) => {
+            let mut gu = vec![0f32; 2 * inter];
+            w.gemv(x, &mut gu)?;
+            g.copy_from_slice(&gu[..inter]);
+            u.copy_from_slice(&gu[inter..]);
+        }
+        _ => {
+            m.gate.forward(x, n, &mut g)?;
+            m.up.forward(x, n, &mut u)?;
+        }
+    }
     silu_mul(&mut g, &u);
     m.down.forward(&g, n, out)
 }
@@ -449,7 +490,7 @@ fn moe(
 ) -> Result<()> {
     let mut logits = vec![0f32; n * experts];
     e.router.forward(x, n, &mut logits)?;
-    dense_mlp(&e.shared, x, n, out)?;
+    dense_mlp(&e.shared, None, x, n, out)?;
     let mut groups: Vec<Vec<(usize, f32)>> = vec![vec![]; experts];
     for t in 0..n {
         let row = &logits[t * experts..(t + 1) * experts];

@@ -72,6 +72,11 @@ impl Linear {
         );
     }
 
+    /// The block-quantised copy, once [`Linear::enable_quant_decode`] made it.
+    pub fn quant(&self) -> Option<&QMatrix> {
+        self.wt_q.as_deref()
+    }
+
     /// `y[m, out] = x[m, in] . W^T`.
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         if let (1, Some(q)) = (m, &self.wt_q) {

@@ -132,6 +132,35 @@ impl QMatrix {
         QMatrix::from_gguf(QKind::Q8_0, &bytes, rows, cols)
     }
 
+    /// The rows of `parts` stacked (same kind and columns): one product for several
+    /// projections of the same input (Q, K and V; gate and up), one parallel region.
+    pub fn concat(parts: &[&QMatrix]) -> Result<QMatrix, KernelError> {
+        let first = parts.first().ok_or(KernelError::Unsupported {
+            op: "QMatrix::concat",
+            reason: "nothing to stack".into(),
+        })?;
+        if let Some(p) = parts
+            .iter()
+            .find(|p| p.kind != first.kind || p.cols != first.cols)
+        {
+            return Err(KernelError::Unsupported {
+                op: "QMatrix::concat",
+                reason: format!(
+                    "{:?} x {} cols beside {:?} x {} cols",
+                    p.kind, p.cols, first.kind, first.cols
+                ),
+            });
+        }
+        Ok(QMatrix {
+            kind: first.kind,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            d: parts.iter().flat_map(|p| p.d.iter().copied()).collect(),
+            m: parts.iter().flat_map(|p| p.m.iter().copied()).collect(),
+            q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
+        })
+    }
+
     pub fn kind(&self) -> QKind {
         self.kind
     }
@@ -226,55 +255,85 @@ impl QMatrix {
         }
     }
 
-    /// Four rows at a time so each activation block is loaded once per four rows.
+    /// Four rows at a time so each activation block is loaded once per four rows; two blocks
+    /// per 512-bit integer dot product.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
     unsafe fn rows_vnni(&self, act: &Act, r0: usize, y: &mut [f32]) {
         use std::arch::x86_64::*;
         let (nb, qb) = (self.nb(), self.qbytes());
         let packed = self.kind.packed();
-        let low = _mm_set1_epi8(0x0f);
-        let load = |blk: usize| -> __m256i {
+        let low = _mm256_set1_epi8(0x0f);
+        let low128 = _mm_set1_epi8(0x0f);
+        // Weights of blocks b and b + 1 as 64 unsigned bytes in element order.
+        let load2 = |blk: usize| -> __m512i {
+            let p = self.q.as_ptr().add(blk * qb);
+            if packed {
+                let v = _mm256_loadu_si256(p.cast());
+                let lo = _mm256_and_si256(v, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                // [b lo, b+1 lo, b hi, b+1 hi] -> [b lo, b hi, b+1 lo, b+1 hi]
+                let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                _mm512_shuffle_i64x2::<0b11_01_10_00>(x, x)
+            } else {
+                _mm512_loadu_si512(p.cast())
+            }
+        };
+        let load1 = |blk: usize| -> __m256i {
             let p = self.q.as_ptr().add(blk * qb);
             if packed {
                 let v = _mm_loadu_si128(p.cast());
-                let lo = _mm_and_si128(v, low);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
+                let lo = _mm_and_si128(v, low128);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low128);
                 _mm256_set_m128i(hi, lo)
             } else {
                 _mm256_loadu_si256(p.cast())
             }
         };
-        let hsum = |v: __m256| -> f32 {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-            _mm_cvtss_f32(s)
-        };
+        let pairs = nb / 2;
         let mut i = 0;
         while i < y.len() {
             let n = (y.len() - i).min(4);
-            let rows = [
-                r0 + i,
-                r0 + i + 1.min(n - 1),
-                r0 + i + 2.min(n - 1),
-                r0 + i + 3.min(n - 1),
-            ];
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut off = [0f32; 4];
-            for b in 0..nb {
-                let a = _mm256_loadu_si256(act.a.as_ptr().add(b * QK).cast());
-                let s = act.s[b];
+            let rows: [usize; 4] = std::array::from_fn(|k| r0 + i + k.min(n - 1));
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for p in 0..pairs {
+                let b = 2 * p;
+                let a = _mm512_loadu_si512(act.a.as_ptr().add(b * QK).cast());
+                let (s0, s1) = (act.s[b], act.s[b + 1]);
                 for k in 0..4 {
                     let blk = rows[k] * nb + b;
-                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), load(blk), a);
-                    let scale = _mm256_set1_ps(*self.d.get_unchecked(blk) * s);
-                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[k]);
-                    off[k] += *self.m.get_unchecked(blk) * act.ssum[b];
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load2(blk), a);
+                    let d0 = *self.d.get_unchecked(blk) * s0;
+                    let d1 = *self.d.get_unchecked(blk + 1) * s1;
+                    let scale = _mm512_insertf32x8::<1>(_mm512_set1_ps(d0), _mm256_set1_ps(d1));
+                    acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[k]);
+                }
+            }
+            let mut tail = [0f32; 4];
+            if nb % 2 == 1 {
+                let b = nb - 1;
+                let a = _mm256_loadu_si256(act.a.as_ptr().add(b * QK).cast());
+                for k in 0..4 {
+                    let blk = rows[k] * nb + b;
+                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), load1(blk), a);
+                    let v = _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(dot),
+                        _mm256_set1_ps(self.d[blk] * act.s[b]),
+                    );
+                    let mut t = [0f32; 8];
+                    _mm256_storeu_ps(t.as_mut_ptr(), v);
+                    tail[k] = t.iter().sum();
                 }
             }
             for k in 0..n {
-                y[i + k] = hsum(acc[k]) + off[k];
+                let r = rows[k];
+                // The offset term, sum_b m * s * sum(a), apart from the hot loop.
+                let off: f32 = self.m[r * nb..(r + 1) * nb]
+                    .iter()
+                    .zip(&act.ssum)
+                    .map(|(m, s)| m * s)
+                    .sum();
+                y[i + k] = _mm512_reduce_add_ps(acc[k]) + tail[k] + off;
             }
             i += n;
         }
