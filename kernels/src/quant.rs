@@ -258,7 +258,7 @@ impl QMatrix {
     /// Four rows at a time so each activation block is loaded once per four rows; two blocks
     /// per 512-bit integer dot product.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
     unsafe fn rows_vnni(&self, act: &Act, r0: usize, y: &mut [f32]) {
         use std::arch::x86_64::*;
         let (nb, qb) = (self.nb(), self.qbytes());
@@ -378,6 +378,7 @@ fn vnni_available() -> bool {
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
                 && is_x86_feature_detected!("avx512vnni")
         })
     }

@@ -430,6 +430,23 @@ impl<T: Element> Engine<'_, T> {
                     .scores_dot(rows, kt, d, q, kb[base..].as_ptr(), ld, st, rp);
             }
             self.softmax_step(sc, nq, t, kt);
+            // SAFETY: st is [kt, rp]; V as above; o is [rows, dp].
+            let fused = unsafe {
+                self.ops.pv_rows(
+                    rows,
+                    kt,
+                    d,
+                    sc.st.as_ptr(),
+                    rp,
+                    vb[base..].as_ptr(),
+                    ld,
+                    sc.o.as_mut_ptr(),
+                    dp,
+                )
+            };
+            if fused {
+                return;
+            }
             let mut p = [0f32; BK];
             for r in 0..rows {
                 for (j, x) in p[..kt].iter_mut().enumerate() {

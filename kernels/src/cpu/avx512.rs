@@ -302,8 +302,8 @@ unsafe fn dot_rows_x8<const R: usize, T: super::RowElem>(
             }
             for j in 0..J {
                 let kv = T::load16(k.add((j0 + j) * ldk + c * 16));
-                for r in 0..R {
-                    acc[r][j] = _mm512_fmadd_ps(qv[r], kv, acc[r][j]);
+                for (a, qr) in acc.iter_mut().zip(&qv) {
+                    a[j] = _mm512_fmadd_ps(*qr, kv, a[j]);
                 }
             }
         }
@@ -318,6 +318,57 @@ unsafe fn dot_rows_x8<const R: usize, T: super::RowElem>(
         j0 += J;
     }
     j0
+}
+
+/// `o[r, 0..d] += sum_j p[j * ldp + r] * v[j, 0..d]` for `R` rows: the V chunk of a key is
+/// loaded (and widened) once for all rows, the outputs of 64 dims a pass held in registers.
+/// `d` must be a multiple of 16.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `p` holds `kt` rows at stride `ldp`, `v` `kt` rows of `d` at
+/// stride `ldv`, `o` `R` rows of `d` at stride `ldo`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn pv_rows<const R: usize, T: super::RowElem>(
+    kt: usize,
+    d: usize,
+    p: *const f32,
+    ldp: usize,
+    v: *const T,
+    ldv: usize,
+    o: *mut f32,
+    ldo: usize,
+) {
+    const W: usize = 4;
+    let nvec = d / 16;
+    let mut c0 = 0;
+    while c0 < nvec {
+        let w = W.min(nvec - c0);
+        let mut acc = [[_mm512_setzero_ps(); W]; R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (c, x) in a.iter_mut().enumerate().take(w) {
+                *x = _mm512_loadu_ps(o.add(r * ldo + (c0 + c) * 16));
+            }
+        }
+        for j in 0..kt {
+            let vr = v.add(j * ldv + c0 * 16);
+            let mut vv = [_mm512_setzero_ps(); W];
+            for (c, x) in vv.iter_mut().enumerate().take(w) {
+                *x = T::load16(vr.add(c * 16));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let pr = _mm512_set1_ps(*p.add(j * ldp + r));
+                for c in 0..w {
+                    a[c] = _mm512_fmadd_ps(pr, vv[c], a[c]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (c, x) in a.iter().enumerate().take(w) {
+                _mm512_storeu_ps(o.add(r * ldo + (c0 + c) * 16), *x);
+            }
+        }
+        c0 += w;
+    }
 }
 
 /// Same contract as [`super::portable::scores_dot`].

@@ -191,6 +191,49 @@ impl Ops {
     }
 }
 
+impl Ops {
+    /// `o[r, 0..d] += sum_j p[j * ldp + r] * v[j, 0..d]` for `r < rows`: the decode path's
+    /// `O += P V` with P read key-major from the score tile. True when done; false when this
+    /// instruction set or shape has no fused loop (the caller goes row by row).
+    ///
+    /// # Safety
+    /// `p` holds `kt` rows at stride `ldp`; `v` `kt` rows of `d` at stride `ldv`; `o` `rows`
+    /// rows of `d` at stride `ldo`.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pv_rows<T: RowElem>(
+        &self,
+        rows: usize,
+        kt: usize,
+        d: usize,
+        p: *const f32,
+        ldp: usize,
+        v: *const T,
+        ldv: usize,
+        o: *mut f32,
+        ldo: usize,
+    ) -> bool {
+        if !d.is_multiple_of(16) {
+            return false;
+        }
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                match rows {
+                    1 => avx512::pv_rows::<1, T>(kt, d, p, ldp, v, ldv, o, ldo),
+                    2 => avx512::pv_rows::<2, T>(kt, d, p, ldp, v, ldv, o, ldo),
+                    3 => avx512::pv_rows::<3, T>(kt, d, p, ldp, v, ldv, o, ldo),
+                    4 => avx512::pv_rows::<4, T>(kt, d, p, ldp, v, ldv, o, ldo),
+                    5 => avx512::pv_rows::<5, T>(kt, d, p, ldp, v, ldv, o, ldo),
+                    _ => return false,
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Asks the cache hierarchy (L2) for `data`, one request per 64-byte line; a hint only.
 #[inline]
 pub(crate) fn prefetch<T>(data: &[T]) {
@@ -351,6 +394,90 @@ mod tests {
                                         "{isa:?} bf16={bf16} d={d} rows={rows} kt={kt} ({j},{r}): {got} vs {want}"
                                     );
                                 }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fused `O += P V` of decode against a float64 sum, f32 and bf16 V.
+    #[test]
+    fn pv_rows_matches_f64() {
+        let mut rng = rand::rng();
+        let ops = Ops::new(Isa::detect());
+        for d in [16, 64, 72, 128] {
+            for rows in 1..=6 {
+                for kt in [1, 5, 16, 23] {
+                    let (ldp, ldv, ldo) = (16, d + 8, d + 16);
+                    let p: Vec<f32> = (0..kt * ldp).map(|_| rng.random_range(0.0..1.0)).collect();
+                    let v32: Vec<f32> =
+                        (0..kt * ldv).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let v16: Vec<u16> = v32
+                        .iter()
+                        .map(|x| half::bf16::from_f32(*x).to_bits())
+                        .collect();
+                    let o0: Vec<f32> = (0..rows * ldo)
+                        .map(|_| rng.random_range(-1.0..1.0))
+                        .collect();
+                    for bf16 in [false, true] {
+                        let mut o = o0.clone();
+                        // SAFETY: sizes as the contract asks.
+                        let done = unsafe {
+                            if bf16 {
+                                ops.pv_rows(
+                                    rows,
+                                    kt,
+                                    d,
+                                    p.as_ptr(),
+                                    ldp,
+                                    v16.as_ptr(),
+                                    ldv,
+                                    o.as_mut_ptr(),
+                                    ldo,
+                                )
+                            } else {
+                                ops.pv_rows(
+                                    rows,
+                                    kt,
+                                    d,
+                                    p.as_ptr(),
+                                    ldp,
+                                    v32.as_ptr(),
+                                    ldv,
+                                    o.as_mut_ptr(),
+                                    ldo,
+                                )
+                            }
+                        };
+                        if !done {
+                            assert!(d % 16 != 0 || rows > 5 || !Isa::Avx512.available());
+                            assert_eq!(o, o0, "untouched when not done");
+                            continue;
+                        }
+                        for r in 0..rows {
+                            for i in 0..ldo {
+                                let want = if i < d {
+                                    o0[r * ldo + i] as f64
+                                        + (0..kt)
+                                            .map(|j| {
+                                                let vv = if bf16 {
+                                                    u16::to_f32(v16[j * ldv + i])
+                                                } else {
+                                                    v32[j * ldv + i]
+                                                };
+                                                p[j * ldp + r] as f64 * vv as f64
+                                            })
+                                            .sum::<f64>()
+                                } else {
+                                    o0[r * ldo + i] as f64
+                                };
+                                let got = o[r * ldo + i] as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                    "d={d} rows={rows} kt={kt}"
+                                );
                             }
                         }
                     }
