@@ -4,7 +4,7 @@ use crate::commands::progress_bar;
 use anyhow::{Context, Result};
 use longctx_engine::apps::batch::{error_record, parse_job, Job, Results, Task};
 use longctx_engine::generate::{complete, Sampler, Sampling};
-use longctx_engine::{EngineError, KvOptions, Loaded, Runner};
+use longctx_engine::{EngineError, Loaded, Runner};
 use serde_json::json;
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -27,10 +27,13 @@ pub struct Args {
     /// Answer length when a job does not say.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
+    #[command(flatten)]
+    decode: super::DecodeOpts,
 }
 
 fn run_job(
     m: &Loaded,
+    kv: &longctx_engine::KvOptions,
     job: &Job,
     limit: usize,
     default_max: usize,
@@ -59,7 +62,7 @@ fn run_job(
             limit,
         });
     }
-    let store = m.model.kv_store(&KvOptions::default())?;
+    let store = m.model.kv_store(kv)?;
     let mut sampler = Sampler::new(Sampling {
         temperature: job.temperature.unwrap_or(0.0),
         ..Sampling::default()
@@ -103,7 +106,8 @@ pub fn run(args: Args) -> Result<()> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| (i + 1, l))
         .collect();
-    let m = super::open(&args.model)?;
+    let m = args.decode.open(&args.model)?;
+    let kv = args.decode.kv();
     let limit = args.max_context.unwrap_or(m.model.cfg.max_position);
     let bar = progress_bar(jobs.len() as u64, "jobs");
     let (mut ok, mut failed, mut skipped) = (0, 0, 0);
@@ -123,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
                     skipped += 1;
                     continue;
                 }
-                match run_job(&m, &job, limit, args.max_tokens) {
+                match run_job(&m, &kv, &job, limit, args.max_tokens) {
                     Ok(r) => {
                         ok += 1;
                         r

@@ -3,7 +3,7 @@
 use crate::commands::StreamPrinter;
 use anyhow::Result;
 use longctx_engine::generate::{generate, Sampler, Sampling};
-use longctx_engine::{KvOptions, Logits};
+use longctx_engine::Logits;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -33,6 +33,8 @@ pub struct Args {
     /// Prompt plus new tokens allowed (default: the model's trained context).
     #[arg(long)]
     max_context: Option<usize>,
+    #[command(flatten)]
+    decode: super::DecodeOpts,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -44,7 +46,7 @@ pub fn run(args: Args) -> Result<()> {
         args.top_p > 0.0 && args.top_p <= 1.0,
         "--top-p must be within (0, 1]"
     );
-    let m = super::open(&args.model)?;
+    let m = args.decode.open(&args.model)?;
     let text = if args.chat {
         m.tokenizer.render_chat(&[("user", &args.prompt)])?
     } else {
@@ -60,7 +62,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         .into());
     }
-    let store = m.model.kv_store(&KvOptions::default())?;
+    let store = m.model.kv_store(&args.decode.kv())?;
     let seq = store.create_seq();
     let logits = m
         .model

@@ -27,6 +27,55 @@ pub fn open(model: &Option<PathBuf>) -> Result<Loaded> {
     load(&path).with_context(|| format!("loading {}", path.display()))
 }
 
+/// How decode reads its bytes: the KV cache's element type and the weights' form.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DecodeOpts {
+    /// KV cache element type: f32 (exact) or bf16 (half the bytes a decode step reads).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub kv_dtype: KvDtype,
+    /// Weights one-token products read: f32 (exact), bf16 (rounded, half the bytes) or
+    /// quant (a GGUF file's own Q4_0/Q4_1/Q8_0 blocks times int8 activations, as llama.cpp
+    /// does; other weights quantised to 8 bits). Prefill stays f32 either way.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub decode_weights: DecodeWeights,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    Bf16,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeWeights {
+    F32,
+    Bf16,
+    Quant,
+}
+
+impl DecodeOpts {
+    /// Opens the model and prepares the decode weights asked for.
+    pub fn open(&self, model: &Option<PathBuf>) -> Result<Loaded> {
+        let mut m = open(model)?;
+        match self.decode_weights {
+            DecodeWeights::F32 => {}
+            DecodeWeights::Bf16 => m.model.enable_bf16_decode(),
+            DecodeWeights::Quant => m.model.enable_quant_decode()?,
+        }
+        Ok(m)
+    }
+
+    pub fn kv(&self) -> longctx_engine::KvOptions {
+        longctx_engine::KvOptions {
+            dtype: match self.kv_dtype {
+                KvDtype::F32 => longctx_kernels::DType::F32,
+                KvDtype::Bf16 => longctx_kernels::DType::BF16,
+            },
+            ..longctx_engine::KvOptions::default()
+        }
+    }
+}
+
 /// `longctx fetch-model smollm2`.
 pub fn fetch_model(name: &str) -> Result<()> {
     anyhow::ensure!(
