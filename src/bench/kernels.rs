@@ -22,7 +22,7 @@ pub struct Args {
     /// Only the smaller cases, with fewer repetitions (a smoke run).
     #[arg(long)]
     quick: bool,
-    /// Only the cases whose name is one of these (causal, full, decode, rope).
+    /// Only the cases whose name is one of these (causal, full, decode, decode-smol, rope).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -87,6 +87,18 @@ fn cases(quick: bool) -> Vec<Case> {
         prefill("causal", 16384, 4, 64, Mask::Causal),
         prefill("full", 4096, 8, 64, Mask::None),
         decode,
+        // SmolLM2's decode shape (GQA 3, d 64), over a KV larger than the L3.
+        Case {
+            name: "decode-smol",
+            shape: AttnShape {
+                n_q: 1,
+                n_kv: 65536,
+                h_q: 9,
+                h_kv: 3,
+                d: 64,
+            },
+            mask: Mask::Causal,
+        },
     ]
 }
 
