@@ -276,6 +276,72 @@ unsafe fn reduce8(v: &[__m512; 8]) -> [f32; 8] {
     [t[0], t[4], t[8], t[12], t[2], t[6], t[10], t[14]]
 }
 
+/// Sums of four vectors, `out[j] = sum(v[j])`, by the same butterfly as [`reduce8`].
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn reduce4(v: &[__m512; 4]) -> [f32; 4] {
+    let pair = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
+    };
+    let (x01, x23) = (pair(v[0], v[1]), pair(v[2], v[3]));
+    // Quarter q: 4 partial sums of v[q].
+    let y = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x88>(x01, x23),
+        _mm512_shuffle_f32x4::<0xDD>(x01, x23),
+    );
+    let u = _mm512_add_ps(y, _mm512_permute_ps::<0x4E>(y));
+    let u = _mm512_add_ps(u, _mm512_permute_ps::<0xB1>(u));
+    let mut t = [0f32; 16];
+    _mm512_storeu_ps(t.as_mut_ptr(), u);
+    [t[0], t[4], t[8], t[12]]
+}
+
+/// Scores of `4 <= R <= 6` rows (Llama 4's GQA 5, say), four keys at a time: as
+/// [`dot_rows_x8`] with the register budget shared by more rows.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn dot_rows_x4<const R: usize, T: super::RowElem>(
+    kt: usize,
+    d: usize,
+    q: *const f32,
+    k: *const T,
+    ldk: usize,
+    st: *mut f32,
+    ldst: usize,
+) -> usize {
+    const J: usize = 4;
+    let nvec = d / 16;
+    let mut j0 = 0;
+    while j0 + J <= kt {
+        let mut acc = [[_mm512_setzero_ps(); J]; R];
+        for c in 0..nvec {
+            let mut qv = [_mm512_setzero_ps(); R];
+            for (r, x) in qv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(q.add(r * d + c * 16));
+            }
+            for j in 0..J {
+                let kv = T::load16(k.add((j0 + j) * ldk + c * 16));
+                for (a, qr) in acc.iter_mut().zip(&qv) {
+                    a[j] = _mm512_fmadd_ps(*qr, kv, a[j]);
+                }
+            }
+        }
+        for j in 0..J {
+            _mm512_storeu_ps(st.add((j0 + j) * ldst), _mm512_setzero_ps());
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (j, v) in reduce4(a).iter().enumerate() {
+                *st.add((j0 + j) * ldst + r) = *v;
+            }
+        }
+        j0 += J;
+    }
+    j0
+}
+
 /// Scores of `R <= 3` rows, eight keys at a time: `R x 8` accumulators in registers, each K
 /// chunk loaded (and widened) once for all rows, and one butterfly per row per eight keys in
 /// place of a horizontal sum per row per key. `d` must be a multiple of 16.
@@ -391,6 +457,9 @@ pub unsafe fn scores_dot<T: super::RowElem>(
         (1, 0) => dot_rows_x8::<1, T>(kt, d, q, k, ldk, st, ldst),
         (2, 0) => dot_rows_x8::<2, T>(kt, d, q, k, ldk, st, ldst),
         (3, 0) => dot_rows_x8::<3, T>(kt, d, q, k, ldk, st, ldst),
+        (4, 0) => dot_rows_x4::<4, T>(kt, d, q, k, ldk, st, ldst),
+        (5, 0) => dot_rows_x4::<5, T>(kt, d, q, k, ldk, st, ldst),
+        (6, 0) => dot_rows_x4::<6, T>(kt, d, q, k, ldk, st, ldst),
         _ => 0,
     };
     let (kt, k, st) = (kt - done, k.add(done * ldk), st.add(done * ldst));
