@@ -199,3 +199,52 @@ fn no_gpu_is_one_clear_line() {
         );
     }
 }
+
+#[test]
+fn bench_ring_over_threads_matches_one_device() {
+    // A real ring (ranks as threads exchanging KV shards), every rank checked in-process.
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args([
+            "bench",
+            "ring",
+            "--transport",
+            "threads",
+            "--ranks",
+            "3",
+            "--seq",
+            "301",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "64",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let total: u64 = rows.iter().map(|r| r["tokens"].as_u64().unwrap()).sum();
+    assert_eq!(total, 301);
+    for r in rows {
+        assert!(r["max_rel_err"].as_f64().unwrap() <= 1e-5, "{r}");
+        assert_eq!(r["steps"], 3);
+    }
+    // NCCL outside a torchrun group: one clear line.
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(["bench", "ring", "--transport", "nccl", "--seq", "64"])
+        .env_remove("RANK")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("RANK is not set"), "{err}");
+}

@@ -52,6 +52,13 @@ pub struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// sim: each step computed here and the ring's timeline simulated over the link model;
+    /// threads: a real ring, ranks as threads exchanging shards through the in-process
+    /// transport; nccl: this process is one rank of a torchrun-style group (`RANK`,
+    /// `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`; GPU `LOCAL_RANK`), shards over NCCL. The
+    /// real rings check every rank's rows against the single-device kernel.
+    #[arg(long, default_value = "sim")]
+    transport: String,
 }
 
 #[derive(Serialize)]
@@ -122,6 +129,11 @@ pub fn run(args: Args) -> Result<()> {
         m => anyhow::bail!("--mask {m}: expected causal, none or chunked (with --chunk > 0)"),
     };
     set_threads(args.threads)?;
+    match args.transport.as_str() {
+        "sim" => {}
+        "threads" | "nccl" => return real_ring(&args, mask),
+        t => anyhow::bail!("--transport {t}: expected sim, threads or nccl"),
+    }
     let (n, p, d) = (args.seq, args.ranks, args.head_dim);
     let spec = AttnSpec {
         h_q: args.heads,
@@ -304,5 +316,136 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// One rank's result in a real ring, checked against the single-device kernel.
+#[derive(Serialize)]
+struct RankRow {
+    rank: usize,
+    tokens: usize,
+    steps: usize,
+    compute_ms: f64,
+    wait_ms: f64,
+    wall_ms: f64,
+    /// Largest relative error of the rank's output and LSE rows against one device's.
+    max_rel_err: f64,
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+    got.iter()
+        .zip(want)
+        .filter(|(_, w)| w.is_finite())
+        .map(|(g, w)| ((g - w).abs() / (1.0 + w.abs())) as f64)
+        .fold(0.0, f64::max)
+}
+
+/// Ring attention over a real transport: zigzag shards (contiguous for an unmasked ring),
+/// every rank's output and LSE compared with the single-device kernel's rows.
+fn real_ring(args: &Args, mask: Mask) -> Result<()> {
+    use longctx_ring::{nccl::Nccl, ring_attention, InProcess, Transport};
+    let d = args.head_dim;
+    let spec = AttnSpec {
+        h_q: args.heads,
+        h_kv: args.kv_heads,
+        d,
+        mask,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    let n = args.seq;
+    let (qrow, krow) = (spec.h_q * d, spec.h_kv * d);
+    // Every rank makes the same sequence (same seeds) and keeps its shard of it.
+    let q: Vec<bf16> = fill_random(n * qrow, 1);
+    let k: Vec<bf16> = fill_random(n * krow, 2);
+    let v: Vec<bf16> = fill_random(n * krow, 3);
+    let timeout = std::time::Duration::from_secs(120);
+    let run_rank = |t: &mut dyn Transport, lay: &[Vec<Run>]| -> Result<RankRow> {
+        let r = t.rank();
+        let runs = &lay[r];
+        let (qs, ks, vs) = (
+            gather_rows(&q, runs, qrow),
+            gather_rows(&k, runs, krow),
+            gather_rows(&v, runs, krow),
+        );
+        let t0 = Instant::now();
+        let res = ring_attention(t, lay, &qs, &ks, &vs, &spec)?;
+        let wall = t0.elapsed().as_secs_f64();
+        // The single-device kernel on this rank's queries against the whole sequence.
+        let whole = [Run {
+            start: 0,
+            stride: 1,
+            len: n,
+            offset: 0,
+        }];
+        let m = tokens(runs);
+        let (mut out, mut lse) = (vec![0f32; m * qrow], vec![f32::NEG_INFINITY; m * spec.h_q]);
+        attend_runs(&qs, runs, &k, &v, &whole, &spec, &mut out, &mut lse)?;
+        Ok(RankRow {
+            rank: r,
+            tokens: m,
+            steps: res.steps.len(),
+            compute_ms: res.steps.iter().map(|s| s.compute_s).sum::<f64>() * 1e3,
+            wait_ms: res.steps.iter().map(|s| s.wait_s).sum::<f64>() * 1e3,
+            wall_ms: wall * 1e3,
+            max_rel_err: max_rel(&res.out, &out).max(max_rel(&res.lse, &lse)),
+        })
+    };
+    let partition = if mask == Mask::None {
+        Partition::Contiguous
+    } else {
+        Partition::Zigzag
+    };
+    let rows: Vec<RankRow> = if args.transport == "threads" {
+        let p = args.ranks;
+        let lay = layout(partition, n, p);
+        let group = InProcess::group(p, timeout);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .map(|mut t| {
+                    let (lay, run_rank) = (&lay, &run_rank);
+                    s.spawn(move || run_rank(&mut t, lay))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
+                .collect::<Result<Vec<_>>>()
+        })?
+    } else {
+        let local: usize = std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut t = Nccl::from_env(local, timeout)?;
+        let lay = layout(partition, n, t.world());
+        vec![run_rank(&mut t, &lay)?]
+    };
+    let worst = rows.iter().map(|r| r.max_rel_err).fold(0.0, f64::max);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{} ring ({}), {n} tokens, h_q {} h_kv {} d {d} bf16, {mask:?}",
+            args.transport,
+            partition.name(),
+            spec.h_q,
+            spec.h_kv
+        );
+        println!(
+            "{:>5} {:>7} {:>6} {:>11} {:>9} {:>9} {:>12}",
+            "rank", "tokens", "steps", "compute ms", "wait ms", "wall ms", "max rel err"
+        );
+        for r in &rows {
+            println!(
+                "{:>5} {:>7} {:>6} {:>11.2} {:>9.2} {:>9.2} {:>12.2e}",
+                r.rank, r.tokens, r.steps, r.compute_ms, r.wait_ms, r.wall_ms, r.max_rel_err
+            );
+        }
+    }
+    anyhow::ensure!(
+        worst <= 1e-5,
+        "ring output differs from the single device by {worst:.2e}"
+    );
     Ok(())
 }
