@@ -304,9 +304,16 @@ impl Scratch {
             v.resize(n, x);
         };
         fit(&mut self.qt, d * rp, 0.0);
-        fit(&mut self.kbuf, BK * d, 0.0);
-        fit(&mut self.vbuf, BK * dp, 0.0);
-        fit(&mut self.st, BK * rp, 0.0);
+        // Written before they are read (each tile's widened K and V, and its scores): only
+        // grown, never cleared, so a decode item does not memset 40 KB per head.
+        let grow = |v: &mut Vec<f32>, n: usize| {
+            if v.len() < n {
+                v.resize(n, 0.0);
+            }
+        };
+        grow(&mut self.kbuf, BK * d);
+        grow(&mut self.vbuf, BK * dp);
+        grow(&mut self.st, BK * rp);
         fit(&mut self.o, rows * dp, 0.0);
         fit(&mut self.m, rp, f32::NEG_INFINITY);
         fit(&mut self.l, rp, 0.0);
