@@ -148,11 +148,14 @@ pub fn attention_with<T: Element, O: Element>(
             let (_, q0, q1) = block_of(i);
             std::cmp::Reverse(engine.span(q0, q1, 0, n_kv).1)
         });
-        order.par_iter().for_each_init(Scratch::default, |sc, &i| {
-            let (hk, q0, q1) = block_of(i);
-            engine.block(sc, hk, q0, q1, 0, n_kv);
-            // SAFETY: items cover disjoint (query, head) rows of `out` and `lse`.
-            unsafe { engine.store(sc, hk, q0, q1, out_ptr, lse_ptr) };
+        order.par_iter().for_each(|&i| {
+            with_scratch(|st| {
+                let sc = &mut st.scratch[0];
+                let (hk, q0, q1) = block_of(i);
+                engine.block(sc, hk, q0, q1, 0, n_kv);
+                // SAFETY: items cover disjoint (query, head) rows of `out` and `lse`.
+                unsafe { engine.store(sc, hk, q0, q1, out_ptr, lse_ptr) };
+            })
         });
         return Ok(());
     }
@@ -175,8 +178,8 @@ pub fn attention_with<T: Element, O: Element>(
         let work: Vec<(usize, usize)> = (0..splits)
             .flat_map(|s| (0..n_blocks).map(move |b| (s, b)))
             .collect();
-        work.par_iter()
-            .for_each_init(Staging::default, |st, &(s, b)| {
+        work.par_iter().for_each(|&(s, b)| {
+            with_scratch(|st| {
                 st.scratch.resize_with(h_kv, Scratch::default);
                 let (q0, q1) = (b * bq, ((b + 1) * bq).min(n_q));
                 let (j0, j1) = ((s * chunk).min(n_kv), ((s + 1) * chunk).min(n_kv));
@@ -217,7 +220,8 @@ pub fn attention_with<T: Element, O: Element>(
                         engine.store(sc, hk, q0, q1, o, l);
                     }
                 }
-            });
+            })
+        });
     }
     let out_rows = SyncPtr(out.as_mut_ptr());
     (0..rows_all)
@@ -243,6 +247,33 @@ pub fn attention_with<T: Element, O: Element>(
             }
         });
     Ok(())
+}
+
+thread_local! {
+    /// Each thread's buffers, kept across calls: decode calls the kernel once per KV block
+    /// and layer (hundreds of calls a token), and fresh buffers would cost an allocation and
+    /// a memset each time.
+    static STAGING: std::cell::RefCell<Staging> = std::cell::RefCell::new(Staging::default());
+}
+
+/// Runs `f` with this thread's [`Staging`] (at least one [`Scratch`] in it); a fresh one if
+/// the thread's own is in use further up its stack.
+fn with_scratch<R>(f: impl FnOnce(&mut Staging) -> R) -> R {
+    STAGING.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut st) => {
+            if st.scratch.is_empty() {
+                st.scratch.push(Scratch::default());
+            }
+            f(&mut st)
+        }
+        Err(_) => {
+            let mut st = Staging {
+                scratch: vec![Scratch::default()],
+                ..Staging::default()
+            };
+            f(&mut st)
+        }
+    })
 }
 
 /// A raw pointer that work items share to write disjoint rows.
