@@ -401,17 +401,17 @@ impl<T: Element> Engine<'_, T> {
         let AttnShape { h_kv, d, .. } = self.shape;
         let rows = (q1 - q0) * self.shape.group();
         // Few rows over narrow bf16 KV rows (decode over a KV store block): the split path's
-        // short tiles, the key rows (every head's) prefetched four tiles ahead.
+        // short tiles, the key rows (every head's) prefetched two tiles ahead.
         let narrow = rows <= 16
             && T::as_bf16_bits(self.k).is_some()
             && h_kv * d * std::mem::size_of::<T>() <= NARROW_ROW_BYTES;
-        let bk = if narrow { SPLIT_BK / 2 } else { BK };
+        let bk = if narrow { SPLIT_BK } else { BK };
         let mut t = start;
         while t < end {
             let kt = bk.min(end - t);
             if narrow {
-                let a = ((t + 4 * bk).min(end) * h_kv * d).min(self.k.len());
-                let b = ((t + 5 * bk).min(end) * h_kv * d).min(self.k.len());
+                let a = ((t + 2 * bk).min(end) * h_kv * d).min(self.k.len());
+                let b = ((t + 3 * bk).min(end) * h_kv * d).min(self.k.len());
                 crate::cpu::prefetch(&self.k[a..b]);
                 crate::cpu::prefetch(&self.v[a..b]);
             }
