@@ -276,7 +276,7 @@ unsafe fn reduce8(v: &[__m512; 8]) -> [f32; 8] {
     [t[0], t[4], t[8], t[12], t[2], t[6], t[10], t[14]]
 }
 
-/// Sums of four vectors, `out[j] = sum(v[j])`, by the same butterfly as [`reduce8`].
+/// Sums of four vectors, `out[j] = sum(v[j])`, by the first steps of [`reduce8`]'s butterfly.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn reduce4(v: &[__m512; 4]) -> [f32; 4] {
@@ -299,11 +299,13 @@ unsafe fn reduce4(v: &[__m512; 4]) -> [f32; 4] {
     [t[0], t[4], t[8], t[12]]
 }
 
-/// Scores of `4 <= R <= 6` rows (Llama 4's GQA 5, say), four keys at a time: as
-/// [`dot_rows_x8`] with the register budget shared by more rows.
+/// Scores of few rows, `J` keys at a time (8 for up to 3 rows, 4 for up to 6: the `R x J`
+/// accumulators stay in registers): each K chunk loaded (and widened) once for all rows, and
+/// one butterfly per row per `J` keys in place of a horizontal sum per row per key. `d` must
+/// be a multiple of 16. Returns how many keys were done (a multiple of `J`).
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn dot_rows_x4<const R: usize, T: super::RowElem>(
+unsafe fn dot_rows_grouped<const R: usize, const J: usize, T: super::RowElem>(
     kt: usize,
     d: usize,
     q: *const f32,
@@ -312,7 +314,6 @@ unsafe fn dot_rows_x4<const R: usize, T: super::RowElem>(
     st: *mut f32,
     ldst: usize,
 ) -> usize {
-    const J: usize = 4;
     let nvec = d / 16;
     let mut j0 = 0;
     while j0 + J <= kt {
@@ -333,51 +334,13 @@ unsafe fn dot_rows_x4<const R: usize, T: super::RowElem>(
             _mm512_storeu_ps(st.add((j0 + j) * ldst), _mm512_setzero_ps());
         }
         for (r, a) in acc.iter().enumerate() {
-            for (j, v) in reduce4(a).iter().enumerate() {
-                *st.add((j0 + j) * ldst + r) = *v;
+            let mut sums = [0f32; 8];
+            match J {
+                8 => sums = reduce8(a[..].try_into().expect("J is 8")),
+                4 => sums[..4].copy_from_slice(&reduce4(a[..].try_into().expect("J is 4"))),
+                _ => unreachable!("groups of 4 or 8 keys"),
             }
-        }
-        j0 += J;
-    }
-    j0
-}
-
-/// Scores of `R <= 3` rows, eight keys at a time: `R x 8` accumulators in registers, each K
-/// chunk loaded (and widened) once for all rows, and one butterfly per row per eight keys in
-/// place of a horizontal sum per row per key. `d` must be a multiple of 16.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn dot_rows_x8<const R: usize, T: super::RowElem>(
-    kt: usize,
-    d: usize,
-    q: *const f32,
-    k: *const T,
-    ldk: usize,
-    st: *mut f32,
-    ldst: usize,
-) -> usize {
-    const J: usize = 8;
-    let nvec = d / 16;
-    let mut j0 = 0;
-    while j0 + J <= kt {
-        let mut acc = [[_mm512_setzero_ps(); J]; R];
-        for c in 0..nvec {
-            let mut qv = [_mm512_setzero_ps(); R];
-            for (r, x) in qv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(q.add(r * d + c * 16));
-            }
-            for j in 0..J {
-                let kv = T::load16(k.add((j0 + j) * ldk + c * 16));
-                for (a, qr) in acc.iter_mut().zip(&qv) {
-                    a[j] = _mm512_fmadd_ps(*qr, kv, a[j]);
-                }
-            }
-        }
-        for j in 0..J {
-            _mm512_storeu_ps(st.add((j0 + j) * ldst), _mm512_setzero_ps());
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for (j, v) in reduce8(a).iter().enumerate() {
+            for (j, v) in sums.iter().take(J).enumerate() {
                 *st.add((j0 + j) * ldst + r) = *v;
             }
         }
@@ -454,12 +417,12 @@ pub unsafe fn scores_dot<T: super::RowElem>(
 ) {
     // Few rows (decode with a small GQA group): keys eight at a time, the rest one by one.
     let done = match (rows, d % 16) {
-        (1, 0) => dot_rows_x8::<1, T>(kt, d, q, k, ldk, st, ldst),
-        (2, 0) => dot_rows_x8::<2, T>(kt, d, q, k, ldk, st, ldst),
-        (3, 0) => dot_rows_x8::<3, T>(kt, d, q, k, ldk, st, ldst),
-        (4, 0) => dot_rows_x4::<4, T>(kt, d, q, k, ldk, st, ldst),
-        (5, 0) => dot_rows_x4::<5, T>(kt, d, q, k, ldk, st, ldst),
-        (6, 0) => dot_rows_x4::<6, T>(kt, d, q, k, ldk, st, ldst),
+        (1, 0) => dot_rows_grouped::<1, 8, T>(kt, d, q, k, ldk, st, ldst),
+        (2, 0) => dot_rows_grouped::<2, 8, T>(kt, d, q, k, ldk, st, ldst),
+        (3, 0) => dot_rows_grouped::<3, 8, T>(kt, d, q, k, ldk, st, ldst),
+        (4, 0) => dot_rows_grouped::<4, 4, T>(kt, d, q, k, ldk, st, ldst),
+        (5, 0) => dot_rows_grouped::<5, 4, T>(kt, d, q, k, ldk, st, ldst),
+        (6, 0) => dot_rows_grouped::<6, 4, T>(kt, d, q, k, ldk, st, ldst),
         _ => 0,
     };
     let (kt, k, st) = (kt - done, k.add(done * ldk), st.add(done * ldst));
