@@ -214,10 +214,12 @@ impl QMatrix {
         crate::attention::check_len(OP, "y", self.rows, y.len())?;
         let act = Act::quantize(x);
         let vnni = vnni_available();
-        // Chunks of rows big enough to amortise a task, small enough for both threads.
-        const ROWS: usize = 64;
-        y.par_chunks_mut(ROWS).enumerate().for_each(|(c, yc)| {
-            let r0 = c * ROWS;
+        // About four chunks a thread (at least 64 rows): enough to balance, few enough that
+        // the tasks' scheduling stays small beside a product of a few microseconds.
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per = self.rows.div_ceil(4 * threads).next_multiple_of(4).max(64);
+        y.par_chunks_mut(rows_per).enumerate().for_each(|(c, yc)| {
+            let r0 = c * rows_per;
             #[cfg(target_arch = "x86_64")]
             if vnni {
                 // SAFETY: VNNI checked at run time; rows r0..r0 + yc.len() exist.
