@@ -239,32 +239,40 @@ unsafe fn dot_rows<const R: usize, T: super::RowElem>(
     }
 }
 
+/// Butterfly step: lanes 0-7 of the result are partial sums of `a`, lanes 8-15 of `b`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fold_halves(a: __m512, b: __m512) -> __m512 {
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x44>(a, b),
+        _mm512_shuffle_f32x4::<0xEE>(a, b),
+    )
+}
+
+/// Butterfly step on two [`fold_halves`] results: 128-bit quarter `q` holds four partial sums
+/// of the `q`-th of the four vectors folded in.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fold_quarters(a: __m512, b: __m512) -> __m512 {
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x88>(a, b),
+        _mm512_shuffle_f32x4::<0xDD>(a, b),
+    )
+}
+
 /// Sums of eight vectors, `out[j] = sum(v[j])`, by a transposing butterfly: 23 shuffles
 /// and adds instead of eight full horizontal reductions.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn reduce8(v: &[__m512; 8]) -> [f32; 8] {
-    // Halves: lanes 0-7 partial sums of v[2i], lanes 8-15 of v[2i + 1].
-    let pair = |a: __m512, b: __m512| {
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x44>(a, b),
-            _mm512_shuffle_f32x4::<0xEE>(a, b),
-        )
-    };
     let (x01, x23, x45, x67) = (
-        pair(v[0], v[1]),
-        pair(v[2], v[3]),
-        pair(v[4], v[5]),
-        pair(v[6], v[7]),
+        fold_halves(v[0], v[1]),
+        fold_halves(v[2], v[3]),
+        fold_halves(v[4], v[5]),
+        fold_halves(v[6], v[7]),
     );
     // Quarters: quarter q holds 4 partial sums of v[q] (y1) or v[4 + q] (y2).
-    let quad = |a: __m512, b: __m512| {
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x88>(a, b),
-            _mm512_shuffle_f32x4::<0xDD>(a, b),
-        )
-    };
-    let (y1, y2) = (quad(x01, x23), quad(x45, x67));
+    let (y1, y2) = (fold_quarters(x01, x23), fold_quarters(x45, x67));
     // Per 128-bit lane: [y1 a0+a2, y1 a1+a3, y2 b0+b2, y2 b1+b3], then adjacent pairs.
     let u = _mm512_add_ps(
         _mm512_shuffle_ps::<0x44>(y1, y2),
@@ -280,18 +288,8 @@ unsafe fn reduce8(v: &[__m512; 8]) -> [f32; 8] {
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn reduce4(v: &[__m512; 4]) -> [f32; 4] {
-    let pair = |a: __m512, b: __m512| {
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x44>(a, b),
-            _mm512_shuffle_f32x4::<0xEE>(a, b),
-        )
-    };
-    let (x01, x23) = (pair(v[0], v[1]), pair(v[2], v[3]));
     // Quarter q: 4 partial sums of v[q].
-    let y = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0x88>(x01, x23),
-        _mm512_shuffle_f32x4::<0xDD>(x01, x23),
-    );
+    let y = fold_quarters(fold_halves(v[0], v[1]), fold_halves(v[2], v[3]));
     let u = _mm512_add_ps(y, _mm512_permute_ps::<0x4E>(y));
     let u = _mm512_add_ps(u, _mm512_permute_ps::<0xB1>(u));
     let mut t = [0f32; 16];

@@ -4,7 +4,7 @@ use super::source::{Family, Variant, HEAD_DIMS};
 use super::{Gpu, GpuElem, GpuError};
 use crate::attention::check_len;
 use crate::{AttnParams, AttnShape, KernelError, Mask};
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 
 /// Where K and V live.
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +31,57 @@ fn mask_args(mask: Mask) -> (i32, i64) {
         Mask::None => (0, 1),
         Mask::Causal => (1, 1),
         Mask::ChunkedLocal { chunk } => (2, chunk as i64),
+    }
+}
+
+/// The scalar arguments flash_fwd and flash_decode share, in their order, kept alive for
+/// the launch builder that borrows them.
+struct Scalars {
+    n_q: i32,
+    n_kv: i32,
+    h_q: i32,
+    h_kv: i32,
+    scale_log2: f32,
+    mask: i32,
+    chunk: i64,
+    q_pos: i64,
+    k_pos: i64,
+    block_tokens: i32,
+    null: u64,
+}
+
+impl Scalars {
+    fn new(shape: &AttnShape, params: &AttnParams, block_tokens: usize) -> Scalars {
+        let (mask, chunk) = mask_args(params.mask);
+        Scalars {
+            n_q: shape.n_q as i32,
+            n_kv: shape.n_kv as i32,
+            h_q: shape.h_q as i32,
+            h_kv: shape.h_kv as i32,
+            scale_log2: params.scale * std::f32::consts::LOG2_E,
+            mask,
+            chunk,
+            q_pos: params.q_pos as i64,
+            k_pos: params.k_pos as i64,
+            block_tokens: block_tokens as i32,
+            null: 0,
+        }
+    }
+
+    /// Pushes the arguments after `(q, k, v, out, lse)`: `n_q .. k_pos`, the block table (or
+    /// a null pointer) and the block size.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>, table: &'a Option<CudaSlice<i32>>) {
+        b.arg(&self.n_q)
+            .arg(&self.n_kv)
+            .arg(&self.h_q)
+            .arg(&self.h_kv);
+        b.arg(&self.scale_log2).arg(&self.mask).arg(&self.chunk);
+        b.arg(&self.q_pos).arg(&self.k_pos);
+        match table {
+            Some(t) => b.arg(t),
+            None => b.arg(&self.null),
+        };
+        b.arg(&self.block_tokens);
     }
 }
 
@@ -156,17 +207,7 @@ impl Gpu {
         }
         let variant = Variant::attention(Family::FlashFwd, T::DTYPE, shape.d, kv.table.is_some());
         let f = self.function(variant, "flash_fwd")?;
-        let (mask, chunk) = mask_args(params.mask);
-        let (n_q, n_kv, h_q, h_kv) = (
-            shape.n_q as i32,
-            shape.n_kv as i32,
-            shape.h_q as i32,
-            shape.h_kv as i32,
-        );
-        let scale_log2 = params.scale * std::f32::consts::LOG2_E;
-        let (q_pos, k_pos) = (params.q_pos as i64, params.k_pos as i64);
-        let bt = kv.block_tokens as i32;
-        let null = 0u64;
+        let sc = Scalars::new(&shape, params, kv.block_tokens);
         let cfg = LaunchConfig {
             grid_dim: (shape.n_q.div_ceil(BM) as u32, shape.h_q as u32, 1),
             block_dim: (THREADS, 1, 1),
@@ -174,13 +215,7 @@ impl Gpu {
         };
         let mut b = self.stream.launch_builder(&f);
         b.arg(q).arg(&kv.k).arg(&kv.v).arg(out).arg(lse);
-        b.arg(&n_q).arg(&n_kv).arg(&h_q).arg(&h_kv).arg(&scale_log2);
-        b.arg(&mask).arg(&chunk).arg(&q_pos).arg(&k_pos);
-        match &kv.table {
-            Some(t) => b.arg(t),
-            None => b.arg(&null),
-        };
-        b.arg(&bt);
+        sc.push(&mut b, &kv.table);
         // SAFETY: argument order and types match flash_fwd's signature; lengths checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -219,30 +254,16 @@ impl Gpu {
         let combine = self.function(variant, "flash_decode_combine")?;
         let mut part_o = self.stream.alloc_zeros::<f32>(splits * rows * shape.d)?;
         let mut part_lse = self.stream.alloc_zeros::<f32>(splits * rows)?;
-        let (mask, chunk) = mask_args(params.mask);
-        let (n_q, n_kv, h_q, h_kv) = (
-            shape.n_q as i32,
-            shape.n_kv as i32,
-            shape.h_q as i32,
-            shape.h_kv as i32,
-        );
-        let scale_log2 = params.scale * std::f32::consts::LOG2_E;
-        let (q_pos, k_pos) = (params.q_pos as i64, params.k_pos as i64);
-        let (bt, splits_i) = (kv.block_tokens as i32, splits as i32);
-        let null = 0u64;
+        let sc = Scalars::new(&shape, params, kv.block_tokens);
+        let splits_i = splits as i32;
         let mut b = self.stream.launch_builder(&f);
         b.arg(q)
             .arg(&kv.k)
             .arg(&kv.v)
             .arg(&mut part_o)
             .arg(&mut part_lse);
-        b.arg(&n_q).arg(&n_kv).arg(&h_q).arg(&h_kv).arg(&scale_log2);
-        b.arg(&mask).arg(&chunk).arg(&q_pos).arg(&k_pos);
-        match &kv.table {
-            Some(t) => b.arg(t),
-            None => b.arg(&null),
-        };
-        b.arg(&bt).arg(&splits_i);
+        sc.push(&mut b, &kv.table);
+        b.arg(&splits_i);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, splits as u32, 1),
             block_dim: (THREADS, 1, 1),
@@ -252,7 +273,7 @@ impl Gpu {
         unsafe { b.launch(cfg) }?;
         let mut c = self.stream.launch_builder(&combine);
         c.arg(&part_o).arg(&part_lse).arg(out).arg(lse);
-        c.arg(&n_q).arg(&h_q).arg(&splits_i);
+        c.arg(&sc.n_q).arg(&sc.h_q).arg(&splits_i);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
