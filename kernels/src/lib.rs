@@ -17,7 +17,8 @@ pub mod matmul;
 pub mod quant;
 
 pub use attention::{
-    attention, attention_with, merge, merge_into, AttnParams, AttnShape, CpuOptions, Mask, Strategy,
+    attention, attention_segments, attention_with, merge, merge_into, AttnParams, AttnShape,
+    CpuOptions, KvSegment, Mask, Strategy,
 };
 pub use cpu::Isa;
 pub use element::{DType, Element};

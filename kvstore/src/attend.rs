@@ -8,16 +8,19 @@
 //!   [`SEGMENT`] tokens, so the kernel runs long tiles and the merge (whose cost grows with
 //!   the number of parts times the rows) runs once per segment, not once per block;
 //! - few rows (decode): copying would double the memory traffic of a memory-bound step, so
-//!   each block is attended in place, up to [`GROUP`] blocks in parallel, then merged in order.
+//!   the blocks are read in place, up to [`GROUP`] of them in one kernel call
+//!   ([`attention_segments`]: one parallel region, key ranges cut across block boundaries),
+//!   and the groups merged in order.
 
 use crate::{Block, KvStore, Result, SeqId, StreamOptions};
 use bytemuck::Pod;
-use longctx_kernels::{attention, merge_into, AttnParams, AttnShape, Element};
-use rayon::prelude::*;
+use longctx_kernels::{
+    attention, attention_segments, merge_into, AttnParams, AttnShape, Element, KvSegment,
+};
 
 /// Tokens per contiguous segment on the prefill path.
 pub const SEGMENT: usize = 4096;
-/// Blocks attended in parallel on the decode path (bounds the blocks held at once).
+/// Blocks per kernel call on the decode path (bounds the blocks held at once).
 pub const GROUP: usize = 64;
 /// Query rows (queries x heads) up to which the decode path is taken.
 const FEW_ROWS: usize = 64;
@@ -61,6 +64,7 @@ pub fn attend<T: Element + Pod>(
     let mut part_lse = vec![0f32; lse.len()];
     let mut stream = store.stream::<T>(seq, layer, opts)?;
     if n_q * h_q <= FEW_ROWS {
+        let mut first = true;
         loop {
             let mut group = Vec::with_capacity(GROUP);
             for b in stream.by_ref() {
@@ -75,18 +79,21 @@ pub fn attend<T: Element + Pod>(
             if group.is_empty() {
                 return Ok(());
             }
-            let parts: Vec<_> = group
-                .par_iter()
-                .map(|b| {
-                    let mut o = vec![0f32; out.len()];
-                    let mut l = vec![0f32; lse.len()];
-                    let p = params.at(params.q_pos, b.pos);
-                    attention(q, b.k(), b.v(), shape(b.len), &p, &mut o, &mut l).map(|_| (o, l))
+            let segs: Vec<KvSegment<'_, T>> = group
+                .iter()
+                .map(|b| KvSegment {
+                    k: b.k(),
+                    v: b.v(),
+                    pos: b.pos,
                 })
                 .collect();
-            for part in parts {
-                let (o, l) = part?;
-                merge_into(out, lse, &o, &l, d)?;
+            let n_kv = group.iter().map(|b| b.len).sum();
+            if first {
+                attention_segments(q, &segs, shape(n_kv), params, out, lse)?;
+                first = false;
+            } else {
+                attention_segments(q, &segs, shape(n_kv), params, &mut part_out, &mut part_lse)?;
+                merge_into(out, lse, &part_out, &part_lse, d)?;
             }
         }
     }

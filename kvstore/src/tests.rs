@@ -569,6 +569,9 @@ fn attend_over_tiered_blocks_matches_the_f64_reference() {
         (7, 4, Mask::Causal, 61, 1),
         (32, 8, Mask::None, 200, 5),
         (5, 4, Mask::ChunkedLocal { chunk: 24 }, 90, 13),
+        // Decode over more blocks than one kernel call takes (GROUP): groups merged.
+        (5, 4, Mask::Causal, 401, 2),
+        (6, 1, Mask::ChunkedLocal { chunk: 40 }, 437, 3),
     ] {
         let dir = TempDir::new("attend");
         let (h_kv, d) = (2, 24);

@@ -15,7 +15,7 @@ mod cpu;
 mod merge;
 pub mod reference;
 
-pub use cpu::{attention, attention_with, CpuOptions, Strategy};
+pub use cpu::{attention, attention_segments, attention_with, CpuOptions, KvSegment, Strategy};
 pub use merge::{merge, merge_into};
 
 use crate::KernelError;

@@ -271,3 +271,97 @@ fn bad_shapes_are_errors_not_panics() {
     let e = attention(&buf, &kv, &kv, s, &p0, &mut out, &mut lse).unwrap_err();
     assert!(matches!(e, KernelError::Unsupported { .. }), "{e}");
 }
+
+/// A KV cut into segments (random lengths, some empty or of one key, in shuffled order, each
+/// at its own absolute position) gives what the same keys give in one piece.
+#[test]
+fn segments_equal_the_contiguous_kv() {
+    use rand::seq::{IndexedRandom, SliceRandom};
+    fn one<T: Element>(rng: &mut rand::rngs::StdRng, seed: u64, c: &Case, tol: f64) {
+        let AttnShape {
+            n_q,
+            n_kv,
+            h_q,
+            h_kv,
+            d,
+        } = c.shape;
+        let row = h_kv * d;
+        let q: Vec<T> = random(rng, n_q * h_q * d, 2.0);
+        let k: Vec<T> = random(rng, n_kv * row, 2.0);
+        let v: Vec<T> = random(rng, n_kv * row, 1.0);
+        let mut cuts: Vec<usize> = (0..rng.random_range(0..12))
+            .map(|_| rng.random_range(0..=n_kv))
+            .chain([0, n_kv, n_kv.min(1)])
+            .collect();
+        cuts.sort();
+        let mut segs: Vec<KvSegment<'_, T>> = cuts
+            .windows(2)
+            .map(|w| KvSegment {
+                k: &k[w[0] * row..w[1] * row],
+                v: &v[w[0] * row..w[1] * row],
+                pos: c.params.k_pos + w[0],
+            })
+            .collect();
+        segs.shuffle(rng);
+        let mut out = vec![0f32; n_q * h_q * d];
+        let mut lse = vec![0f32; n_q * h_q];
+        attention_segments(&q, &segs, c.shape, &c.params, &mut out, &mut lse).unwrap();
+        let (want_o, want_l) = attention_f64(&q, &k, &v, c.shape, &c.params);
+        let (eo, el) = (rel_error(&out, &want_o), rel_error(&lse, &want_l));
+        assert!(
+            eo <= tol && el <= tol,
+            "{:?} {:?} {} cuts {cuts:?}: out err {eo:.2e}, lse err {el:.2e} (seed {seed})",
+            c.shape,
+            c.params,
+            T::DTYPE.name()
+        );
+    }
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for mask in MASKS {
+        for ratio in [1, 4, 8] {
+            for n_q in [1, 3] {
+                for d in [64, 72] {
+                    let n_kv = *[1, 7, 300, 1301].choose(&mut rng).unwrap();
+                    let mut c = case(n_q, n_kv, 2, ratio, d, mask);
+                    // Keys from an absolute position other than 0, the queries after them.
+                    let base = rng.random_range(0..100);
+                    c.params = c.params.at(base + n_kv.saturating_sub(n_q), base);
+                    one::<f32>(&mut rng, seed, &c, TOL_F32);
+                    one::<bf16>(&mut rng, seed, &c, TOL_BF16);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn segments_of_the_wrong_size_are_errors() {
+    let shape = AttnShape {
+        n_q: 1,
+        n_kv: 10,
+        h_q: 4,
+        h_kv: 2,
+        d: 8,
+    };
+    let p = AttnParams::new(&shape, Mask::Causal);
+    let (q, k) = (vec![0.5f32; 32], vec![0.25f32; 160]);
+    let (mut out, mut lse) = (vec![0f32; 32], vec![0f32; 4]);
+    let seg = |a: usize, b: usize| KvSegment {
+        k: &k[a..b],
+        v: &k[a..b],
+        pos: 0,
+    };
+    // 9 keys where the shape says 10; half a key row; K and V of different lengths.
+    assert!(attention_segments(&q, &[seg(0, 144)], shape, &p, &mut out, &mut lse).is_err());
+    assert!(
+        attention_segments(&q, &[seg(0, 8), seg(8, 160)], shape, &p, &mut out, &mut lse).is_err()
+    );
+    let bad = KvSegment {
+        k: &k[..160],
+        v: &k[..144],
+        pos: 0,
+    };
+    assert!(attention_segments(&q, &[bad], shape, &p, &mut out, &mut lse).is_err());
+    assert!(attention_segments(&q, &[seg(0, 160)], shape, &p, &mut out, &mut lse).is_ok());
+}
