@@ -8,6 +8,8 @@
 //! Every kind is held as `w = d * q + m` with `q` unsigned (0..15 packed two per byte, or
 //! 0..255): Q4_1 as stored, Q4_0 with `m = -8 d`, Q8_0 with `q = i8 + 128` and `m = -128 d`.
 //! With int8 activations `x ~ s * a`, a block's product is `d s sum(q a) + m s sum(a)`.
+//! Scales stay f16 as in the file (Q4_1's `d` and `m` side by side), so a product streams the
+//! GGUF's own bytes per block and no more.
 
 use crate::KernelError;
 use half::f16;
@@ -34,6 +36,24 @@ impl QKind {
     fn packed(self) -> bool {
         self != QKind::Q8_0
     }
+
+    /// f16 scales kept per block: `d`, and Q4_1's `m`.
+    fn scales_per_block(self) -> usize {
+        if self == QKind::Q4_1 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// `m / d` of the kinds whose offset follows from the scale (the unsigned shift of `q`).
+    fn offset(self) -> f32 {
+        match self {
+            QKind::Q4_0 => -8.0,
+            QKind::Q8_0 => -128.0,
+            QKind::Q4_1 => 0.0,
+        }
+    }
 }
 
 const QK: usize = 32;
@@ -43,13 +63,13 @@ pub struct QMatrix {
     kind: QKind,
     rows: usize,
     cols: usize,
-    /// Per block: scale and offset, `[rows, cols / 32]`.
-    d: Vec<f32>,
-    m: Vec<f32>,
+    /// Per block, f16 bits: `d`, or `d, m` for Q4_1 (`[rows, cols / 32, 1 or 2]`).
+    scales: Vec<u16>,
     /// Per block: 16 bytes of nibbles (elements j and j + 16 in byte j), or 32 bytes.
     q: Vec<u8>,
 }
 
+#[cfg(test)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
@@ -72,22 +92,22 @@ impl QMatrix {
         let nb = rows * cols / QK;
         crate::attention::check_len(OP, "blocks", nb * kind.block_bytes(), bytes.len())?;
         let qb = if kind.packed() { 16 } else { 32 };
-        let (mut d, mut m, mut q) = (vec![0f32; nb], vec![0f32; nb], vec![0u8; nb * qb]);
+        let per = kind.scales_per_block();
+        let (mut scales, mut q) = (vec![0u16; nb * per], vec![0u8; nb * qb]);
+        let bits = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         for (i, blk) in bytes.chunks_exact(kind.block_bytes()).enumerate() {
             let dq = &mut q[i * qb..(i + 1) * qb];
             match kind {
                 QKind::Q4_1 => {
-                    (d[i], m[i]) = (f16_at(blk, 0), f16_at(blk, 2));
+                    (scales[2 * i], scales[2 * i + 1]) = (bits(blk, 0), bits(blk, 2));
                     dq.copy_from_slice(&blk[4..20]);
                 }
                 QKind::Q4_0 => {
-                    d[i] = f16_at(blk, 0);
-                    m[i] = -8.0 * d[i];
+                    scales[i] = bits(blk, 0);
                     dq.copy_from_slice(&blk[2..18]);
                 }
                 QKind::Q8_0 => {
-                    d[i] = f16_at(blk, 0);
-                    m[i] = -128.0 * d[i];
+                    scales[i] = bits(blk, 0);
                     for (o, b) in dq.iter_mut().zip(&blk[2..34]) {
                         *o = (*b as i8 as i16 + 128) as u8;
                     }
@@ -98,8 +118,7 @@ impl QMatrix {
             kind,
             rows,
             cols,
-            d,
-            m,
+            scales,
             q,
         })
     }
@@ -155,8 +174,10 @@ impl QMatrix {
             kind: first.kind,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
-            d: parts.iter().flat_map(|p| p.d.iter().copied()).collect(),
-            m: parts.iter().flat_map(|p| p.m.iter().copied()).collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
             q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
         })
     }
@@ -175,7 +196,7 @@ impl QMatrix {
 
     /// Bytes a product streams.
     pub fn bytes(&self) -> usize {
-        self.q.len() + 8 * self.d.len()
+        self.q.len() + 2 * self.scales.len()
     }
 
     fn nb(&self) -> usize {
@@ -204,7 +225,20 @@ impl QMatrix {
         } else {
             q[j]
         };
-        self.d[b] * v as f32 + self.m[b]
+        let (d, m) = self.dm(b);
+        d * v as f32 + m
+    }
+
+    /// Scale and offset of block `b` (row-major over all blocks).
+    fn dm(&self, b: usize) -> (f32, f32) {
+        let h = |i: usize| f16::from_bits(self.scales[i]).to_f32();
+        match self.kind {
+            QKind::Q4_1 => (h(2 * b), h(2 * b + 1)),
+            k => {
+                let d = h(b);
+                (d, k.offset() * d)
+            }
+        }
     }
 
     /// `y[rows] = W . x` for one activation vector `x[cols]`, x quantised to int8 per block.
@@ -212,8 +246,12 @@ impl QMatrix {
         const OP: &str = "QMatrix::gemv";
         crate::attention::check_len(OP, "x", self.cols, x.len())?;
         crate::attention::check_len(OP, "y", self.rows, y.len())?;
-        let act = Act::quantize(x);
         let vnni = vnni_available();
+        let act = if vnni {
+            Act::quantize(x).pairs(self.kind)
+        } else {
+            Act::quantize(x)
+        };
         // About four chunks a thread (at least 64 rows): enough to balance, few enough that
         // the tasks' scheduling stays small beside a product of a few microseconds.
         let threads = rayon::current_num_threads().max(1);
@@ -251,46 +289,61 @@ impl QMatrix {
                 } else {
                     q.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum()
                 };
-                acc += self.d[blk] * act.s[b] * dot as f32 + self.m[blk] * act.ssum[b];
+                let (d, m) = self.dm(blk);
+                acc += d * act.s[b] * dot as f32 + m * act.ssum[b];
             }
             *out = acc;
         }
     }
 
     /// Four rows at a time so each activation block is loaded once per four rows; two blocks
-    /// per 512-bit integer dot product.
+    /// per 512-bit integer dot product. The two blocks' 32 bytes of nibbles are broadcast to
+    /// both halves and shifted by 0 or 4, so the bytes come in the order
+    /// `[b 0..16, b+1 0..16, b 16..32, b+1 16..32]`, which the activations were laid out in
+    /// ([`Act::pairs`]); no shuffles in the loop.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
     unsafe fn rows_vnni(&self, act: &Act, r0: usize, y: &mut [f32]) {
         use std::arch::x86_64::*;
         let (nb, qb) = (self.nb(), self.qbytes());
         let packed = self.kind.packed();
-        let low = _mm256_set1_epi8(0x0f);
-        let low128 = _mm_set1_epi8(0x0f);
-        // Weights of blocks b and b + 1 as 64 unsigned bytes in element order.
-        let load2 = |blk: usize| -> __m512i {
+        let q4_1 = self.kind == QKind::Q4_1;
+        let per = self.kind.scales_per_block();
+        let low = _mm512_set1_epi8(0x0f);
+        let shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+        // 32-bit lane -> block of the pair (0: b, 1: b + 1); Q4_1's scales come as
+        // [d0, m0, d1, m1], the others' as [d0, d1].
+        let (lane_d, lane_m) = match (packed, q4_1) {
+            (true, true) => (
+                _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0),
+                _mm512_set_epi32(3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1),
+            ),
+            (true, false) => (
+                _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0),
+                _mm512_setzero_si512(),
+            ),
+            _ => (
+                _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                _mm512_setzero_si512(),
+            ),
+        };
+        let weights = |blk: usize| -> __m512i {
             let p = self.q.as_ptr().add(blk * qb);
             if packed {
-                let v = _mm256_loadu_si256(p.cast());
-                let lo = _mm256_and_si256(v, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                // [b lo, b+1 lo, b hi, b+1 hi] -> [b lo, b hi, b+1 lo, b+1 hi]
-                let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                _mm512_shuffle_i64x2::<0b11_01_10_00>(x, x)
+                let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()));
+                _mm512_and_si512(_mm512_srlv_epi64(v, shift), low)
             } else {
                 _mm512_loadu_si512(p.cast())
             }
         };
-        let load1 = |blk: usize| -> __m256i {
-            let p = self.q.as_ptr().add(blk * qb);
-            if packed {
-                let v = _mm_loadu_si128(p.cast());
-                let lo = _mm_and_si128(v, low128);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low128);
-                _mm256_set_m128i(hi, lo)
+        let scales = |blk: usize| -> __m512 {
+            let p = self.scales.as_ptr().add(blk * per);
+            let h = if q4_1 {
+                _mm_loadl_epi64(p.cast())
             } else {
-                _mm256_loadu_si256(p.cast())
-            }
+                _mm_cvtsi32_si128(p.cast::<i32>().read_unaligned())
+            };
+            _mm512_castps128_ps512(_mm_cvtph_ps(h))
         };
         let pairs = nb / 2;
         let mut i = 0;
@@ -300,53 +353,70 @@ impl QMatrix {
             let mut acc = [_mm512_setzero_ps(); 4];
             for p in 0..pairs {
                 let b = 2 * p;
-                let a = _mm512_loadu_si512(act.a.as_ptr().add(b * QK).cast());
-                let (s0, s1) = (act.s[b], act.s[b + 1]);
+                let a = _mm512_loadu_si512(act.pa.as_ptr().add(b * QK).cast());
+                let (sv, ov) = (
+                    _mm512_loadu_ps(act.ps.as_ptr().add(p * 16)),
+                    _mm512_loadu_ps(act.po.as_ptr().add(p * 16)),
+                );
                 for k in 0..4 {
                     let blk = rows[k] * nb + b;
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load2(blk), a);
-                    let d0 = *self.d.get_unchecked(blk) * s0;
-                    let d1 = *self.d.get_unchecked(blk + 1) * s1;
-                    let scale = _mm512_insertf32x8::<1>(_mm512_set1_ps(d0), _mm256_set1_ps(d1));
-                    acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[k]);
-                }
-            }
-            let mut tail = [0f32; 4];
-            if nb % 2 == 1 {
-                let b = nb - 1;
-                let a = _mm256_loadu_si256(act.a.as_ptr().add(b * QK).cast());
-                for k in 0..4 {
-                    let blk = rows[k] * nb + b;
-                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), load1(blk), a);
-                    let v = _mm256_mul_ps(
-                        _mm256_cvtepi32_ps(dot),
-                        _mm256_set1_ps(self.d[blk] * act.s[b]),
-                    );
-                    let mut t = [0f32; 8];
-                    _mm256_storeu_ps(t.as_mut_ptr(), v);
-                    tail[k] = t.iter().sum();
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights(blk), a);
+                    let sc = scales(blk);
+                    let d = _mm512_permutexvar_ps(lane_d, sc);
+                    if q4_1 {
+                        // d s dot + m s sum(a)
+                        let m = _mm512_permutexvar_ps(lane_m, sc);
+                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sv);
+                        acc[k] = _mm512_fmadd_ps(m, ov, _mm512_fmadd_ps(d, t, acc[k]));
+                    } else {
+                        // d (s dot + c s sum(a)), c = m / d
+                        let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, ov);
+                        acc[k] = _mm512_fmadd_ps(d, t, acc[k]);
+                    }
                 }
             }
             for k in 0..n {
                 let r = rows[k];
-                // The offset term, sum_b m * s * sum(a), apart from the hot loop.
-                let off: f32 = self.m[r * nb..(r + 1) * nb]
-                    .iter()
-                    .zip(&act.ssum)
-                    .map(|(m, s)| m * s)
-                    .sum();
-                y[i + k] = _mm512_reduce_add_ps(acc[k]) + tail[k] + off;
+                let mut v = _mm512_reduce_add_ps(acc[k]);
+                if nb % 2 == 1 {
+                    // The odd last block, in natural order.
+                    let b = nb - 1;
+                    let blk = r * nb + b;
+                    let w = &self.q[blk * qb..(blk + 1) * qb];
+                    let a = &act.a[b * QK..(b + 1) * QK];
+                    let dot: i32 = if packed {
+                        (0..16)
+                            .map(|j| {
+                                (w[j] & 0x0f) as i32 * a[j] as i32
+                                    + (w[j] >> 4) as i32 * a[j + 16] as i32
+                            })
+                            .sum()
+                    } else {
+                        w.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum()
+                    };
+                    let (d, m) = self.dm(blk);
+                    v += d * act.s[b] * dot as f32 + m * act.ssum[b];
+                }
+                y[i + k] = v;
             }
             i += n;
         }
     }
 }
 
-/// Activations quantised per block of 32: `x ~ s[b] * a`, with `ssum[b] = s[b] * sum(a)`.
+/// Activations quantised per block of 32: `x ~ s[b] * a`, with `ssum[b] = s[b] * sum(a)`;
+/// and, for the vector path, the same laid out per pair of blocks (see [`Act::pairs`]).
 struct Act {
     a: Vec<i8>,
     s: Vec<f32>,
     ssum: Vec<f32>,
+    /// `a` with each whole pair of blocks in the order the kernel reads the weights' bytes.
+    pa: Vec<i8>,
+    /// Per pair, per 32-bit lane of the integer dot product: the lane's block's `s`, and its
+    /// offset factor: `ssum / 8` (Q4_1, times `m`) or `c * ssum / 8` (the others, `c = m / d`),
+    /// a block's offset spread over the eight lanes that sum into it.
+    ps: Vec<f32>,
+    po: Vec<f32>,
 }
 
 impl Act {
@@ -367,7 +437,47 @@ impl Act {
             s[b] = scale;
             ssum[b] = scale * sum as f32;
         }
-        Act { a, s, ssum }
+        Act {
+            a,
+            s,
+            ssum,
+            pa: vec![],
+            ps: vec![],
+            po: vec![],
+        }
+    }
+
+    /// Lays out the pairs of blocks for [`QMatrix::rows_vnni`] on weights of `kind`: packed
+    /// nibbles give bytes `[b 0..16, b+1 0..16, b 16..32, b+1 16..32]` (lanes 0-3 and 8-11
+    /// of the dot product are block b's), 8-bit weights their natural order (lanes 0-7).
+    fn pairs(mut self, kind: QKind) -> Act {
+        let pairs = self.s.len() / 2;
+        let packed = kind.packed();
+        self.pa = self.a.clone();
+        self.ps = vec![0f32; pairs * 16];
+        self.po = vec![0f32; pairs * 16];
+        for p in 0..pairs {
+            let b = 2 * p;
+            if packed {
+                let src = &self.a[b * QK..(b + 2) * QK];
+                let dst = &mut self.pa[b * QK..(b + 2) * QK];
+                dst[..16].copy_from_slice(&src[..16]);
+                dst[16..32].copy_from_slice(&src[32..48]);
+                dst[32..48].copy_from_slice(&src[16..32]);
+                dst[48..].copy_from_slice(&src[48..]);
+            }
+            for lane in 0..16 {
+                let blk = b + if packed { (lane / 4) % 2 } else { lane / 8 };
+                let c = if kind == QKind::Q4_1 {
+                    1.0
+                } else {
+                    kind.offset()
+                };
+                self.ps[p * 16 + lane] = self.s[blk];
+                self.po[p * 16 + lane] = c * self.ssum[blk] / 8.0;
+            }
+        }
+        self
     }
 }
 
@@ -382,6 +492,7 @@ fn vnni_available() -> bool {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512dq")
                 && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("f16c")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
