@@ -8,7 +8,10 @@
 //! running max, the sum and the exp2 are then vertical vector operations across rows, and
 //! `O[rows, d] += P . V_tile` reads V rows in place. bf16/f16 tiles are widened to f32 first.
 //! Work items run on the rayon pool; the decode shape (few rows, long KV) splits the keys
-//! of each item across threads and merges the parts by their log-sum-exp.
+//! of each item across threads and merges the parts by their log-sum-exp. Decode over a
+//! bf16 KV takes whole unmasked 16-key tiles in one fused step where the CPU has bf16 dot
+//! products (`Ops::decode_tile_bf16`: scores with keys in lanes, one exp2 per row per tile).
+//! A KV in pieces (a paged cache's blocks) is read in place by [`attention_segments`].
 
 use super::{check_len, merge_into, AttnParams, AttnShape};
 use crate::cpu::{Isa, Ops};
@@ -22,9 +25,9 @@ const BK: usize = 64;
 const SPLIT_BK: usize = 16;
 /// How many tiles ahead the split-KV path prefetches.
 const PREFETCH_TILES: usize = 1;
-/// Narrow KV rows (all heads of a key in at most this many bytes, SmolLM2's 384) go in
-/// tiles of half the keys, prefetched four tiles ahead: measured 15-20% faster there
-/// (`bench kernels --only decode-smol`), and 30% slower on the 2 KiB rows of `decode`.
+/// Narrow KV rows (all heads of a key in at most this many bytes, SmolLM2's 384 in bf16) are
+/// prefetched two tiles ahead on the split path (`bench kernels --only decode-smol`); it
+/// measured 30% slower on the 2 KiB rows of `decode`.
 const NARROW_ROW_BYTES: usize = 512;
 /// Rows up to this size (SmolLM2's f32 KV, 768 bytes) go in whole `BK` tiles with no
 /// prefetch: 3-5% faster on its f32 decode step than the wide rows' short tiles.
@@ -294,7 +297,7 @@ fn split_kv<T: Element, O: Element>(
         let staged = T::as_f32(segs[0].k).is_none() && !direct_bf16;
         let row_bytes = row * std::mem::size_of::<T>();
         let (bk, tiles_ahead) = if row_bytes <= NARROW_ROW_BYTES {
-            (SPLIT_BK / 2, 4 * PREFETCH_TILES)
+            (SPLIT_BK, 2 * PREFETCH_TILES)
         } else if row_bytes <= MID_ROW_BYTES {
             (BK, 0)
         } else {
@@ -473,6 +476,9 @@ struct Staging {
 struct Scratch {
     /// `Q^T`: `[d, rows_pad]`, scaled by `scale * log2(e)`.
     qt: Vec<f32>,
+    /// Few rows of bf16 queries: `Q` `[rows, d]` as their bits, unscaled (the fused decode
+    /// step's bf16 dot products); empty otherwise.
+    qb: Vec<u16>,
     /// A K tile widened to f32: `[BK, d]`.
     kbuf: Vec<f32>,
     /// A V tile widened to f32: `[BK, d_pad]`.
@@ -606,6 +612,13 @@ impl<T: Element> Engine<'_, T> {
         // Few rows (decode): scores by dot products over Q packed row-major; otherwise by a
         // GEMM over Q^T.
         let few = rp == 16;
+        sc.qb.clear();
+        if let (true, Some(bits)) = (few, T::as_bf16_bits(self.q)) {
+            for i in 0..nq {
+                sc.qb
+                    .extend_from_slice(&bits[((q0 + i) * h_q + hk * g) * d..][..g * d]);
+            }
+        }
         for i in 0..nq {
             for gi in 0..g {
                 let r = i * g + gi;
@@ -662,6 +675,31 @@ impl<T: Element> Engine<'_, T> {
             _ => None,
         };
         if let Some((kb, vb)) = bits {
+            if kt == Ops::DECODE_TILE
+                && !sc.qb.is_empty()
+                && self.ops.has_decode_tile_bf16(rows, d)
+                && (0..nq).all(|i| sc.lo[i] <= t && sc.hi[i] >= t + kt)
+            {
+                // A whole unmasked tile: the fused step.
+                // SAFETY: qb is [rows, d]; 16 rows of K and V at stride ld from `base`;
+                // m, l hold rp >= rows values, o rows rows of dp >= d.
+                unsafe {
+                    self.ops.decode_tile_bf16(
+                        rows,
+                        d,
+                        sc.qb.as_ptr(),
+                        self.scale2,
+                        kb[base..].as_ptr(),
+                        vb[base..].as_ptr(),
+                        ld,
+                        sc.m.as_mut_ptr(),
+                        sc.l.as_mut_ptr(),
+                        sc.o.as_mut_ptr(),
+                        dp,
+                    )
+                };
+                return;
+            }
             // Decode over a bf16 cache: K and V read in place, widened in registers.
             // SAFETY: kt rows of d values at stride ld from `base` lie within k and v.
             unsafe {

@@ -265,22 +265,8 @@ unsafe fn fold_quarters(a: __m512, b: __m512) -> __m512 {
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn reduce8(v: &[__m512; 8]) -> [f32; 8] {
-    let (x01, x23, x45, x67) = (
-        fold_halves(v[0], v[1]),
-        fold_halves(v[2], v[3]),
-        fold_halves(v[4], v[5]),
-        fold_halves(v[6], v[7]),
-    );
-    // Quarters: quarter q holds 4 partial sums of v[q] (y1) or v[4 + q] (y2).
-    let (y1, y2) = (fold_quarters(x01, x23), fold_quarters(x45, x67));
-    // Per 128-bit lane: [y1 a0+a2, y1 a1+a3, y2 b0+b2, y2 b1+b3], then adjacent pairs.
-    let u = _mm512_add_ps(
-        _mm512_shuffle_ps::<0x44>(y1, y2),
-        _mm512_shuffle_ps::<0xEE>(y1, y2),
-    );
-    let u = _mm512_add_ps(u, _mm512_permute_ps::<0xB1>(u));
     let mut t = [0f32; 16];
-    _mm512_storeu_ps(t.as_mut_ptr(), u);
+    _mm512_storeu_ps(t.as_mut_ptr(), reduce8_lanes(v));
     [t[0], t[4], t[8], t[12], t[2], t[6], t[10], t[14]]
 }
 
@@ -288,12 +274,8 @@ unsafe fn reduce8(v: &[__m512; 8]) -> [f32; 8] {
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn reduce4(v: &[__m512; 4]) -> [f32; 4] {
-    // Quarter q: 4 partial sums of v[q].
-    let y = fold_quarters(fold_halves(v[0], v[1]), fold_halves(v[2], v[3]));
-    let u = _mm512_add_ps(y, _mm512_permute_ps::<0x4E>(y));
-    let u = _mm512_add_ps(u, _mm512_permute_ps::<0xB1>(u));
     let mut t = [0f32; 16];
-    _mm512_storeu_ps(t.as_mut_ptr(), u);
+    _mm512_storeu_ps(t.as_mut_ptr(), reduce4_lanes(v));
     [t[0], t[4], t[8], t[12]]
 }
 
@@ -510,4 +492,173 @@ pub unsafe fn axpy_rows<T: super::RowElem>(
             *yp.add(j) += xr * (*b.add(rr * ld + j)).to_f32();
         }
     }
+}
+
+/// Keys per call of [`decode_tile_bf16`].
+const DECODE_TILE: usize = super::Ops::DECODE_TILE;
+
+/// One 16-key step of decode attention over a bf16 KV for `R` query rows, fused: scores by
+/// bf16 dot products (`vdpbf16ps`: the products of bf16 queries and keys are exact in f32, so
+/// this is the f32 dot product of the same values, without widening K), laid out row-major
+/// (keys in lanes), so the online softmax takes one exp2 per row per 16 keys instead of one
+/// per key; then `O = alpha O + P V` with the output rows in registers. `J` keys share a
+/// butterfly reduction (8 for up to 3 rows, 4 for 4-6: `R x J` accumulators in registers).
+///
+/// State as [`softmax_tile`] keeps it: `m` (running max, log2 units), `l` (sum of exp2),
+/// `o` rows at stride `ldo`, all un-normalised. `d` must be a multiple of 32.
+///
+/// # Safety
+/// The CPU must have AVX-512F/BW and AVX512_BF16; `q` holds `R` rows of `d` bf16 bits, `k`
+/// and `v` 16 rows of `d` at stride `ld`; `m` and `l` `R` values; `o` `R` rows of `d`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
+    d: usize,
+    q: *const u16,
+    scale2: f32,
+    k: *const u16,
+    v: *const u16,
+    ld: usize,
+    m: *mut f32,
+    l: *mut f32,
+    o: *mut f32,
+    ldo: usize,
+) {
+    const G: usize = DECODE_TILE;
+    // Scores: each group of J keys reduced by a butterfly to a vector whose fixed lanes hold
+    // the J sums (reduce8: lanes 0,4,8,12,2,6,10,14; reduce4: quarter q holds key q).
+    let mut u = [[_mm512_setzero_ps(); R]; 4];
+    for (g, ug) in u.iter_mut().enumerate().take(G / J) {
+        let mut acc = [[_mm512_setzero_ps(); J]; R];
+        for c in 0..d / 32 {
+            let mut qv = [_mm512_setzero_si512(); R];
+            for (r, x) in qv.iter_mut().enumerate() {
+                *x = _mm512_loadu_si512(q.add(r * d + c * 32).cast());
+            }
+            for j in 0..J {
+                let kv: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                    k.add((g * J + j) * ld + c * 32).cast(),
+                ));
+                for (a, qr) in acc.iter_mut().zip(&qv) {
+                    a[j] =
+                        _mm512_dpbf16_ps(a[j], std::mem::transmute::<__m512i, __m512bh>(*qr), kv);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            ug[r] = match J {
+                8 => reduce8_lanes(a[..].try_into().expect("J is 8")),
+                _ => reduce4_lanes(a[..].try_into().expect("J is 4")),
+            };
+        }
+    }
+    let scale = _mm512_set1_ps(scale2);
+    let mut p = [[0f32; G]; R];
+    let mut alpha = [1f32; R];
+    for r in 0..R {
+        // Keys 0..16 in lanes 0..16.
+        let s = if J == 8 {
+            let idx = _mm512_set_epi32(30, 26, 22, 18, 28, 24, 20, 16, 14, 10, 6, 2, 12, 8, 4, 0);
+            _mm512_permutex2var_ps(u[0][r], idx, u[1][r])
+        } else {
+            let idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+            let lo = _mm512_permutex2var_ps(u[0][r], idx, u[1][r]);
+            let hi = _mm512_permutex2var_ps(u[2][r], idx, u[3][r]);
+            let halves = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+            _mm512_permutex2var_ps(lo, halves, hi)
+        };
+        let s = _mm512_mul_ps(s, scale);
+        let (m_old, mx) = (*m.add(r), _mm512_reduce_max_ps(s));
+        let m_new = m_old.max(mx);
+        if m_new > m_old {
+            // exp2(-inf) = 0 for the first tile: o and l are zero then anyway.
+            alpha[r] = _mm512_cvtss_f32(exp2(_mm512_set1_ps(m_old - m_new)));
+        }
+        let e = exp2(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
+        _mm512_storeu_ps(p[r].as_mut_ptr(), e);
+        *l.add(r) = *l.add(r) * alpha[r] + _mm512_reduce_add_ps(e);
+        *m.add(r) = m_new;
+    }
+    // O = alpha O + P V, 64 dims a pass (32 for a last quarter of 128).
+    let nvec = d / 16;
+    let mut c0 = 0;
+    while c0 < nvec {
+        if nvec - c0 >= 4 {
+            pv_pass::<R, 4>(c0, &p, &alpha, v, ld, o, ldo);
+            c0 += 4;
+        } else {
+            pv_pass::<R, 2>(c0, &p, &alpha, v, ld, o, ldo);
+            c0 += 2;
+        }
+    }
+}
+
+/// Columns `c0 * 16 .. (c0 + W) * 16` of [`decode_tile_bf16`]'s `O = alpha O + P V`, the
+/// `R x W` accumulators in registers (a constant `W`, so none of them goes through memory).
+#[target_feature(enable = "avx512f")]
+#[inline]
+// Index loops over constant bounds: the form in which the accumulators stay in registers.
+#[allow(clippy::needless_range_loop)]
+unsafe fn pv_pass<const R: usize, const W: usize>(
+    c0: usize,
+    p: &[[f32; DECODE_TILE]; R],
+    alpha: &[f32; R],
+    v: *const u16,
+    ld: usize,
+    o: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); W]; R];
+    for r in 0..R {
+        let ar = _mm512_set1_ps(alpha[r]);
+        for c in 0..W {
+            acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * ldo + (c0 + c) * 16)), ar);
+        }
+    }
+    for j in 0..DECODE_TILE {
+        let vr = v.add(j * ld + c0 * 16);
+        let mut vv = [_mm512_setzero_ps(); W];
+        for c in 0..W {
+            vv[c] = <u16 as super::RowElem>::load16(vr.add(c * 16));
+        }
+        for r in 0..R {
+            let pr = _mm512_set1_ps(p[r][j]);
+            for c in 0..W {
+                acc[r][c] = _mm512_fmadd_ps(pr, vv[c], acc[r][c]);
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..W {
+            _mm512_storeu_ps(o.add(r * ldo + (c0 + c) * 16), acc[r][c]);
+        }
+    }
+}
+
+/// [`reduce8`]'s butterfly, left in a vector: the sum of `v[j]` at lane
+/// `[0, 4, 8, 12, 2, 6, 10, 14][j]`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn reduce8_lanes(v: &[__m512; 8]) -> __m512 {
+    let (x01, x23, x45, x67) = (
+        fold_halves(v[0], v[1]),
+        fold_halves(v[2], v[3]),
+        fold_halves(v[4], v[5]),
+        fold_halves(v[6], v[7]),
+    );
+    let (y1, y2) = (fold_quarters(x01, x23), fold_quarters(x45, x67));
+    let u = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x44>(y1, y2),
+        _mm512_shuffle_ps::<0xEE>(y1, y2),
+    );
+    _mm512_add_ps(u, _mm512_permute_ps::<0xB1>(u))
+}
+
+/// [`reduce4`]'s butterfly, left in a vector: the sum of `v[j]` in every lane of quarter `j`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn reduce4_lanes(v: &[__m512; 4]) -> __m512 {
+    let y = fold_quarters(fold_halves(v[0], v[1]), fold_halves(v[2], v[3]));
+    let u = _mm512_add_ps(y, _mm512_permute_ps::<0x4E>(y));
+    _mm512_add_ps(u, _mm512_permute_ps::<0xB1>(u))
 }

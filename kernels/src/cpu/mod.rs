@@ -234,6 +234,76 @@ impl Ops {
     }
 }
 
+/// Whether this CPU has the bf16 dot product (`vdpbf16ps`, AVX512_BF16) beside AVX-512F/BW.
+/// `LONGCTX_NO_BF16_DOT` turns it off, to test and measure the path without it.
+pub(crate) fn bf16_dot_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static B: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *B.get_or_init(|| {
+            std::env::var_os("LONGCTX_NO_BF16_DOT").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+impl Ops {
+    /// Keys per [`Ops::decode_tile_bf16`] step.
+    pub const DECODE_TILE: usize = 16;
+
+    /// Whether [`Ops::decode_tile_bf16`] takes `rows` rows of `d` dims here.
+    pub fn has_decode_tile_bf16(&self, rows: usize, d: usize) -> bool {
+        self.isa == Isa::Avx512
+            && (1..=6).contains(&rows)
+            && d.is_multiple_of(32)
+            && bf16_dot_available()
+    }
+
+    /// One fused decode step over [`Ops::DECODE_TILE`] keys of a bf16 KV (scores, online
+    /// softmax, `O = alpha O + P V`); see `avx512::decode_tile_bf16`. The caller checks
+    /// [`Ops::has_decode_tile_bf16`] first.
+    ///
+    /// # Safety
+    /// `q` holds `rows` rows of `d` bf16 bits; `k` and `v` 16 rows of `d` at stride `ld`;
+    /// `m` and `l` `rows` values; `o` `rows` rows of `d` at stride `ldo`.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode_tile_bf16(
+        &self,
+        rows: usize,
+        d: usize,
+        q: *const u16,
+        scale2: f32,
+        k: *const u16,
+        v: *const u16,
+        ld: usize,
+        m: *mut f32,
+        l: *mut f32,
+        o: *mut f32,
+        ldo: usize,
+    ) {
+        debug_assert!(self.has_decode_tile_bf16(rows, d));
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512::decode_tile_bf16 as f;
+            match rows {
+                1 => f::<1, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                2 => f::<2, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                3 => f::<3, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                4 => f::<4, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                5 => f::<5, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                6 => f::<6, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                _ => unreachable!("checked by has_decode_tile_bf16"),
+            }
+        }
+    }
+}
+
 /// Asks the cache hierarchy (L2) for `data`, one request per 64-byte line; a hint only.
 #[inline]
 pub(crate) fn prefetch<T>(data: &[T]) {
