@@ -7,7 +7,36 @@ use crate::{EngineError, Result};
 use std::collections::HashMap;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer as HfTokenizer};
+
+/// Llama 3's split (`tokenizer.ggml.pre` = `llama-bpe` and kin): numbers in runs of 1-3 digits.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's: single digits.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen3.5's: combining marks count as letters.
+const QWEN35_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Mistral's tekken: words split at case changes, single digits.
+const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// GPT-4o's (Llama 4's `llama4`): case-aware words with their contractions, 1-3 digits.
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The split a byte-level vocabulary was learned with, by the GGUF's `tokenizer.ggml.pre`, as
+/// transformers (5.24) maps it; `None`: GPT-2's own split (SmolLM2's `smollm`, and any name
+/// not listed, as transformers does).
+fn split_regex(pre: &str) -> Option<&'static str> {
+    Some(match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_SPLIT,
+        "tekken" => TEKKEN_SPLIT,
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_SPLIT,
+        "qwen35" => QWEN35_SPLIT,
+        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O_SPLIT,
+        _ => return None,
+    })
+}
 
 pub struct Tokenizer {
     inner: HfTokenizer,
@@ -74,7 +103,8 @@ impl Tokenizer {
     }
 
     /// From GGUF metadata: byte-level BPE (`tokenizer.ggml.model = gpt2`) with its control
-    /// tokens as special added tokens, GPT-2's pre-tokenizer and decoder.
+    /// tokens as special added tokens and its user-defined ones as plain added tokens, the
+    /// split its `tokenizer.ggml.pre` names (see [`split_regex`]) and GPT-2's decoder.
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
         let model = g
             .get("tokenizer.ggml.model")
@@ -135,7 +165,25 @@ impl Tokenizer {
             .build()
             .map_err(tk_err)?;
         let mut inner = HfTokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str);
+        match pre.and_then(split_regex) {
+            Some(re) => {
+                // The family's split, then bytes to the BPE alphabet with no split of its own.
+                let split = Split::new(
+                    SplitPattern::Regex(re.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(tk_err)?;
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    PreTokenizerWrapper::Split(split),
+                    PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+                ])));
+            }
+            None => {
+                inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+            }
+        }
         inner.with_decoder(Some(ByteLevel::default()));
         let control: Vec<AddedToken> = tokens
             .iter()
@@ -144,6 +192,14 @@ impl Tokenizer {
             .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
             .collect();
         inner.add_special_tokens(&control);
+        // User-defined tokens (type 4, like `<think>`): matched whole in the text, not special.
+        let user: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter().chain(std::iter::repeat(&1)))
+            .filter(|(t, ty)| **ty == 4 && t.chars().all(|c| alphabet.contains(&c)))
+            .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
+            .collect();
+        inner.add_tokens(&user);
         let id = |k: &str| -> Option<(u32, String)> {
             let i = g.get(k)?.as_u64()? as usize;
             Some((i as u32, tokens.get(i)?.clone()))
