@@ -47,3 +47,38 @@ fn gguf_split_by_pre_tokenizer_matches_transformers() {
     // The goldens tell the splits apart: six families, six tokenisations.
     assert_eq!(seen.len(), 6);
 }
+
+/// A SentencePiece-kind GGUF (`tokenizer.ggml.model = llama`, pieces with scores, byte
+/// fallback, no merges): ids (with the BOS it adds by default), and decoded texts, equal to
+/// transformers'.
+#[test]
+fn gguf_sentencepiece_matches_transformers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("gguf_spm_goldens.json")).unwrap(),
+    )
+    .unwrap();
+    let g = Gguf::open(&dir.join("tiny_spm.gguf")).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    assert_eq!(tok.add_bos, golden["add_bos_token"].as_bool().unwrap());
+    let bos = tok.bos.clone().unwrap();
+    assert_eq!(bos.1, golden["bos"].as_str().unwrap());
+    for case in golden["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let mut want: Vec<u32> = vec![bos.0];
+        want.extend(
+            case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32),
+        );
+        let got = tok.encode(text).unwrap();
+        assert_eq!(got, want, "text {text:?}");
+        assert_eq!(
+            tok.decode(&got).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "text {text:?}"
+        );
+    }
+}

@@ -110,96 +110,25 @@ impl Tokenizer {
             .get("tokenizer.ggml.model")
             .and_then(Value::as_str)
             .unwrap_or("");
-        if model != "gpt2" {
-            return Err(EngineError::Unsupported(format!(
-                "GGUF tokenizer model {model:?}: this build rebuilds byte-level BPE (gpt2) \
-                 tokenizers; use a Hugging Face directory with tokenizer.json"
-            )));
-        }
-        let strings = |k: &str| -> Result<Vec<String>> {
-            g.get(k)
-                .and_then(Value::as_array)
-                .ok_or_else(|| EngineError::Tokenizer(format!("GGUF lacks {k}")))?
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(String::from)
-                        .ok_or_else(|| EngineError::Tokenizer(format!("{k} holds a non-string")))
-                })
-                .collect()
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
+        let tokens = gguf_strings(g, "tokenizer.ggml.tokens")?;
         let types: Vec<u64> = g
             .get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let spelling = bytes_to_unicode();
-        let alphabet: std::collections::HashSet<char> = spelling.values().copied().collect();
-        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
-        for (i, t) in tokens.iter().enumerate() {
-            // A token outside the byte alphabet is spelled byte by byte (as transformers does).
-            let key = if t.chars().all(|c| alphabet.contains(&c)) {
-                t.clone()
-            } else {
-                t.bytes().map(|b| spelling[&b]).collect()
-            };
-            vocab.insert(key, i as u32);
-        }
-        let merges: Vec<(String, String)> = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| EngineError::Tokenizer(format!("merge {m:?} has no space")))
-            })
-            .collect::<Result<_>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(
-                vocab
-                    .into_iter()
-                    .collect::<tokenizers::models::bpe::Vocab>(),
-                merges,
-            )
-            .build()
-            .map_err(tk_err)?;
-        let mut inner = HfTokenizer::new(bpe);
-        let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str);
-        match pre.and_then(split_regex) {
-            Some(re) => {
-                // The family's split, then bytes to the BPE alphabet with no split of its own.
-                let split = Split::new(
-                    SplitPattern::Regex(re.into()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(tk_err)?;
-                inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                    PreTokenizerWrapper::Split(split),
-                    PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
-                ])));
+        let (inner, add_bos_default) = match model {
+            "gpt2" => (byte_level_bpe(g, &tokens, &types)?, false),
+            // llama.cpp (and transformers after it) add BOS to a SentencePiece vocabulary
+            // that does not say otherwise.
+            "llama" => (sentencepiece_bpe(g, &tokens, &types)?, true),
+            _ => {
+                return Err(EngineError::Unsupported(format!(
+                    "GGUF tokenizer model {model:?}: this build rebuilds byte-level BPE (gpt2) and \
+                     SentencePiece BPE (llama) tokenizers; use a Hugging Face directory with \
+                     tokenizer.json"
+                )))
             }
-            None => {
-                inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-            }
-        }
-        inner.with_decoder(Some(ByteLevel::default()));
-        let control: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter().chain(std::iter::repeat(&1)))
-            .filter(|(t, ty)| **ty == 3 && t.chars().all(|c| alphabet.contains(&c)))
-            .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
-            .collect();
-        inner.add_special_tokens(&control);
-        // User-defined tokens (type 4, like `<think>`): matched whole in the text, not special.
-        let user: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter().chain(std::iter::repeat(&1)))
-            .filter(|(t, ty)| **ty == 4 && t.chars().all(|c| alphabet.contains(&c)))
-            .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
-            .collect();
-        inner.add_tokens(&user);
+        };
         let id = |k: &str| -> Option<(u32, String)> {
             let i = g.get(k)?.as_u64()? as usize;
             Some((i as u32, tokens.get(i)?.clone()))
@@ -210,7 +139,7 @@ impl Tokenizer {
             add_bos: g
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(Value::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(add_bos_default),
             chat_template: g
                 .get("tokenizer.chat_template")
                 .and_then(Value::as_str)
@@ -218,7 +147,6 @@ impl Tokenizer {
             inner,
         })
     }
-
     /// Token ids of `text` as transformers' `tokenizer(text)` gives them (special tokens in the
     /// text are matched whole; BOS prepended when the tokenizer says so).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -264,4 +192,227 @@ impl Tokenizer {
         })
         .map_err(tk_err)
     }
+}
+
+/// The string array `k` of a GGUF's metadata.
+fn gguf_strings(g: &Gguf, k: &str) -> Result<Vec<String>> {
+    g.get(k)
+        .and_then(Value::as_array)
+        .ok_or_else(|| EngineError::Tokenizer(format!("GGUF lacks {k}")))?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(String::from)
+                .ok_or_else(|| EngineError::Tokenizer(format!("{k} holds a non-string")))
+        })
+        .collect()
+}
+
+/// Byte-level BPE (`tokenizer.ggml.model = gpt2`) as transformers rebuilds it: the file's
+/// merges, its control tokens special and user-defined ones plain added tokens, the split its
+/// `tokenizer.ggml.pre` names (see [`split_regex`]) and GPT-2's decoder.
+fn byte_level_bpe(g: &Gguf, tokens: &[String], types: &[u64]) -> Result<HfTokenizer> {
+    let merges = gguf_strings(g, "tokenizer.ggml.merges")?;
+    let spelling = bytes_to_unicode();
+    let alphabet: std::collections::HashSet<char> = spelling.values().copied().collect();
+    let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        // A token outside the byte alphabet is spelled byte by byte (as transformers does).
+        let key = if t.chars().all(|c| alphabet.contains(&c)) {
+            t.clone()
+        } else {
+            t.bytes().map(|b| spelling[&b]).collect()
+        };
+        vocab.insert(key, i as u32);
+    }
+    let merges = parse_merges(&merges)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
+        .build()
+        .map_err(tk_err)?;
+    let mut inner = HfTokenizer::new(bpe);
+    let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str);
+    match pre.and_then(split_regex) {
+        Some(re) => {
+            // The family's split, then bytes to the BPE alphabet with no split of its own.
+            let split = Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tk_err)?;
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                PreTokenizerWrapper::Split(split),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+            ])));
+        }
+        None => {
+            inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        }
+    }
+    inner.with_decoder(Some(ByteLevel::default()));
+    let control: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types.iter().chain(std::iter::repeat(&1)))
+        .filter(|(t, ty)| **ty == 3 && t.chars().all(|c| alphabet.contains(&c)))
+        .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
+        .collect();
+    inner.add_special_tokens(&control);
+    // User-defined tokens (type 4, like `<think>`): matched whole in the text, not special.
+    let user: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types.iter().chain(std::iter::repeat(&1)))
+        .filter(|(t, ty)| **ty == 4 && t.chars().all(|c| alphabet.contains(&c)))
+        .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
+        .collect();
+    inner.add_tokens(&user);
+    Ok(inner)
+}
+
+/// SentencePiece pieces (`tokenizer.ggml.model = llama`: Llama 1/2, Mistral) as transformers
+/// rebuilds them: a BPE with byte fallback (`<0x0A>` pieces) whose merges come from the file,
+/// or, as such files have none, from the pieces' scores ([`merges_from_scores`]); Metaspace
+/// with the prefix space on the first word only; the control and unknown tokens special, the
+/// user-defined ones whole.
+fn sentencepiece_bpe(g: &Gguf, tokens: &[String], types: &[u64]) -> Result<HfTokenizer> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::decoders::DecoderWrapper;
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+
+    let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert(t.clone(), i as u32);
+    }
+    let merges = if g.get("tokenizer.ggml.merges").is_some() {
+        parse_merges(&gguf_strings(g, "tokenizer.ggml.merges")?)?
+    } else {
+        let scores: Vec<f64> = g
+            .get("tokenizer.ggml.scores")
+            .and_then(Value::as_array)
+            .ok_or_else(|| {
+                EngineError::Tokenizer("GGUF has neither tokenizer.ggml.merges nor scores".into())
+            })?
+            .iter()
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| EngineError::Tokenizer("a piece score is not a number".into()))
+            })
+            .collect::<Result<_>>()?;
+        if scores.len() != tokens.len() {
+            return Err(EngineError::Tokenizer(format!(
+                "{} piece scores for {} pieces",
+                scores.len(),
+                tokens.len()
+            )));
+        }
+        merges_from_scores(tokens, &vocab, &scores)
+    };
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
+        .byte_fallback(true)
+        .fuse_unk(true)
+        .build()
+        .map_err(tk_err)?;
+    let mut inner = HfTokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(Metaspace::new(
+        '\u{2581}',
+        PrependScheme::First,
+        false,
+    )));
+    inner.with_decoder(Some(DecoderSequence::new(vec![
+        DecoderWrapper::Replace(Replace::new("\u{2581}", " ").map_err(tk_err)?),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+        DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
+    ])));
+    let unk = g
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(Value::as_u64)
+        .map(|i| i as usize);
+    let kind = |want: u64| {
+        tokens
+            .iter()
+            .enumerate()
+            .zip(types.iter().chain(std::iter::repeat(&1)))
+            .filter(move |((_, _), ty)| **ty == want)
+            .map(|((i, t), _)| (i, t))
+    };
+    let special: Vec<AddedToken> = kind(3)
+        .chain(unk.and_then(|i| tokens.get(i).map(|t| (i, t))))
+        .map(|(_, t)| AddedToken::from(t.clone(), true).normalized(false))
+        .collect();
+    inner.add_special_tokens(&special);
+    let user: Vec<AddedToken> = kind(4)
+        .map(|(_, t)| AddedToken::from(t.clone(), false).normalized(false))
+        .collect();
+    inner.add_tokens(&user);
+    Ok(inner)
+}
+
+fn parse_merges(merges: &[String]) -> Result<Vec<(String, String)>> {
+    merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| EngineError::Tokenizer(format!("merge {m:?} has no space")))
+        })
+        .collect()
+}
+
+/// Merges implied by SentencePiece pieces and their scores, as transformers'
+/// `generate_merges` derives them: every split of a piece into two pieces of the vocabulary,
+/// ranked by the whole piece's score (best first), then by the lengths of the two parts
+/// (longer first), ties in vocabulary order.
+fn merges_from_scores(
+    tokens: &[String],
+    vocab: &HashMap<String, u32>,
+    scores: &[f64],
+) -> Vec<(String, String)> {
+    // dict(zip(tokens, scores)): a repeated piece keeps its first place and its last score.
+    let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
+    let mut score: HashMap<&str, f64> = HashMap::with_capacity(tokens.len());
+    for (t, s) in tokens.iter().zip(scores) {
+        if score.insert(t.as_str(), *s).is_none() {
+            order.push(t.as_str());
+        }
+    }
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for piece in order {
+        let mut local: Vec<(&str, &str, f64)> = piece
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| piece.split_at(at))
+            .filter(|(l, r)| vocab.contains_key(*l) && vocab.contains_key(*r))
+            .map(|(l, r)| (l, r, score[piece]))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (vocab[*l], vocab[*r]));
+        merges.extend(local);
+    }
+    let key = |m: &(&str, &str, f64)| (m.2, m.0.chars().count(), m.1.chars().count());
+    // Descending and stable, as Python's sorted(..., reverse=True).
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
 }
