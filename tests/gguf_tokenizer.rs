@@ -54,10 +54,9 @@ fn gguf_split_by_pre_tokenizer_matches_transformers() {
 #[test]
 fn gguf_sentencepiece_matches_transformers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("gguf_spm_goldens.json")).unwrap(),
-    )
-    .unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("gguf_spm_goldens.json")).unwrap())
+            .unwrap();
     let g = Gguf::open(&dir.join("tiny_spm.gguf")).unwrap();
     let tok = Tokenizer::from_gguf(&g).unwrap();
     assert_eq!(tok.add_bos, golden["add_bos_token"].as_bool().unwrap());
