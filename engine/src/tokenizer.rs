@@ -256,21 +256,11 @@ fn byte_level_bpe(g: &Gguf, tokens: &[String], types: &[u64]) -> Result<HfTokeni
         }
     }
     inner.with_decoder(Some(ByteLevel::default()));
-    let control: Vec<AddedToken> = tokens
-        .iter()
-        .zip(types.iter().chain(std::iter::repeat(&1)))
-        .filter(|(t, ty)| **ty == 3 && t.chars().all(|c| alphabet.contains(&c)))
-        .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
-        .collect();
-    inner.add_special_tokens(&control);
-    // User-defined tokens (type 4, like `<think>`): matched whole in the text, not special.
-    let user: Vec<AddedToken> = tokens
-        .iter()
-        .zip(types.iter().chain(std::iter::repeat(&1)))
-        .filter(|(t, ty)| **ty == 4 && t.chars().all(|c| alphabet.contains(&c)))
-        .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
-        .collect();
-    inner.add_tokens(&user);
+    // A token marked control but spelled outside the byte alphabet is a llama.cpp mislabel
+    // (transformers skips it too: it would grow the vocabulary past the model's).
+    let spelled = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    inner.add_special_tokens(&added(tokens, types, CONTROL, true, spelled));
+    inner.add_tokens(&added(tokens, types, USER_DEFINED, false, spelled));
     Ok(inner)
 }
 
@@ -343,23 +333,13 @@ fn sentencepiece_bpe(g: &Gguf, tokens: &[String], types: &[u64]) -> Result<HfTok
         .get("tokenizer.ggml.unknown_token_id")
         .and_then(Value::as_u64)
         .map(|i| i as usize);
-    let kind = |want: u64| {
-        tokens
-            .iter()
-            .enumerate()
-            .zip(types.iter().chain(std::iter::repeat(&1)))
-            .filter(move |((_, _), ty)| **ty == want)
-            .map(|((i, t), _)| (i, t))
-    };
-    let special: Vec<AddedToken> = kind(3)
-        .chain(unk.and_then(|i| tokens.get(i).map(|t| (i, t))))
-        .map(|(_, t)| AddedToken::from(t.clone(), true).normalized(false))
-        .collect();
+    let mut special = added(tokens, types, CONTROL, true, |_| true);
+    special.extend(
+        unk.and_then(|i| tokens.get(i))
+            .map(|t| AddedToken::from(t.clone(), true).normalized(false)),
+    );
     inner.add_special_tokens(&special);
-    let user: Vec<AddedToken> = kind(4)
-        .map(|(_, t)| AddedToken::from(t.clone(), false).normalized(false))
-        .collect();
-    inner.add_tokens(&user);
+    inner.add_tokens(&added(tokens, types, USER_DEFINED, false, |_| true));
     Ok(inner)
 }
 
@@ -414,5 +394,27 @@ fn merges_from_scores(
     merges
         .into_iter()
         .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
+}
+
+/// GGUF token types (llama.cpp's `llama_token_type`) that become added tokens.
+const CONTROL: u64 = 3;
+const USER_DEFINED: u64 = 4;
+
+/// The tokens of GGUF type `kind` that `keep` accepts, as added tokens matched whole in the
+/// text (`special`: control tokens, skipped when decoding; otherwise user-defined ones like
+/// `<think>`).
+fn added(
+    tokens: &[String],
+    types: &[u64],
+    kind: u64,
+    special: bool,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<AddedToken> {
+    tokens
+        .iter()
+        .zip(types.iter().chain(std::iter::repeat(&1)))
+        .filter(|(t, ty)| **ty == kind && keep(t))
+        .map(|(t, _)| AddedToken::from(t.clone(), special).normalized(false))
         .collect()
 }

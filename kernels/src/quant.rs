@@ -273,29 +273,28 @@ impl QMatrix {
         Ok(())
     }
 
-    fn rows_portable(&self, act: &Act, r0: usize, y: &mut [f32]) {
+    /// Block `b` of row `r` times the activations' block `b`, in scalar code.
+    fn block_product(&self, act: &Act, r: usize, b: usize) -> f32 {
         let (nb, qb) = (self.nb(), self.qbytes());
+        let blk = r * nb + b;
+        let q = &self.q[blk * qb..(blk + 1) * qb];
+        let a = &act.a[b * QK..(b + 1) * QK];
+        let dot: i32 = if self.kind.packed() {
+            (0..16)
+                .map(|j| (q[j] & 0x0f) as i32 * a[j] as i32 + (q[j] >> 4) as i32 * a[j + 16] as i32)
+                .sum()
+        } else {
+            q.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum()
+        };
+        let (d, m) = self.dm(blk);
+        d * act.s[b] * dot as f32 + m * act.ssum[b]
+    }
+
+    fn rows_portable(&self, act: &Act, r0: usize, y: &mut [f32]) {
         for (i, out) in y.iter_mut().enumerate() {
-            let r = r0 + i;
-            let mut acc = 0f32;
-            for b in 0..nb {
-                let blk = r * nb + b;
-                let q = &self.q[blk * qb..(blk + 1) * qb];
-                let a = &act.a[b * QK..(b + 1) * QK];
-                let dot: i32 = if self.kind.packed() {
-                    (0..16)
-                        .map(|j| {
-                            (q[j] & 0x0f) as i32 * a[j] as i32
-                                + (q[j] >> 4) as i32 * a[j + 16] as i32
-                        })
-                        .sum()
-                } else {
-                    q.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum()
-                };
-                let (d, m) = self.dm(blk);
-                acc += d * act.s[b] * dot as f32 + m * act.ssum[b];
-            }
-            *out = acc;
+            *out = (0..self.nb())
+                .map(|b| self.block_product(act, r0 + i, b))
+                .sum();
         }
     }
 
@@ -393,22 +392,7 @@ impl QMatrix {
                 let mut v = _mm512_reduce_add_ps(acc[k]);
                 if nb % 2 == 1 {
                     // The odd last block, in natural order.
-                    let b = nb - 1;
-                    let blk = r * nb + b;
-                    let w = &self.q[blk * qb..(blk + 1) * qb];
-                    let a = &act.a[b * QK..(b + 1) * QK];
-                    let dot: i32 = if packed {
-                        (0..16)
-                            .map(|j| {
-                                (w[j] & 0x0f) as i32 * a[j] as i32
-                                    + (w[j] >> 4) as i32 * a[j + 16] as i32
-                            })
-                            .sum()
-                    } else {
-                        w.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum()
-                    };
-                    let (d, m) = self.dm(blk);
-                    v += d * act.s[b] * dot as f32 + m * act.ssum[b];
+                    v += self.block_product(act, r, nb - 1);
                 }
                 y[i + k] = v;
             }
