@@ -4,7 +4,9 @@
 use super::timing::{fill_random, median_secs, read_bandwidth_gbs, set_threads};
 use anyhow::Result;
 use half::bf16;
-use longctx_kernels::{attention, AttnParams, AttnShape, DType, Element, Isa, Mask};
+use longctx_kernels::{
+    attention, AttnParams, AttnShape, DType, Element, Isa, Mask, QKind, QMatrix,
+};
 use longctx_rope::{apply_table, Layout, Rope, RopeTable, Scaling};
 use serde::Serialize;
 
@@ -22,7 +24,8 @@ pub struct Args {
     /// Only the smaller cases, with fewer repetitions (a smoke run).
     #[arg(long)]
     quick: bool,
-    /// Only the cases whose name is one of these (causal, full, decode, decode-smol, rope).
+    /// Only the cases whose name is one of these (causal, full, decode, decode-smol, rope,
+    /// gemv-q4).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -164,6 +167,17 @@ pub fn run(args: Args) -> Result<()> {
         }
         rows.push(row);
     }
+    if wanted(&Case {
+        name: "gemv-q4",
+        shape: cases(true)[0].shape,
+        mask: Mask::None,
+    }) {
+        let row = time_gemv_q4(if args.quick { 4096 } else { 49152 }, 2048, reps)?;
+        if !args.json {
+            print_row(&row, rows.is_empty());
+        }
+        rows.push(row);
+    }
     let report = Report {
         machine: machine(),
         threads: args.threads,
@@ -245,6 +259,49 @@ fn time_rope(n: usize, reps: usize) -> Result<Row> {
         median_ms: secs * 1e3,
         gflops: None,
         gbs: Some(bytes as f64 / secs / 1e9),
+    })
+}
+
+/// The decode step's weight product on GGUF Q4_1 blocks (`QMatrix::gemv`: int8 activations,
+/// VNNI where the CPU has it) of a `[rows, cols]` matrix of random blocks, 63 MB at the full
+/// size (past a 32 MiB L3, so it streams from memory as a model's weights do). GB/s counts the
+/// weight bytes the product reads.
+fn time_gemv_q4(rows: usize, cols: usize, reps: usize) -> Result<Row> {
+    let kind = QKind::Q4_1;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut bytes = Vec::with_capacity(rows * cols / 32 * kind.block_bytes());
+    for _ in 0..rows * cols / 32 {
+        let r = next();
+        let d = half::f16::from_f32(0.001 + (r % 1000) as f32 * 4e-5);
+        let m = half::f16::from_f32(-0.1 + ((r >> 16) % 1000) as f32 * 2e-4);
+        bytes.extend_from_slice(&d.to_le_bytes());
+        bytes.extend_from_slice(&m.to_le_bytes());
+        bytes.extend((0..2).flat_map(|_| next().to_le_bytes()));
+    }
+    let w = QMatrix::from_gguf(kind, &bytes, rows, cols)?;
+    drop(bytes);
+    let x: Vec<f32> = fill_random(cols, 6);
+    let mut y = vec![0f32; rows];
+    let mut result = Ok(());
+    let secs = median_secs(reps, || {
+        if let Err(e) = w.gemv(&x, &mut y) {
+            result = Err(e);
+        }
+    });
+    result?;
+    Ok(Row {
+        case: "gemv-q4".into(),
+        dtype: "q4_1",
+        shape: format!("[{rows}, {cols}] x int8"),
+        median_ms: secs * 1e3,
+        gflops: Some(2.0 * (rows * cols) as f64 / secs / 1e9),
+        gbs: Some(w.bytes() as f64 / secs / 1e9),
     })
 }
 
