@@ -22,6 +22,7 @@ fn bench_kernels_json_has_every_case() {
         ("decode", "f32"),
         ("decode", "bf16"),
         ("rope", "bf16"),
+        ("gemv-q4", "q4_1"),
     ] {
         let row = rows
             .iter()
