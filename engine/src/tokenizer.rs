@@ -372,7 +372,9 @@ fn merges_from_scores(
         }
     }
     let mut merges: Vec<(&str, &str, f64)> = Vec::new();
-    for piece in order {
+    // A crafted file's megabyte-long "piece" would cost its length squared to split; real
+    // pieces are short (SentencePiece's trainer caps them at 16 characters by default).
+    for piece in order.into_iter().filter(|p| p.len() <= MAX_SPLIT_PIECE) {
         let mut local: Vec<(&str, &str, f64)> = piece
             .char_indices()
             .skip(1)
@@ -396,6 +398,9 @@ fn merges_from_scores(
         .map(|(l, r, _)| (l.to_string(), r.to_string()))
         .collect()
 }
+
+/// Pieces longer than this (bytes) are not split into merges.
+const MAX_SPLIT_PIECE: usize = 1024;
 
 /// GGUF token types (llama.cpp's `llama_token_type`) that become added tokens.
 const CONTROL: u64 = 3;
