@@ -10,5 +10,8 @@ scripts/cuda-check.sh | tail -n 3
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+# The attention kernels again without the bf16 dot product: the decode path of CPUs without
+# AVX512_BF16 (this one has it, so the run above takes the fused step).
+LONGCTX_NO_BF16_DOT=1 cargo test --locked -p longctx-kernels attention 2>&1 | tee -a "$log"
 # One closing line for the whole workspace (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
