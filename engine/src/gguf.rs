@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 const MAX_STRING: u64 = 64 << 20;
 const MAX_DIMS: u32 = 4;
 
+/// A GGUF file's metadata, by key.
+pub type Metadata = BTreeMap<String, Value>;
+
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -143,7 +146,7 @@ pub struct Gguf {
     path: PathBuf,
     map: memmap2::Mmap,
     pub version: u32,
-    pub metadata: BTreeMap<String, Value>,
+    pub metadata: Metadata,
     pub tensors: BTreeMap<String, TensorInfo>,
 }
 
@@ -253,8 +256,7 @@ impl Gguf {
     #[allow(clippy::type_complexity)]
     fn parse_bytes(
         buf: &[u8],
-    ) -> std::result::Result<(u32, BTreeMap<String, Value>, BTreeMap<String, TensorInfo>), String>
-    {
+    ) -> std::result::Result<(u32, Metadata, BTreeMap<String, TensorInfo>), String> {
         let mut c = Cursor { buf, pos: 0 };
         if c.take(4, "the magic number")? != b"GGUF" {
             return Err("bad magic number (not a GGUF file)".into());
@@ -450,6 +452,11 @@ pub fn dequantize(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
 /// Parses GGUF bytes held in memory (for fuzzing and tests).
 pub fn parse_header(buf: &[u8]) -> std::result::Result<usize, String> {
     Gguf::parse_bytes(buf).map(|(_, m, t)| m.len() + t.len())
+}
+
+/// The metadata of GGUF bytes held in memory (for fuzzing the tokenizer built from it).
+pub fn parse_metadata(buf: &[u8]) -> std::result::Result<Metadata, String> {
+    Gguf::parse_bytes(buf).map(|(_, m, _)| m)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! metadata exactly as transformers rebuilds it when it loads a GGUF file, and chat templates
 //! rendered with minijinja.
 
-use crate::gguf::{Gguf, Value};
+use crate::gguf::{Gguf, Metadata, Value};
 use crate::{EngineError, Result};
 use std::collections::HashMap;
 use tokenizers::models::bpe::BPE;
@@ -106,6 +106,12 @@ impl Tokenizer {
     /// tokens as special added tokens and its user-defined ones as plain added tokens, the
     /// split its `tokenizer.ggml.pre` names (see [`split_regex`]) and GPT-2's decoder.
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
+        Tokenizer::from_gguf_metadata(&g.metadata)
+    }
+
+    /// [`Tokenizer::from_gguf`] on the metadata alone (what it reads; also what the fuzz
+    /// target feeds).
+    pub fn from_gguf_metadata(g: &Metadata) -> Result<Tokenizer> {
         let model = g
             .get("tokenizer.ggml.model")
             .and_then(Value::as_str)
@@ -195,7 +201,7 @@ impl Tokenizer {
 }
 
 /// The string array `k` of a GGUF's metadata.
-fn gguf_strings(g: &Gguf, k: &str) -> Result<Vec<String>> {
+fn gguf_strings(g: &Metadata, k: &str) -> Result<Vec<String>> {
     g.get(k)
         .and_then(Value::as_array)
         .ok_or_else(|| EngineError::Tokenizer(format!("GGUF lacks {k}")))?
@@ -211,7 +217,7 @@ fn gguf_strings(g: &Gguf, k: &str) -> Result<Vec<String>> {
 /// Byte-level BPE (`tokenizer.ggml.model = gpt2`) as transformers rebuilds it: the file's
 /// merges, its control tokens special and user-defined ones plain added tokens, the split its
 /// `tokenizer.ggml.pre` names (see [`split_regex`]) and GPT-2's decoder.
-fn byte_level_bpe(g: &Gguf, tokens: &[String], types: &[u64]) -> Result<HfTokenizer> {
+fn byte_level_bpe(g: &Metadata, tokens: &[String], types: &[u64]) -> Result<HfTokenizer> {
     let merges = gguf_strings(g, "tokenizer.ggml.merges")?;
     let spelling = bytes_to_unicode();
     let alphabet: std::collections::HashSet<char> = spelling.values().copied().collect();
@@ -269,7 +275,7 @@ fn byte_level_bpe(g: &Gguf, tokens: &[String], types: &[u64]) -> Result<HfTokeni
 /// or, as such files have none, from the pieces' scores ([`merges_from_scores`]); Metaspace
 /// with the prefix space on the first word only; the control and unknown tokens special, the
 /// user-defined ones whole.
-fn sentencepiece_bpe(g: &Gguf, tokens: &[String], types: &[u64]) -> Result<HfTokenizer> {
+fn sentencepiece_bpe(g: &Metadata, tokens: &[String], types: &[u64]) -> Result<HfTokenizer> {
     use tokenizers::decoders::byte_fallback::ByteFallback;
     use tokenizers::decoders::fuse::Fuse;
     use tokenizers::decoders::sequence::Sequence as DecoderSequence;
