@@ -102,9 +102,9 @@ impl Tokenizer {
         })
     }
 
-    /// From GGUF metadata: byte-level BPE (`tokenizer.ggml.model = gpt2`) with its control
-    /// tokens as special added tokens and its user-defined ones as plain added tokens, the
-    /// split its `tokenizer.ggml.pre` names (see [`split_regex`]) and GPT-2's decoder.
+    /// From GGUF metadata, as transformers rebuilds it: byte-level BPE
+    /// (`tokenizer.ggml.model = gpt2`, see [`byte_level_bpe`]) or SentencePiece pieces
+    /// (`llama`, see [`sentencepiece_bpe`]); any other kind is a clear error.
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
         Tokenizer::from_gguf_metadata(&g.metadata)
     }
