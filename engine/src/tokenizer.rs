@@ -231,17 +231,7 @@ fn byte_level_bpe(g: &Metadata, tokens: &[String], types: &[u64]) -> Result<HfTo
         };
         vocab.insert(key, i as u32);
     }
-    let merges = parse_merges(&merges)?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(
-            vocab
-                .into_iter()
-                .collect::<tokenizers::models::bpe::Vocab>(),
-            merges,
-        )
-        .build()
-        .map_err(tk_err)?;
-    let mut inner = HfTokenizer::new(bpe);
+    let mut inner = HfTokenizer::new(bpe(vocab, parse_merges(&merges)?, false)?);
     let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str);
     match pre.and_then(split_regex) {
         Some(re) => {
@@ -312,18 +302,7 @@ fn sentencepiece_bpe(g: &Metadata, tokens: &[String], types: &[u64]) -> Result<H
         }
         merges_from_scores(tokens, &vocab, &scores)
     };
-    let bpe = BPE::builder()
-        .vocab_and_merges(
-            vocab
-                .into_iter()
-                .collect::<tokenizers::models::bpe::Vocab>(),
-            merges,
-        )
-        .byte_fallback(true)
-        .fuse_unk(true)
-        .build()
-        .map_err(tk_err)?;
-    let mut inner = HfTokenizer::new(bpe);
+    let mut inner = HfTokenizer::new(bpe(vocab, merges, true)?);
     inner.with_pre_tokenizer(Some(Metaspace::new(
         '\u{2581}',
         PrependScheme::First,
@@ -347,6 +326,26 @@ fn sentencepiece_bpe(g: &Metadata, tokens: &[String], types: &[u64]) -> Result<H
     inner.add_special_tokens(&special);
     inner.add_tokens(&added(tokens, types, USER_DEFINED, false, |_| true));
     Ok(inner)
+}
+
+/// A BPE model; `byte_fallback`: SentencePiece's, unknown bytes as `<0xNN>` pieces and
+/// consecutive unknowns fused.
+fn bpe(
+    vocab: HashMap<String, u32>,
+    merges: Vec<(String, String)>,
+    byte_fallback: bool,
+) -> Result<BPE> {
+    BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
+        .byte_fallback(byte_fallback)
+        .fuse_unk(byte_fallback)
+        .build()
+        .map_err(tk_err)
 }
 
 fn parse_merges(merges: &[String]) -> Result<Vec<(String, String)>> {

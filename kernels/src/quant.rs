@@ -365,7 +365,7 @@ impl QMatrix {
             crate::cpu::prefetch(&self.scales[b0..b1]);
             for p in 0..pairs {
                 let b = 2 * p;
-                let a = _mm512_loadu_si512(act.pa.as_ptr().add(b * QK).cast());
+                let a = _mm512_loadu_si512(act.paired(packed).as_ptr().add(b * QK).cast());
                 let (sv, ov) = (
                     _mm512_loadu_ps(act.ps.as_ptr().add(p * 16)),
                     _mm512_loadu_ps(act.po.as_ptr().add(p * 16)),
@@ -407,7 +407,8 @@ struct Act {
     a: Vec<i8>,
     s: Vec<f32>,
     ssum: Vec<f32>,
-    /// `a` with each whole pair of blocks in the order the kernel reads the weights' bytes.
+    /// `a` with each whole pair of blocks in the order the kernel reads packed nibbles (empty
+    /// for 8-bit weights, whose order is `a`'s own).
     pa: Vec<i8>,
     /// Per pair, per 32-bit lane of the integer dot product: the lane's block's `s`, and its
     /// offset factor: `ssum / 8` (Q4_1, times `m`) or `c * ssum / 8` (the others, `c = m / d`),
@@ -444,13 +445,24 @@ impl Act {
         }
     }
 
+    /// The activations in the order of the weights' bytes ([`Act::pairs`]).
+    fn paired(&self, packed: bool) -> &[i8] {
+        if packed {
+            &self.pa
+        } else {
+            &self.a
+        }
+    }
+
     /// Lays out the pairs of blocks for [`QMatrix::rows_vnni`] on weights of `kind`: packed
     /// nibbles give bytes `[b 0..16, b+1 0..16, b 16..32, b+1 16..32]` (lanes 0-3 and 8-11
     /// of the dot product are block b's), 8-bit weights their natural order (lanes 0-7).
     fn pairs(mut self, kind: QKind) -> Act {
         let pairs = self.s.len() / 2;
         let packed = kind.packed();
-        self.pa = self.a.clone();
+        if packed {
+            self.pa = self.a.clone();
+        }
         self.ps = vec![0f32; pairs * 16];
         self.po = vec![0f32; pairs * 16];
         for p in 0..pairs {

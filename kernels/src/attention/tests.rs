@@ -35,6 +35,16 @@ fn random<T: Element>(rng: &mut impl Rng, n: usize, amp: f32) -> Vec<T> {
         .collect()
 }
 
+/// Random q, k (amplitude `amp`) and v (amplitude 1) of `shape`.
+fn qkv<T: Element>(rng: &mut impl Rng, s: &AttnShape, amp: f32) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let kv = s.n_kv * s.h_kv * s.d;
+    (
+        random(rng, s.n_q * s.h_q * s.d, amp),
+        random(rng, kv, amp),
+        random(rng, kv, 1.0),
+    )
+}
+
 /// Runs one case with fresh random inputs and returns (out error, lse error, seed).
 fn run<T: Element>(c: &Case, opts: &CpuOptions, amp: f32) -> (f64, f64, u64) {
     let seed: u64 = rand::random();
@@ -46,9 +56,7 @@ fn run<T: Element>(c: &Case, opts: &CpuOptions, amp: f32) -> (f64, f64, u64) {
         h_kv,
         d,
     } = c.shape;
-    let q: Vec<T> = random(&mut rng, n_q * h_q * d, amp);
-    let k: Vec<T> = random(&mut rng, n_kv * h_kv * d, amp);
-    let v: Vec<T> = random(&mut rng, n_kv * h_kv * d, 1.0);
+    let (q, k, v) = qkv::<T>(&mut rng, &c.shape, amp);
     let mut out = vec![T::default(); n_q * h_q * d];
     let mut lse = vec![0f32; n_q * h_q];
     attention_with(&q, &k, &v, c.shape, &c.params, &mut out, &mut lse, opts).unwrap();
@@ -286,9 +294,7 @@ fn segments_equal_the_contiguous_kv() {
             d,
         } = c.shape;
         let row = h_kv * d;
-        let q: Vec<T> = random(rng, n_q * h_q * d, 2.0);
-        let k: Vec<T> = random(rng, n_kv * row, 2.0);
-        let v: Vec<T> = random(rng, n_kv * row, 1.0);
+        let (q, k, v) = qkv::<T>(rng, &c.shape, 2.0);
         let mut cuts: Vec<usize> = (0..rng.random_range(0..12))
             .map(|_| rng.random_range(0..=n_kv))
             .chain([0, n_kv, n_kv.min(1)])
