@@ -49,13 +49,7 @@ fn qkv<T: Element>(rng: &mut impl Rng, s: &AttnShape, amp: f32) -> (Vec<T>, Vec<
 fn run<T: Element>(c: &Case, opts: &CpuOptions, amp: f32) -> (f64, f64, u64) {
     let seed: u64 = rand::random();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let AttnShape {
-        n_q,
-        n_kv,
-        h_q,
-        h_kv,
-        d,
-    } = c.shape;
+    let AttnShape { n_q, h_q, d, .. } = c.shape;
     let (q, k, v) = qkv::<T>(&mut rng, &c.shape, amp);
     let mut out = vec![T::default(); n_q * h_q * d];
     let mut lse = vec![0f32; n_q * h_q];
