@@ -34,17 +34,26 @@ fn a_killed_batch_resumes_without_losing_or_duplicating_lines() {
     args(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     let t = Instant::now();
-    loop {
-        let n = std::fs::read_to_string(&output)
+    let lines = || {
+        std::fs::read_to_string(&output)
             .map(|s| s.lines().count())
-            .unwrap_or(0);
-        if n >= 3 || t.elapsed() > Duration::from_secs(120) {
-            break;
-        }
+            .unwrap_or(0)
+    };
+    while lines() < 3 && t.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The kill must land mid-run: some records written, the child still working. Otherwise
+    // the rerun below would test nothing.
+    let at_kill = lines();
+    assert!(at_kill >= 3, "no progress in 120 s ({at_kill} records)");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the batch finished before it could be killed ({at_kill} records)"
+    );
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    let after_kill = lines();
+    assert!(after_kill < 11, "every record was written before the kill");
     let mut cmd = Command::new(bin);
     args(&mut cmd);
     let out = cmd.output().unwrap();

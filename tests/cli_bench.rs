@@ -179,7 +179,10 @@ fn plan_reproduces_scout_on_h100_and_h200() {
 #[test]
 fn no_gpu_is_one_clear_line() {
     if longctx_kernels::cuda::probe(0).is_ok() {
-        eprintln!("skipped: a GPU is present (scripts/gpu-check.sh covers this machine)");
+        longctx_kernels::testing::skipped(
+            "no_gpu_is_one_clear_line",
+            "a GPU is present (scripts/gpu-check.sh covers this machine)",
+        );
         return;
     }
     for args in [

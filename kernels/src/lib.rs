@@ -15,6 +15,7 @@ mod element;
 mod error;
 pub mod matmul;
 pub mod quant;
+pub mod testing;
 
 pub use attention::{
     attention, attention_segments, attention_with, merge, merge_into, AttnParams, AttnShape,

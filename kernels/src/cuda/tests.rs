@@ -51,7 +51,10 @@ fn nvrtc_compiles_every_variant() {
             std::env::var("LONGCTX_REQUIRE_NVRTC").as_deref() != Ok("1"),
             "LONGCTX_REQUIRE_NVRTC=1 but libnvrtc cannot be loaded"
         );
-        eprintln!("skipped: libnvrtc not found (scripts/cuda-check.sh installs it)");
+        crate::testing::skipped(
+            "nvrtc_compiles_every_variant",
+            "libnvrtc not found (scripts/cuda-check.sh installs it)",
+        );
         return;
     }
     let dir = std::env::var_os("LONGCTX_PTX_DIR").map(std::path::PathBuf::from);
@@ -91,7 +94,7 @@ fn gpu_self_test() {
     let gpu = match Gpu::new(0, None) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("skipped: {e}");
+            crate::testing::skipped("gpu_self_test", &e.to_string());
             return;
         }
     };
