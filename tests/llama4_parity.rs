@@ -51,8 +51,9 @@ fn check(name: &str) {
         }
         let e = rel(&logits);
         eprintln!("llama4 {name} chunk {chunk}: rel error {e:e}");
+        // Measured 6.0-7.1e-7 over both configs and every chunking.
         assert!(
-            e < 1e-4,
+            e < 5e-6,
             "config {name}, chunks of {chunk}: rel error {e:e}"
         );
     }

@@ -47,6 +47,13 @@ pub fn smollm2(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         return Ok(target);
     }
     std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating", &dir, e))?;
+    // One fetch at a time within a process: two threads would share (and delete) the one
+    // download folder named by the pid. Processes each have their own and rename atomically.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCH.lock().unwrap_or_else(|p| p.into_inner());
+    if target.exists() && stamp.exists() {
+        return Ok(target);
+    }
     if !target.exists() {
         let tmp = dir.join(format!("download-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
