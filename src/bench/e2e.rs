@@ -71,6 +71,21 @@ pub fn run(args: Args) -> Result<()> {
         w => anyhow::bail!("--decode-weights {w}: expected f32, bf16 or quant"),
     }
     let vocab = m.model.cfg.vocab as u32;
+    // Warm-up, untimed (as llama-bench and the peer script do): page in the weights, start
+    // the thread pool, fault in the first KV blocks.
+    {
+        let store = m.model.kv_store(&KvOptions {
+            dtype,
+            ..KvOptions::default()
+        })?;
+        let seq = store.create_seq();
+        let ids: Vec<u32> = (0..256u32).map(|i| 100 + i % (vocab - 100).max(1)).collect();
+        let l = m
+            .model
+            .forward(&ids, 0, &store, seq, Logits::Last, None, 4)?;
+        m.model
+            .forward(&[argmax(&l)], ids.len(), &store, seq, Logits::Last, None, 4)?;
+    }
     let mut rows = vec![];
     for &len in &args.lengths {
         // Deterministic token ids spread over the vocabulary (content does not change speed).
