@@ -103,6 +103,34 @@ fn bad_input_is_one_clear_line_and_a_failure() {
         ],
         "exceeds the limit",
     );
+    // The largest --max-tokens: once wrapped past the limit check and streamed until killed.
+    let max = u64::MAX.to_string();
+    one_line_error(
+        &[
+            "generate",
+            "--prompt",
+            "hello",
+            "--max-context",
+            "3",
+            "--max-tokens",
+            &max,
+        ],
+        "exceeds the limit",
+    );
+    let here = env!("CARGO_MANIFEST_DIR");
+    one_line_error(
+        &[
+            "ask",
+            "--repo",
+            here,
+            "--max-tokens",
+            &max,
+            "--include",
+            "README.md",
+            "q?",
+        ],
+        "exceeds the limit",
+    );
     one_line_error(&["ask", "--repo", "/no/such/repo", "q?"], "/no/such/repo");
     let empty = std::env::temp_dir().join(format!("longctx-empty-{}", std::process::id()));
     std::fs::create_dir_all(&empty).unwrap();

@@ -122,7 +122,8 @@ impl ModelConfig {
         let head_dim = get(cfg, "head_dim")
             .and_then(Value::as_u64)
             .map_or(hidden / heads.max(1), |v| v as usize);
-        let layers = usize_field(cfg, "num_hidden_layers")?;
+        // Checked before anything per layer is built from it (1e12 layers once aborted).
+        let layers = check_layers(usize_field(cfg, "num_hidden_layers")?)?;
         let rope = longctx_rope::from_config_json(&Value::Object(cfg.clone()).to_string())?;
         let eps = get(cfg, "rms_norm_eps")
             .and_then(Value::as_f64)
@@ -260,7 +261,8 @@ impl ModelConfig {
         };
         let mut rope = Rope::new(theta, head_dim, scaling)?;
         if let Ok(r) = u("rope.dimension_count") {
-            rope.rotary_dim = r;
+            // Checked: a rotary dim of 0 once reached the table builder and panicked.
+            rope = rope.with_rotary_dim(r)?;
         }
         let vocab = match u("vocab_size") {
             Ok(v) => v,
@@ -306,6 +308,28 @@ impl ModelConfig {
         if self.hidden == 0 || self.heads == 0 || self.kv_heads == 0 || self.layers == 0 {
             return bad("hidden size, heads, KV heads and layers must be non-zero".into());
         }
+        check_layers(self.layers)?;
+        // Sizes a header could make absurd, bounded well above any real model (Llama 4
+        // Behemoth: hidden 16,384; Maverick: 128 experts) before anything is allocated.
+        for (what, v, max) in [
+            ("hidden size", self.hidden, 1 << 17),
+            ("intermediate size", self.intermediate, 1 << 20),
+            ("attention heads", self.heads, 1 << 12),
+            ("max_position_embeddings", self.max_position, 1 << 30),
+        ] {
+            if v > max {
+                return bad(format!(
+                    "{what} {v} is beyond any real model (at most {max})"
+                ));
+            }
+        }
+        // NaN, infinite or non-positive epsilons once ran and answered garbage.
+        if !(self.rms_eps.is_finite() && self.rms_eps > 0.0 && self.rms_eps < 1.0) {
+            return bad(format!(
+                "rms_norm_eps {} must be a finite number in (0, 1)",
+                self.rms_eps
+            ));
+        }
         if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "{} query heads are not a multiple of {} KV heads",
@@ -322,6 +346,12 @@ impl ModelConfig {
             return bad(format!("vocabulary of {} tokens", self.vocab));
         }
         if let Some(m) = &self.moe {
+            if m.experts > 1 << 12 || m.intermediate > 1 << 20 {
+                return bad(format!(
+                    "{} experts of {} is beyond any real model",
+                    m.experts, m.intermediate
+                ));
+            }
             if m.experts == 0
                 || m.top_k == 0
                 || m.top_k > m.experts
@@ -332,6 +362,12 @@ impl ModelConfig {
             }
         }
         if let Some(l) = &self.llama4 {
+            if !(l.floor_scale.is_finite() && l.floor_scale > 0.0 && l.attn_scale.is_finite()) {
+                return bad(format!(
+                    "floor_scale {} and attn_scale {} must be finite (floor_scale > 0)",
+                    l.floor_scale, l.attn_scale
+                ));
+            }
             if l.rope_layers.len() != self.layers || l.chunk == 0 {
                 return bad(format!(
                     "no_rope_layers has {} entries for {} layers (chunk {})",
@@ -383,4 +419,65 @@ pub fn rope_override(cfg: &ModelConfig, kind: &str, factor: f64) -> Result<Rope>
         }
     };
     Ok(rope)
+}
+
+/// The most layers a config may give: far above any real model (Llama 4 Behemoth has 128),
+/// and checked before anything is sized by it.
+const MAX_LAYERS: usize = 4096;
+
+fn check_layers(layers: usize) -> Result<usize> {
+    if layers > MAX_LAYERS {
+        return Err(EngineError::Config(format!(
+            "{layers} layers is beyond any real model (at most {MAX_LAYERS})"
+        )));
+    }
+    Ok(layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama(extra: &[(&str, serde_json::Value)]) -> String {
+        let mut v = serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128,
+            "vocab_size": 300, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        });
+        for (k, x) in extra {
+            v[*k] = x.clone();
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn a_plain_config_loads() {
+        let c = ModelConfig::from_hf_json(&llama(&[])).unwrap();
+        assert_eq!((c.layers, c.head_dim, c.rms_eps), (2, 16, 1e-5));
+    }
+
+    /// Sizes and floats a crafted config.json could give: each a one-line error, before
+    /// anything is allocated from it (1e12 layers once aborted the process).
+    #[test]
+    fn absurd_sizes_and_bad_floats_are_errors() {
+        use serde_json::json;
+        for (k, v, needle) in [
+            ("num_hidden_layers", json!(1_000_000_000_000u64), "layers"),
+            ("hidden_size", json!(1u64 << 40), "hidden size"),
+            ("intermediate_size", json!(1u64 << 40), "intermediate size"),
+            ("rms_norm_eps", json!(-1.0), "rms_norm_eps"),
+            ("rms_norm_eps", json!(0.0), "rms_norm_eps"),
+            ("rms_norm_eps", json!(5.0), "rms_norm_eps"),
+        ] {
+            let e = ModelConfig::from_hf_json(&llama(&[(k, v.clone())])).unwrap_err();
+            assert!(e.to_string().contains(needle), "{k} = {v}: {e}");
+        }
+        let l4 = serde_json::json!({
+            "model_type": "llama4_text", "hidden_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_hidden_layers": 1_000_000_000_000u64,
+            "intermediate_size": 128, "vocab_size": 300, "num_local_experts": 4,
+        });
+        let e = ModelConfig::from_hf_json(&l4.to_string()).unwrap_err();
+        assert!(e.to_string().contains("layers"), "{e}");
+    }
 }

@@ -349,6 +349,22 @@ impl Gguf {
                 },
             );
         }
+        // Byte ranges must not overlap: a tensor aliasing another's bytes once loaded and
+        // answered wrongly. Sorted by start, each must end before the next begins.
+        let mut ranges: Vec<(u64, u64, &str)> = tensors
+            .values()
+            .filter(|t| t.bytes > 0)
+            .map(|t| (t.start, t.start + t.bytes, t.name.as_str()))
+            .collect();
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(format!(
+                    "tensors {} and {} overlap (bytes {}..{} and {}..{})",
+                    w[0].2, w[1].2, w[0].0, w[0].1, w[1].0, w[1].1
+                ));
+            }
+        }
         Ok((version, metadata, tensors))
     }
 

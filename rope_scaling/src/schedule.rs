@@ -59,6 +59,14 @@ impl Rope {
         Ok(r)
     }
 
+    /// Rotates only the first `rotary_dim` dimensions of each head (partial rotary), checked
+    /// as [`Rope::new`] checks a head dim: even, at least 4, at most the head dim.
+    pub fn with_rotary_dim(mut self, rotary_dim: usize) -> Result<Rope, RopeError> {
+        self.rotary_dim = rotary_dim;
+        self.validate()?;
+        Ok(self)
+    }
+
     pub(crate) fn validate(&self) -> Result<(), RopeError> {
         let bad = |m: String| Err(RopeError::Invalid(m));
         if !(self.theta > 1.0 && self.theta.is_finite()) {

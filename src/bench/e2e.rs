@@ -79,7 +79,9 @@ pub fn run(args: Args) -> Result<()> {
             ..KvOptions::default()
         })?;
         let seq = store.create_seq();
-        let ids: Vec<u32> = (0..256u32).map(|i| 100 + i % (vocab - 100).max(1)).collect();
+        let ids: Vec<u32> = (0..256u32)
+            .map(|i| 100 + i % (vocab - 100).max(1))
+            .collect();
         let l = m
             .model
             .forward(&ids, 0, &store, seq, Logits::Last, None, 4)?;

@@ -56,9 +56,11 @@ fn run_job(
     };
     let ids = m.tokenizer.encode(&text)?;
     let max_tokens = job.max_tokens.unwrap_or(default_max);
-    if ids.len() + max_tokens > limit {
+    // Saturating: a "max_tokens" near usize::MAX must not wrap past the check.
+    let needed = ids.len().saturating_add(max_tokens);
+    if needed > limit {
         return Err(EngineError::PromptTooLong {
-            tokens: ids.len() + max_tokens,
+            tokens: needed,
             limit,
         });
     }

@@ -55,9 +55,11 @@ pub fn run(args: Args) -> Result<()> {
     let ids = m.tokenizer.encode(&text)?;
     anyhow::ensure!(!ids.is_empty(), "the prompt is empty");
     let limit = args.max_context.unwrap_or(m.model.cfg.max_position);
-    if ids.len() + args.max_tokens > limit {
+    // Saturating: a --max-tokens near usize::MAX must not wrap past the check.
+    let needed = ids.len().saturating_add(args.max_tokens);
+    if needed > limit {
         return Err(longctx_engine::EngineError::PromptTooLong {
-            tokens: ids.len() + args.max_tokens,
+            tokens: needed,
             limit,
         }
         .into());

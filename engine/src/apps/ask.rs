@@ -195,9 +195,11 @@ pub fn pack(
 ) -> Result<Packed> {
     let (_, q_only) = render(tok, &[], question)?;
     let empty = render(tok, &[], question)?.0.len() + q_only.len();
-    if empty + reserve > budget {
+    // Saturating: a reserve near usize::MAX must not wrap past the check (then every sum
+    // below is at most the budget).
+    if empty.saturating_add(reserve) > budget {
         return Err(EngineError::PromptTooLong {
-            tokens: empty + reserve,
+            tokens: empty.saturating_add(reserve),
             limit: budget,
         });
     }

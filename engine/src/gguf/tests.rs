@@ -184,3 +184,102 @@ fn corrupted_bytes_never_panic_and_lengths_are_capped() {
         Err(EngineError::BadFile { .. })
     ));
 }
+
+/// A llama GGUF's metadata with one key replaced: (key, GGUF type id, raw value).
+fn llama_meta(over: (&str, u32, Vec<u8>)) -> Vec<u8> {
+    let u32v = |x: u32| x.to_le_bytes().to_vec();
+    let mut meta: Vec<(&str, u32, Vec<u8>)> = vec![
+        ("general.architecture", 8, str_value("llama")),
+        ("llama.embedding_length", 4, u32v(64)),
+        ("llama.attention.head_count", 4, u32v(4)),
+        ("llama.attention.head_count_kv", 4, u32v(2)),
+        ("llama.block_count", 4, u32v(2)),
+        ("llama.feed_forward_length", 4, u32v(128)),
+        ("llama.vocab_size", 4, u32v(300)),
+        ("llama.rope.freq_base", 6, 10000f32.to_le_bytes().to_vec()),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            6,
+            1e-5f32.to_le_bytes().to_vec(),
+        ),
+    ];
+    match meta.iter_mut().find(|m| m.0 == over.0) {
+        Some(m) => *m = over,
+        None => meta.push(over),
+    }
+    write_gguf(&meta, &[])
+}
+
+/// Header fields that once panicked, aborted or ran with garbage: each a clear error.
+#[test]
+fn bad_llama_metadata_is_a_config_error() {
+    let g = parse_file(&llama_meta((
+        "llama.block_count",
+        4,
+        2u32.to_le_bytes().to_vec(),
+    )));
+    crate::ModelConfig::from_gguf(&g.unwrap()).unwrap();
+    for (key, ty, val, needle) in [
+        (
+            "llama.rope.dimension_count",
+            4u32,
+            0u32.to_le_bytes().to_vec(),
+            "rotary dim",
+        ),
+        (
+            "llama.block_count",
+            4,
+            4_000_000_000u32.to_le_bytes().to_vec(),
+            "layers",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            6,
+            f32::NAN.to_le_bytes().to_vec(),
+            "rms_norm_eps",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            6,
+            (-1f32).to_le_bytes().to_vec(),
+            "rms_norm_eps",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            6,
+            f32::INFINITY.to_le_bytes().to_vec(),
+            "rms_norm_eps",
+        ),
+    ] {
+        let g = parse_file(&llama_meta((key, ty, val))).unwrap();
+        let e = crate::ModelConfig::from_gguf(&g).unwrap_err();
+        assert!(e.to_string().contains(needle), "{key}: {e}");
+    }
+}
+
+/// A tensor whose offset points into another's bytes is refused.
+#[test]
+fn overlapping_tensors_are_refused() {
+    let data = |n: usize| vec![7u8; n];
+    let file = write_gguf(
+        &[("general.architecture", 8, str_value("llama"))],
+        &[("a", vec![16], 0, data(64)), ("b", vec![16], 0, data(64))],
+    );
+    assert!(Gguf::parse_bytes(&file).is_ok());
+    // b's offset (its 8 bytes after the name, dims and type) moved from 64 into a's bytes.
+    let mut bad = file.clone();
+    let at = bad
+        .windows(1 + 8)
+        .rposition(|w| w[0] == b'b')
+        .expect("b's name")
+        + 1;
+    let (n_dims, dims, ty) = (4, 8, 4);
+    let off = at + n_dims + dims + ty;
+    assert_eq!(
+        u64::from_le_bytes(bad[off..off + 8].try_into().unwrap()),
+        64
+    );
+    bad[off..off + 8].copy_from_slice(&32u64.to_le_bytes());
+    let e = Gguf::parse_bytes(&bad).unwrap_err();
+    assert!(e.contains("overlap"), "{e}");
+}

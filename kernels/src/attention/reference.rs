@@ -272,8 +272,8 @@ pub fn inputs<T: Element>(
             let spike = 1 + rng.below(n_kv.saturating_sub(1));
             for j in 0..n_kv {
                 let p = params.k_pos + j;
-                let low =
-                    j == 0 || matches!(params.mask, Mask::ChunkedLocal { chunk } if p % chunk == 0);
+                let low = j == 0
+                    || matches!(params.mask, Mask::ChunkedLocal { chunk } if p.is_multiple_of(chunk));
                 let val = if j == spike && !low {
                     30.0
                 } else if low {
