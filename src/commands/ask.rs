@@ -122,7 +122,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     .for_length(budget);
     let rope = runner.rope.clone().expect("set above");
-    let fingerprint = format!("{}|{:?}", m.fingerprint, rope);
+    // What the snapshot's KV depends on: the model's content, the RoPE override, the KV
+    // element type and block size.
+    let kvc = store.config();
+    let fingerprint = format!(
+        "{}|{:?}|kv {:?} bt {}",
+        m.fingerprint, rope, kvc.dtype, kvc.block_tokens
+    );
     let snap = snapshot_dir(&home, &fingerprint, &packed.prefix);
     let meta = SnapshotMeta {
         fingerprint: &fingerprint,
