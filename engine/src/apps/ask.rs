@@ -26,9 +26,21 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Bytes read from a repository in all, whatever the files claim: past it the remaining
+/// files are skipped (a repository of `/` once read 8.6 GB in 45 s).
+pub const MAX_TOTAL_BYTES: u64 = 512 << 20;
+
+/// Pseudo-filesystems whose files are not text and may report size 0 yet never end.
+const PSEUDO: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+fn is_pseudo(p: &Path) -> bool {
+    PSEUDO.iter().any(|d| p.starts_with(d))
+}
+
 /// Walks `root` honouring .gitignore (and .ignore, hidden files skipped), keeping UTF-8 text
-/// files up to `max_bytes`; `include`/`exclude` are globs (gitignore syntax) over relative
-/// paths.
+/// files up to `max_bytes` (read at most that far, whatever size a file reports), at most
+/// [`MAX_TOTAL_BYTES`] in all, never crossing into another filesystem or reading /proc, /sys
+/// or /dev; `include`/`exclude` are globs (gitignore syntax) over relative paths.
 pub fn collect_files(
     root: &Path,
     include: &[String],
@@ -36,6 +48,15 @@ pub fn collect_files(
     max_bytes: u64,
 ) -> Result<(Vec<RepoFile>, Vec<Skipped>)> {
     let meta = std::fs::metadata(root).map_err(|e| EngineError::io("reading", root, e))?;
+    let canonical = root
+        .canonicalize()
+        .map_err(|e| EngineError::io("reading", root, e))?;
+    if is_pseudo(&canonical) {
+        return Err(EngineError::Config(format!(
+            "{} is a pseudo-filesystem (/proc, /sys, /dev), not a repository",
+            root.display()
+        )));
+    }
     if !meta.is_dir() {
         return Err(EngineError::Config(format!(
             "{} is not a directory",
@@ -57,9 +78,11 @@ pub fn collect_files(
     let walk = ignore::WalkBuilder::new(root)
         .overrides(ov)
         .require_git(false)
+        .same_file_system(true)
         .sort_by_file_path(|a, b| a.cmp(b))
         .build();
     let (mut files, mut skipped) = (vec![], vec![]);
+    let mut total = 0u64;
     for entry in walk {
         let entry = match entry {
             Ok(e) => e,
@@ -91,13 +114,34 @@ pub fn collect_files(
             )));
             continue;
         }
-        let bytes = match std::fs::read(entry.path()) {
-            Ok(b) => b,
-            Err(e) => {
-                skipped.push(skip(format!("unreadable: {e}")));
-                continue;
-            }
-        };
+        // A symlink or bind mount can still lead into a pseudo-filesystem.
+        if entry.path().canonicalize().is_ok_and(|c| is_pseudo(&c)) {
+            skipped.push(skip("a pseudo-filesystem file".into()));
+            continue;
+        }
+        let room = MAX_TOTAL_BYTES.saturating_sub(total);
+        if room == 0 {
+            skipped.push(skip(format!(
+                "past the {MAX_TOTAL_BYTES}-byte total read limit"
+            )));
+            continue;
+        }
+        // Read at most one byte past the limit: the reported size can lie (0 for files
+        // that never end) and a file can grow while read.
+        let limit = max_bytes.min(room);
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(entry.path()).and_then(|f| {
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut bytes)
+        });
+        if let Err(e) = read {
+            skipped.push(skip(format!("unreadable: {e}")));
+            continue;
+        }
+        total += bytes.len() as u64;
+        if bytes.len() as u64 > limit {
+            skipped.push(skip(format!("over the {limit}-byte limit when read")));
+            continue;
+        }
         if bytes.iter().take(8192).any(|b| *b == 0) {
             skipped.push(skip("binary".into()));
             continue;
@@ -211,6 +255,13 @@ pub fn pack(
     let mut used = empty + reserve;
     let mut left_out = vec![];
     for &i in &order {
+        // No tokenizer makes tokens of more than 64 bytes on average: a file longer than
+        // that many bytes per token left cannot fit, and is not tokenized (a 200 MB file once
+        // took 13 GB to tokenize for an 8K-token budget).
+        if files[i].text.len() as u64 > 64 * budget.saturating_sub(used) as u64 {
+            left_out.push(files[i].path.clone());
+            continue;
+        }
         let cost = tok.encode(&file_block(&files[i]))?.len();
         if used + cost <= budget {
             used += cost;
@@ -257,6 +308,28 @@ pub fn snapshot_dir(home: &Path, fingerprint: &str, prefix: &[u32]) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// /proc, /sys and /dev are refused as repositories, and a link into them is skipped
+    /// (`ask --repo /proc/self` once read 4.3 GB of pagemap in 6 s: it reports size 0).
+    #[test]
+    fn pseudo_filesystems_are_never_read() {
+        for root in ["/proc/self", "/sys", "/dev", "/proc"] {
+            let e = collect_files(Path::new(root), &[], &[], 4096).unwrap_err();
+            assert!(e.to_string().contains("pseudo-filesystem"), "{root}: {e}");
+        }
+        let d = tmp_repo();
+        std::os::unix::fs::symlink("/proc/self/pagemap", d.join("src/pagemap.rs")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join("src/zero.rs")).unwrap();
+        let (files, skipped) = collect_files(&d, &[], &[], 1 << 30).unwrap();
+        // Links are not followed by the walk at all.
+        assert!(
+            files
+                .iter()
+                .all(|f| !f.path.contains("pagemap") && !f.path.contains("zero")),
+            "{skipped:?}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     fn tmp_repo() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
