@@ -151,3 +151,59 @@ fn bad_input_is_one_clear_line_and_a_failure() {
     one_line_error(&["perplexity", "--file", "/no/such.txt"], "/no/such.txt");
     let _ = std::fs::remove_dir_all(&empty);
 }
+
+/// Ids keyed by their JSON text, repeated ids and bad bytes as error records with line
+/// numbers, and input == output refused.
+#[test]
+fn ids_duplicates_and_bad_lines_each_get_their_own_record() {
+    let dir = std::env::temp_dir().join(format!("longctx-batch-ids-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output) = (dir.join("jobs.jsonl"), dir.join("out.jsonl"));
+    let _ = std::fs::remove_file(&output);
+    let mut bytes = Vec::new();
+    bytes.extend(br#"{"id": 7, "prompt": "Hi", "max_tokens": 1}"#);
+    bytes.extend(b"\n");
+    bytes.extend(br#"{"id": "7", "prompt": "Hi", "max_tokens": 1}"#);
+    bytes.extend(b"\n");
+    bytes.extend(b"{\"id\": \"x\", \"prompt\": \"\xff\xfe\"}\n");
+    bytes.extend(br#"{"id": 7, "prompt": "again", "max_tokens": 1}"#);
+    bytes.extend(b"\n");
+    std::fs::write(&input, bytes).unwrap();
+    let bin = env!("CARGO_BIN_EXE_longctx");
+    let run = |out: &std::path::Path| {
+        Command::new(bin)
+            .args(["batch", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let r = run(&output);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let text = std::fs::read_to_string(&output).unwrap();
+    let recs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 4, "{text}");
+    assert_eq!(recs[0]["id"], serde_json::json!(7));
+    assert!(recs[0]["output"].is_string(), "{text}");
+    assert_eq!(recs[1]["id"], serde_json::json!("7"));
+    assert!(recs[1]["output"].is_string(), "{text}");
+    assert_eq!(recs[2]["id"], serde_json::json!("line:3"));
+    assert!(recs[2]["error"].as_str().unwrap().contains("line 3: not UTF-8"), "{text}");
+    assert_eq!(recs[3]["id"], serde_json::json!("line:4"));
+    let e = recs[3]["error"].as_str().unwrap();
+    assert!(e.contains("line 4") && e.contains("repeats line 1"), "{text}");
+    // A rerun finds every record and adds none.
+    assert!(run(&output).status.success());
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), text);
+    // --input equal to --output: refused, the jobs file untouched.
+    let before = std::fs::read(&input).unwrap();
+    let r = run(&input);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("same file"));
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+    let _ = std::fs::remove_dir_all(&dir);
+}

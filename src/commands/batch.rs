@@ -2,12 +2,12 @@
 
 use crate::commands::progress_bar;
 use anyhow::{Context, Result};
-use longctx_engine::apps::batch::{error_record, parse_job, Job, Results, Task};
+use longctx_engine::apps::batch::{error_record, id_value, line_id, parse_job, Job, Results, Task};
 use longctx_engine::generate::{complete, Sampler, Sampling};
 use longctx_engine::{EngineError, Loaded, Runner};
 use serde_json::json;
-use std::io::BufRead;
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -79,7 +79,7 @@ fn run_job(
         |_| Ok(()),
     )?;
     Ok(json!({
-        "id": job.id,
+        "id": id_value(&job.id),
         "output": m.tokenizer.decode(&out.tokens)?,
         "prompt_tokens": ids.len(),
         "tokens": out.tokens.len(),
@@ -89,12 +89,21 @@ fn run_job(
 
 pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
-    let input = std::fs::File::open(&args.input)
-        .with_context(|| format!("opening {}", args.input.display()))?;
-    let lines: Vec<String> = std::io::BufReader::new(input)
-        .lines()
-        .collect::<std::io::Result<_>>()
-        .with_context(|| format!("reading {}", args.input.display()))?;
+    anyhow::ensure!(
+        !same_file(&args.input, &args.output),
+        "--input and --output are the same file ({}): the results would be appended to the jobs",
+        args.input.display()
+    );
+    let bytes =
+        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    // Line by line: one line that is not UTF-8 is that line's error record, not the file's.
+    let lines: Vec<Result<&str, String>> = bytes
+        .split(|b| *b == b'\n')
+        .map(|l| {
+            std::str::from_utf8(l.strip_suffix(b"\r").unwrap_or(l))
+                .map_err(|e| format!("not UTF-8 text ({e})"))
+        })
+        .collect();
     let mut results = Results::open(&args.output)
         .with_context(|| format!("opening {}", args.output.display()))?;
     let base = args
@@ -102,12 +111,14 @@ pub fn run(args: Args) -> Result<()> {
         .parent()
         .map(|p| p.to_path_buf())
         .unwrap_or_default();
-    let jobs: Vec<(usize, &String)> = lines
+    let jobs: Vec<(usize, &Result<&str, String>)> = lines
         .iter()
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
+        .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
         .map(|(i, l)| (i + 1, l))
         .collect();
+    // Ids of this input and the line each was first seen on: a repeat is its own error.
+    let mut first_line: HashMap<String, usize> = HashMap::new();
     let m = args.decode.open(&args.model)?;
     let kv = args.decode.kv();
     let limit = args.max_context.unwrap_or(m.model.cfg.max_position);
@@ -115,14 +126,36 @@ pub fn run(args: Args) -> Result<()> {
     let (mut ok, mut failed, mut skipped) = (0, 0, 0);
     for (line_no, line) in jobs {
         bar.inc(1);
-        let record = match parse_job(line, line_no, &base) {
+        let parsed = match line {
+            Ok(l) => parse_job(l, line_no, &base),
+            Err(e) => Err(longctx_engine::apps::batch::BadJob {
+                id: line_id(line_no),
+                error: e.clone(),
+            }),
+        };
+        // A repeated id: this line gets an error record of its own ("line:N"), the first
+        // keeps the id.
+        let parsed = match parsed {
+            Ok(job) => match first_line.get(&job.id) {
+                Some(&first) => Err(longctx_engine::apps::batch::BadJob {
+                    id: line_id(line_no),
+                    error: format!("id {} repeats line {first}; not run", job.id),
+                }),
+                None => {
+                    first_line.insert(job.id.clone(), line_no);
+                    Ok(job)
+                }
+            },
+            Err(bad) => Err(bad),
+        };
+        let record = match parsed {
             Err(bad) => {
                 if results.done.contains(&bad.id) {
                     skipped += 1;
                     continue;
                 }
                 failed += 1;
-                error_record(&bad.id, &bad.error)
+                error_record(&bad.id, &format!("line {line_no}: {}", bad.error))
             }
             Ok(job) => {
                 if results.done.contains(&job.id) {
@@ -151,4 +184,18 @@ pub fn run(args: Args) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+/// Whether two paths name one file (the second may not exist yet).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| -> Option<PathBuf> {
+        p.canonicalize().ok().or_else(|| {
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            Some(dir.canonicalize().ok()?.join(p.file_name()?))
+        })
+    };
+    matches!((canon(a), canon(b)), (Some(x), Some(y)) if x == y)
 }
