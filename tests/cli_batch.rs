@@ -192,10 +192,19 @@ fn ids_duplicates_and_bad_lines_each_get_their_own_record() {
     assert_eq!(recs[1]["id"], serde_json::json!("7"));
     assert!(recs[1]["output"].is_string(), "{text}");
     assert_eq!(recs[2]["id"], serde_json::json!("line:3"));
-    assert!(recs[2]["error"].as_str().unwrap().contains("line 3: not UTF-8"), "{text}");
+    assert!(
+        recs[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("line 3: not UTF-8"),
+        "{text}"
+    );
     assert_eq!(recs[3]["id"], serde_json::json!("line:4"));
     let e = recs[3]["error"].as_str().unwrap();
-    assert!(e.contains("line 4") && e.contains("repeats line 1"), "{text}");
+    assert!(
+        e.contains("line 4") && e.contains("repeats line 1"),
+        "{text}"
+    );
     // A rerun finds every record and adds none.
     assert!(run(&output).status.success());
     assert_eq!(std::fs::read_to_string(&output).unwrap(), text);

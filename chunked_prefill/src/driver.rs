@@ -90,6 +90,9 @@ pub struct Prefilled {
     pub resumed_from: usize,
     pub chunk: usize,
     pub seconds: f64,
+    /// Why periodic checkpoints stopped, if one could not be written (a full or read-only
+    /// disk): the prefill itself went on without them.
+    pub checkpoint_error: Option<String>,
 }
 
 /// The chunk a budget allows: activations grow linearly with the chunk, so the largest
@@ -177,6 +180,7 @@ pub fn prefill<M: ChunkModel>(
     let mut pos = start;
     let mut chunks = 0;
     let mut logits = vec![];
+    let mut checkpoint_error = None;
     let checkpoint = |pos: usize| -> Result<(), PrefillError> {
         if let Some(ck) = &opts.checkpoints {
             let meta = SnapshotMeta {
@@ -198,8 +202,8 @@ pub fn prefill<M: ChunkModel>(
     while pos < total {
         if cancel.load(Ordering::Relaxed) {
             let mut written = None;
-            if pos > start {
-                checkpoint(pos)?;
+            // Only where checkpoints still work; a failed one leaves nothing to resume from.
+            if pos > start && checkpoint_error.is_none() && checkpoint(pos).is_ok() {
                 written = opts.checkpoints.as_ref().map(|c| c.dir.clone());
             }
             return Err(PrefillError::Cancelled {
@@ -215,8 +219,12 @@ pub fn prefill<M: ChunkModel>(
         pos = end;
         chunks += 1;
         if let Some(ck) = &opts.checkpoints {
-            if ck.every > 0 && chunks % ck.every == 0 && pos < total {
-                checkpoint(pos)?;
+            if checkpoint_error.is_none() && ck.every > 0 && chunks % ck.every == 0 && pos < total {
+                // A checkpoint is insurance, not the job: one that cannot be written turns
+                // the rest off and the prefill goes on.
+                if let Err(e) = checkpoint(pos) {
+                    checkpoint_error = Some(e.to_string());
+                }
             }
         }
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
@@ -241,5 +249,6 @@ pub fn prefill<M: ChunkModel>(
         resumed_from: start,
         chunk,
         seconds: t0.elapsed().as_secs_f64(),
+        checkpoint_error,
     })
 }

@@ -231,3 +231,38 @@ fn a_killed_run_resumes_from_the_last_periodic_checkpoint() {
         Err(PrefillError::Empty)
     ));
 }
+
+/// Checkpoints that cannot be written (a read-only or full disk) turn themselves off; the
+/// prefill finishes with the same logits and says why (a long `ask` once failed outright).
+#[test]
+fn unwritable_checkpoints_do_not_stop_the_prefill() {
+    let dir = Tmp::new();
+    let t = tokens(300);
+    // A file where the checkpoint folder should be: every write under it fails.
+    std::fs::write(dir.0.join("blocked"), b"x").unwrap();
+    let opts = PrefillOptions {
+        chunking: Chunking::Fixed(20),
+        checkpoints: Some(Checkpoints {
+            dir: dir.0.join("blocked").join("ck"),
+            every: 2,
+            fingerprint: "fake-1".into(),
+        }),
+    };
+    let no = AtomicBool::new(false);
+    let got = prefill(&Fake, &store(&dir), &t, &opts, &no, |_| {}).unwrap();
+    assert!(got.checkpoint_error.is_some());
+    let want = prefill(
+        &Fake,
+        &store(&dir),
+        &t,
+        &PrefillOptions {
+            chunking: Chunking::Fixed(20),
+            checkpoints: None,
+        },
+        &no,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(got.logits, want.logits);
+    assert!(want.checkpoint_error.is_none());
+}

@@ -171,6 +171,9 @@ pub fn run(args: Args) -> Result<()> {
             });
             bar.finish_and_clear();
             let done = done?;
+            if let Some(e) = &done.checkpoint_error {
+                eprintln!("warning: prefill checkpoints are off ({e}); an interrupted prefill starts over");
+            }
             let _ = std::fs::remove_dir_all(&partial);
             let computed = packed.prefix.len() - done.resumed_from;
             eprintln!(
