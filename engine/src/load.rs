@@ -86,6 +86,7 @@ pub fn content_hash(path: &Path) -> Result<u128> {
     }
     let h = hasher.digest128();
     if let Some(dir) = memo.parent() {
+        longctx_kvstore::stale::remove_stale(dir, ".tmp-");
         let tmp = memo.with_extension(format!("tmp-{}", std::process::id()));
         let written = std::fs::create_dir_all(dir)
             .and_then(|_| std::fs::write(&tmp, format!("{h:032x}")))

@@ -25,6 +25,7 @@ mod disk;
 mod error;
 mod page;
 mod snapshot;
+pub mod stale;
 mod store;
 mod stream;
 pub mod table;

@@ -163,6 +163,8 @@ impl KvStore {
         };
         let json = serde_json::to_vec(&header).expect("the header serialises");
         std::fs::create_dir_all(dir).map_err(|e| KvError::io("creating", dir, e))?;
+        // What a writer killed mid-save left here.
+        crate::stale::remove_stale(dir, ".tmp-");
         let final_path = dir.join(FILE_NAME);
         let tmp = dir.join(format!(
             "{FILE_NAME}.tmp-{}-{:?}",
