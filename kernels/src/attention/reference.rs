@@ -370,6 +370,21 @@ mod tests {
         );
     }
 
+    /// The FLOP count benchmarks report, and the group size, by hand.
+    #[test]
+    fn flops_and_group_by_hand() {
+        let s = AttnShape {
+            n_q: 3,
+            n_kv: 5,
+            h_q: 8,
+            h_kv: 2,
+            d: 16,
+        };
+        assert_eq!(s.flops(), 4.0 * 3.0 * 5.0 * 16.0 * 8.0);
+        assert_eq!(s.group(), 4);
+        assert_eq!(AttnShape { h_kv: 0, ..s }.group(), 8);
+    }
+
     /// The error measures: one wrong row of many is seen by the row error, not the norm.
     #[test]
     fn one_wrong_row_is_seen() {
