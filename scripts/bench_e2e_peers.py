@@ -38,14 +38,14 @@ lengths = [int(x) for x in a.lengths.split(",")]
 bin_ = os.path.join(root, "target/release/longctx")
 
 
-def ours(*extra):
+def ours(*extra, lengths=a.lengths, decode=a.decode):
     out = json.loads(subprocess.check_output(
-        [bin_, "bench", "e2e", "--json", "--threads", str(a.threads), "--lengths", a.lengths,
-         "--decode-tokens", str(a.decode), *extra]))
+        [bin_, "bench", "e2e", "--json", "--threads", str(a.threads), "--lengths", lengths,
+         "--decode-tokens", str(decode), *extra]))
     return out, {r["context"]: (r["prefill_tok_s"], r["decode_tok_s"]) for r in out["rows"]}
 
 
-first, _ = ours("--lengths", str(lengths[0]), "--decode-tokens", "2")
+first, _ = ours(lengths=str(lengths[0]), decode=2)
 path = first["model"]
 torch.set_num_threads(a.threads)
 d, f = os.path.split(path)
