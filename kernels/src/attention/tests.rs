@@ -333,6 +333,8 @@ fn bad_shapes_are_errors_not_panics() {
         AttnShape { d: 60, ..s },
         AttnShape { d: 264, ..s },
         AttnShape { h_kv: 0, ..s },
+        AttnShape { h_q: 0, ..s },
+        AttnShape { d: 0, ..s },
     ] {
         let e = attention(&buf, &kv, &kv, bad, &p, &mut out, &mut lse).unwrap_err();
         assert!(matches!(e, KernelError::Unsupported { .. }), "{e}");
