@@ -566,6 +566,68 @@ mod tests {
         }
     }
 
+    /// Q8_0 quantisation of f32 rows (weights without GGUF blocks): every weight within half a
+    /// step (amax / 254) of its value, at amplitudes below and above 127 (so the scale is a
+    /// division, not a remainder), all-zero blocks exactly zero.
+    #[test]
+    fn quantize_q8_is_within_half_a_step() {
+        let mut rng = rand::rng();
+        for amp in [0.01f32, 3.0, 500.0] {
+            let (rows, cols) = (5, 96);
+            let mut w: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-amp..amp))
+                .collect();
+            w[32..64].fill(0.0);
+            let q = QMatrix::quantize_q8(&w, rows, cols).unwrap();
+            for (b, blk) in w.chunks(QK).enumerate() {
+                let amax = blk.iter().fold(0f32, |a, x| a.max(x.abs()));
+                // The f16 scale rounds amax / 127 by at most 2^-11 relative.
+                let step = amax / 127.0 * (1.0 + 1.0 / 1024.0);
+                for (j, x) in blk.iter().enumerate() {
+                    let i = b * QK + j;
+                    let got = q.get(i / cols, i % cols);
+                    assert!(
+                        (got - x).abs() <= step / 2.0 + step * 1e-3,
+                        "amp {amp} block {b}: {got} for {x} (step {step})"
+                    );
+                }
+            }
+            assert!((32..64).all(|i| q.get(i / cols, i % cols) == 0.0));
+        }
+        assert!(QMatrix::quantize_q8(&[0.0; 40], 1, 40).is_err());
+        assert!(QMatrix::quantize_q8(&[0.0; 64], 1, 32).is_err());
+    }
+
+    /// Stacking checks kind and columns; the stack's rows are the parts' rows in order.
+    #[test]
+    fn concat_stacks_rows_and_refuses_mismatches() {
+        let mut rng = rand::rng();
+        let m = |kind, rows, cols, rng: &mut rand::rngs::ThreadRng| {
+            QMatrix::from_gguf(kind, &blocks(kind, rows, cols, rng), rows, cols).unwrap()
+        };
+        let (a, b) = (
+            m(QKind::Q4_1, 3, 64, &mut rng),
+            m(QKind::Q4_1, 2, 64, &mut rng),
+        );
+        let c = QMatrix::concat(&[&a, &b]).unwrap();
+        assert_eq!((c.rows(), c.cols(), c.kind()), (5, 64, QKind::Q4_1));
+        // What a product streams: the file's bytes per block (Q4_1: 20 for 32 weights).
+        assert_eq!(c.bytes(), 5 * 2 * 20);
+        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q8_0] {
+            let q = m(kind, 3, 96, &mut rng);
+            assert_eq!(q.bytes(), 3 * 3 * kind.block_bytes(), "{kind:?}");
+        }
+        for col in 0..64 {
+            assert_eq!(c.get(1, col), a.get(1, col));
+            assert_eq!(c.get(4, col), b.get(1, col));
+        }
+        let other_kind = m(QKind::Q8_0, 2, 64, &mut rng);
+        let other_cols = m(QKind::Q4_1, 2, 96, &mut rng);
+        assert!(QMatrix::concat(&[&a, &other_kind]).is_err());
+        assert!(QMatrix::concat(&[&a, &other_cols]).is_err());
+        assert!(QMatrix::concat(&[]).is_err());
+    }
+
     #[test]
     fn dequantised_weights_match_gguf_and_bad_sizes_are_errors() {
         let mut rng = rand::rng();
