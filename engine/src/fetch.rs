@@ -21,19 +21,24 @@ pub fn home() -> PathBuf {
     base.join(".cache").join("longctx")
 }
 
-fn sha256(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| EngineError::io("opening", path, e))?;
-    let mut h = Sha256::new();
+/// Feeds a file's whole content to `f`, a MiB at a time (for hashing).
+pub(crate) fn for_each_chunk(path: &Path, mut f: impl FnMut(&[u8])) -> Result<()> {
+    let mut file = std::fs::File::open(path).map_err(|e| EngineError::io("opening", path, e))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
+        let n = file
             .read(&mut buf)
             .map_err(|e| EngineError::io("reading", path, e))?;
         if n == 0 {
-            break;
+            return Ok(());
         }
-        h.update(&buf[..n]);
+        f(&buf[..n]);
     }
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    for_each_chunk(path, |b| h.update(b))?;
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 

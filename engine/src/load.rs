@@ -8,7 +8,6 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 use crate::{EngineError, Result};
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// A model and its tokenizer.
@@ -72,18 +71,8 @@ pub fn content_hash(path: &Path) -> Result<u128> {
     {
         return Ok(h);
     }
-    let mut f = std::fs::File::open(path).map_err(|e| EngineError::io("opening", path, e))?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| EngineError::io("reading", path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
+    crate::fetch::for_each_chunk(path, |b| hasher.update(b))?;
     let h = hasher.digest128();
     if let Some(dir) = memo.parent() {
         longctx_kvstore::stale::remove_stale(dir, ".tmp-");
