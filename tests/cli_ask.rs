@@ -3,8 +3,10 @@
 use std::path::Path;
 use std::process::Command;
 
-fn ask(model: &Path, repo: &Path) -> String {
+/// `ask` with its own LONGCTX_HOME (snapshots and hash memos go there, removed after).
+fn ask(model: &Path, repo: &Path, home: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .env("LONGCTX_HOME", home)
         .args([
             "ask",
             "--max-tokens",
@@ -50,14 +52,15 @@ fn a_snapshot_is_never_reused_for_other_weights() {
     }
     std::fs::write(&b, &bytes).unwrap();
     drop(g);
-    let first = ask(&a, &repo);
+    let home = dir.join("home");
+    let first = ask(&a, &repo, &home);
     assert!(!first.contains("reusing"), "{first}");
-    let again = ask(&a, &repo);
+    let again = ask(&a, &repo, &home);
     assert!(
         again.contains("reusing"),
         "the same model reuses its snapshot: {again}"
     );
-    let other = ask(&b, &repo);
+    let other = ask(&b, &repo, &home);
     assert!(
         !other.contains("reusing"),
         "other weights reused a's KV: {other}"
