@@ -434,3 +434,15 @@ fn segments_of_the_wrong_size_are_errors() {
     assert!(attention_segments(&q, &[bad], shape, &p, &mut out, &mut lse).is_err());
     assert!(attention_segments(&q, &[seg(0, 160)], shape, &p, &mut out, &mut lse).is_ok());
 }
+
+/// Attention called from inside parallel work, as a model's layers call it from rayon tasks:
+/// a thread that steals another call while its own is in flight takes a fresh scratch (its
+/// own is borrowed), and every result is still exact.
+#[test]
+fn calls_from_parallel_tasks_are_exact() {
+    use rayon::prelude::*;
+    let c = case(37, 300, 2, 4, 64, Mask::Causal);
+    (0..48).into_par_iter().for_each(|i| {
+        run::<f32>(&c, &CpuOptions::default(), INPUTS[i % INPUTS.len()], TOL_F32);
+    });
+}
