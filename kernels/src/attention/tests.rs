@@ -443,6 +443,11 @@ fn calls_from_parallel_tasks_are_exact() {
     use rayon::prelude::*;
     let c = case(37, 300, 2, 4, 64, Mask::Causal);
     (0..48).into_par_iter().for_each(|i| {
-        run::<f32>(&c, &CpuOptions::default(), INPUTS[i % INPUTS.len()], TOL_F32);
+        run::<f32>(
+            &c,
+            &CpuOptions::default(),
+            INPUTS[i % INPUTS.len()],
+            TOL_F32,
+        );
     });
 }
