@@ -133,19 +133,7 @@ fn a_cancelled_prefill_resumes_from_its_checkpoint_with_the_same_result() {
         checkpoints: Some(ck.clone()),
     };
     let no = AtomicBool::new(false);
-    let want = prefill(
-        &Fake,
-        &store(&dir),
-        &t,
-        &PrefillOptions {
-            chunking: Chunking::Fixed(20),
-            checkpoints: None,
-        },
-        &no,
-        |_| {},
-    )
-    .unwrap()
-    .logits;
+    let want = uninterrupted(&dir, &t).logits;
     // Cancel after 7 chunks (140 tokens): the driver checkpoints where it stopped.
     let cancel = AtomicBool::new(false);
     let mut events = vec![];
@@ -251,18 +239,25 @@ fn unwritable_checkpoints_do_not_stop_the_prefill() {
     let no = AtomicBool::new(false);
     let got = prefill(&Fake, &store(&dir), &t, &opts, &no, |_| {}).unwrap();
     assert!(got.checkpoint_error.is_some());
-    let want = prefill(
-        &Fake,
-        &store(&dir),
-        &t,
-        &PrefillOptions {
-            chunking: Chunking::Fixed(20),
-            checkpoints: None,
-        },
-        &no,
-        |_| {},
-    )
-    .unwrap();
+    let want = uninterrupted(&dir, &t);
     assert_eq!(got.logits, want.logits);
     assert!(want.checkpoint_error.is_none());
+}
+
+/// The same prompt in chunks of 20 without checkpoints or cancellation: what a checkpointed
+/// or interrupted run must end with.
+fn uninterrupted(dir: &Tmp, t: &[u32]) -> Prefilled {
+    let opts = PrefillOptions {
+        chunking: Chunking::Fixed(20),
+        checkpoints: None,
+    };
+    prefill(
+        &Fake,
+        &store(dir),
+        t,
+        &opts,
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap()
 }

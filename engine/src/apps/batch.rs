@@ -248,11 +248,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_cut_and_done_ids_are_remembered() {
-        let p = std::env::temp_dir().join(format!(
-            "longctx-batch-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
+        let p = tmp();
         std::fs::write(&p, "{\"id\":\"a\",\"output\":\"x\"}\n{\"id\":\"b\",\"outp").unwrap();
         let mut r = Results::open(&p).unwrap();
         assert_eq!(r.done, HashSet::from(["\"a\"".to_string()]));
