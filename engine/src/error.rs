@@ -34,6 +34,12 @@ pub enum EngineError {
         "prompt of {tokens} tokens exceeds the limit of {limit}; raise --max-context or shorten it"
     )]
     PromptTooLong { tokens: usize, limit: usize },
+    /// A NaN or infinity in the activations: broken weights or config, never sampled from.
+    #[error(
+        "the model computed NaN or infinity, first in {at} at position {pos}: its weights or \
+         config are broken"
+    )]
+    NonFinite { at: String, pos: usize },
     #[error(transparent)]
     Kernel(#[from] longctx_kernels::KernelError),
     #[error(transparent)]

@@ -18,6 +18,17 @@ use std::path::{Path, PathBuf};
 /// No key, string or name legitimately comes near these.
 const MAX_STRING: u64 = 64 << 20;
 const MAX_DIMS: u32 = 4;
+/// Metadata array items in one file, all arrays together: a vocabulary of 262K tokens with
+/// scores, types and 1M merges is ~2M. Each item is a 32-byte [`Value`] in memory, so this
+/// bounds what a crafted file can make us allocate to 512 MiB.
+const MAX_ITEMS: u64 = 1 << 24;
+/// Tensors in one file: real ones hold a few thousand (Llama 4 Maverick ~1,100).
+const MAX_TENSORS: u64 = 1 << 20;
+/// The fewest bytes a tensor info takes (empty name, one dimension) and a metadata entry
+/// (empty key, a one-byte value): counts that could not fit the file are refused before
+/// anything is allocated from them.
+const MIN_TENSOR_INFO: u64 = 8 + 4 + 8 + 4 + 8;
+const MIN_KV: u64 = 8 + 4 + 1;
 
 /// A GGUF file's metadata, by key.
 pub type Metadata = BTreeMap<String, Value>;
@@ -153,6 +164,8 @@ pub struct Gguf {
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Array items read so far (bounded by [`MAX_ITEMS`]).
+    items: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -206,11 +219,27 @@ impl<'a> Cursor<'a> {
                 }
                 let item = self.u32(what)?;
                 let n = self.u64(what)?;
-                // Every item takes at least one byte: a count beyond what is left is a lie.
+                // Every item takes at least its fixed size: a count beyond what is left is a
+                // lie, found before allocating for it.
+                let min = match item {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    t => return Err(format!("{what}: unknown array item type {t}")),
+                };
                 let left = (self.buf.len() - self.pos) as u64;
-                if n > left {
+                if n.checked_mul(min).is_none_or(|b| b > left) {
                     return Err(format!(
                         "{what}: array of {n} items with {left} bytes left in the file"
+                    ));
+                }
+                self.items += n;
+                if self.items > MAX_ITEMS {
+                    return Err(format!(
+                        "{what}: more than {MAX_ITEMS} metadata array items in the file, beyond \
+                         any real model"
                     ));
                 }
                 let mut v = Vec::with_capacity(n as usize);
@@ -257,7 +286,11 @@ impl Gguf {
     fn parse_bytes(
         buf: &[u8],
     ) -> std::result::Result<(u32, Metadata, BTreeMap<String, TensorInfo>), String> {
-        let mut c = Cursor { buf, pos: 0 };
+        let mut c = Cursor {
+            buf,
+            pos: 0,
+            items: 0,
+        };
         if c.take(4, "the magic number")? != b"GGUF" {
             return Err("bad magic number (not a GGUF file)".into());
         }
@@ -268,9 +301,18 @@ impl Gguf {
         let n_tensors = c.u64("the tensor count")?;
         let n_kv = c.u64("the metadata count")?;
         let left = buf.len() as u64;
-        if n_tensors > left || n_kv > left {
+        let need = n_tensors
+            .checked_mul(MIN_TENSOR_INFO)
+            .zip(n_kv.checked_mul(MIN_KV))
+            .and_then(|(a, b)| a.checked_add(b));
+        if need.is_none_or(|b| b > left) {
             return Err(format!(
                 "{n_tensors} tensors and {n_kv} metadata entries cannot fit {left} bytes"
+            ));
+        }
+        if n_tensors > MAX_TENSORS {
+            return Err(format!(
+                "{n_tensors} tensors, beyond any real model (at most {MAX_TENSORS} are read)"
             ));
         }
         let mut metadata = BTreeMap::new();

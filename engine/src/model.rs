@@ -313,6 +313,7 @@ impl Model {
             }
             row.copy_from_slice(&self.embed.data[t * h..(t + 1) * h]);
         }
+        finite(&x, h, pos0, || "the token embedding".into())?;
         let mut hbuf = vec![0f32; n * h];
         let mut q = vec![0f32; n * qd];
         let mut k = vec![0f32; n * kd];
@@ -389,6 +390,7 @@ impl Model {
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
+            finite(&x, h, pos0, || format!("layer {l}'s attention"))?;
             rms_norm(
                 &x,
                 Some(&layer.post_attention_layernorm.data),
@@ -411,6 +413,7 @@ impl Model {
                     }
                 }
             }
+            finite(&x, h, pos0, || format!("layer {l}'s feed-forward"))?;
         }
         let rows = match want {
             Logits::Last => &x[(n - 1) * h..],
@@ -421,8 +424,44 @@ impl Model {
         rms_norm(rows, Some(&self.norm.data), c.rms_eps, h, &mut normed);
         let mut logits = vec![0f32; m * c.vocab];
         self.lm_head.forward(&normed, m, &mut logits)?;
+        let first = match want {
+            Logits::Last => pos0 + n - 1,
+            Logits::All => pos0,
+        };
+        finite(&logits, c.vocab, first, || {
+            "the final norm or lm_head".into()
+        })?;
         Ok(logits)
     }
+}
+
+/// An error naming `at` if `x` (rows of `width`, the first at position `pos0`) holds a NaN
+/// or an infinity. Checked once per sublayer on the residual stream, not inside kernels: a
+/// NaN weight or an overflow then stops the pass where it first appears instead of
+/// sampling garbage from NaN logits.
+fn finite(x: &[f32], width: usize, pos0: usize, at: impl FnOnce() -> String) -> Result<()> {
+    // `v * 0.0` is 0 for every finite v and NaN otherwise; 16 independent sums vectorise.
+    let mut acc = [0f32; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * 0.0;
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(it.remainder()) {
+        *a += v * 0.0;
+    }
+    if acc.iter().all(|a| *a == 0.0) {
+        return Ok(());
+    }
+    let row = x
+        .chunks(width.max(1))
+        .position(|r| r.iter().any(|v| !v.is_finite()))
+        .unwrap_or(0);
+    Err(EngineError::NonFinite {
+        at: at(),
+        pos: pos0 + row,
+    })
 }
 
 fn append_kv(store: &KvStore, seq: SeqId, l: usize, k: &[f32], v: &[f32]) -> Result<()> {
@@ -557,4 +596,101 @@ fn moe(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::{random_tensors, tiny_llama4_config};
+
+    fn tiny_llama() -> ModelConfig {
+        ModelConfig::from_hf_json(
+            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64,
+                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "intermediate_size": 96, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                "max_position_embeddings": 4096, "tie_word_embeddings": false}"#,
+        )
+        .unwrap()
+    }
+
+    /// Runs 5 prompt tokens then one decode step through a model whose tensor `name` has
+    /// element `at` set to `value`; the error of the first failing pass.
+    fn run_with(cfg: ModelConfig, name: &str, at: usize, value: f32, quant: bool) -> String {
+        let mut map = random_tensors(&cfg, 7);
+        map.get_mut(name).expect(name).data[at] = value;
+        let mut model = Model::new(cfg, Weights::from_map(map)).unwrap();
+        if quant {
+            model.enable_quant_decode().unwrap();
+        }
+        let opts = KvOptions {
+            dtype: if quant { DType::BF16 } else { DType::F32 },
+            ..KvOptions::default()
+        };
+        let store = model.kv_store(&opts).unwrap();
+        let seq = store.create_seq();
+        let step =
+            |toks: &[u32], pos0| model.forward(toks, pos0, &store, seq, Logits::All, None, 0);
+        match step(&[1, 2, 3, 4, 5], 0).and_then(|_| step(&[6], 5)) {
+            Ok(_) => "no error".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_nan_weight_stops_the_pass_at_the_layer_it_enters() {
+        let d = tiny_llama();
+        let e = run_with(
+            d.clone(),
+            "model.layers.1.mlp.down_proj.weight",
+            5,
+            f32::NAN,
+            false,
+        );
+        assert!(e.contains("layer 1's feed-forward at position 0"), "{e}");
+        // A weight every token reads: the first position fails.
+        let e = run_with(
+            d.clone(),
+            "model.layers.0.self_attn.v_proj.weight",
+            0,
+            f32::NAN,
+            false,
+        );
+        assert!(e.contains("layer 0's attention at position 0"), "{e}");
+        // An infinite weight, not only NaN.
+        let e = run_with(
+            d.clone(),
+            "model.layers.2.self_attn.o_proj.weight",
+            3,
+            f32::INFINITY,
+            false,
+        );
+        assert!(e.contains("layer 2's attention"), "{e}");
+        // A token embedding row: only the position holding that token fails.
+        let e = run_with(
+            d.clone(),
+            "model.embed_tokens.weight",
+            3 * 64 + 1,
+            f32::NAN,
+            false,
+        );
+        assert!(e.contains("the token embedding at position 2"), "{e}");
+        let e = run_with(d.clone(), "lm_head.weight", 9, f32::INFINITY, false);
+        assert!(e.contains("the final norm or lm_head"), "{e}");
+        // The fast path (8-bit weight blocks, bf16 KV) is checked the same way.
+        let e = run_with(
+            d.clone(),
+            "model.layers.2.mlp.up_proj.weight",
+            11,
+            f32::NAN,
+            true,
+        );
+        assert!(e.contains("layer 2's feed-forward"), "{e}");
+        // Llama 4: the shared expert every token passes through.
+        let name = "model.layers.3.feed_forward.shared_expert.down_proj.weight";
+        let e = run_with(tiny_llama4_config(), name, 2, f32::NAN, false);
+        assert!(e.contains("layer 3's feed-forward"), "{e}");
+        // A healthy model passes.
+        let e = run_with(d, "model.layers.1.mlp.down_proj.weight", 5, 0.01, true);
+        assert_eq!(e, "no error");
+    }
 }

@@ -53,6 +53,12 @@ fn tiny_llama4(all_local: bool) -> ModelConfig {
 
 /// Random weights of the right names and shapes for `cfg`.
 pub fn random_model(cfg: ModelConfig, seed: u64) -> Result<Model> {
+    let map = random_tensors(&cfg, seed);
+    Model::new(cfg, Weights::from_map(map))
+}
+
+/// The tensors of [`random_model`], by their Hugging Face names (for tests that alter one).
+pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> BTreeMap<String, Tensor> {
     let mut s = seed | 1;
     let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
         (0..n)
@@ -124,5 +130,5 @@ pub fn random_model(cfg: ModelConfig, seed: u64) -> Result<Model> {
             (Arch::Llama, _) => mlp(&mut put, &format!("{p}.mlp"), cfg.intermediate),
         }
     }
-    Model::new(cfg, Weights::from_map(map))
+    map
 }

@@ -7,7 +7,7 @@ pub mod generate;
 pub mod perplexity;
 pub mod plan;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use longctx_engine::{fetch, load, Loaded};
 use std::path::PathBuf;
 
@@ -24,7 +24,15 @@ pub fn resolve_model(model: &Option<PathBuf>) -> Result<PathBuf> {
 
 pub fn open(model: &Option<PathBuf>) -> Result<Loaded> {
     let path = resolve_model(model)?;
-    load(&path).with_context(|| format!("loading {}", path.display()))
+    // Most load errors name the file already; the others (a directory's parts) get it here.
+    load(&path).map_err(|e| {
+        let shown = path.display().to_string();
+        if e.to_string().contains(&shown) {
+            anyhow::Error::from(e)
+        } else {
+            anyhow::Error::from(e).context(format!("loading {shown}"))
+        }
+    })
 }
 
 /// How decode reads its bytes: the KV cache's element type and the weights' form.
