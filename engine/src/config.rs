@@ -2,7 +2,7 @@
 //! Llama4ForCausalLM / Llama4TextConfig, Llama4ForConditionalGeneration's `text_config`) or
 //! from GGUF metadata (llama architecture).
 
-use crate::gguf::Gguf;
+use crate::gguf::{Gguf, Metadata};
 use crate::{EngineError, Result};
 use longctx_rope::{Layout, Rope, Scaling};
 use serde_json::{Map, Value};
@@ -222,6 +222,12 @@ impl ModelConfig {
     /// From GGUF metadata (llama architecture; llama.cpp stores Q and K permuted for its
     /// interleaved-pair RoPE, so that is the layout these weights use).
     pub fn from_gguf(g: &Gguf) -> Result<ModelConfig> {
+        Self::from_gguf_metadata(&g.metadata, g.tensors.contains_key("output.weight"))
+    }
+
+    /// From GGUF metadata alone; `has_output` says whether the file has its own `output.weight`
+    /// (else the embeddings are tied).
+    pub fn from_gguf_metadata(g: &Metadata, has_output: bool) -> Result<ModelConfig> {
         let arch = g
             .get("general.architecture")
             .and_then(|v| v.as_str())
@@ -292,7 +298,7 @@ impl ModelConfig {
                 .unwrap_or(1e-5) as f32,
             rope,
             rope_layout: Layout::Interleaved,
-            tie_embeddings: !g.tensors.contains_key("output.weight"),
+            tie_embeddings: !has_output,
             max_position: u("context_length").unwrap_or(4096),
             moe: None,
             llama4: None,

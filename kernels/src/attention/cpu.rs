@@ -194,6 +194,20 @@ pub fn attention_segments<T: Element, O: Element>(
     out: &mut [O],
     lse: &mut [f32],
 ) -> Result<(), KernelError> {
+    segments_split(q, segments, shape, params, None, out, lse)
+}
+
+/// [`attention_segments`] cut into `splits` key ranges (`None`: as many as suit the threads);
+/// the tests pass explicit counts, which a 2-thread machine's own choice would not reach.
+pub(crate) fn segments_split<T: Element, O: Element>(
+    q: &[T],
+    segments: &[KvSegment<'_, T>],
+    shape: AttnShape,
+    params: &AttnParams,
+    splits: Option<usize>,
+    out: &mut [O],
+    lse: &mut [f32],
+) -> Result<(), KernelError> {
     const OP: &str = "attention_segments";
     shape.check(OP)?;
     params.check(OP)?;
@@ -232,7 +246,9 @@ pub fn attention_segments<T: Element, O: Element>(
         return Ok(());
     }
     let opts = CpuOptions::default();
-    let splits = auto_splits(&shape, rayon::current_num_threads()).max(1);
+    let splits = splits
+        .unwrap_or_else(|| auto_splits(&shape, rayon::current_num_threads()))
+        .max(1);
     split_kv(q, &segments, shape, params, splits, &opts, out, lse);
     Ok(())
 }

@@ -369,13 +369,17 @@ fn segments_equal_the_contiguous_kv() {
         segs.shuffle(rng);
         let mut out = vec![0f32; q.len() / d * d];
         let mut lse = vec![0f32; q.len() / d];
-        attention_segments(&q, &segs, c.shape, &c.params, &mut out, &mut lse).unwrap();
+        // The machine's own split count, or one a wider machine would choose.
+        let splits = *[None, Some(1), Some(2), Some(3), Some(7)]
+            .choose(rng)
+            .unwrap();
+        cpu::segments_split(&q, &segs, c.shape, &c.params, splits, &mut out, &mut lse).unwrap();
         let want = reference(&q, &k, &v, c.shape, &c.params);
         // f32 outputs whatever the inputs: bf16 products are exact, so only f32 arithmetic
         // separates kernel and reference (rounding P to bf16 would show as ~1e-3).
         assert_close(&out, &lse, &want, TOL_F32, &|| {
             format!(
-                "{:?} {:?} {} {kind:?} cuts {cuts:?} (seed {seed})",
+                "{:?} {:?} {} {kind:?} cuts {cuts:?} splits {splits:?} (seed {seed})",
                 c.shape,
                 c.params,
                 T::DTYPE.name()
