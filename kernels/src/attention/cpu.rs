@@ -904,3 +904,23 @@ impl<T: Element> Engine<'_, T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread that re-enters attention while its own staging is borrowed (rayon can run
+    /// another call's task on a thread waiting inside one) gets a fresh staging that, like
+    /// the thread's own, holds a scratch; the tile loops index `scratch[0]`.
+    #[test]
+    fn a_reentered_thread_gets_its_own_scratch() {
+        with_scratch(|outer| {
+            assert!(!outer.scratch.is_empty());
+            outer.scratch[0] = Scratch::default();
+            with_scratch(|inner| {
+                assert_eq!(inner.scratch.len(), 1);
+                assert!(!std::ptr::eq(&inner.scratch[0], &outer.scratch[0]));
+            });
+        });
+    }
+}
