@@ -120,6 +120,57 @@ impl GgmlType {
         })
     }
 
+    /// ggml's name of a type id (`ggml_type` in ggml.h), read or not: errors name the type
+    /// a user sees in llama.cpp's tools, not its number.
+    pub fn name_of(id: u32) -> String {
+        const NAMES: [&str; 40] = [
+            "F32",
+            "F16",
+            "Q4_0",
+            "Q4_1",
+            "Q4_2",
+            "Q4_3",
+            "Q5_0",
+            "Q5_1",
+            "Q8_0",
+            "Q8_1",
+            "Q2_K",
+            "Q3_K",
+            "Q4_K",
+            "Q5_K",
+            "Q6_K",
+            "Q8_K",
+            "IQ2_XXS",
+            "IQ2_XS",
+            "IQ3_XXS",
+            "IQ1_S",
+            "IQ4_NL",
+            "IQ3_S",
+            "IQ2_S",
+            "IQ4_XS",
+            "I8",
+            "I16",
+            "I32",
+            "I64",
+            "F64",
+            "IQ1_M",
+            "BF16",
+            "Q4_0_4_4",
+            "Q4_0_4_8",
+            "Q4_0_8_8",
+            "TQ1_0",
+            "TQ2_0",
+            "IQ4_NL_4_4",
+            "IQ4_NL_4_8",
+            "IQ4_NL_8_8",
+            "MXFP4",
+        ];
+        match NAMES.get(id as usize) {
+            Some(n) => n.to_string(),
+            None => format!("unknown type {id}"),
+        }
+    }
+
     /// (elements per block, bytes per block).
     pub fn block(self) -> (u64, u64) {
         match self {
@@ -426,7 +477,9 @@ impl Gguf {
         })?;
         let ty = info.ty.ok_or_else(|| {
             EngineError::Unsupported(format!(
-                "tensor {name} has GGML type {}; this build reads F32, F16, BF16, Q4_0, Q4_1, Q8_0",
+                "tensor {name} is {} (GGML type {}); this build reads F32, F16, BF16, Q4_0, Q4_1, \
+                 Q8_0",
+                GgmlType::name_of(info.type_id),
                 info.type_id
             ))
         })?;

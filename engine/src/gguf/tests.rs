@@ -283,3 +283,25 @@ fn overlapping_tensors_are_refused() {
     let e = Gguf::parse_bytes(&bad).unwrap_err();
     assert!(e.contains("overlap"), "{e}");
 }
+
+/// A tensor type this build does not read is named as llama.cpp names it (a Q4_K_M file's
+/// `Q4_K` and `Q6_K`), not only by its number.
+#[test]
+fn unread_types_are_named() {
+    assert_eq!(GgmlType::name_of(12), "Q4_K");
+    assert_eq!(GgmlType::name_of(14), "Q6_K");
+    assert_eq!(GgmlType::name_of(23), "IQ4_XS");
+    assert_eq!(GgmlType::name_of(30), "BF16");
+    assert_eq!(GgmlType::name_of(99), "unknown type 99");
+    // Q4_K's data length is not known to the parser (no block size): its range is empty.
+    let file = write_gguf(
+        &[("general.architecture", 8, str_value("llama"))],
+        &[("blk.0.ffn_down.weight", vec![256], 12, vec![0u8; 144])],
+    );
+    let g = parse_file(&file).unwrap();
+    let e = g
+        .tensor_f32("blk.0.ffn_down.weight")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is Q4_K (GGML type 12)"), "{e}");
+}
