@@ -34,14 +34,17 @@ pub fn token_list(items: &[String], min: usize) -> Result<Vec<usize>> {
     Ok(v)
 }
 
-/// `1000000`, `512MiB`, `2GiB`, `2G`, `1.5GB`.
+/// `512MiB`, `2GiB`, `2G`, `1.5GB`, `4096B`, or `0`. A plain number other than 0 is refused:
+/// `--gpu-mem 80` once meant 80 bytes.
 pub fn bytes(s: &str) -> Result<u64> {
     let (n, unit) = split(s.trim());
     let n: f64 = n
         .parse()
         .map_err(|_| anyhow::anyhow!("{s:?} is not a size (like 512MiB or 2GiB)"))?;
     let mult: f64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
+        "" if n == 0.0 => 1.0,
+        "" => bail!("{s:?} needs a unit: say {n}GB, {n}GiB or {n}MiB (or {n}B for bytes)"),
+        "b" => 1.0,
         "k" | "kib" => 1024.0,
         "kb" => 1e3,
         "m" | "mib" => 1048576.0,
@@ -67,5 +70,9 @@ mod tests {
         assert_eq!(super::bytes("512MiB").unwrap(), 512 << 20);
         assert_eq!(super::bytes("80GB").unwrap(), 80_000_000_000);
         assert!(super::bytes("lots").is_err());
+        assert_eq!(super::bytes("0").unwrap(), 0);
+        assert_eq!(super::bytes("4096B").unwrap(), 4096);
+        let e = super::bytes("80").unwrap_err().to_string();
+        assert!(e.contains("needs a unit") && e.contains("80GB"), "{e}");
     }
 }
