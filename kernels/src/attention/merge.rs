@@ -73,6 +73,12 @@ mod tests {
         merge(&[(&zeros, &ninf), (&zeros, &ninf)], d, &mut out, &mut lse).unwrap();
         assert!(lse.iter().all(|x| *x == f32::NEG_INFINITY));
         assert!(out.iter().all(|x| *x == 0.0));
+        // merge_into on an accumulator that saw no key but holds stale values (a reused
+        // buffer): every row of the result is zeros, the last one included.
+        let mut out = vec![7.0; 2 * d];
+        let mut lse = ninf.to_vec();
+        merge_into(&mut out, &mut lse, &zeros, &ninf, d).unwrap();
+        assert!(out.iter().all(|x| *x == 0.0), "{out:?}");
     }
 
     #[test]

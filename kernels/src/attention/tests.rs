@@ -285,6 +285,11 @@ fn bf16_inputs_with_f32_outputs() {
         (1, 700, 4, 128, Strategy::SplitKv { splits: 3 }),
         (1, 333, 8, 128, Strategy::SplitKv { splits: 2 }),
         (2, 301, 2, 64, Strategy::SplitKv { splits: 1 }),
+        // Several query rows whose key ranges end at different keys, over a whole number of
+        // 16-key tiles, at most 6 rows (the fused decode step's): the last tile is whole but
+        // masked for the earlier rows, so the fused step (unmasked tiles only) must not take it.
+        (3, 320, 2, 64, Strategy::QueryTiles),
+        (2, 336, 3, 128, Strategy::SplitKv { splits: 2 }),
     ] {
         for mask in MASKS {
             let c = case(n_q, n_kv, 1, ratio, d, mask);
