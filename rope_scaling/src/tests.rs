@@ -311,3 +311,71 @@ fn llama4_multimodal_config_reads_text_config() {
     let mm = serde_json::json!({ "architectures": ["Llama4ForConditionalGeneration"], "text_config": text });
     assert_eq!(from_config_json(&mm.to_string()).unwrap(), scout());
 }
+
+/// More rows than `apply`'s window of 4096 positions, several heads: the windows after the
+/// first start at their own positions (each row equals the same row rotated alone).
+#[test]
+fn apply_across_windows_matches_one_row_at_a_time() {
+    let rope = Rope::new(10000.0, 8, Scaling::Default).unwrap();
+    let (n, h, d) = (4096 * 2 + 5, 3, 8);
+    let mut rng = rand::rng();
+    let x: Vec<f32> = (0..n * h * d)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let mut all = x.clone();
+    let pos0 = 777;
+    apply(&mut all, (n, h, d), pos0, &rope, 20000, Layout::RotateHalf).unwrap();
+    for i in [0, 1, 4095, 4096, 4097, 8191, 8192, n - 1] {
+        let mut one = x[i * h * d..(i + 1) * h * d].to_vec();
+        apply(
+            &mut one,
+            (1, h, d),
+            pos0 + i,
+            &rope,
+            20000,
+            Layout::RotateHalf,
+        )
+        .unwrap();
+        assert_eq!(&all[i * h * d..(i + 1) * h * d], &one[..], "row {i}");
+    }
+}
+
+/// A table's window and the shapes it accepts: positions inside it (not only its exact
+/// span) rotate, positions outside it and rotary dims it cannot give are errors.
+#[test]
+fn tables_cover_their_window_and_check_shapes() {
+    let rope = Rope::new(10000.0, 6, Scaling::Default).unwrap();
+    let table = RopeTable::for_rope(&rope, 0, 100, 10);
+    assert_eq!(
+        (table.start(), table.len(), table.is_empty()),
+        (100, 10, false)
+    );
+    assert!(RopeTable::for_rope(&rope, 0, 7, 0).is_empty());
+    let mut rng = rand::rng();
+    let x: Vec<f32> = (0..2 * 6).map(|_| rng.random_range(-1.0..1.0)).collect();
+    // Rows 101..103 of a table over 100..110: the same as `apply` at those positions (a head
+    // dim of 6: three rotated pairs, an odd half).
+    let mut a = x.clone();
+    apply_table(&mut a, (2, 1, 6), 101, &table, Layout::Interleaved).unwrap();
+    let mut b = x.clone();
+    apply(&mut b, (2, 1, 6), 101, &rope, 0, Layout::Interleaved).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, x);
+    let mut c = x.clone();
+    assert!(apply_table(&mut c, (2, 1, 6), 109, &table, Layout::Interleaved).is_err());
+    assert!(apply_table(&mut c, (2, 1, 6), 99, &table, Layout::Interleaved).is_err());
+    // A table of head dim 6 on heads of 4 (its 6 rotary dims do not fit).
+    let mut y = vec![0f32; 2 * 4];
+    assert!(apply_table(&mut y, (2, 1, 4), 101, &table, Layout::Interleaved).is_err());
+    // Rotary dims that are odd or beyond the head, and heads beyond 1024, are refused.
+    let mut z = vec![0f32; 2048];
+    for (rotary, d) in [(5, 8), (10, 8), (1026, 1026)] {
+        let mut r = Rope::new(10000.0, d, Scaling::Default).unwrap();
+        r.rotary_dim = rotary;
+        let n = 2048 / d;
+        let e = apply(&mut z[..n * d], (n, 1, d), 0, &r, 0, Layout::RotateHalf);
+        assert!(e.is_err(), "rotary {rotary} of head dim {d}");
+    }
+    let r = Rope::new(10000.0, 1024, Scaling::Default).unwrap();
+    assert!(apply(&mut z, (2, 1, 1024), 0, &r, 0, Layout::RotateHalf).is_ok());
+}
