@@ -92,6 +92,10 @@ fn bad_input_is_one_clear_line_and_a_failure() {
         );
     };
     one_line_error(
+        &["bench", "kernels", "--only", "foo"],
+        "--only foo: no such case",
+    );
+    one_line_error(
         &[
             "generate",
             "--prompt",
@@ -101,7 +105,8 @@ fn bad_input_is_one_clear_line_and_a_failure() {
             "--max-tokens",
             "16",
         ],
-        "exceeds the limit",
+        // The prompt and the new tokens said apart (once "prompt of 17 tokens").
+        "tokens plus 16 new tokens exceeds the limit of 8",
     );
     // The largest --max-tokens: once wrapped past the limit check and streamed until killed.
     let max = u64::MAX.to_string();

@@ -30,10 +30,16 @@ pub enum EngineError {
     Weight { name: String, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The prompt and the new tokens asked for do not fit the context limit.
     #[error(
-        "prompt of {tokens} tokens exceeds the limit of {limit}; raise --max-context or shorten it"
+        "a prompt of {prompt} tokens plus {new} new tokens exceeds the limit of {limit}; raise \
+         --max-context, lower --max-tokens or shorten the prompt"
     )]
-    PromptTooLong { tokens: usize, limit: usize },
+    PromptTooLong {
+        prompt: usize,
+        new: usize,
+        limit: usize,
+    },
     /// A NaN or infinity in the activations: broken weights or config, never sampled from.
     #[error(
         "the model computed NaN or infinity, first in {at} at position {pos}: its weights or \

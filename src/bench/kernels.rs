@@ -141,6 +141,18 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     set_threads(args.threads)?;
     let reps = if args.quick { 2 } else { args.reps };
+    // A name that matches no case is a typo, not a request to run nothing.
+    let known: Vec<&str> = cases(args.quick)
+        .iter()
+        .map(|c| c.name)
+        .chain(["rope", "gemv-q4"])
+        .collect();
+    if let Some(bad) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
+        anyhow::bail!(
+            "--only {bad}: no such case (the cases: {})",
+            known.join(", ")
+        );
+    }
     let bw = read_bandwidth_gbs(if args.quick { 256 << 20 } else { 1 << 30 });
     let mut rows = Vec::new();
     let wanted = |c: &Case| args.only.is_empty() || args.only.iter().any(|o| o == c.name);

@@ -60,7 +60,8 @@ fn run_job(
     let needed = ids.len().saturating_add(max_tokens);
     if needed > limit {
         return Err(EngineError::PromptTooLong {
-            tokens: needed,
+            prompt: ids.len(),
+            new: max_tokens,
             limit,
         });
     }

@@ -59,7 +59,8 @@ pub fn run(args: Args) -> Result<()> {
     let needed = ids.len().saturating_add(args.max_tokens);
     if needed > limit {
         return Err(longctx_engine::EngineError::PromptTooLong {
-            tokens: needed,
+            prompt: ids.len(),
+            new: args.max_tokens,
             limit,
         }
         .into());

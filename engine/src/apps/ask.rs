@@ -243,7 +243,8 @@ pub fn pack(
     // below is at most the budget).
     if empty.saturating_add(reserve) > budget {
         return Err(EngineError::PromptTooLong {
-            tokens: empty.saturating_add(reserve),
+            prompt: empty,
+            new: reserve,
             limit: budget,
         });
     }
