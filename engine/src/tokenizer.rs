@@ -75,7 +75,15 @@ impl Tokenizer {
     /// From a `tokenizer.json` (and, when present beside it, `tokenizer_config.json` for the
     /// chat template and the BOS rule).
     pub fn from_dir(dir: &std::path::Path) -> Result<Tokenizer> {
-        let inner = HfTokenizer::from_file(dir.join("tokenizer.json")).map_err(tk_err)?;
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(EngineError::Tokenizer(format!(
+                "{} is missing: a Hugging Face model directory needs its tokenizer.json",
+                path.display()
+            )));
+        }
+        let inner = HfTokenizer::from_file(&path)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
         let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -427,4 +435,21 @@ fn added(
         .filter(|(t, ty)| **ty == kind && keep(t))
         .map(|(t, _)| AddedToken::from(t.clone(), special).normalized(false))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    /// A model directory without its tokenizer names the file it lacks (once only "No such
+    /// file or directory").
+    #[test]
+    fn a_missing_tokenizer_json_is_named() {
+        let dir = std::env::temp_dir().join(format!("longctx-notok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = super::Tokenizer::from_dir(&dir).err().unwrap().to_string();
+        assert!(e.contains("tokenizer.json is missing"), "{e}");
+        std::fs::write(dir.join("tokenizer.json"), "{not json").unwrap();
+        let e = super::Tokenizer::from_dir(&dir).err().unwrap().to_string();
+        assert!(e.contains("tokenizer.json:"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
