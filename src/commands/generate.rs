@@ -67,9 +67,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     let store = m.model.kv_store(&args.decode.kv())?;
     let seq = store.create_seq();
+    let t0 = std::time::Instant::now();
     let logits = m
         .model
         .forward(&ids, 0, &store, seq, Logits::Last, None, 4)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
     let mut sampler = Sampler::new(Sampling {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -96,11 +98,15 @@ pub fn run(args: Args) -> Result<()> {
         },
     )?;
     printer.finish(&m.tokenizer.decode(&out.tokens)?);
+    // The time to the first token counts the prefill (once it counted only the sampling).
     eprintln!(
-        "{} prompt tokens, {} new; first token {:.2} s, decode {:.1} tok/s",
+        "{} prompt tokens, prefill {:.2} s ({:.1} tok/s); {} new; first token {:.2} s, decode \
+         {:.1} tok/s",
         ids.len(),
+        prefill_s,
+        ids.len() as f64 / prefill_s.max(1e-9),
         out.tokens.len(),
-        out.first_token_s,
+        prefill_s + out.first_token_s,
         out.tokens.len().saturating_sub(1) as f64 / out.decode_s.max(1e-9)
     );
     Ok(())
