@@ -22,3 +22,52 @@ fn the_first_token_time_counts_the_prefill() {
     assert!(line.contains("tok/s);"), "{line}");
     assert!(prefill > 0.0 && first >= prefill, "{line}");
 }
+
+/// The fast path is the default of `generate` and `ask`; `--exact` switches to f32 weights
+/// and KV; the two flags exclude each other.
+#[test]
+fn the_fast_path_is_the_default_and_exact_switches() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--prompt", "Hello", "--max-tokens", "2"];
+        args.extend(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = run(&[]);
+    assert!(
+        ok && err.contains("fast path (decode weights quant, KV bf16)"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--exact"]);
+    assert!(
+        ok && err.contains("exact path (decode weights f32, KV f32)"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--exact", "--kv-dtype", "bf16"]);
+    assert!(
+        ok && err.contains("mixed path (decode weights f32, KV bf16)"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--exact", "--fast"]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    let here = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args([
+            "ask",
+            "--repo",
+            &format!("{here}/rope_scaling/src"),
+            "--include",
+            "lib.rs",
+        ])
+        .args(["--no-cache", "--max-tokens", "1", "What is this?"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("fast path"), "{err}");
+}

@@ -46,13 +46,15 @@ pub struct Args {
     /// Neither read nor write the KV snapshot of the repository.
     #[arg(long)]
     no_cache: bool,
+    #[command(flatten)]
+    decode: super::DecodeOpts,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
     anyhow::ensure!(!args.question.trim().is_empty(), "the question is empty");
-    let m = super::open(&args.model)?;
+    let m = args.decode.open(&args.model)?;
     let cfg = &m.model.cfg;
     let budget = args.max_context.unwrap_or(cfg.max_position);
     let rope = rope_override(cfg, &args.rope_scaling, args.rope_factor)?;
@@ -112,7 +114,7 @@ pub fn run(args: Args) -> Result<()> {
     let home = fetch::home();
     let store = m.model.kv_store(&KvOptions {
         spill_dir: home.join("spill"),
-        ..KvOptions::default()
+        ..args.decode.kv()
     })?;
     // Dynamic NTK fixed at the context budget: the same for every question, so the KV of the
     // files is reusable.

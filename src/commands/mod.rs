@@ -35,17 +35,27 @@ pub fn open(model: &Option<PathBuf>) -> Result<Loaded> {
     })
 }
 
-/// How decode reads its bytes: the KV cache's element type and the weights' form.
+/// Which numeric path a command runs: the fast one by default (the GGUF's own weight blocks,
+/// other weights in 8 bits, times int8 activations; a bf16 KV cache), `--exact` for f32
+/// weights and KV (what `perplexity` and the parity tests use). Prefill is f32 either way.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DecodeOpts {
-    /// KV cache element type: f32 (exact) or bf16 (half the bytes a decode step reads).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub kv_dtype: KvDtype,
-    /// Weights one-token products read: f32 (exact), bf16 (rounded, half the bytes) or
-    /// quant (a GGUF file's own Q4_0/Q4_1/Q8_0 blocks times int8 activations, as llama.cpp
-    /// does; other weights quantised to 8 bits). Prefill stays f32 either way.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub decode_weights: DecodeWeights,
+    /// The exact path: f32 decode weights and an f32 KV cache.
+    #[arg(long, conflicts_with = "fast")]
+    pub exact: bool,
+    /// The fast path (the default): quantised decode weights and a bf16 KV cache.
+    #[arg(long)]
+    pub fast: bool,
+    /// KV cache element type, overriding the path's: f32 (exact) or bf16 (half the bytes a
+    /// decode step reads). Default: bf16, f32 with --exact.
+    #[arg(long, value_enum)]
+    pub kv_dtype: Option<KvDtype>,
+    /// Weights one-token products read, overriding the path's: f32 (exact), bf16 (rounded,
+    /// half the bytes) or quant (a GGUF file's own Q4_0/Q4_1/Q8_0 blocks times int8
+    /// activations, as llama.cpp does; other weights quantised to 8 bits). Default: quant,
+    /// f32 with --exact.
+    #[arg(long, value_enum)]
+    pub decode_weights: Option<DecodeWeights>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,7 +75,8 @@ impl DecodeOpts {
     /// Opens the model and prepares the decode weights asked for.
     pub fn open(&self, model: &Option<PathBuf>) -> Result<Loaded> {
         let mut m = open(model)?;
-        match self.decode_weights {
+        eprintln!("{}", self.describe());
+        match self.weights() {
             DecodeWeights::F32 => {}
             DecodeWeights::Bf16 => m.model.enable_bf16_decode(),
             DecodeWeights::Quant => m.model.enable_quant_decode()?,
@@ -73,9 +84,43 @@ impl DecodeOpts {
         Ok(m)
     }
 
+    fn weights(&self) -> DecodeWeights {
+        let path = if self.exact {
+            DecodeWeights::F32
+        } else {
+            DecodeWeights::Quant
+        };
+        self.decode_weights.unwrap_or(path)
+    }
+
+    fn kv_dtype(&self) -> KvDtype {
+        let path = if self.exact {
+            KvDtype::F32
+        } else {
+            KvDtype::Bf16
+        };
+        self.kv_dtype.unwrap_or(path)
+    }
+
+    /// The path in words, for stderr: `fast (decode weights quant, KV bf16)`.
+    pub fn describe(&self) -> String {
+        let (w, kv) = (self.weights(), self.kv_dtype());
+        let name = match (w, kv) {
+            (DecodeWeights::F32, KvDtype::F32) => "exact",
+            (DecodeWeights::Quant, KvDtype::Bf16) => "fast",
+            _ => "mixed",
+        };
+        format!(
+            "{name} path (decode weights {}, KV {})",
+            format!("{w:?}").to_lowercase(),
+            format!("{kv:?}").to_lowercase()
+        )
+    }
+
+    /// The KV store options of the path.
     pub fn kv(&self) -> longctx_engine::KvOptions {
         longctx_engine::KvOptions {
-            dtype: match self.kv_dtype {
+            dtype: match self.kv_dtype() {
                 KvDtype::F32 => longctx_kernels::DType::F32,
                 KvDtype::Bf16 => longctx_kernels::DType::BF16,
             },
