@@ -76,7 +76,7 @@ impl DecodeOpts {
     pub fn open(&self, model: &Option<PathBuf>) -> Result<Loaded> {
         let mut m = open(model)?;
         eprintln!("{}", self.describe());
-        match self.weights() {
+        match self.path().0 {
             DecodeWeights::F32 => {}
             DecodeWeights::Bf16 => m.model.enable_bf16_decode(),
             DecodeWeights::Quant => m.model.enable_quant_decode()?,
@@ -84,27 +84,22 @@ impl DecodeOpts {
         Ok(m)
     }
 
-    fn weights(&self) -> DecodeWeights {
-        let path = if self.exact {
-            DecodeWeights::F32
+    /// The decode weights and KV type: the path's, each overridable.
+    fn path(&self) -> (DecodeWeights, KvDtype) {
+        let (w, kv) = if self.exact {
+            (DecodeWeights::F32, KvDtype::F32)
         } else {
-            DecodeWeights::Quant
+            (DecodeWeights::Quant, KvDtype::Bf16)
         };
-        self.decode_weights.unwrap_or(path)
-    }
-
-    fn kv_dtype(&self) -> KvDtype {
-        let path = if self.exact {
-            KvDtype::F32
-        } else {
-            KvDtype::Bf16
-        };
-        self.kv_dtype.unwrap_or(path)
+        (
+            self.decode_weights.unwrap_or(w),
+            self.kv_dtype.unwrap_or(kv),
+        )
     }
 
     /// The path in words, for stderr: `fast (decode weights quant, KV bf16)`.
     pub fn describe(&self) -> String {
-        let (w, kv) = (self.weights(), self.kv_dtype());
+        let (w, kv) = self.path();
         let name = match (w, kv) {
             (DecodeWeights::F32, KvDtype::F32) => "exact",
             (DecodeWeights::Quant, KvDtype::Bf16) => "fast",
@@ -120,7 +115,7 @@ impl DecodeOpts {
     /// The KV store options of the path.
     pub fn kv(&self) -> longctx_engine::KvOptions {
         longctx_engine::KvOptions {
-            dtype: match self.kv_dtype() {
+            dtype: match self.path().1 {
                 KvDtype::F32 => longctx_kernels::DType::F32,
                 KvDtype::Bf16 => longctx_kernels::DType::BF16,
             },
