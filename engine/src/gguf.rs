@@ -1,4 +1,5 @@
-//! GGUF files (llama.cpp's format): metadata, tensor directory, and tensors dequantised to f32.
+//! GGUF files (llama.cpp's format): metadata, the tensor directory, and tensors as stored
+//! (every format of [`longctx_kernels::formats`]), borrowed from the mapped file.
 //!
 //! The file is memory-mapped and parsed through a cursor that checks every length and offset
 //! against the bytes that are there: string and array lengths are capped, dimensions are
@@ -10,10 +11,12 @@
 //! metadata `(key, type, value)`; tensor infos `(name, n_dims, dims, type, offset)`; padding to
 //! `general.alignment` (32 by default); tensor data, each at `data_start + offset`.
 
+use crate::weights::Tensor;
 use crate::{EngineError, Result};
-use half::f16;
+use longctx_kernels::{Blob, Format};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// No key, string or name legitimately comes near these.
 const MAX_STRING: u64 = 64 << 20;
@@ -96,30 +99,10 @@ impl Value {
     }
 }
 
-/// Tensor storage types this build reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GgmlType {
-    F32,
-    F16,
-    BF16,
-    Q4_0,
-    Q4_1,
-    Q8_0,
-}
+/// ggml's type ids, by name.
+pub struct GgmlType;
 
 impl GgmlType {
-    fn from_id(id: u32) -> Option<GgmlType> {
-        Some(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            30 => GgmlType::BF16,
-            _ => return None,
-        })
-    }
-
     /// ggml's name of a type id (`ggml_type` in ggml.h), read or not: errors name the type
     /// a user sees in llama.cpp's tools, not its number.
     pub fn name_of(id: u32) -> String {
@@ -170,17 +153,6 @@ impl GgmlType {
             None => format!("unknown type {id}"),
         }
     }
-
-    /// (elements per block, bytes per block).
-    pub fn block(self) -> (u64, u64) {
-        match self {
-            GgmlType::F32 => (1, 4),
-            GgmlType::F16 | GgmlType::BF16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q4_1 => (32, 20),
-            GgmlType::Q8_0 => (32, 34),
-        }
-    }
 }
 
 /// One tensor's directory entry. `dims` are GGUF's (innermost first), so a weight of
@@ -190,7 +162,7 @@ pub struct TensorInfo {
     pub name: String,
     pub dims: Vec<u64>,
     /// `None` for a type this build cannot read (reported when the tensor is asked for).
-    pub ty: Option<GgmlType>,
+    pub ty: Option<Format>,
     pub type_id: u32,
     /// Absolute byte range in the file.
     pub start: u64,
@@ -206,7 +178,7 @@ impl TensorInfo {
 /// A parsed, memory-mapped GGUF file.
 pub struct Gguf {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: Arc<dyn AsRef<[u8]> + Send + Sync>,
     pub version: u32,
     pub metadata: Metadata,
     pub tensors: BTreeMap<String, TensorInfo>,
@@ -326,7 +298,7 @@ impl Gguf {
         let (version, metadata, tensors) = Self::parse_bytes(&map).map_err(bad)?;
         Ok(Gguf {
             path: path.to_path_buf(),
-            map,
+            map: Arc::new(map),
             version,
             metadata,
             tensors,
@@ -402,13 +374,13 @@ impl Gguf {
                 .iter()
                 .try_fold(1u64, |a, d| a.checked_mul(*d))
                 .ok_or_else(|| format!("tensor {name}: dimensions {dims:?} overflow"))?;
-            let ty = GgmlType::from_id(type_id);
+            let ty = Format::from_ggml(type_id);
             let bytes = match ty {
                 Some(t) => {
-                    let (per, size) = t.block();
+                    let (per, size) = (t.block_elems() as u64, t.block_bytes() as u64);
                     if dims[0] % per != 0 {
                         return Err(format!(
-                            "tensor {name}: row of {} elements is not whole {t:?} blocks",
+                            "tensor {name}: row of {} elements is not whole {t} blocks",
                             dims[0]
                         ));
                     }
@@ -469,95 +441,41 @@ impl Gguf {
         self.metadata.get(key)
     }
 
-    /// A tensor, dequantised to f32, in row-major order of its reversed GGUF dims.
-    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+    /// A tensor's directory entry, or the error naming why it cannot be read.
+    fn info(&self, name: &str) -> Result<(&TensorInfo, Format)> {
         let info = self.tensors.get(name).ok_or_else(|| EngineError::Weight {
             name: name.into(),
             reason: format!("not in {}", self.path.display()),
         })?;
         let ty = info.ty.ok_or_else(|| {
+            let known: Vec<&str> = longctx_kernels::formats::ALL
+                .iter()
+                .map(|f| f.name())
+                .collect();
             EngineError::Unsupported(format!(
-                "tensor {name} is {} (GGML type {}); this build reads F32, F16, BF16, Q4_0, Q4_1, \
-                 Q8_0",
+                "tensor {name} is {} (GGML type {}); this build reads {}",
                 GgmlType::name_of(info.type_id),
-                info.type_id
+                info.type_id,
+                known.join(", ")
             ))
         })?;
-        let bytes = &self.map[info.start as usize..(info.start + info.bytes) as usize];
-        Ok(dequantize(ty, bytes, info.elements() as usize))
+        Ok((info, ty))
     }
-}
 
-impl Gguf {
-    /// A tensor's bytes as stored, when it is in a block format that the quantised decode
-    /// path keeps (Q4_0, Q4_1, Q8_0); None otherwise.
-    pub fn tensor_blocks(&self, name: &str) -> Option<(longctx_kernels::QKind, &[u8])> {
-        use longctx_kernels::QKind;
-        let info = self.tensors.get(name)?;
-        let kind = match info.ty? {
-            GgmlType::Q4_0 => QKind::Q4_0,
-            GgmlType::Q4_1 => QKind::Q4_1,
-            GgmlType::Q8_0 => QKind::Q8_0,
-            _ => return None,
-        };
-        Some((
-            kind,
-            &self.map[info.start as usize..(info.start + info.bytes) as usize],
-        ))
+    /// A tensor as stored, borrowing the mapped file, with row-major `shape` (its reversed
+    /// GGUF dims); nothing is copied.
+    pub fn tensor(&self, name: &str, shape: Vec<usize>) -> Result<Tensor> {
+        let (info, ty) = self.info(name)?;
+        let blob = Blob::new(self.map.clone(), info.start as usize, info.bytes as usize)?;
+        Tensor::stored(name, shape, ty, blob)
     }
-}
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
-/// Dequantises `n` elements of type `ty` (the byte count has been checked by the parser).
-pub fn dequantize(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    match ty {
-        GgmlType::F32 => {
-            for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-                *o = f32::from_le_bytes(c.try_into().unwrap());
-            }
-        }
-        GgmlType::F16 => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = f16_at(b, 2 * i);
-            }
-        }
-        GgmlType::BF16 => {
-            for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
-                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-            }
-        }
-        GgmlType::Q8_0 => {
-            for (blk, o) in b.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
-                let d = f16_at(blk, 0);
-                for (x, q) in o.iter_mut().zip(&blk[2..]) {
-                    *x = d * (*q as i8) as f32;
-                }
-            }
-        }
-        GgmlType::Q4_0 => {
-            for (blk, o) in b.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
-                let d = f16_at(blk, 0);
-                for (j, q) in blk[2..].iter().enumerate() {
-                    o[j] = d * ((q & 0x0f) as i32 - 8) as f32;
-                    o[j + 16] = d * ((q >> 4) as i32 - 8) as f32;
-                }
-            }
-        }
-        GgmlType::Q4_1 => {
-            for (blk, o) in b.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
-                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
-                for (j, q) in blk[4..].iter().enumerate() {
-                    o[j] = d * (q & 0x0f) as f32 + m;
-                    o[j + 16] = d * (q >> 4) as f32 + m;
-                }
-            }
-        }
+    /// A tensor, dequantised to f32, in row-major order of its reversed GGUF dims.
+    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let (info, ty) = self.info(name)?;
+        let bytes = &(*self.map).as_ref()[info.start as usize..(info.start + info.bytes) as usize];
+        Ok(ty.to_f32(bytes, info.elements() as usize)?)
     }
-    out
 }
 
 /// Parses GGUF bytes held in memory (for fuzzing and tests).

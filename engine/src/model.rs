@@ -23,8 +23,9 @@ struct Mlp {
 /// Llama 4's routed experts, fused as `gate_up_proj [E, hidden, 2I]`, `down_proj [E, I, hidden]`.
 struct Experts {
     router: Linear,
-    gate_up: Tensor,
-    down: Tensor,
+    /// Dequantised to f32 at load (the stored-expert path is not written yet).
+    gate_up: Vec<f32>,
+    down: Vec<f32>,
     shared: Mlp,
 }
 
@@ -36,12 +37,12 @@ enum Ffn {
 }
 
 struct Layer {
-    input_layernorm: Tensor,
+    input_layernorm: Vec<f32>,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    post_attention_layernorm: Tensor,
+    post_attention_layernorm: Vec<f32>,
     ffn: Ffn,
     /// Llama 4 NoPE layers: no RoPE, full causal attention, temperature tuning.
     rope: bool,
@@ -54,9 +55,10 @@ struct Layer {
 /// A loaded model.
 pub struct Model {
     pub cfg: ModelConfig,
+    /// As stored; rows are dequantised as tokens look them up.
     embed: Tensor,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     /// The embeddings' transpose when tied.
     lm_head: Linear,
 }
@@ -98,9 +100,7 @@ impl Default for KvOptions {
 
 fn mlp(w: &mut Weights, p: &str, hidden: usize, inter: usize) -> Result<Mlp> {
     let mut lin = |n: &str, shape: &[usize]| -> Result<Linear> {
-        Ok(Linear::from_out_in(
-            w.take(&format!("{p}.{n}.weight"), shape)?,
-        ))
+        Linear::from_out_in(w.take(&format!("{p}.{n}.weight"), shape)?)
     };
     Ok(Mlp {
         gate: lin("gate_proj", &[inter, hidden])?,
@@ -123,15 +123,19 @@ impl Model {
                     Ffn::Moe(Experts {
                         router: Linear::from_out_in(
                             w.take(&format!("{f}.router.weight"), &[m.experts, h])?,
-                        ),
-                        gate_up: w.take(
-                            &format!("{f}.experts.gate_up_proj"),
-                            &[m.experts, h, 2 * m.intermediate],
                         )?,
-                        down: w.take(
-                            &format!("{f}.experts.down_proj"),
-                            &[m.experts, m.intermediate, h],
-                        )?,
+                        gate_up: w
+                            .take(
+                                &format!("{f}.experts.gate_up_proj"),
+                                &[m.experts, h, 2 * m.intermediate],
+                            )?
+                            .to_f32()?,
+                        down: w
+                            .take(
+                                &format!("{f}.experts.down_proj"),
+                                &[m.experts, m.intermediate, h],
+                            )?
+                            .to_f32()?,
                         shared: mlp(&mut w, &format!("{f}.shared_expert"), h, m.intermediate)?,
                     })
                 }
@@ -143,25 +147,28 @@ impl Model {
                 )?),
             };
             layers.push(Layer {
-                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                input_layernorm: w
+                    .take(&format!("{p}.input_layernorm.weight"), &[h])?
+                    .to_f32()?,
                 q_proj: Linear::from_out_in(w.take(
                     &format!("{p}.self_attn.q_proj.weight"),
                     &[cfg.heads * hd, h],
-                )?),
+                )?)?,
                 k_proj: Linear::from_out_in(w.take(
                     &format!("{p}.self_attn.k_proj.weight"),
                     &[cfg.kv_heads * hd, h],
-                )?),
+                )?)?,
                 v_proj: Linear::from_out_in(w.take(
                     &format!("{p}.self_attn.v_proj.weight"),
                     &[cfg.kv_heads * hd, h],
-                )?),
+                )?)?,
                 o_proj: Linear::from_out_in(w.take(
                     &format!("{p}.self_attn.o_proj.weight"),
                     &[h, cfg.heads * hd],
-                )?),
+                )?)?,
                 post_attention_layernorm: w
-                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?
+                    .to_f32()?,
                 ffn,
                 rope: cfg.llama4.as_ref().is_none_or(|l4| l4.rope_layers[l]),
                 qkv_q: None,
@@ -169,11 +176,14 @@ impl Model {
             });
         }
         let embed = w.take("model.embed_tokens.weight", &[cfg.vocab, h])?;
-        let norm = w.take("model.norm.weight", &[h])?;
+        let norm = w.take("model.norm.weight", &[h])?.to_f32()?;
+        // Token lookups dequantise one row: rows must be whole blocks.
+        embed.rows()?;
         let lm_head = if w.contains("lm_head.weight") && !cfg.tie_embeddings {
-            Linear::from_out_in(w.take("lm_head.weight", &[cfg.vocab, h])?)
+            Linear::from_out_in(w.take("lm_head.weight", &[cfg.vocab, h])?)?
         } else if cfg.tie_embeddings {
-            Linear::from_out_in(embed.clone())
+            // Shares the embedding's stored bytes.
+            Linear::from_out_in(embed.clone())?
         } else {
             return Err(EngineError::Weight {
                 name: "lm_head.weight".into(),
@@ -191,22 +201,22 @@ impl Model {
 
     /// Decode (one-token) products read bf16 copies of the linear weights: about half the
     /// bytes per generated token, at bf16 rounding of the weights (prefill stays f32).
-    pub fn enable_bf16_decode(&mut self) {
-        let mlp = |m: &mut Mlp| {
-            m.gate.enable_bf16_decode();
-            m.up.enable_bf16_decode();
-            m.down.enable_bf16_decode();
+    pub fn enable_bf16_decode(&mut self) -> Result<()> {
+        let mlp = |m: &mut Mlp| -> Result<()> {
+            m.gate.enable_bf16_decode()?;
+            m.up.enable_bf16_decode()?;
+            m.down.enable_bf16_decode()
         };
         for l in &mut self.layers {
             for lin in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj] {
-                lin.enable_bf16_decode();
+                lin.enable_bf16_decode()?;
             }
             match &mut l.ffn {
-                Ffn::Dense(m) => mlp(m),
-                Ffn::Moe(e) => mlp(&mut e.shared),
+                Ffn::Dense(m) => mlp(m)?,
+                Ffn::Moe(e) => mlp(&mut e.shared)?,
             }
         }
-        self.lm_head.enable_bf16_decode();
+        self.lm_head.enable_bf16_decode()
     }
 
     /// Decode (one-token) products read block-quantised weights with int8 activations
@@ -303,6 +313,7 @@ impl Model {
         let (qd, kd) = (c.heads * hd, c.kv_heads * hd);
         let rope = rope.unwrap_or(&c.rope);
         let mut x = vec![0f32; n * h];
+        let embed_rows = self.embed.rows()?;
         for (row, t) in x.chunks_exact_mut(h).zip(tokens) {
             let t = *t as usize;
             if t >= c.vocab {
@@ -311,7 +322,7 @@ impl Model {
                     c.vocab
                 )));
             }
-            row.copy_from_slice(&self.embed.data[t * h..(t + 1) * h]);
+            embed_rows.dequantize_row(t, row);
         }
         finite(&x, h, pos0, || "the token embedding".into())?;
         let mut hbuf = vec![0f32; n * h];
@@ -322,13 +333,7 @@ impl Model {
         let mut lse = vec![0f32; n * c.heads];
         let mut o = vec![0f32; n * h];
         for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm(
-                &x,
-                Some(&layer.input_layernorm.data),
-                c.rms_eps,
-                h,
-                &mut hbuf,
-            );
+            rms_norm(&x, Some(&layer.input_layernorm), c.rms_eps, h, &mut hbuf);
             match (&layer.qkv_q, n) {
                 (Some(w), 1) => {
                     let mut qkv = vec![0f32; qd + 2 * kd];
@@ -393,7 +398,7 @@ impl Model {
             finite(&x, h, pos0, || format!("layer {l}'s attention"))?;
             rms_norm(
                 &x,
-                Some(&layer.post_attention_layernorm.data),
+                Some(&layer.post_attention_layernorm),
                 c.rms_eps,
                 h,
                 &mut hbuf,
@@ -421,7 +426,7 @@ impl Model {
         };
         let m = rows.len() / h;
         let mut normed = vec![0f32; m * h];
-        rms_norm(rows, Some(&self.norm.data), c.rms_eps, h, &mut normed);
+        rms_norm(rows, Some(&self.norm), c.rms_eps, h, &mut normed);
         let mut logits = vec![0f32; m * c.vocab];
         self.lm_head.forward(&normed, m, &mut logits)?;
         let first = match want {
@@ -577,8 +582,8 @@ fn moe(
                 *a = b * s;
             }
         }
-        let gu = &e.gate_up.data[ex * h * gu_w..(ex + 1) * h * gu_w];
-        let dw = &e.down.data[ex * inter * d_w..(ex + 1) * inter * d_w];
+        let gu = &e.gate_up[ex * h * gu_w..(ex + 1) * h * gu_w];
+        let dw = &e.down[ex * inter * d_w..(ex + 1) * inter * d_w];
         let mut g = vec![0f32; m * inter];
         let mut u = vec![0f32; m * inter];
         matmul(&xin, m, Weight::columns(gu, h, gu_w, 0, inter), &mut g)?;
@@ -617,7 +622,10 @@ mod tests {
     /// element `at` set to `value`; the error of the first failing pass.
     fn run_with(cfg: ModelConfig, name: &str, at: usize, value: f32, quant: bool) -> String {
         let mut map = random_tensors(&cfg, 7);
-        map.get_mut(name).expect(name).data[at] = value;
+        let t = map.get_mut(name).expect(name);
+        let mut vals = t.to_f32().unwrap();
+        vals[at] = value;
+        *t = Tensor::new(t.shape.clone(), vals);
         let mut model = Model::new(cfg, Weights::from_map(map)).unwrap();
         if quant {
             model.enable_quant_decode().unwrap();

@@ -1,75 +1,67 @@
-//! The dense ops of a forward pass on the CPU: linear layers (the kernels crate's matmul on
-//! weights transposed once at load), RMSNorm, SwiGLU.
+//! The dense ops of a forward pass on the CPU: linear layers (the kernels crate's products
+//! straight from the stored weights), RMSNorm, SwiGLU.
 
 use crate::weights::Tensor;
 use crate::Result;
-use longctx_kernels::{matmul, matvec_bf16, QKind, QMatrix, Weight};
+use longctx_kernels::{matmul_stored, matvec_bf16, Format, QKind, QMatrix, StoredRows};
 
-/// A linear layer without bias, its weight stored input-major (`[in, out]`), and optionally a
-/// bf16 or a block-quantised copy that one-token (decode) products stream instead.
+/// A linear layer without bias: its `[out, in]` weight as the file stores it (borrowing the
+/// mapped file, in the file's format), multiplied straight from there, and optionally a bf16
+/// or a block-quantised copy that one-token (decode) products stream instead.
 pub struct Linear {
-    wt: Vec<f32>,
+    w: Tensor,
     wt_bf16: Option<Vec<u16>>,
     wt_q: Option<Box<QMatrix>>,
-    /// The GGUF blocks this weight came from, until the quantised copy is made of them.
-    blocks: Option<(QKind, Vec<u8>)>,
     pub inp: usize,
     pub out: usize,
 }
 
 impl Linear {
-    /// From a Hugging Face `[out, in]` weight.
-    pub fn from_out_in(t: Tensor) -> Linear {
+    /// From a Hugging Face `[out, in]` weight (rows of whole blocks, checked at load).
+    pub fn from_out_in(t: Tensor) -> Result<Linear> {
         let (out, inp) = (t.shape[0], t.shape[1]);
-        let mut wt = vec![0f32; out * inp];
-        // Blocked transpose: both sides stay in cache.
-        const B: usize = 64;
-        for o0 in (0..out).step_by(B) {
-            for i0 in (0..inp).step_by(B) {
-                for o in o0..(o0 + B).min(out) {
-                    for i in i0..(i0 + B).min(inp) {
-                        wt[i * out + o] = t.data[o * inp + i];
-                    }
-                }
-            }
-        }
-        Linear {
-            wt,
+        t.rows()?;
+        Ok(Linear {
+            w: t,
             wt_bf16: None,
             wt_q: None,
-            blocks: t.blocks,
             inp,
             out,
-        }
+        })
     }
 
-    /// Keeps a block-quantised copy for one-row products: the GGUF file's own blocks when
-    /// the weight came in Q4_0 / Q4_1 / Q8_0, else the f32 weight quantised to 8 bits.
+    fn rows(&self) -> StoredRows<'_> {
+        self.w.rows().expect("checked in from_out_in")
+    }
+
+    /// Keeps a block-quantised copy for one-row products: the file's own blocks when the
+    /// weight came in Q4_0 / Q4_1 / Q8_0, else the weight quantised to 8 bits.
     pub fn enable_quant_decode(&mut self) -> Result<()> {
-        let q = match self.blocks.take() {
-            Some((kind, bytes)) => QMatrix::from_gguf(kind, &bytes, self.out, self.inp)?,
-            None => {
-                let mut w = vec![0f32; self.out * self.inp];
-                for i in 0..self.inp {
-                    for o in 0..self.out {
-                        w[o * self.inp + i] = self.wt[i * self.out + o];
-                    }
-                }
-                QMatrix::quantize_q8(&w, self.out, self.inp)?
-            }
+        let kind = match self.w.format {
+            Format::Q4_0 => Some(QKind::Q4_0),
+            Format::Q4_1 => Some(QKind::Q4_1),
+            Format::Q8_0 => Some(QKind::Q8_0),
+            _ => None,
+        };
+        let q = match kind {
+            Some(kind) => QMatrix::from_gguf(kind, self.w.data.bytes(), self.out, self.inp)?,
+            None => QMatrix::quantize_q8(&self.w.to_f32()?, self.out, self.inp)?,
         };
         self.wt_q = Some(Box::new(q));
         Ok(())
     }
 
-    /// Keeps a bf16 copy for one-row products (rounded to nearest even).
-    pub fn enable_bf16_decode(&mut self) {
-        self.wt_bf16 = Some(
-            self.wt
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_bits())
-                .collect(),
-        );
+    /// Keeps a bf16 copy for one-row products (rounded to nearest even), input-major.
+    pub fn enable_bf16_decode(&mut self) -> Result<()> {
+        let w = self.w.to_f32()?;
+        let mut t = vec![0u16; w.len()];
+        for o in 0..self.out {
+            for i in 0..self.inp {
+                t[i * self.out + o] = half::bf16::from_f32(w[o * self.inp + i]).to_bits();
+            }
+        }
+        self.wt_bf16 = Some(t);
+        Ok(())
     }
 
     /// The block-quantised copy, once [`Linear::enable_quant_decode`] made it.
@@ -85,7 +77,7 @@ impl Linear {
         if let (1, Some(b)) = (m, &self.wt_bf16) {
             return Ok(matvec_bf16(x, b, self.out, y)?);
         }
-        Ok(matmul(x, m, Weight::new(&self.wt, self.inp, self.out), y)?)
+        Ok(matmul_stored(x, m, self.rows(), y)?)
     }
 }
 
@@ -130,7 +122,7 @@ mod tests {
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
         let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let lin = Linear::from_out_in(Tensor::new(vec![out, inp], w.clone()));
+        let lin = Linear::from_out_in(Tensor::new(vec![out, inp], w.clone())).unwrap();
         let mut y = vec![0f32; m * out];
         lin.forward(&x, m, &mut y).unwrap();
         for r in 0..m {

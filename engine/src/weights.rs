@@ -1,28 +1,79 @@
-//! Weights by their Hugging Face names, dequantised to f32 at load, from a GGUF file or a
-//! safetensors directory (one file, or shards listed in `model.safetensors.index.json`).
+//! Weights by their Hugging Face names, from a GGUF file or a safetensors directory (one
+//! file, or shards listed in `model.safetensors.index.json`), kept as the file stores them:
+//! loading maps the file and checks every tensor's size, it converts nothing.
 
 use crate::gguf::Gguf;
 use crate::{EngineError, Result};
-use half::{bf16, f16};
+use longctx_kernels::{Blob, Format, StoredRows};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// A tensor: row-major `shape`, f32 values, and, for a GGUF tensor in a block format, its
-/// blocks as stored (what the quantised decode path multiplies by).
+/// A tensor as its file stores it: row-major `shape` (Hugging Face order), its format, and
+/// its bytes, borrowed from the mapped file (or owned, for weights made in memory).
 #[derive(Clone, Debug)]
 pub struct Tensor {
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-    pub blocks: Option<(longctx_kernels::QKind, Vec<u8>)>,
+    pub format: Format,
+    pub data: Blob,
 }
 
 impl Tensor {
+    /// f32 values made in memory.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
         Tensor {
             shape,
-            data,
-            blocks: None,
+            format: Format::F32,
+            data: Blob::from_f32(&data),
         }
+    }
+
+    /// Stored bytes, checked to hold the shape's elements in whole blocks of its rows.
+    pub fn stored(name: &str, shape: Vec<usize>, format: Format, data: Blob) -> Result<Tensor> {
+        let bad = |reason: String| EngineError::Weight {
+            name: name.into(),
+            reason,
+        };
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, d| a.checked_mul(*d))
+            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+        if let Some(&row) = shape.last() {
+            if !row.is_multiple_of(format.block_elems()) {
+                return Err(bad(format!(
+                    "rows of {row} elements are not whole {format} blocks of {}",
+                    format.block_elems()
+                )));
+            }
+        }
+        let need = format.bytes_of(n).map_err(|e| bad(e.to_string()))?;
+        if need != data.len() {
+            return Err(bad(format!(
+                "{} bytes stored, shape {shape:?} in {format} needs {need}",
+                data.len()
+            )));
+        }
+        Ok(Tensor {
+            shape,
+            format,
+            data,
+        })
+    }
+
+    /// Number of elements.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Every element, dequantised to f32 (for the small tensors: norms, routers, tests).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        Ok(self.format.to_f32(self.data.bytes(), self.elements())?)
+    }
+
+    /// The tensor as `[shape[0], rest]` stored rows.
+    pub fn rows(&self) -> Result<StoredRows<'_>> {
+        let rows = self.shape.first().copied().unwrap_or(1);
+        let cols = self.elements() / rows.max(1);
+        Ok(StoredRows::new(self.format, self.data.bytes(), rows, cols)?)
     }
 }
 
@@ -84,14 +135,7 @@ impl Weights {
                 continue; // rope_freqs and other tensors this build does not use
             };
             let shape: Vec<usize> = info.dims.iter().rev().map(|d| *d as usize).collect();
-            map.insert(
-                hf,
-                Tensor {
-                    shape,
-                    data: g.tensor_f32(name)?,
-                    blocks: g.tensor_blocks(name).map(|(k, b)| (k, b.to_vec())),
-                },
-            );
+            map.insert(hf, g.tensor(name, shape)?);
         }
         Ok(Weights { map })
     }
@@ -178,26 +222,19 @@ fn load_safetensors(path: &Path, map: &mut BTreeMap<String, Tensor>) -> Result<(
     // SAFETY: read-only private map; contents are validated by the safetensors parser.
     let mm =
         unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io("mapping", path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&mm).map_err(|e| EngineError::BadFile {
+    let owner: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = std::sync::Arc::new(mm);
+    let bytes: &[u8] = (*owner).as_ref();
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| EngineError::BadFile {
         path: path.to_path_buf(),
         format: "safetensors",
         reason: e.to_string(),
     })?;
+    let base = bytes.as_ptr() as usize;
     for (name, view) in st.tensors() {
-        let b = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            safetensors::Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+        let format = match view.dtype() {
+            safetensors::Dtype::F32 => Format::F32,
+            safetensors::Dtype::BF16 => Format::BF16,
+            safetensors::Dtype::F16 => Format::F16,
             t => {
                 return Err(EngineError::Unsupported(format!(
                     "{}: tensor {name} is {t:?}; this build reads f32, bf16 and f16",
@@ -205,15 +242,16 @@ fn load_safetensors(path: &Path, map: &mut BTreeMap<String, Tensor>) -> Result<(
                 )))
             }
         };
+        // The view borrows the map: its offset in it locates the tensor's bytes.
+        let start = view.data().as_ptr() as usize - base;
+        let data = Blob::new(owner.clone(), start, view.data().len())?;
         let shape = view.shape().to_vec();
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(EngineError::BadFile {
-                path: path.to_path_buf(),
-                format: "safetensors",
-                reason: format!("tensor {name}: shape {shape:?} and {} values", data.len()),
-            });
-        }
-        map.insert(strip_prefix(&name).to_string(), Tensor::new(shape, data));
+        let t = Tensor::stored(&name, shape, format, data).map_err(|e| EngineError::BadFile {
+            path: path.to_path_buf(),
+            format: "safetensors",
+            reason: e.to_string(),
+        })?;
+        map.insert(strip_prefix(&name).to_string(), t);
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod cuda;
 mod element;
 mod error;
+pub mod formats;
 pub mod matmul;
 pub mod quant;
 pub mod testing;
@@ -24,5 +25,6 @@ pub use attention::{
 pub use cpu::Isa;
 pub use element::{DType, Element};
 pub use error::KernelError;
-pub use matmul::{matmul, matvec_bf16, Weight};
+pub use formats::{Blob, Format, StoredRows};
+pub use matmul::{matmul, matmul_stored, matvec_bf16, Weight};
 pub use quant::{QKind, QMatrix};

@@ -7,6 +7,7 @@
 //! the tiles are column strips, so the weight streams from memory once across all threads.
 
 use crate::cpu::{Isa, Ops, RowElem};
+use crate::formats::StoredRows;
 use crate::KernelError;
 use rayon::prelude::*;
 
@@ -128,6 +129,133 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
     Ok(())
 }
 
+/// Rows of `x` per task of [`matmul_stored`]: each task dequantises its strip of the weight
+/// once for this many rows, so dequantising costs ~1/1000 of the multiply-adds.
+const STORED_ROWS: usize = 512;
+/// Weight rows dequantised at a time by the one-row product.
+const STORED_GEMV_ROWS: usize = 16;
+
+/// `y[m, n] = x[m, k] . W^T` with `W` a stored `[n, k]` matrix (a Hugging Face `[out, in]`
+/// weight in its file's format): the exact path. Each task dequantises a strip of `W`
+/// (`nb` output rows, all of `k`) to f32, transposed into the micro-kernel's `[k, nb]`
+/// layout, and multiplies it in f32 with the same tiles as [`matmul`]; one row (decode)
+/// dequantises a few weight rows at a time and takes their dot products with `x`.
+pub fn matmul_stored(x: &[f32], m: usize, w: StoredRows, y: &mut [f32]) -> Result<(), KernelError> {
+    const OP: &str = "matmul_stored";
+    let (k, n) = (w.cols, w.rows);
+    crate::attention::check_len(OP, "x", m * k, x.len())?;
+    crate::attention::check_len(OP, "y", m * n, y.len())?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+    let ops = Ops::new(Isa::detect());
+    let threads = rayon::current_num_threads().max(1);
+    if m == 1 {
+        let per = n
+            .div_ceil(threads * 4)
+            .next_multiple_of(STORED_GEMV_ROWS)
+            .max(STORED_GEMV_ROWS);
+        y.par_chunks_mut(per)
+            .enumerate()
+            .for_each_init(Vec::new, |buf: &mut Vec<f32>, (c, yc)| {
+                buf.resize(STORED_GEMV_ROWS * k, 0.0);
+                let mut st = [0f32; STORED_GEMV_ROWS * 16];
+                for (g, yg) in yc.chunks_mut(STORED_GEMV_ROWS).enumerate() {
+                    let r0 = c * per + g * STORED_GEMV_ROWS;
+                    w.dequantize_rows(r0, yg.len(), buf);
+                    // SAFETY: buf holds yg.len() rows of k; st holds (kt - 1) * 16 + 16.
+                    unsafe {
+                        ops.scores_dot(
+                            1,
+                            yg.len(),
+                            k,
+                            x.as_ptr(),
+                            buf.as_ptr(),
+                            k,
+                            st.as_mut_ptr(),
+                            16,
+                        )
+                    };
+                    for (j, v) in yg.iter_mut().enumerate() {
+                        *v = st[j * 16];
+                    }
+                }
+            });
+        return Ok(());
+    }
+    let nb = if m <= MB {
+        NB.min(n.div_ceil(threads * 4).next_multiple_of(64)).max(64)
+    } else {
+        NB
+    };
+    let rg = STORED_ROWS.min(m.div_ceil(MB) * MB);
+    let (row_groups, col_tiles) = (m.div_ceil(rg), n.div_ceil(nb));
+    let tasks: Vec<(usize, usize)> = (0..col_tiles)
+        .flat_map(|c| (0..row_groups).map(move |r| (r, c)))
+        .collect();
+    let out = SendPtr(y.as_mut_ptr());
+    tasks.par_iter().for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(rows, strip, buf): &mut (Vec<f32>, Vec<f32>, Vec<f32>), &(rg_i, ct)| {
+            let j0 = ct * nb;
+            let cols = nb.min(n - j0);
+            // The strip [k, ldb]: weight rows j0..j0 + cols as columns.
+            let ldb = cols.next_multiple_of(16);
+            rows.resize(cols * k, 0.0);
+            w.dequantize_rows(j0, cols, rows);
+            strip.resize(k * ldb, 0.0);
+            for (j, row) in rows.chunks_exact(k).enumerate() {
+                for (t, v) in row.iter().enumerate() {
+                    strip[t * ldb + j] = *v;
+                }
+            }
+            let (g0, g1) = (rg_i * rg, ((rg_i + 1) * rg).min(m));
+            for i0 in (g0..g1).step_by(MB) {
+                let mb = MB.min(g1 - i0);
+                let ldc = ldb;
+                buf.resize(mb * ldc, 0.0);
+                let mut k0 = 0;
+                while k0 < k {
+                    let kb = KB.min(k - k0);
+                    // SAFETY: a is rows i0.. of x (stride k) from column k0, kb deep; b is
+                    // rows k0.. of the strip (stride ldb), cols wide; c the local tile.
+                    unsafe {
+                        ops.gemm(
+                            mb,
+                            cols,
+                            kb,
+                            x.as_ptr().add(i0 * k + k0),
+                            k,
+                            1,
+                            strip.as_ptr().add(k0 * ldb),
+                            ldb,
+                            buf.as_mut_ptr(),
+                            ldc,
+                            k0 > 0,
+                        );
+                    }
+                    k0 += kb;
+                }
+                for r in 0..mb {
+                    // SAFETY: tasks cover disjoint (rows, columns) of the output.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            buf.as_ptr().add(r * ldc),
+                            out.get().add((i0 + r) * n + j0),
+                            cols,
+                        );
+                    }
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
 /// `y[n] = x[k] . B[k, n]` with `B` stored as bf16 bit patterns, row-major: the decode
 /// product on weights kept in bf16 (half the bytes of f32; each widened exactly to f32).
 pub fn matvec_bf16(x: &[f32], b: &[u16], n: usize, y: &mut [f32]) -> Result<(), KernelError> {
@@ -240,6 +368,87 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn stored_products_match_f64_for_every_format_at_awkward_sizes() {
+        use crate::formats::{Format, ALL};
+        let mut rng = rand::rng();
+        for f in ALL {
+            let per = f.block_elems().max(1);
+            for (m, n, kb) in [
+                (1, 1, 1),
+                (1, 37, 3),
+                (5, 70, 2),
+                (97, 19, 1),
+                (600, 300, 2),
+            ] {
+                let k = kb * per.max(32);
+                // Random blocks: finite f16 scales by construction for the block formats.
+                let w = random_stored(f, n, k, &mut rng);
+                let rows = StoredRows::new(f, &w, n, k).unwrap();
+                let mut wf = vec![0f32; n * k];
+                rows.dequantize_rows(0, n, &mut wf);
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let mut y = vec![0f32; m * n];
+                matmul_stored(&x, m, rows, &mut y).unwrap();
+                let (mut num, mut den) = (0f64, 0f64);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|t| x[i * k + t] as f64 * wf[j * k + t] as f64)
+                            .sum();
+                        num += (y[i * n + j] as f64 - want).powi(2);
+                        den += want * want;
+                    }
+                }
+                let e = (num / den.max(1e-300)).sqrt();
+                assert!(e < 1e-5, "{f} {m}x{k}x{n}: {e:e}");
+            }
+        }
+        // Sizes that do not fit are errors, not reads past the end.
+        let w = vec![0u8; 34];
+        assert!(StoredRows::new(Format::Q8_0, &w, 2, 32).is_err());
+        assert!(StoredRows::new(Format::Q8_0, &w, 1, 31).is_err());
+        let rows = StoredRows::new(Format::Q8_0, &w, 1, 32).unwrap();
+        assert!(matmul_stored(&[0.0; 31], 1, rows, &mut [0.0]).is_err());
+    }
+
+    /// `n` rows of `k` random elements of `f`: random bytes with the f16 scales replaced by
+    /// small finite values.
+    fn random_stored(f: crate::formats::Format, n: usize, k: usize, rng: &mut impl Rng) -> Vec<u8> {
+        use crate::formats::Format;
+        let blocks = n * k / f.block_elems();
+        let size = f.block_bytes();
+        let mut b: Vec<u8> = (0..blocks * size).map(|_| rng.random()).collect();
+        let scales: &[usize] = match f {
+            Format::F32 | Format::F16 | Format::BF16 => {
+                let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                return match f {
+                    Format::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    Format::F16 => vals
+                        .iter()
+                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                    _ => vals
+                        .iter()
+                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                };
+            }
+            Format::Q4_1 | Format::Q5_1 | Format::Q4_K | Format::Q5_K => &[0, 2],
+            Format::Q2_K => &[80, 82],
+            Format::Q3_K => &[108],
+            Format::Q6_K => &[208],
+            _ => &[0],
+        };
+        for blk in b.chunks_exact_mut(size) {
+            for &o in scales {
+                let d = half::f16::from_f32(rng.random_range(-0.1..0.1));
+                blk[o..o + 2].copy_from_slice(&d.to_le_bytes());
+            }
+        }
+        b
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut m = longctx_engine::load(&path)?;
     match args.decode_weights.as_str() {
         "f32" => {}
-        "bf16" => m.model.enable_bf16_decode(),
+        "bf16" => m.model.enable_bf16_decode()?,
         "quant" => m.model.enable_quant_decode()?,
         w => anyhow::bail!("--decode-weights {w}: expected f32, bf16 or quant"),
     }

@@ -78,7 +78,7 @@ impl DecodeOpts {
         eprintln!("{}", self.describe());
         match self.path().0 {
             DecodeWeights::F32 => {}
-            DecodeWeights::Bf16 => m.model.enable_bf16_decode(),
+            DecodeWeights::Bf16 => m.model.enable_bf16_decode()?,
             DecodeWeights::Quant => m.model.enable_quant_decode()?,
         }
         Ok(m)

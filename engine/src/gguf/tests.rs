@@ -1,6 +1,7 @@
 //! GGUF parser tests: files written here, then truncated and corrupted at random.
 
 use super::*;
+use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -284,24 +285,33 @@ fn overlapping_tensors_are_refused() {
     assert!(e.contains("overlap"), "{e}");
 }
 
-/// A tensor type this build does not read is named as llama.cpp names it (a Q4_K_M file's
-/// `Q4_K` and `Q6_K`), not only by its number.
+/// A tensor type this build does not read is named as llama.cpp names it, not only by its
+/// number; the k-quants a Q4_K_M file holds are read.
 #[test]
-fn unread_types_are_named() {
+fn unread_types_are_named_and_k_quants_read() {
     assert_eq!(GgmlType::name_of(12), "Q4_K");
-    assert_eq!(GgmlType::name_of(14), "Q6_K");
-    assert_eq!(GgmlType::name_of(23), "IQ4_XS");
+    assert_eq!(GgmlType::name_of(16), "IQ2_XXS");
     assert_eq!(GgmlType::name_of(30), "BF16");
     assert_eq!(GgmlType::name_of(99), "unknown type 99");
-    // Q4_K's data length is not known to the parser (no block size): its range is empty.
+    // IQ2_XXS's data length is not known to the parser (no block size): its range is empty.
+    let mut q4k = vec![0u8; 144];
+    q4k[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes()); // d
+    q4k[4] = 3; // scale of sub-block 0
+    q4k[16] = 0x21; // elements 0 (1) and 32 (2)
     let file = write_gguf(
         &[("general.architecture", 8, str_value("llama"))],
-        &[("blk.0.ffn_down.weight", vec![256], 12, vec![0u8; 144])],
+        &[
+            ("blk.0.ffn_down.weight", vec![256], 16, vec![]),
+            ("blk.0.ffn_up.weight", vec![256], 12, q4k),
+        ],
     );
     let g = parse_file(&file).unwrap();
     let e = g
         .tensor_f32("blk.0.ffn_down.weight")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("is Q4_K (GGML type 12)"), "{e}");
+    assert!(e.contains("is IQ2_XXS (GGML type 16)"), "{e}");
+    assert!(e.contains("Q4_K, Q5_K, Q6_K"), "{e}");
+    let v = g.tensor_f32("blk.0.ffn_up.weight").unwrap();
+    assert_eq!((v[0], v[1], v[32]), (1.5, 0.0, 0.0));
 }
