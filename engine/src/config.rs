@@ -219,10 +219,24 @@ impl ModelConfig {
         Ok(c)
     }
 
-    /// From GGUF metadata (llama architecture; llama.cpp stores Q and K permuted for its
-    /// interleaved-pair RoPE, so that is the layout these weights use).
+    /// From GGUF metadata (architectures `llama` and `llama4`; llama.cpp stores a Llama's Q
+    /// and K permuted for its interleaved-pair RoPE, and Llama 4's are interleaved already,
+    /// so that is the layout these weights use), and the `rope_freqs` tensor, which
+    /// `convert_hf_to_gguf.py` writes instead of llama3 scaling's parameters.
     pub fn from_gguf(g: &Gguf) -> Result<ModelConfig> {
-        Self::from_gguf_metadata(&g.metadata, g.tensors.contains_key("output.weight"))
+        let mut c = Self::from_gguf_metadata(&g.metadata, g.tensors.contains_key("output.weight"))?;
+        if g.tensors.contains_key("rope_freqs.weight") {
+            let f: Vec<f64> = g
+                .tensor_f32("rope_freqs.weight")?
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let rotary = c.rope.rotary_dim;
+            c.rope = Rope::new(c.rope.theta, c.head_dim, Scaling::Factors(f))
+                .and_then(|r| r.with_rotary_dim(rotary))
+                .map_err(|e| EngineError::Config(format!("rope_freqs.weight: {e}")))?;
+        }
+        Ok(c)
     }
 
     /// From GGUF metadata alone; `has_output` says whether the file has its own `output.weight`
@@ -232,32 +246,30 @@ impl ModelConfig {
             .get("general.architecture")
             .and_then(|v| v.as_str())
             .unwrap_or("");
-        if arch != "llama" {
+        if arch != "llama" && arch != "llama4" {
             return Err(EngineError::Unsupported(format!(
-                "GGUF architecture {arch:?}: this build reads llama GGUF files"
+                "GGUF architecture {arch:?}: this build reads llama and llama4 GGUF files"
             )));
         }
         let u = |k: &str| -> Result<usize> {
-            g.get(&format!("llama.{k}"))
+            g.get(&format!("{arch}.{k}"))
                 .and_then(|v| v.as_u64())
                 .map(|v| v as usize)
-                .ok_or_else(|| EngineError::Config(format!("GGUF lacks llama.{k}")))
+                .ok_or_else(|| EngineError::Config(format!("GGUF lacks {arch}.{k}")))
         };
+        let f = |k: &str| g.get(&format!("{arch}.{k}")).and_then(|v| v.as_f64());
         let hidden = u("embedding_length")?;
         let heads = u("attention.head_count")?;
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
         let head_dim = u("attention.key_length").unwrap_or(hidden / heads.max(1));
-        let theta = g
-            .get("llama.rope.freq_base")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(10000.0);
-        let scaling = match g.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
+        let theta = f("rope.freq_base").unwrap_or(10000.0);
+        let scaling = match g
+            .get(&format!("{arch}.rope.scaling.type"))
+            .and_then(|v| v.as_str())
+        {
             None | Some("none") => Scaling::Default,
             Some("linear") => Scaling::Linear {
-                factor: g
-                    .get("llama.rope.scaling.factor")
-                    .and_then(|v| v.as_f64())
-                    .unwrap_or(1.0),
+                factor: f("rope.scaling.factor").unwrap_or(1.0),
             },
             Some(t) => {
                 return Err(EngineError::Unsupported(format!(
@@ -283,25 +295,52 @@ impl ModelConfig {
                 .and_then(|v| v.as_u64())
                 .map(|v| v as u32)
         };
+        let layers = u("block_count")?;
+        check_layers(layers)?;
+        let (arch, moe, llama4) = if arch == "llama4" {
+            // What llama.cpp's loader assumes (src/models/llama4.cpp), since the converter
+            // writes none of it: chunks of 8192 on three layers in four, the fourth NoPE with
+            // temperature tuning (floor 8192, scale 0.1); no chunking and RoPE everywhere when
+            // the sliding window is 0 (MobileLLM); QK-norm except with 128 experts (Maverick).
+            let chunked = u("attention.sliding_window").ok() != Some(0);
+            let experts = u("expert_count")?;
+            let step = u("interleave_moe_layer_step").unwrap_or(1).max(1);
+            let moe = Moe {
+                experts,
+                top_k: u("expert_used_count").unwrap_or(1),
+                intermediate: u("expert_feed_forward_length")?,
+                interleave_step: step,
+                layers: (0..layers).map(|l| (l + 1) % step == 0).collect(),
+            };
+            let l4 = Llama4Attn {
+                rope_layers: (0..layers).map(|l| !chunked || (l + 1) % 4 != 0).collect(),
+                // A chunk longer than any sequence: plain causal attention.
+                chunk: if chunked { 8192 } else { 1 << 40 },
+                qk_norm: experts != 128,
+                temperature_tuning: chunked,
+                floor_scale: 8192.0,
+                attn_scale: 0.1,
+            };
+            (Arch::Llama4, Some(moe), Some(l4))
+        } else {
+            (Arch::Llama, None, None)
+        };
         let c = ModelConfig {
-            arch: Arch::Llama,
+            arch,
             vocab,
             hidden,
             intermediate: u("feed_forward_length")?,
-            layers: u("block_count")?,
+            layers,
             heads,
             kv_heads,
             head_dim,
-            rms_eps: g
-                .get("llama.attention.layer_norm_rms_epsilon")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e-5) as f32,
+            rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             rope,
             rope_layout: Layout::Interleaved,
             tie_embeddings: !has_output,
             max_position: u("context_length").unwrap_or(4096),
-            moe: None,
-            llama4: None,
+            moe,
+            llama4,
             bos: tok("bos_token_id"),
             eos: tok("eos_token_id").into_iter().collect(),
         };

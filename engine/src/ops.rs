@@ -3,13 +3,15 @@
 
 use crate::weights::Tensor;
 use crate::Result;
-use longctx_kernels::{matmul_stored, matvec_bf16, Format, QKind, QMatrix, StoredRows};
+use longctx_kernels::{matmul, matmul_stored, matvec_bf16, QMatrix, StoredRows, Weight};
 
 /// A linear layer without bias: its `[out, in]` weight as the file stores it (borrowing the
 /// mapped file, in the file's format), multiplied straight from there, and optionally a bf16
 /// or a block-quantised copy that one-token (decode) products stream instead.
 pub struct Linear {
     w: Tensor,
+    /// The exact path's f32 copy, input-major (what [`matmul`] reads at full speed).
+    wt: Option<Vec<f32>>,
     wt_bf16: Option<Vec<u16>>,
     wt_q: Option<Box<QMatrix>>,
     pub inp: usize,
@@ -23,6 +25,7 @@ impl Linear {
         t.rows()?;
         Ok(Linear {
             w: t,
+            wt: None,
             wt_bf16: None,
             wt_q: None,
             inp,
@@ -34,20 +37,30 @@ impl Linear {
         self.w.rows().expect("checked in from_out_in")
     }
 
-    /// Keeps a block-quantised copy for one-row products: the file's own blocks when the
-    /// weight came in Q4_0 / Q4_1 / Q8_0, else the weight quantised to 8 bits.
+    /// Keeps a block-quantised copy for one-row products ([`QMatrix::from_stored`]: the
+    /// file's own blocks where the kernel reads them, else the nearest layout it does).
     pub fn enable_quant_decode(&mut self) -> Result<()> {
-        let kind = match self.w.format {
-            Format::Q4_0 => Some(QKind::Q4_0),
-            Format::Q4_1 => Some(QKind::Q4_1),
-            Format::Q8_0 => Some(QKind::Q8_0),
-            _ => None,
-        };
-        let q = match kind {
-            Some(kind) => QMatrix::from_gguf(kind, self.w.data.bytes(), self.out, self.inp)?,
-            None => QMatrix::quantize_q8(&self.w.to_f32()?, self.out, self.inp)?,
-        };
-        self.wt_q = Some(Box::new(q));
+        self.wt_q = Some(Box::new(QMatrix::from_stored(self.rows())?));
+        Ok(())
+    }
+
+    /// Keeps an f32 copy, input-major, for every product: the exact path's speed (products
+    /// straight from the stored blocks dequantise as they go) at 4 bytes a weight.
+    pub fn enable_f32(&mut self) -> Result<()> {
+        let w = self.w.to_f32()?;
+        let mut wt = vec![0f32; w.len()];
+        // Blocked transpose: both sides stay in cache.
+        const B: usize = 64;
+        for o0 in (0..self.out).step_by(B) {
+            for i0 in (0..self.inp).step_by(B) {
+                for o in o0..(o0 + B).min(self.out) {
+                    for i in i0..(i0 + B).min(self.inp) {
+                        wt[i * self.out + o] = w[o * self.inp + i];
+                    }
+                }
+            }
+        }
+        self.wt = Some(wt);
         Ok(())
     }
 
@@ -76,6 +89,9 @@ impl Linear {
         }
         if let (1, Some(b)) = (m, &self.wt_bf16) {
             return Ok(matvec_bf16(x, b, self.out, y)?);
+        }
+        if let Some(wt) = &self.wt {
+            return Ok(matmul(x, m, Weight::new(wt, self.inp, self.out), y)?);
         }
         Ok(matmul_stored(x, m, self.rows(), y)?)
     }

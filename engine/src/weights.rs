@@ -82,8 +82,9 @@ pub struct Weights {
     map: BTreeMap<String, Tensor>,
 }
 
-/// llama.cpp's tensor names, as Hugging Face's.
-fn hf_name(gguf: &str) -> Option<String> {
+/// llama.cpp's tensor names, as Hugging Face's (`llama4`: `convert_hf_to_gguf.py`'s names
+/// for Llama 4's feed-forward, under `feed_forward.` as transformers names it).
+fn hf_name(gguf: &str, llama4: bool) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -103,12 +104,67 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_output.weight" => "self_attn.o_proj.weight",
         "attn_norm.weight" => "input_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
+        "ffn_gate.weight" if !llama4 => "mlp.gate_proj.weight",
+        "ffn_up.weight" if !llama4 => "mlp.up_proj.weight",
+        "ffn_down.weight" if !llama4 => "mlp.down_proj.weight",
+        "ffn_gate.weight" => "feed_forward.gate_proj.weight",
+        "ffn_up.weight" => "feed_forward.up_proj.weight",
+        "ffn_down.weight" => "feed_forward.down_proj.weight",
+        "ffn_gate_inp.weight" => "feed_forward.router.weight",
+        "ffn_gate_shexp.weight" => "feed_forward.shared_expert.gate_proj.weight",
+        "ffn_up_shexp.weight" => "feed_forward.shared_expert.up_proj.weight",
+        "ffn_down_shexp.weight" => "feed_forward.shared_expert.down_proj.weight",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// A layer's routed experts from llama.cpp's three `[E, I, h]` / `[E, h, I]` tensors
+/// (`ffn_{gate,up,down}_exps`, each expert's weight `[out, in]`), as transformers fuses them:
+/// `gate_up_proj [E, h, 2I]` and `down_proj [E, I, h]`, input-major, in f32.
+fn fused_experts(g: &Gguf, p: &str) -> Result<(Tensor, Tensor)> {
+    let get = |n: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        let name = format!("{p}.{n}.weight");
+        let info = g.tensors.get(&name).ok_or_else(|| EngineError::Weight {
+            name: name.clone(),
+            reason: "missing beside the layer's other experts".into(),
+        })?;
+        let dims: Vec<usize> = info.dims.iter().rev().map(|d| *d as usize).collect();
+        if dims.len() != 3 {
+            return Err(EngineError::Weight {
+                name,
+                reason: format!("shape {dims:?}, experts need 3 dimensions"),
+            });
+        }
+        Ok((dims, g.tensor_f32(&name)?))
+    };
+    let (gs, gate) = get("ffn_gate_exps")?;
+    let (us, up) = get("ffn_up_exps")?;
+    let (ds, down) = get("ffn_down_exps")?;
+    let (e, inter, h) = (gs[0], gs[1], gs[2]);
+    if us != gs || ds != [e, h, inter] {
+        return Err(EngineError::Weight {
+            name: format!("{p}.ffn_*_exps.weight"),
+            reason: format!("shapes gate {gs:?}, up {us:?}, down {ds:?} do not agree"),
+        });
+    }
+    let mut gu = vec![0f32; e * h * 2 * inter];
+    let mut dn = vec![0f32; e * inter * h];
+    for x in 0..e {
+        for j in 0..inter {
+            for i in 0..h {
+                let src = (x * inter + j) * h + i;
+                gu[(x * h + i) * 2 * inter + j] = gate[src];
+                gu[(x * h + i) * 2 * inter + inter + j] = up[src];
+                // down: GGUF [e][o = i][j], transformers [e][j][o].
+                dn[(x * inter + j) * h + i] = down[(x * h + i) * inter + j];
+            }
+        }
+    }
+    Ok((
+        Tensor::new(vec![e, h, 2 * inter], gu),
+        Tensor::new(vec![e, inter, h], dn),
+    ))
 }
 
 /// Prefixes that wrap a text model's names in multimodal checkpoints.
@@ -129,12 +185,25 @@ impl Weights {
     }
 
     pub fn from_gguf(g: &Gguf) -> Result<Weights> {
+        let llama4 = g.get("general.architecture").and_then(|v| v.as_str()) == Some("llama4");
         let mut map = BTreeMap::new();
         for (name, info) in &g.tensors {
-            let Some(hf) = hf_name(name) else {
-                continue; // rope_freqs and other tensors this build does not use
-            };
             let shape: Vec<usize> = info.dims.iter().rev().map(|d| *d as usize).collect();
+            if let Some(layer) = name
+                .strip_prefix("blk.")
+                .and_then(|r| r.strip_suffix(".ffn_gate_exps.weight"))
+            {
+                let p = format!("blk.{layer}");
+                let (gate_up, down) = fused_experts(g, &p)?;
+                let f = format!("model.layers.{layer}.feed_forward.experts");
+                map.insert(format!("{f}.gate_up_proj"), gate_up);
+                map.insert(format!("{f}.down_proj"), down);
+                continue;
+            }
+            // rope_freqs is read by the config; up and down experts with the gate's.
+            let Some(hf) = hf_name(name, llama4) else {
+                continue;
+            };
             map.insert(hf, g.tensor(name, shape)?);
         }
         Ok(Weights { map })

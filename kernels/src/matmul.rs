@@ -129,8 +129,8 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
     Ok(())
 }
 
-/// Rows of `x` per task of [`matmul_stored`]: each task dequantises its strip of the weight
-/// once for this many rows, so dequantising costs ~1/1000 of the multiply-adds.
+/// The fewest rows of `x` a task of [`matmul_stored`] takes when rows are split: each task
+/// dequantises its strip of the weight once for its rows, ~1/1000 of the multiply-adds.
 const STORED_ROWS: usize = 512;
 /// Weight rows dequantised at a time by the one-row product.
 const STORED_GEMV_ROWS: usize = 16;
@@ -187,13 +187,16 @@ pub fn matmul_stored(x: &[f32], m: usize, w: StoredRows, y: &mut [f32]) -> Resul
             });
         return Ok(());
     }
-    let nb = if m <= MB {
-        NB.min(n.div_ceil(threads * 4).next_multiple_of(64)).max(64)
-    } else {
-        NB
-    };
-    let rg = STORED_ROWS.min(m.div_ceil(MB) * MB);
-    let (row_groups, col_tiles) = (m.div_ceil(rg), n.div_ceil(nb));
+    // Narrow column strips, so that there are tasks for every thread with each strip
+    // dequantised once for all rows; rows are split only when there are still too few.
+    let nb = NB.min(n.div_ceil(threads * 4).next_multiple_of(64)).max(64);
+    let col_tiles = n.div_ceil(nb);
+    let splits = (threads * 4)
+        .div_ceil(col_tiles)
+        .min(m.div_ceil(STORED_ROWS))
+        .max(1);
+    let rg = m.div_ceil(splits).next_multiple_of(MB);
+    let row_groups = m.div_ceil(rg);
     let tasks: Vec<(usize, usize)> = (0..col_tiles)
         .flat_map(|c| (0..row_groups).map(move |r| (r, c)))
         .collect();
@@ -385,7 +388,7 @@ mod tests {
             ] {
                 let k = kb * per.max(32);
                 // Random blocks: finite f16 scales by construction for the block formats.
-                let w = random_stored(f, n, k, &mut rng);
+                let w = crate::formats::tests::random_blocks(f, n * k, &mut rng);
                 let rows = StoredRows::new(f, &w, n, k).unwrap();
                 let mut wf = vec![0f32; n * k];
                 rows.dequantize_rows(0, n, &mut wf);
@@ -412,43 +415,6 @@ mod tests {
         assert!(StoredRows::new(Format::Q8_0, &w, 1, 31).is_err());
         let rows = StoredRows::new(Format::Q8_0, &w, 1, 32).unwrap();
         assert!(matmul_stored(&[0.0; 31], 1, rows, &mut [0.0]).is_err());
-    }
-
-    /// `n` rows of `k` random elements of `f`: random bytes with the f16 scales replaced by
-    /// small finite values.
-    fn random_stored(f: crate::formats::Format, n: usize, k: usize, rng: &mut impl Rng) -> Vec<u8> {
-        use crate::formats::Format;
-        let blocks = n * k / f.block_elems();
-        let size = f.block_bytes();
-        let mut b: Vec<u8> = (0..blocks * size).map(|_| rng.random()).collect();
-        let scales: &[usize] = match f {
-            Format::F32 | Format::F16 | Format::BF16 => {
-                let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-                return match f {
-                    Format::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    Format::F16 => vals
-                        .iter()
-                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                    _ => vals
-                        .iter()
-                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                };
-            }
-            Format::Q4_1 | Format::Q5_1 | Format::Q4_K | Format::Q5_K => &[0, 2],
-            Format::Q2_K => &[80, 82],
-            Format::Q3_K => &[108],
-            Format::Q6_K => &[208],
-            _ => &[0],
-        };
-        for blk in b.chunks_exact_mut(size) {
-            for &o in scales {
-                let d = half::f16::from_f32(rng.random_range(-0.1..0.1));
-                blk[o..o + 2].copy_from_slice(&d.to_le_bytes());
-            }
-        }
-        b
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! Scales stay f16 as in the file (Q4_1's `d` and `m` side by side), so a product streams the
 //! GGUF's own bytes per block and no more.
 
+use crate::formats::{Format, StoredRows};
 use crate::KernelError;
 use half::f16;
 use rayon::prelude::*;
@@ -20,6 +21,7 @@ use rayon::prelude::*;
 pub enum QKind {
     Q4_0,
     Q4_1,
+    Q5_0,
     Q8_0,
 }
 
@@ -29,6 +31,7 @@ impl QKind {
         match self {
             QKind::Q4_0 => 18,
             QKind::Q4_1 => 20,
+            QKind::Q5_0 => 22,
             QKind::Q8_0 => 34,
         }
     }
@@ -50,6 +53,7 @@ impl QKind {
     fn offset(self) -> f32 {
         match self {
             QKind::Q4_0 => -8.0,
+            QKind::Q5_0 => -16.0,
             QKind::Q8_0 => -128.0,
             QKind::Q4_1 => 0.0,
         }
@@ -70,6 +74,8 @@ pub struct QMatrix {
     scales: Vec<u16>,
     /// Per block: 16 bytes of nibbles (elements j and j + 16 in byte j), or 32 bytes.
     q: Vec<u8>,
+    /// Q5_0's fifth bits, per block (bit j: element j); empty for the other kinds.
+    hi: Vec<u32>,
 }
 
 #[cfg(test)]
@@ -97,6 +103,7 @@ impl QMatrix {
         let qb = if kind.packed() { 16 } else { 32 };
         let per = kind.scales_per_block();
         let (mut scales, mut q) = (vec![0u16; nb * per], vec![0u8; nb * qb]);
+        let mut hi = vec![0u32; if kind == QKind::Q5_0 { nb } else { 0 }];
         let bits = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         for (i, blk) in bytes.chunks_exact(kind.block_bytes()).enumerate() {
             let dq = &mut q[i * qb..(i + 1) * qb];
@@ -108,6 +115,11 @@ impl QMatrix {
                 QKind::Q4_0 => {
                     scales[i] = bits(blk, 0);
                     dq.copy_from_slice(&blk[2..18]);
+                }
+                QKind::Q5_0 => {
+                    scales[i] = bits(blk, 0);
+                    hi[i] = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                    dq.copy_from_slice(&blk[6..22]);
                 }
                 QKind::Q8_0 => {
                     scales[i] = bits(blk, 0);
@@ -123,13 +135,13 @@ impl QMatrix {
             cols,
             scales,
             q,
+            hi,
         })
     }
 
     /// Quantises f32 rows (`[rows, cols]`) to 8 bits a weight (Q8_0's scheme), for weights that
     /// came without GGUF blocks.
     pub fn quantize_q8(w: &[f32], rows: usize, cols: usize) -> Result<QMatrix, KernelError> {
-        let mut bytes = Vec::with_capacity(rows * cols / QK * 34);
         crate::attention::check_len("QMatrix::quantize_q8", "w", rows * cols, w.len())?;
         if !cols.is_multiple_of(QK) {
             return Err(KernelError::Unsupported {
@@ -137,21 +149,46 @@ impl QMatrix {
                 reason: format!("{cols} columns are not whole blocks of {QK}"),
             });
         }
-        for blk in w.chunks_exact(QK) {
-            let amax = blk.iter().fold(0f32, |a, x| a.max(x.abs()));
-            let d = f16::from_f32(amax / 127.0);
-            let inv = if d.to_f32() > 0.0 {
-                1.0 / d.to_f32()
-            } else {
-                0.0
-            };
-            bytes.extend_from_slice(&d.to_le_bytes());
-            bytes.extend(
-                blk.iter()
-                    .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8),
-            );
-        }
+        let mut bytes = Vec::with_capacity(rows * cols / QK * 34);
+        q8_blocks(w, &mut bytes);
         QMatrix::from_gguf(QKind::Q8_0, &bytes, rows, cols)
+    }
+
+    /// From a stored `[rows, cols]` matrix of any format: Q4_0, Q4_1, Q5_0 and Q8_0 as they
+    /// are; Q4_K as Q4_1 blocks (each 32-element sub-block's `d sc` and `dmin m` rounded to
+    /// f16, 0.625 bytes a weight); the others (floats, Q2_K, Q3_K, Q5_K, Q6_K, IQ4) quantised
+    /// to Q8_0 from their dequantised values, row by row.
+    pub fn from_stored(rows_in: StoredRows) -> Result<QMatrix, KernelError> {
+        let (rows, cols) = (rows_in.rows, rows_in.cols);
+        let direct = |k| QMatrix::from_gguf(k, rows_in.bytes, rows, cols);
+        match rows_in.format {
+            Format::Q4_0 => direct(QKind::Q4_0),
+            Format::Q4_1 => direct(QKind::Q4_1),
+            Format::Q5_0 => direct(QKind::Q5_0),
+            Format::Q8_0 => direct(QKind::Q8_0),
+            Format::Q4_K => {
+                let mut out = Vec::with_capacity(rows * cols / QK * 20);
+                for sb in rows_in.bytes.chunks_exact(Format::Q4_K.block_bytes()) {
+                    q4_k_as_q4_1(sb, &mut out);
+                }
+                QMatrix::from_gguf(QKind::Q4_1, &out, rows, cols)
+            }
+            _ => {
+                if !cols.is_multiple_of(QK) {
+                    return Err(KernelError::Unsupported {
+                        op: "QMatrix::from_stored",
+                        reason: format!("{cols} columns are not whole blocks of {QK}"),
+                    });
+                }
+                let mut bytes = Vec::with_capacity(rows * cols / QK * 34);
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    rows_in.dequantize_row(r, &mut row);
+                    q8_blocks(&row, &mut bytes);
+                }
+                QMatrix::from_gguf(QKind::Q8_0, &bytes, rows, cols)
+            }
+        }
     }
 
     /// The rows of `parts` stacked (same kind and columns): one product for several
@@ -182,6 +219,7 @@ impl QMatrix {
                 .flat_map(|p| p.scales.iter().copied())
                 .collect(),
             q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
+            hi: parts.iter().flat_map(|p| p.hi.iter().copied()).collect(),
         })
     }
 
@@ -199,7 +237,7 @@ impl QMatrix {
 
     /// Bytes a product streams.
     pub fn bytes(&self) -> usize {
-        self.q.len() + 2 * self.scales.len()
+        self.q.len() + 2 * self.scales.len() + 4 * self.hi.len()
     }
 
     fn nb(&self) -> usize {
@@ -219,7 +257,7 @@ impl QMatrix {
         let b = r * self.nb() + c / QK;
         let j = c % QK;
         let q = &self.q[b * self.qbytes()..];
-        let v = if self.kind.packed() {
+        let mut v = if self.kind.packed() {
             if j < 16 {
                 q[j] & 0x0f
             } else {
@@ -228,6 +266,9 @@ impl QMatrix {
         } else {
             q[j]
         };
+        if let Some(h) = self.hi.get(b) {
+            v |= (((h >> j) & 1) << 4) as u8;
+        }
         let (d, m) = self.dm(b);
         d * v as f32 + m
     }
@@ -279,9 +320,14 @@ impl QMatrix {
         let blk = r * nb + b;
         let q = &self.q[blk * qb..(blk + 1) * qb];
         let a = &act.a[b * QK..(b + 1) * QK];
+        let h = self.hi.get(blk).copied().unwrap_or(0);
+        let fifth = |j: usize| (((h >> j) & 1) << 4) as i32;
         let dot: i32 = if self.kind.packed() {
             (0..16)
-                .map(|j| (q[j] & 0x0f) as i32 * a[j] as i32 + (q[j] >> 4) as i32 * a[j + 16] as i32)
+                .map(|j| {
+                    ((q[j] & 0x0f) as i32 | fifth(j)) * a[j] as i32
+                        + ((q[j] >> 4) as i32 | fifth(j + 16)) * a[j + 16] as i32
+                })
                 .sum()
         } else {
             q.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum()
@@ -329,11 +375,28 @@ impl QMatrix {
                 _mm512_setzero_si512(),
             ),
         };
+        let q5 = self.kind == QKind::Q5_0;
+        let sixteen = _mm512_set1_epi8(0x10);
         let weights = |blk: usize| -> __m512i {
             let p = self.q.as_ptr().add(blk * qb);
             if packed {
                 let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()));
-                _mm512_and_si512(_mm512_srlv_epi64(v, shift), low)
+                let v = _mm512_and_si512(_mm512_srlv_epi64(v, shift), low);
+                if q5 {
+                    // The fifth bits in the bytes' order: [b 0..16, b+1 0..16, b 16..32,
+                    // b+1 16..32].
+                    let (h0, h1) = (
+                        *self.hi.get_unchecked(blk) as u64,
+                        *self.hi.get_unchecked(blk + 1) as u64,
+                    );
+                    let m = (h0 & 0xffff)
+                        | ((h1 & 0xffff) << 16)
+                        | ((h0 >> 16) << 32)
+                        | ((h1 >> 16) << 48);
+                    _mm512_or_si512(v, _mm512_maskz_mov_epi8(m, sixteen))
+                } else {
+                    v
+                }
             } else {
                 _mm512_loadu_si512(p.cast())
             }
@@ -398,6 +461,42 @@ impl QMatrix {
             }
             i += n;
         }
+    }
+}
+
+/// Appends Q8_0 blocks of `w` (whole blocks of 32): `d = amax / 127` in f16, `q = round(w / d)`.
+fn q8_blocks(w: &[f32], bytes: &mut Vec<u8>) {
+    for blk in w.chunks_exact(QK) {
+        let amax = blk.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let d = f16::from_f32(amax / 127.0);
+        let inv = if d.to_f32() > 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        bytes.extend_from_slice(&d.to_le_bytes());
+        bytes.extend(
+            blk.iter()
+                .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+        );
+    }
+}
+
+/// One Q4_K super-block as eight Q4_1 blocks: sub-block `s` is `x = (d sc_s) q - dmin m_s`,
+/// so its Q4_1 scale is `d sc_s` and its minimum `-dmin m_s`; its nibbles are the low (even
+/// `s`) or high (odd `s`) halves of 32 bytes, laid out again as Q4_1's (byte j: elements j
+/// and j + 16).
+fn q4_k_as_q4_1(sb: &[u8], out: &mut Vec<u8>) {
+    let h = |i: usize| f16::from_le_bytes([sb[i], sb[i + 1]]).to_f32();
+    let (d, dmin) = (h(0), h(2));
+    let (sc, qs) = (&sb[4..16], &sb[16..144]);
+    for s in 0..8 {
+        let (scale, min) = crate::formats::q4_k_scale_min(s, sc);
+        out.extend_from_slice(&f16::from_f32(d * scale as f32).to_le_bytes());
+        out.extend_from_slice(&f16::from_f32(-(dmin * min as f32)).to_le_bytes());
+        let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
+        let nib = |l: usize| if s % 2 == 0 { q[l] & 0x0f } else { q[l] >> 4 };
+        out.extend((0..16).map(|j| nib(j) | (nib(j + 16) << 4)));
     }
 }
 
@@ -521,7 +620,11 @@ mod tests {
             if kind == QKind::Q4_1 {
                 out.extend_from_slice(&f16::from_f32(rng.random_range(-0.3..0.3)).to_le_bytes());
             }
-            let n = if kind == QKind::Q8_0 { 32 } else { 16 };
+            let n = match kind {
+                QKind::Q8_0 => 32,
+                QKind::Q5_0 => 20,
+                _ => 16,
+            };
             out.extend((0..n).map(|_| rng.random::<u8>()));
         }
         out
@@ -532,7 +635,7 @@ mod tests {
     #[test]
     fn gemv_matches_the_dequantised_product() {
         let mut rng = rand::rng();
-        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q8_0] {
+        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q5_0, QKind::Q8_0] {
             for (rows, cols) in [(1, 32), (7, 96), (130, 576), (67, 1536)] {
                 let w = QMatrix::from_gguf(kind, &blocks(kind, rows, cols, &mut rng), rows, cols)
                     .unwrap();
@@ -638,32 +741,24 @@ mod tests {
     #[test]
     fn dequantised_weights_match_gguf_and_bad_sizes_are_errors() {
         let mut rng = rand::rng();
-        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q8_0] {
+        for (kind, f) in [
+            (QKind::Q4_0, Format::Q4_0),
+            (QKind::Q4_1, Format::Q4_1),
+            (QKind::Q5_0, Format::Q5_0),
+            (QKind::Q8_0, Format::Q8_0),
+        ] {
             let b = blocks(kind, 3, 64, &mut rng);
             let w = QMatrix::from_gguf(kind, &b, 3, 64).unwrap();
-            let bs = kind.block_bytes();
+            // The formats table (checked against gguf-py) is the reference.
+            let want = f.to_f32(&b, 3 * 64).unwrap();
             for r in 0..3 {
                 for c in 0..64 {
-                    let blk = &b[(r * 2 + c / 32) * bs..];
-                    let d = f16_at(blk, 0);
-                    let want = match kind {
-                        QKind::Q8_0 => d * blk[2 + c % 32] as i8 as f32,
-                        QKind::Q4_0 | QKind::Q4_1 => {
-                            let j = c % 32;
-                            let base = if kind == QKind::Q4_1 { 4 } else { 2 };
-                            let nib = if j < 16 {
-                                blk[base + j] & 15
-                            } else {
-                                blk[base + j - 16] >> 4
-                            };
-                            if kind == QKind::Q4_1 {
-                                d * nib as f32 + f16_at(blk, 2)
-                            } else {
-                                d * (nib as f32 - 8.0)
-                            }
-                        }
-                    };
-                    assert!((w.get(r, c) - want).abs() <= 1e-6 * want.abs().max(1.0));
+                    let want = want[r * 64 + c];
+                    assert!(
+                        (w.get(r, c) - want).abs() <= 1e-6 * want.abs().max(1.0),
+                        "{kind:?} ({r}, {c}): {} vs {want}",
+                        w.get(r, c)
+                    );
                 }
             }
             assert!(QMatrix::from_gguf(kind, &b[..b.len() - 1], 3, 64).is_err());
@@ -671,5 +766,47 @@ mod tests {
         }
         let w = QMatrix::quantize_q8(&[0.5; 64], 2, 32).unwrap();
         assert!((w.get(1, 31) - 0.5).abs() < 1e-3);
+        let _ = f16_at;
+    }
+
+    /// Every stored format through the decode path: the product within int8 rounding (of the
+    /// activations, and of the weights where they are requantised) of the float64 product of
+    /// the file's dequantised weights; Q4_K's repacking into Q4_1 keeps every weight to f16
+    /// rounding of its scales.
+    #[test]
+    fn every_stored_format_multiplies_from_its_blocks() {
+        let mut rng = rand::rng();
+        for f in crate::formats::ALL {
+            let (rows, cols) = (37, 2 * 256 + if f.block_elems() == 256 { 0 } else { 64 });
+            let bytes = crate::formats::tests::random_blocks(f, rows * cols, &mut rng);
+            let stored = StoredRows::new(f, &bytes, rows, cols).unwrap();
+            let w = QMatrix::from_stored(stored).unwrap();
+            let wf = f.to_f32(&bytes, rows * cols).unwrap();
+            if f == Format::Q4_K {
+                assert_eq!(w.kind(), QKind::Q4_1);
+                for i in (0..rows * cols).step_by(7) {
+                    let (g, e) = (w.get(i / cols, i % cols), wf[i]);
+                    // Each of `d sc` and `dmin m` is rounded to f16 (2^-11 of itself at most).
+                    let sb = &bytes[i / 256 * 144..];
+                    let h = |o: usize| f16::from_le_bytes([sb[o], sb[o + 1]]).to_f32().abs();
+                    let (sc, mn) = crate::formats::q4_k_scale_min(i % 256 / 32, &sb[4..16]);
+                    let bound = (h(0) * sc as f32 * 15.0 + h(2) * mn as f32) / 2048.0;
+                    assert!((g - e).abs() <= bound * 1.01, "Q4_K [{i}]: {g} vs {e}");
+                }
+            }
+            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut y = vec![0f32; rows];
+            w.gemv(&x, &mut y).unwrap();
+            let (mut num, mut den) = (0f64, 0f64);
+            for r in 0..rows {
+                let want: f64 = (0..cols)
+                    .map(|c| wf[r * cols + c] as f64 * x[c] as f64)
+                    .sum();
+                num += (y[r] as f64 - want).powi(2);
+                den += want * want;
+            }
+            let e = (num / den).sqrt();
+            assert!(e < 2e-2, "{f}: relative error {e:e}");
+        }
     }
 }

@@ -35,6 +35,10 @@ pub enum Scaling {
         high_freq_factor: f64,
         original_max_pos: usize,
     },
+    /// Per-pair divisors of the base frequencies, `inv_i / f_i`: llama.cpp's `rope_freqs`
+    /// tensor, which `convert_hf_to_gguf.py` writes in place of llama3's parameters (one
+    /// factor per rotated pair).
+    Factors(Vec<f64>),
 }
 
 /// A model's RoPE: base, rotated dimensions and scaling.
@@ -121,6 +125,19 @@ impl Rope {
                 }
                 *factor
             }
+            Scaling::Factors(f) => {
+                if f.len() != self.rotary_dim / 2 {
+                    return bad(format!(
+                        "{} RoPE frequency factors for {} rotated pairs",
+                        f.len(),
+                        self.rotary_dim / 2
+                    ));
+                }
+                match f.iter().find(|x| !(**x > 0.0 && x.is_finite())) {
+                    Some(x) => *x,
+                    None => 1.0,
+                }
+            }
         };
         if !(factor > 0.0 && factor.is_finite()) {
             return bad(format!(
@@ -144,6 +161,11 @@ impl Rope {
         let exp = dim as f64 / (dim as f64 - 2.0);
         match self.scaling {
             Scaling::Default => Self::base_inv_freq(self.theta, dim),
+            Scaling::Factors(ref f) => Self::base_inv_freq(self.theta, dim)
+                .into_iter()
+                .zip(f)
+                .map(|(v, f)| v / f)
+                .collect(),
             Scaling::Linear { factor } => Self::base_inv_freq(self.theta, dim)
                 .into_iter()
                 .map(|f| f / factor)

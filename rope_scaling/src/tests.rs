@@ -379,3 +379,45 @@ fn tables_cover_their_window_and_check_shapes() {
     let r = Rope::new(10000.0, 1024, Scaling::Default).unwrap();
     assert!(apply(&mut z, (2, 1, 1024), 0, &r, 0, Layout::RotateHalf).is_ok());
 }
+
+/// llama.cpp's `rope_freqs` factors, as `convert_hf_to_gguf.py` computes them from llama3's
+/// parameters (Scout's: factor 16, low 1, high 1, original 8192), give llama3's frequencies;
+/// factors of the wrong count or not positive are refused.
+#[test]
+fn gguf_frequency_factors_equal_the_scaling_they_were_made_from() {
+    let (theta, d) = (500000.0, 128);
+    let llama3 = Rope::new(
+        theta,
+        d,
+        Scaling::Llama3 {
+            factor: 16.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 1.0,
+            original_max_pos: 8192,
+        },
+    )
+    .unwrap();
+    let base = Rope::new(theta, d, Scaling::Default).unwrap().inv_freq(1);
+    // convert_hf_to_gguf.py's loop (in f32 there; the factors it picks are 1 or 16 here).
+    let factors: Vec<f64> = base
+        .iter()
+        .map(|f| {
+            let wl = 2.0 * std::f64::consts::PI / f;
+            if wl < 8192.0 {
+                1.0
+            } else {
+                16.0
+            }
+        })
+        .collect();
+    let r = Rope::new(theta, d, Scaling::Factors(factors.clone())).unwrap();
+    for (a, b) in r.inv_freq(1).iter().zip(llama3.inv_freq(1)) {
+        assert!((a / b - 1.0).abs() < 1e-15, "{a} vs {b}");
+    }
+    assert!(Rope::new(theta, d, Scaling::Factors(factors[1..].to_vec())).is_err());
+    let mut bad = factors;
+    bad[3] = 0.0;
+    assert!(Rope::new(theta, d, Scaling::Factors(bad.clone())).is_err());
+    bad[3] = f64::NAN;
+    assert!(Rope::new(theta, d, Scaling::Factors(bad)).is_err());
+}

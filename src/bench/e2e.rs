@@ -65,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     let path = crate::commands::resolve_model(&args.model)?;
     let mut m = longctx_engine::load(&path)?;
     match args.decode_weights.as_str() {
-        "f32" => {}
+        "f32" => m.model.enable_f32_weights()?,
         "bf16" => m.model.enable_bf16_decode()?,
         "quant" => m.model.enable_quant_decode()?,
         w => anyhow::bail!("--decode-weights {w}: expected f32, bf16 or quant"),

@@ -77,7 +77,7 @@ impl DecodeOpts {
         let mut m = open(model)?;
         eprintln!("{}", self.describe());
         match self.path().0 {
-            DecodeWeights::F32 => {}
+            DecodeWeights::F32 => m.model.enable_f32_weights()?,
             DecodeWeights::Bf16 => m.model.enable_bf16_decode()?,
             DecodeWeights::Quant => m.model.enable_quant_decode()?,
         }

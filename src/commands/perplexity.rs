@@ -35,7 +35,9 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.chunk >= 1, "--chunk must be at least 1");
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
-    let m = super::open(&args.model)?;
+    let mut m = super::open(&args.model)?;
+    // The exact path at full speed: f32 copies of the weights.
+    m.model.enable_f32_weights()?;
     let ids = m.tokenizer.encode(&text)?;
     anyhow::ensure!(
         ids.len() >= 2,

@@ -76,7 +76,7 @@ fn q3_k_scales(s: &[u8]) -> [u8; 16] {
 
 /// Scale and minimum `j` (0..8) of Q4_K and Q5_K, 6 bits each (`get_scale_min_k4`).
 #[inline]
-fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -15,6 +15,7 @@ mod kquant;
 mod legacy;
 mod stored;
 
+pub(crate) use kquant::scale_min as q4_k_scale_min;
 pub use stored::{Blob, StoredRows};
 
 use crate::KernelError;
@@ -243,4 +244,4 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,4 +1,5 @@
 use super::*;
+use rand::Rng;
 
 /// gguf-py's dequantisation of random blocks of every format
 /// (`tests/reference/format_goldens.py`).
@@ -78,4 +79,40 @@ fn partial_blocks_and_short_buffers_are_errors() {
         Format::Q6_K.to_f32(&[0u8; 210], 256).unwrap(),
         vec![0.0; 256]
     );
+}
+
+/// `n` random elements of `f` (whole blocks): random bytes with the f16 scales replaced by
+/// small finite values.
+pub(crate) fn random_blocks(f: Format, n: usize, rng: &mut impl Rng) -> Vec<u8> {
+    let blocks = n / f.block_elems();
+    let size = f.block_bytes();
+    let mut b: Vec<u8> = (0..blocks * size).map(|_| rng.random()).collect();
+    let scales: &[usize] = match f {
+        Format::F32 | Format::F16 | Format::BF16 => {
+            let vals: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            return match f {
+                Format::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Format::F16 => vals
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                _ => vals
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            };
+        }
+        Format::Q4_1 | Format::Q5_1 | Format::Q4_K | Format::Q5_K => &[0, 2],
+        Format::Q2_K => &[80, 82],
+        Format::Q3_K => &[108],
+        Format::Q6_K => &[208],
+        _ => &[0],
+    };
+    for blk in b.chunks_exact_mut(size) {
+        for &o in scales {
+            let d = half::f16::from_f32(rng.random_range(-0.1..0.1));
+            blk[o..o + 2].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+    b
 }
