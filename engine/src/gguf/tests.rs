@@ -315,3 +315,152 @@ fn unread_types_are_named_and_k_quants_read() {
     let v = g.tensor_f32("blk.0.ffn_up.weight").unwrap();
     assert_eq!((v[0], v[1], v[32]), (1.5, 0.0, 0.0));
 }
+
+/// A Llama 4 GGUF laid out as `convert_hf_to_gguf.py` writes one (architecture `llama4`,
+/// the feed-forward under llama.cpp's names, experts split and transposed, `rope_freqs`)
+/// computes the same logits as the same weights by their Hugging Face names.
+#[test]
+fn a_llama4_gguf_runs_as_its_hugging_face_weights() {
+    use crate::config::ModelConfig;
+    use crate::model::{KvOptions, Logits, Model};
+    use crate::weights::Weights;
+    let u32v = |x: u32| x.to_le_bytes().to_vec();
+    let f32v = |x: f32| x.to_le_bytes().to_vec();
+    let meta: Vec<(&str, u32, Vec<u8>)> = vec![
+        ("general.architecture", 8, str_value("llama4")),
+        ("llama4.embedding_length", 4, u32v(32)),
+        ("llama4.block_count", 4, u32v(4)),
+        ("llama4.feed_forward_length", 4, u32v(48)),
+        ("llama4.expert_feed_forward_length", 4, u32v(16)),
+        ("llama4.expert_count", 4, u32v(4)),
+        ("llama4.expert_used_count", 4, u32v(1)),
+        ("llama4.interleave_moe_layer_step", 4, u32v(2)),
+        ("llama4.attention.head_count", 4, u32v(4)),
+        ("llama4.attention.head_count_kv", 4, u32v(2)),
+        ("llama4.rope.dimension_count", 4, u32v(8)),
+        ("llama4.rope.freq_base", 6, f32v(500000.0)),
+        ("llama4.attention.layer_norm_rms_epsilon", 6, f32v(1e-5)),
+        ("llama4.context_length", 4, u32v(256)),
+        ("llama4.vocab_size", 4, u32v(64)),
+    ];
+    let parse_meta = |extra: &[(&str, Vec<u64>, u32, Vec<u8>)]| {
+        let file = write_gguf(&meta, extra);
+        parse_file(&file).unwrap()
+    };
+    let cfg = ModelConfig::from_gguf(&parse_meta(&[])).unwrap();
+    let m = cfg.moe.clone().unwrap();
+    assert_eq!(
+        (m.experts, m.intermediate, m.layers),
+        (4, 16, vec![false, true, false, true])
+    );
+    let l4 = cfg.llama4.clone().unwrap();
+    assert_eq!(l4.rope_layers, vec![true, true, true, false]);
+    assert!(l4.qk_norm && l4.temperature_tuning);
+    let hf = crate::random::random_tensors(&cfg, 11);
+    // The GGUF: every tensor under llama.cpp's name, dims innermost first.
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let dims = |s: &[usize]| s.iter().rev().map(|d| *d as u64).collect::<Vec<u64>>();
+    let mut names: Vec<(String, Vec<u64>, Vec<u8>)> = vec![];
+    // Factors of 1 and 4 on the 4 rotated pairs: they must reach the RoPE.
+    let factors = [1.0f32, 1.0, 4.0, 4.0];
+    names.push(("rope_freqs.weight".into(), vec![4], bytes(&factors)));
+    for (name, t) in &hf {
+        let v = t.to_f32().unwrap();
+        let g = match name.as_str() {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".into(),
+            "lm_head.weight" => "output.weight".into(),
+            n => {
+                let rest = n.strip_prefix("model.layers.").unwrap();
+                let (l, what) = rest.split_once('.').unwrap();
+                let (e, h, i) = (4, 32, 16);
+                if what == "feed_forward.experts.gate_up_proj" {
+                    // [E, h, 2I] -> gate and up, each [E, I, h].
+                    let (mut gate, mut up) = (vec![0f32; e * i * h], vec![0f32; e * i * h]);
+                    for x in 0..e {
+                        for r in 0..h {
+                            for j in 0..i {
+                                gate[(x * i + j) * h + r] = v[(x * h + r) * 2 * i + j];
+                                up[(x * i + j) * h + r] = v[(x * h + r) * 2 * i + i + j];
+                            }
+                        }
+                    }
+                    names.push((
+                        format!("blk.{l}.ffn_gate_exps.weight"),
+                        dims(&[e, i, h]),
+                        bytes(&gate),
+                    ));
+                    names.push((
+                        format!("blk.{l}.ffn_up_exps.weight"),
+                        dims(&[e, i, h]),
+                        bytes(&up),
+                    ));
+                    continue;
+                }
+                if what == "feed_forward.experts.down_proj" {
+                    // [E, I, h] -> [E, h, I].
+                    let mut down = vec![0f32; e * h * i];
+                    for x in 0..e {
+                        for j in 0..i {
+                            for r in 0..h {
+                                down[(x * h + r) * i + j] = v[(x * i + j) * h + r];
+                            }
+                        }
+                    }
+                    names.push((
+                        format!("blk.{l}.ffn_down_exps.weight"),
+                        dims(&[e, h, i]),
+                        bytes(&down),
+                    ));
+                    continue;
+                }
+                let g = match what {
+                    "input_layernorm.weight" => "attn_norm",
+                    "post_attention_layernorm.weight" => "ffn_norm",
+                    "self_attn.q_proj.weight" => "attn_q",
+                    "self_attn.k_proj.weight" => "attn_k",
+                    "self_attn.v_proj.weight" => "attn_v",
+                    "self_attn.o_proj.weight" => "attn_output",
+                    "feed_forward.router.weight" => "ffn_gate_inp",
+                    "feed_forward.gate_proj.weight" => "ffn_gate",
+                    "feed_forward.up_proj.weight" => "ffn_up",
+                    "feed_forward.down_proj.weight" => "ffn_down",
+                    "feed_forward.shared_expert.gate_proj.weight" => "ffn_gate_shexp",
+                    "feed_forward.shared_expert.up_proj.weight" => "ffn_up_shexp",
+                    "feed_forward.shared_expert.down_proj.weight" => "ffn_down_shexp",
+                    w => panic!("no GGUF name for {w}"),
+                };
+                format!("blk.{l}.{g}.weight")
+            }
+        };
+        names.push((g, dims(&t.shape), bytes(&v)));
+    }
+    let tensors: Vec<(&str, Vec<u64>, u32, Vec<u8>)> = names
+        .iter()
+        .map(|(n, d, b)| (n.as_str(), d.clone(), 0u32, b.clone()))
+        .collect();
+    let g = parse_meta(&tensors);
+    let gcfg = ModelConfig::from_gguf(&g).unwrap();
+    let from_gguf = Model::new(gcfg.clone(), Weights::from_gguf(&g).unwrap()).unwrap();
+    // The reference: the same weights by Hugging Face names, RoPE scaled by the factors.
+    assert_ne!(gcfg.rope.inv_freq(1), cfg.rope.inv_freq(1));
+    let from_hf = Model::new(gcfg.clone(), Weights::from_map(hf)).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 64).collect();
+    let run = |m: &Model| {
+        let store = m.kv_store(&KvOptions::default()).unwrap();
+        let seq = store.create_seq();
+        m.forward(&tokens, 0, &store, seq, Logits::All, None, 0)
+            .unwrap()
+    };
+    let (a, b) = (run(&from_gguf), run(&from_hf));
+    assert_eq!(a.len(), 40 * 64);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+    }
+    // Without the factors the logits differ: the test sees the RoPE.
+    let mut pcfg = gcfg;
+    pcfg.rope = cfg.rope;
+    let plain = Model::new(pcfg, Weights::from_gguf(&g).unwrap()).unwrap();
+    let c = run(&plain);
+    assert!(a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-3));
+}
