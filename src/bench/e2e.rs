@@ -50,6 +50,8 @@ struct Report {
     kv_dtype: String,
     decode_weights: String,
     model: String,
+    load_s: f64,
+    prepare_s: f64,
     rows: Vec<Row>,
 }
 
@@ -63,13 +65,17 @@ pub fn run(args: Args) -> Result<()> {
     };
     set_threads(args.threads)?;
     let path = crate::commands::resolve_model(&args.model)?;
+    let t = Instant::now();
     let mut m = longctx_engine::load(&path)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     match args.decode_weights.as_str() {
         "f32" => m.model.enable_f32_weights()?,
         "bf16" => m.model.enable_bf16_decode()?,
         "quant" => m.model.enable_quant_decode()?,
         w => anyhow::bail!("--decode-weights {w}: expected f32, bf16 or quant"),
     }
+    let prepare_s = t.elapsed().as_secs_f64();
     let vocab = m.model.cfg.vocab as u32;
     // Warm-up, untimed (as llama-bench and the peer script do): page in the weights, start
     // the thread pool, fault in the first KV blocks.
@@ -129,6 +135,8 @@ pub fn run(args: Args) -> Result<()> {
         kv_dtype: args.kv_dtype.clone(),
         decode_weights: args.decode_weights.clone(),
         model: path.display().to_string(),
+        load_s,
+        prepare_s,
         rows,
     };
     if args.json {
@@ -138,6 +146,11 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "{} ({} threads), {}, KV {}, decode weights {}",
         r.machine, r.threads, r.model, r.kv_dtype, r.decode_weights
+    );
+    // Load: the file mapped and every tensor checked; prepare: the decode weights' copies.
+    println!(
+        "load {:.3} s (mapped and validated), decode weights prepared in {:.3} s",
+        r.load_s, r.prepare_s
     );
     println!(
         "{:>8} {:>10} {:>14} {:>13}",
