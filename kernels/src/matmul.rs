@@ -89,44 +89,72 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
         .for_each_init(Vec::new, |buf: &mut Vec<f32>, &(rt, ct)| {
             let (i0, j0) = (rt * MB, ct * nb);
             let (mb, cols) = (MB.min(m - i0), nb.min(n - j0));
-            // The micro-kernel writes whole 16-wide vectors: a padded local tile.
-            let ldc = cols.next_multiple_of(16);
-            buf.resize(mb * ldc, 0.0);
-            let mut k0 = 0;
-            while k0 < k {
-                let kb = KB.min(k - k0);
-                // SAFETY: a is rows i0.. of x (stride k) from column k0, kb deep; b is rows k0..
-                // of the weight (stride ld) from column j0, cols wide, inside `w.data` as checked
-                // above; c is the local tile of mb x ldc.
-                unsafe {
-                    ops.gemm(
-                        mb,
-                        cols,
-                        kb,
-                        x.as_ptr().add(i0 * k + k0),
-                        k,
-                        1,
-                        w.data.as_ptr().add(k0 * w.ld + j0),
-                        w.ld,
-                        buf.as_mut_ptr(),
-                        ldc,
-                        k0 > 0,
-                    );
-                }
-                k0 += kb;
-            }
-            for r in 0..mb {
-                // SAFETY: tiles are disjoint, so each output element is written by one task.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        buf.as_ptr().add(r * ldc),
-                        out.get().add((i0 + r) * n + j0),
-                        cols,
-                    );
-                }
-            }
+            // SAFETY: the weight holds rows 0..k from column j0, cols wide, at stride ld
+            // (checked above); tiles are disjoint, so each output element has one writer.
+            unsafe {
+                tile(
+                    &ops,
+                    x,
+                    k,
+                    (i0, mb),
+                    (j0, cols, n),
+                    w.data.as_ptr().add(j0),
+                    w.ld,
+                    buf,
+                    out,
+                )
+            };
         });
     Ok(())
+}
+
+/// One output tile: rows `i0..i0 + mb` of `x` (`[m, k]`) times `cols` columns of `B`
+/// (`b`, `k` rows at stride `ldb`), over `k` in slices of `KB`, through the local buffer
+/// `buf`, into columns `j0..j0 + cols` of `y` (`[m, n]`, behind `out`).
+///
+/// # Safety
+/// `b` is valid for `(k - 1) * ldb + cols` elements; no other task writes this tile of `y`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    ops: &Ops,
+    x: &[f32],
+    k: usize,
+    (i0, mb): (usize, usize),
+    (j0, cols, n): (usize, usize, usize),
+    b: *const f32,
+    ldb: usize,
+    buf: &mut Vec<f32>,
+    out: SendPtr,
+) {
+    // The micro-kernel writes whole 16-wide vectors: a padded local tile.
+    let ldc = cols.next_multiple_of(16);
+    buf.resize(mb * ldc, 0.0);
+    let mut k0 = 0;
+    while k0 < k {
+        let kb = KB.min(k - k0);
+        // a: rows i0.. of x (stride k) from column k0, kb deep; b: rows k0.., cols wide.
+        ops.gemm(
+            mb,
+            cols,
+            kb,
+            x.as_ptr().add(i0 * k + k0),
+            k,
+            1,
+            b.add(k0 * ldb),
+            ldb,
+            buf.as_mut_ptr(),
+            ldc,
+            k0 > 0,
+        );
+        k0 += kb;
+    }
+    for r in 0..mb {
+        std::ptr::copy_nonoverlapping(
+            buf.as_ptr().add(r * ldc),
+            out.get().add((i0 + r) * n + j0),
+            cols,
+        );
+    }
 }
 
 /// The fewest rows of `x` a task of [`matmul_stored`] takes when rows are split: each task
@@ -219,40 +247,21 @@ pub fn matmul_stored(x: &[f32], m: usize, w: StoredRows, y: &mut [f32]) -> Resul
             let (g0, g1) = (rg_i * rg, ((rg_i + 1) * rg).min(m));
             for i0 in (g0..g1).step_by(MB) {
                 let mb = MB.min(g1 - i0);
-                let ldc = ldb;
-                buf.resize(mb * ldc, 0.0);
-                let mut k0 = 0;
-                while k0 < k {
-                    let kb = KB.min(k - k0);
-                    // SAFETY: a is rows i0.. of x (stride k) from column k0, kb deep; b is
-                    // rows k0.. of the strip (stride ldb), cols wide; c the local tile.
-                    unsafe {
-                        ops.gemm(
-                            mb,
-                            cols,
-                            kb,
-                            x.as_ptr().add(i0 * k + k0),
-                            k,
-                            1,
-                            strip.as_ptr().add(k0 * ldb),
-                            ldb,
-                            buf.as_mut_ptr(),
-                            ldc,
-                            k0 > 0,
-                        );
-                    }
-                    k0 += kb;
-                }
-                for r in 0..mb {
-                    // SAFETY: tasks cover disjoint (rows, columns) of the output.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            buf.as_ptr().add(r * ldc),
-                            out.get().add((i0 + r) * n + j0),
-                            cols,
-                        );
-                    }
-                }
+                // SAFETY: the strip holds k rows of cols at stride ldb; tasks cover
+                // disjoint (rows, columns) of the output.
+                unsafe {
+                    tile(
+                        &ops,
+                        x,
+                        k,
+                        (i0, mb),
+                        (j0, cols, n),
+                        strip.as_ptr(),
+                        ldb,
+                        buf,
+                        out,
+                    )
+                };
             }
         },
     );
