@@ -491,9 +491,9 @@ fn q4_k_as_q4_1(sb: &[u8], out: &mut Vec<u8>) {
     let (d, dmin) = (h(0), h(2));
     let (sc, qs) = (&sb[4..16], &sb[16..144]);
     for s in 0..8 {
-        let (scale, min) = crate::formats::q4_k_scale_min(s, sc);
-        out.extend_from_slice(&f16::from_f32(d * scale as f32).to_le_bytes());
-        out.extend_from_slice(&f16::from_f32(-(dmin * min as f32)).to_le_bytes());
+        let (scale, min) = crate::formats::q4_k_sub_block(s, d, dmin, sc);
+        out.extend_from_slice(&f16::from_f32(scale).to_le_bytes());
+        out.extend_from_slice(&f16::from_f32(-min).to_le_bytes());
         let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
         let nib = |l: usize| if s % 2 == 0 { q[l] & 0x0f } else { q[l] >> 4 };
         out.extend((0..16).map(|j| nib(j) | (nib(j + 16) << 4)));
@@ -789,8 +789,9 @@ mod tests {
                     // Each of `d sc` and `dmin m` is rounded to f16 (2^-11 of itself at most).
                     let sb = &bytes[i / 256 * 144..];
                     let h = |o: usize| f16::from_le_bytes([sb[o], sb[o + 1]]).to_f32().abs();
-                    let (sc, mn) = crate::formats::q4_k_scale_min(i % 256 / 32, &sb[4..16]);
-                    let bound = (h(0) * sc as f32 * 15.0 + h(2) * mn as f32) / 2048.0;
+                    let (sc, mn) =
+                        crate::formats::q4_k_sub_block(i % 256 / 32, h(0), h(2), &sb[4..16]);
+                    let bound = (sc * 15.0 + mn) / 2048.0;
                     assert!((g - e).abs() <= bound * 1.01, "Q4_K [{i}]: {g} vs {e}");
                 }
             }

@@ -76,7 +76,7 @@ fn q3_k_scales(s: &[u8]) -> [u8; 16] {
 
 /// Scale and minimum `j` (0..8) of Q4_K and Q5_K, 6 bits each (`get_scale_min_k4`).
 #[inline]
-pub(crate) fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -87,6 +87,13 @@ pub(crate) fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Sub-block `j`'s scale `d sc_j` and minimum `dmin m_j` (Q4_K, Q5_K: `x = scale q - min`).
+#[inline]
+pub(crate) fn sub_block(j: usize, d: f32, dmin: f32, sc: &[u8]) -> (f32, f32) {
+    let (s, m) = scale_min(j, sc);
+    (d * s as f32, dmin * m as f32)
+}
+
 /// `{d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]}`: 4-bit values; 32 bytes of `qs`
 /// hold sub-blocks `2i` (low nibbles) and `2i + 1` (high): `x = d sc q - dmin m`.
 pub(super) fn q4_k(b: &[u8], o: &mut [f32]) {
@@ -94,10 +101,8 @@ pub(super) fn q4_k(b: &[u8], o: &mut [f32]) {
     let (sc, qs) = (&b[4..16], &b[16..144]);
     for i in 0..4 {
         let q = &qs[32 * i..32 * i + 32];
-        let (s1, m1) = scale_min(2 * i, sc);
-        let (s2, m2) = scale_min(2 * i + 1, sc);
-        let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-        let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+        let (d1, m1) = sub_block(2 * i, d, dmin, sc);
+        let (d2, m2) = sub_block(2 * i + 1, d, dmin, sc);
         for (l, v) in q.iter().enumerate() {
             o[64 * i + l] = d1 * (v & 0x0f) as f32 - m1;
             o[64 * i + 32 + l] = d2 * (v >> 4) as f32 - m2;
@@ -112,10 +117,8 @@ pub(super) fn q5_k(b: &[u8], o: &mut [f32]) {
     let (sc, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
     for i in 0..4 {
         let q = &qs[32 * i..32 * i + 32];
-        let (s1, m1) = scale_min(2 * i, sc);
-        let (s2, m2) = scale_min(2 * i + 1, sc);
-        let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-        let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+        let (d1, m1) = sub_block(2 * i, d, dmin, sc);
+        let (d2, m2) = sub_block(2 * i + 1, d, dmin, sc);
         let (u1, u2) = (1u8 << (2 * i), 2u8 << (2 * i));
         for (l, v) in q.iter().enumerate() {
             let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };

@@ -15,7 +15,7 @@ mod kquant;
 mod legacy;
 mod stored;
 
-pub(crate) use kquant::scale_min as q4_k_scale_min;
+pub(crate) use kquant::sub_block as q4_k_sub_block;
 pub use stored::{Blob, StoredRows};
 
 use crate::KernelError;
