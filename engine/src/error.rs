@@ -30,6 +30,12 @@ pub enum EngineError {
     Weight { name: String, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The scheduler's queue is full.
+    #[error("{0} requests are already waiting; try again later")]
+    Busy(usize),
+    /// A batched step that is not well formed (the same sequence twice).
+    #[error("batch: {0}")]
+    Batch(String),
     /// The prompt and the new tokens asked for do not fit the context limit.
     #[error(
         "a prompt of {prompt} tokens plus {new} new tokens exceeds the limit of {limit}; raise \

@@ -9,6 +9,7 @@
 //! `tests/reference/`).
 
 pub mod apps;
+pub mod batch;
 pub mod config;
 mod error;
 pub mod fetch;
@@ -19,9 +20,11 @@ pub mod model;
 pub mod ops;
 pub mod random;
 pub mod runner;
+pub mod sched;
 pub mod tokenizer;
 pub mod weights;
 
+pub use batch::Batch;
 pub use config::{Arch, ModelConfig};
 pub use error::{EngineError, Result};
 pub use load::{load, Loaded};

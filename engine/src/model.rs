@@ -3,8 +3,9 @@
 //! (`input_layernorm`, `q_proj`, ...), and `../shared/LLAMA4.md` lists the Llama 4 rules
 //! followed here.
 
+use crate::batch::{Batch, Entry};
 use crate::config::{Arch, ModelConfig};
-use crate::ops::{rms_norm, silu_mul, Linear};
+use crate::ops::{rms_norm, rms_norm_in_place, silu_mul, Linear};
 use crate::weights::{Tensor, Weights};
 use crate::{EngineError, Result};
 use longctx_kernels::{matmul, AttnParams, DType, Mask, QMatrix, Weight};
@@ -305,6 +306,8 @@ impl Model {
     /// Runs `tokens` (at positions `pos0..`) through the model, appending their KV to `seq`
     /// (which must hold exactly `pos0` tokens), and returns the logits asked for
     /// (`[1 or n, vocab]`). `rope` overrides the config's schedule (long-context scaling).
+    /// A batch of one ([`Model::forward_batch`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -315,37 +318,63 @@ impl Model {
         rope: Option<&Rope>,
         prefetch: usize,
     ) -> Result<Vec<f32>> {
+        let mut b = Batch::new();
+        b.push(seq, tokens, pos0, want);
+        Ok(self
+            .forward_batch(&b, store, rope, prefetch)?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// One step over many sequences: every entry's tokens go through the products together,
+    /// each entry's attention reads its own sequence. Returns each entry's logits as
+    /// [`Model::forward`] would (`[1 or n, vocab]`, empty for an entry without tokens).
+    /// Entries must name different sequences.
+    pub fn forward_batch(
+        &self,
+        batch: &Batch,
+        store: &KvStore,
+        rope: Option<&Rope>,
+        prefetch: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        for (i, e) in batch.entries.iter().enumerate() {
+            if batch.entries[..i].iter().any(|o| o.seq == e.seq) {
+                return Err(EngineError::Batch(format!(
+                    "sequence {:?} appears twice in one step",
+                    e.seq
+                )));
+            }
+        }
         // The whole pass on a thread of the pool: its ~150 parallel regions a token then
         // start from a worker's own queue instead of each being injected from outside and
         // waited for across threads (what dominates a decode step's overhead on 2 threads).
         if rayon::current_thread_index().is_some() {
-            self.forward_in_pool(tokens, pos0, store, seq, want, rope, prefetch)
+            self.forward_in_pool(batch, store, rope, prefetch)
         } else {
-            rayon::scope(|_| self.forward_in_pool(tokens, pos0, store, seq, want, rope, prefetch))
+            rayon::scope(|_| self.forward_in_pool(batch, store, rope, prefetch))
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn forward_in_pool(
         &self,
-        tokens: &[u32],
-        pos0: usize,
+        batch: &Batch,
         store: &KvStore,
-        seq: SeqId,
-        want: Logits,
         rope: Option<&Rope>,
         prefetch: usize,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
-        let n = tokens.len();
+        let n = batch.rows();
         if n == 0 {
-            return Ok(vec![]);
+            return Ok(vec![vec![]; batch.entries.len()]);
         }
+        let offs = batch.offsets();
+        let pos_of = |r: usize| batch.position(r);
         let (h, hd) = (c.hidden, c.head_dim);
         let (qd, kd) = (c.heads * hd, c.kv_heads * hd);
         let rope = rope.unwrap_or(&c.rope);
         let mut x = vec![0f32; n * h];
         let embed_rows = self.embed.rows()?;
+        let tokens = batch.entries.iter().flat_map(|e| e.tokens.iter());
         for (row, t) in x.chunks_exact_mut(h).zip(tokens) {
             let t = *t as usize;
             if t >= c.vocab {
@@ -356,7 +385,7 @@ impl Model {
             }
             embed_rows.dequantize_row(t, row);
         }
-        finite(&x, h, pos0, || "the token embedding".into())?;
+        finite(&x, h, &pos_of, || "the token embedding".into())?;
         let mut hbuf = vec![0f32; n * h];
         let mut q = vec![0f32; n * qd];
         let mut k = vec![0f32; n * kd];
@@ -366,13 +395,16 @@ impl Model {
         let mut o = vec![0f32; n * h];
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, Some(&layer.input_layernorm), c.rms_eps, h, &mut hbuf);
-            match (&layer.qkv_q, n) {
-                (Some(w), 1) => {
-                    let mut qkv = vec![0f32; qd + 2 * kd];
-                    w.gemv(&hbuf, &mut qkv)?;
-                    q.copy_from_slice(&qkv[..qd]);
-                    k.copy_from_slice(&qkv[qd..qd + kd]);
-                    v.copy_from_slice(&qkv[qd + kd..]);
+            match &layer.qkv_q {
+                Some(w) if n <= QUANT_ROWS => {
+                    let width = qd + 2 * kd;
+                    let mut qkv = vec![0f32; n * width];
+                    w.gemm(&hbuf, n, &mut qkv)?;
+                    for (r, row) in qkv.chunks_exact(width).enumerate() {
+                        q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
+                        k[r * kd..(r + 1) * kd].copy_from_slice(&row[qd..qd + kd]);
+                        v[r * kd..(r + 1) * kd].copy_from_slice(&row[qd + kd..]);
+                    }
                 }
                 _ => {
                     layer.q_proj.forward(&hbuf, n, &mut q)?;
@@ -381,53 +413,55 @@ impl Model {
                 }
             }
             let mut mask = Mask::Causal;
-            if layer.rope {
-                let seq_len = pos0 + n;
-                longctx_rope::apply(&mut q, (n, c.heads, hd), pos0, rope, seq_len, c.rope_layout)?;
-                longctx_rope::apply(
-                    &mut k,
-                    (n, c.kv_heads, hd),
-                    pos0,
-                    rope,
-                    seq_len,
-                    c.rope_layout,
-                )?;
+            for (i, e) in batch.entries.iter().enumerate() {
+                let (r0, r1) = (offs[i], offs[i + 1]);
+                if r0 == r1 {
+                    continue;
+                }
+                let ne = r1 - r0;
+                let (qe, ke) = (&mut q[r0 * qd..r1 * qd], &mut k[r0 * kd..r1 * kd]);
+                if layer.rope {
+                    let seq_len = e.pos0 + ne;
+                    let (pos0, lay) = (e.pos0, c.rope_layout);
+                    longctx_rope::apply(qe, (ne, c.heads, hd), pos0, rope, seq_len, lay)?;
+                    longctx_rope::apply(ke, (ne, c.kv_heads, hd), pos0, rope, seq_len, lay)?;
+                }
+                if let Some(l4) = &c.llama4 {
+                    if !layer.rope && l4.temperature_tuning {
+                        for (j, row) in qe.chunks_exact_mut(qd).enumerate() {
+                            let pos = (e.pos0 + j) as f64;
+                            let s = 1.0
+                                + l4.attn_scale * ((pos + 1.0) / l4.floor_scale).floor().ln_1p();
+                            for x in row {
+                                *x *= s as f32;
+                            }
+                        }
+                    }
+                }
             }
             if let Some(l4) = &c.llama4 {
                 if layer.rope {
                     mask = Mask::ChunkedLocal { chunk: l4.chunk };
                     if l4.qk_norm {
-                        let qc = q.clone();
-                        rms_norm(&qc, None, c.rms_eps, hd, &mut q);
-                        let kc = k.clone();
-                        rms_norm(&kc, None, c.rms_eps, hd, &mut k);
-                    }
-                } else if l4.temperature_tuning {
-                    for (i, row) in q.chunks_exact_mut(qd).enumerate() {
-                        let pos = (pos0 + i) as f64;
-                        let s =
-                            1.0 + l4.attn_scale * ((pos + 1.0) / l4.floor_scale).floor().ln_1p();
-                        for e in row {
-                            *e *= s as f32;
-                        }
+                        rms_norm_in_place(&mut q, c.rms_eps, hd);
+                        rms_norm_in_place(&mut k, c.rms_eps, hd);
                     }
                 }
             }
-            append_kv(store, seq, l, &k, &v)?;
-            let params = AttnParams {
-                mask,
-                scale: 1.0 / (hd as f32).sqrt(),
-                q_pos: pos0,
-                k_pos: 0,
-            };
-            attend_typed(
-                store, seq, l, &q, c.heads, &params, prefetch, &mut attn, &mut lse,
+            for (i, e) in batch.entries.iter().enumerate() {
+                let (r0, r1) = (offs[i], offs[i + 1]);
+                if r0 < r1 {
+                    append_kv(store, e.seq, l, &k[r0 * kd..r1 * kd], &v[r0 * kd..r1 * kd])?;
+                }
+            }
+            attend_entries(
+                store, batch, &offs, l, &q, c.heads, mask, hd, prefetch, &mut attn, &mut lse,
             )?;
             layer.o_proj.forward(&attn, n, &mut o)?;
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
-            finite(&x, h, pos0, || format!("layer {l}'s attention"))?;
+            finite(&x, h, &pos_of, || format!("layer {l}'s attention"))?;
             rms_norm(
                 &x,
                 Some(&layer.post_attention_layernorm),
@@ -436,47 +470,112 @@ impl Model {
                 &mut hbuf,
             );
             match &layer.ffn {
-                Ffn::Dense(m) => {
-                    dense_mlp(m, layer.gate_up_q.as_ref(), &hbuf, n, &mut o)?;
-                    for (a, b) in x.iter_mut().zip(&o) {
-                        *a += b;
-                    }
-                }
+                Ffn::Dense(m) => dense_mlp(m, layer.gate_up_q.as_ref(), &hbuf, n, &mut o)?,
                 Ffn::Moe(e) => {
                     let m = c.moe.as_ref().expect("MoE config");
                     moe(e, m.experts, m.top_k, m.intermediate, &hbuf, n, h, &mut o)?;
-                    for (a, b) in x.iter_mut().zip(&o) {
-                        *a += b;
-                    }
                 }
             }
-            finite(&x, h, pos0, || format!("layer {l}'s feed-forward"))?;
+            for (a, b) in x.iter_mut().zip(&o) {
+                *a += b;
+            }
+            finite(&x, h, &pos_of, || format!("layer {l}'s feed-forward"))?;
         }
-        let rows = match want {
-            Logits::Last => &x[(n - 1) * h..],
-            Logits::All => &x[..],
-        };
-        let m = rows.len() / h;
+        // The rows whose logits are wanted, in entry order.
+        let mut picked = vec![];
+        for (i, e) in batch.entries.iter().enumerate() {
+            let (r0, r1) = (offs[i], offs[i + 1]);
+            match (e.want, r0 < r1) {
+                (_, false) => {}
+                (Logits::Last, true) => picked.push(r1 - 1),
+                (Logits::All, true) => picked.extend(r0..r1),
+            }
+        }
+        let m = picked.len();
+        let mut rows = vec![0f32; m * h];
+        for (dst, r) in rows.chunks_exact_mut(h).zip(&picked) {
+            dst.copy_from_slice(&x[r * h..(r + 1) * h]);
+        }
         let mut normed = vec![0f32; m * h];
-        rms_norm(rows, Some(&self.norm), c.rms_eps, h, &mut normed);
+        rms_norm(&rows, Some(&self.norm), c.rms_eps, h, &mut normed);
         let mut logits = vec![0f32; m * c.vocab];
         self.lm_head.forward(&normed, m, &mut logits)?;
-        let first = match want {
-            Logits::Last => pos0 + n - 1,
-            Logits::All => pos0,
-        };
-        finite(&logits, c.vocab, first, || {
+        finite(&logits, c.vocab, &|i| pos_of(picked[i]), || {
             "the final norm or lm_head".into()
         })?;
-        Ok(logits)
+        let mut out = Vec::with_capacity(batch.entries.len());
+        let mut at = 0;
+        for (i, e) in batch.entries.iter().enumerate() {
+            let rows = match (e.want, offs[i] < offs[i + 1]) {
+                (_, false) => 0,
+                (Logits::Last, true) => 1,
+                (Logits::All, true) => offs[i + 1] - offs[i],
+            };
+            out.push(logits[at * c.vocab..(at + rows) * c.vocab].to_vec());
+            at += rows;
+        }
+        Ok(out)
     }
 }
 
-/// An error naming `at` if `x` (rows of `width`, the first at position `pos0`) holds a NaN
+/// Products of up to this many rows read the block-quantised copy with int8 activations
+/// (a batched decode step); longer ones (prefill) the f32 tiles.
+pub const QUANT_ROWS: usize = 64;
+
+/// Each entry's attention over its own sequence, entries in parallel (a decode step of
+/// many sequences has one row each: too little for the kernel's own parallelism alone).
+#[allow(clippy::too_many_arguments)]
+fn attend_entries(
+    store: &KvStore,
+    batch: &Batch,
+    offs: &[usize],
+    l: usize,
+    q: &[f32],
+    heads: usize,
+    mask: Mask,
+    hd: usize,
+    prefetch: usize,
+    attn: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    use rayon::prelude::*;
+    let qd = heads * hd;
+    let mut jobs = Vec::with_capacity(batch.entries.len());
+    let (mut attn, mut lse) = (attn, lse);
+    for (i, e) in batch.entries.iter().enumerate() {
+        let rows = offs[i + 1] - offs[i];
+        let (a, rest) = std::mem::take(&mut attn).split_at_mut(rows * qd);
+        let (s, rest_l) = std::mem::take(&mut lse).split_at_mut(rows * heads);
+        (attn, lse) = (rest, rest_l);
+        if rows > 0 {
+            jobs.push((e, &q[offs[i] * qd..offs[i + 1] * qd], a, s));
+        }
+    }
+    let run = |(e, q, a, s): (&Entry, &[f32], &mut [f32], &mut [f32])| {
+        let params = AttnParams {
+            mask,
+            scale: 1.0 / (hd as f32).sqrt(),
+            q_pos: e.pos0,
+            k_pos: 0,
+        };
+        attend_typed(store, e.seq, l, q, heads, &params, prefetch, a, s)
+    };
+    if jobs.len() == 1 {
+        return jobs.into_iter().try_for_each(run);
+    }
+    jobs.into_par_iter().try_for_each(run)
+}
+
+/// An error naming `at` if `x` (rows of `width`, row r at position `pos_of(r)`) holds a NaN
 /// or an infinity. Checked once per sublayer on the residual stream, not inside kernels: a
 /// NaN weight or an overflow then stops the pass where it first appears instead of
 /// sampling garbage from NaN logits.
-fn finite(x: &[f32], width: usize, pos0: usize, at: impl FnOnce() -> String) -> Result<()> {
+fn finite(
+    x: &[f32],
+    width: usize,
+    pos_of: &dyn Fn(usize) -> usize,
+    at: impl FnOnce() -> String,
+) -> Result<()> {
     // `v * 0.0` is 0 for every finite v and NaN otherwise; 16 independent sums vectorise.
     let mut acc = [0f32; 16];
     let mut it = x.chunks_exact(16);
@@ -497,7 +596,7 @@ fn finite(x: &[f32], width: usize, pos0: usize, at: impl FnOnce() -> String) -> 
         .unwrap_or(0);
     Err(EngineError::NonFinite {
         at: at(),
-        pos: pos0 + row,
+        pos: pos_of(row),
     })
 }
 
@@ -555,12 +654,14 @@ fn dense_mlp(
     let inter = m.gate.out;
     let mut g = vec![0f32; n * inter];
     let mut u = vec![0f32; n * inter];
-    match (gate_up, n) {
-        (Some(w), 1) => {
-            let mut gu = vec![0f32; 2 * inter];
-            w.gemv(x, &mut gu)?;
-            g.copy_from_slice(&gu[..inter]);
-            u.copy_from_slice(&gu[inter..]);
+    match gate_up {
+        Some(w) if n <= QUANT_ROWS => {
+            let mut gu = vec![0f32; n * 2 * inter];
+            w.gemm(x, n, &mut gu)?;
+            for (r, row) in gu.chunks_exact(2 * inter).enumerate() {
+                g[r * inter..(r + 1) * inter].copy_from_slice(&row[..inter]);
+                u[r * inter..(r + 1) * inter].copy_from_slice(&row[inter..]);
+            }
         }
         _ => {
             m.gate.forward(x, n, &mut g)?;

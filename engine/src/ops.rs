@@ -1,6 +1,7 @@
 //! The dense ops of a forward pass on the CPU: linear layers (the kernels crate's products
 //! straight from the stored weights), RMSNorm, SwiGLU.
 
+use crate::model::QUANT_ROWS;
 use crate::weights::Tensor;
 use crate::Result;
 use longctx_kernels::{matmul, matmul_stored, matvec_bf16, QMatrix, StoredRows, Weight};
@@ -82,10 +83,11 @@ impl Linear {
         self.wt_q.as_deref()
     }
 
-    /// `y[m, out] = x[m, in] . W^T`.
+    /// `y[m, out] = x[m, in] . W^T`: up to [`QUANT_ROWS`] rows (decode steps) from the
+    /// block-quantised copy when there is one.
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
-        if let (1, Some(q)) = (m, &self.wt_q) {
-            return Ok(q.gemv(x, y)?);
+        if let Some(q) = self.wt_q.as_deref().filter(|_| m <= QUANT_ROWS) {
+            return Ok(q.gemm(x, m, y)?);
         }
         if let (1, Some(b)) = (m, &self.wt_bf16) {
             return Ok(matvec_bf16(x, b, self.out, y)?);
@@ -115,6 +117,15 @@ pub fn rms_norm(x: &[f32], w: Option<&[f32]>, eps: f32, dim: usize, y: &mut [f32
                 }
             }
         }
+    }
+}
+
+/// RMSNorm without a weight, each row of `x` in place (Llama 4's QK-norm).
+pub fn rms_norm_in_place(x: &mut [f32], eps: f32, dim: usize) {
+    for r in x.chunks_exact_mut(dim) {
+        let ms = r.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let s = 1.0 / (ms + eps).sqrt();
+        r.iter_mut().for_each(|v| *v *= s);
     }
 }
 

@@ -314,6 +314,66 @@ impl QMatrix {
         Ok(())
     }
 
+    /// `y[m, rows] = x[m, cols] . W^T` for a few activation rows (a batched decode step):
+    /// each activation quantised to int8 per block as in [`QMatrix::gemv`]. The rows are cut
+    /// into chunks small enough to stay in L2 while every activation passes over them, so the
+    /// weights stream from memory once per step, not once per row of `x`.
+    pub fn gemm(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), KernelError> {
+        const OP: &str = "QMatrix::gemm";
+        crate::attention::check_len(OP, "x", m * self.cols, x.len())?;
+        crate::attention::check_len(OP, "y", m * self.rows, y.len())?;
+        if m <= 1 {
+            return if m == 1 { self.gemv(x, y) } else { Ok(()) };
+        }
+        let vnni = vnni_available();
+        let acts: Vec<Act> = x
+            .par_chunks_exact(self.cols)
+            .map(|xr| {
+                let a = Act::quantize(xr);
+                if vnni {
+                    a.pairs(self.kind)
+                } else {
+                    a
+                }
+            })
+            .collect();
+        // At least four chunks a thread; at most 64 rows (64 x 1536 4-bit weights: ~60 KB).
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per = self
+            .rows
+            .div_ceil(4 * threads)
+            .next_multiple_of(4)
+            .clamp(4, 64);
+        let chunks = self.rows.div_ceil(rows_per);
+        // [chunk][activation][rows_per], scattered into y after.
+        let mut yt = vec![0f32; chunks * m * rows_per];
+        yt.par_chunks_mut(m * rows_per)
+            .enumerate()
+            .for_each(|(c, buf)| {
+                let r0 = c * rows_per;
+                let len = rows_per.min(self.rows - r0);
+                for (j, act) in acts.iter().enumerate() {
+                    let yc = &mut buf[j * rows_per..j * rows_per + len];
+                    #[cfg(target_arch = "x86_64")]
+                    if vnni {
+                        // SAFETY: VNNI checked at run time; rows r0..r0 + len exist.
+                        unsafe { self.rows_vnni(act, r0, yc) };
+                        continue;
+                    }
+                    self.rows_portable(act, r0, yc);
+                }
+            });
+        for c in 0..chunks {
+            let r0 = c * rows_per;
+            let len = rows_per.min(self.rows - r0);
+            for j in 0..m {
+                let src = &yt[(c * m + j) * rows_per..(c * m + j) * rows_per + len];
+                y[j * self.rows + r0..j * self.rows + r0 + len].copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
+
     /// Block `b` of row `r` times the activations' block `b`, in scalar code.
     fn block_product(&self, act: &Act, r: usize, b: usize) -> f32 {
         let (nb, qb) = (self.nb(), self.qbytes());
@@ -679,6 +739,34 @@ mod tests {
     /// Q8_0 quantisation of f32 rows (weights without GGUF blocks): every weight within half a
     /// step (amax / 254) of its value, at amplitudes below and above 127 (so the scale is a
     /// division, not a remainder), all-zero blocks exactly zero.
+    /// A batched product is each row's vector product, bit for bit (the same int8
+    /// activations and the same kernel), at row counts that are not multiples of a chunk.
+    #[test]
+    fn gemm_rows_are_their_gemvs() {
+        let mut rng = rand::rng();
+        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q5_0, QKind::Q8_0] {
+            for (rows, cols, m) in [(1, 32, 2), (7, 96, 3), (130, 576, 5), (67, 1536, 17)] {
+                let w = QMatrix::from_gguf(kind, &blocks(kind, rows, cols, &mut rng), rows, cols)
+                    .unwrap();
+                let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let mut y = vec![0f32; m * rows];
+                w.gemm(&x, m, &mut y).unwrap();
+                for j in 0..m {
+                    let mut one = vec![0f32; rows];
+                    w.gemv(&x[j * cols..(j + 1) * cols], &mut one).unwrap();
+                    assert_eq!(
+                        &y[j * rows..(j + 1) * rows],
+                        &one[..],
+                        "{kind:?} {rows}x{cols} row {j}"
+                    );
+                }
+            }
+        }
+        let w = QMatrix::quantize_q8(&[0.5; 64], 2, 32).unwrap();
+        assert!(w.gemm(&[1.0; 64], 3, &mut [0.0; 6]).is_err());
+        assert!(w.gemm(&[1.0; 96], 3, &mut [0.0; 5]).is_err());
+    }
+
     #[test]
     fn quantize_q8_is_within_half_a_step() {
         let mut rng = rand::rng();

@@ -1,0 +1,268 @@
+use super::*;
+use crate::random::{random_tensors, tiny_llama4_config};
+use crate::weights::Weights;
+use crate::{KvOptions, ModelConfig};
+use rand::Rng;
+
+fn tiny_llama() -> ModelConfig {
+    ModelConfig::from_hf_json(
+        r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+            "intermediate_size": 96, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": 4096, "tie_word_embeddings": true}"#,
+    )
+    .unwrap()
+}
+
+fn model(cfg: &ModelConfig) -> Model {
+    Model::new(cfg.clone(), Weights::from_map(random_tensors(cfg, 11))).unwrap()
+}
+
+fn store(m: &Model) -> KvStore {
+    m.kv_store(&KvOptions {
+        block_tokens: 16,
+        ..KvOptions::default()
+    })
+    .unwrap()
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    Request {
+        prompt,
+        max_tokens,
+        sampling: Sampling::default(),
+        stop: vec![],
+    }
+}
+
+/// What one request gives alone: the prompt in one pass, then greedy decoding.
+fn alone(m: &Model, req: &Request) -> Vec<u32> {
+    let s = store(m);
+    let seq = s.create_seq();
+    let mut logits = m
+        .forward(&req.prompt, 0, &s, seq, Logits::Last, None, 0)
+        .unwrap();
+    let mut sampler = Sampler::new(req.sampling.clone());
+    let mut out = vec![];
+    for i in 0..req.max_tokens {
+        let t = sampler.sample(&logits);
+        if req.stop.contains(&t) {
+            break;
+        }
+        out.push(t);
+        let pos = req.prompt.len() + i;
+        logits = m
+            .forward(&[t], pos, &s, seq, Logits::Last, None, 0)
+            .unwrap();
+    }
+    out
+}
+
+/// Each request's tokens and how it ended.
+type Answers = std::collections::BTreeMap<RequestId, (Vec<u32>, Option<(Finish, Usage)>)>;
+
+/// Runs the scheduler until idle.
+fn drain(s: &mut Scheduler) -> Answers {
+    let mut out = Answers::default();
+    let mut steps = 0;
+    while !s.idle() {
+        steps += 1;
+        assert!(steps < 10_000, "the scheduler does not finish");
+        for e in s.step() {
+            match e {
+                Event::Token { id, token } => out.entry(id).or_default().0.push(token),
+                Event::Done { id, finish, usage } => {
+                    out.entry(id).or_default().1 = Some((finish, usage))
+                }
+                Event::Failed { error, .. } => panic!("{error}"),
+            }
+        }
+    }
+    out
+}
+
+/// Requests of different lengths, admitted while others decode, with prompts read in
+/// chunks beside decode rows (a 7-row step budget), each answer as it is alone: Llama and
+/// Llama 4 (chunked-local layers, MoE), with and without sampling.
+#[test]
+fn batched_requests_answer_as_each_alone() {
+    let mut rng = rand::rng();
+    for cfg in [tiny_llama(), tiny_llama4_config()] {
+        let m = model(&cfg);
+        let mut s = Scheduler::new(
+            &m,
+            store(&m),
+            SchedConfig {
+                max_running: 3,
+                step_tokens: 7,
+                prefix_entries: 0,
+                ..SchedConfig::default()
+            },
+        );
+        let mut reqs = vec![];
+        for (i, (len, new)) in [(1, 5), (23, 9), (9, 1), (40, 12), (3, 20)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut r = greedy((0..len).map(|_| rng.random_range(0..300)).collect(), new);
+            if i == 3 {
+                r.sampling = Sampling {
+                    temperature: 0.8,
+                    top_k: 40,
+                    top_p: 0.9,
+                    seed: 5,
+                };
+            }
+            reqs.push(r);
+        }
+        let ids: Vec<RequestId> = reqs.iter().map(|r| s.submit(r.clone()).unwrap()).collect();
+        let got = drain(&mut s);
+        for (id, r) in ids.iter().zip(&reqs) {
+            let (toks, end) = &got[id];
+            assert_eq!(toks, &alone(&m, r), "{:?} request {id:?}", cfg.arch);
+            let (finish, usage) = end.expect("finished");
+            assert_eq!(finish, Finish::Length);
+            assert_eq!(usage.prompt_tokens, r.prompt.len());
+            assert_eq!(usage.completion_tokens, r.max_tokens);
+        }
+        // Every sequence freed.
+        assert_eq!(s.store().blocks(), 0);
+    }
+}
+
+/// A long prompt arriving while a request decodes is read a budget's worth per step: the
+/// decoding request gets a token every step meanwhile.
+#[test]
+fn a_long_prompt_does_not_stall_decoding() {
+    let cfg = tiny_llama();
+    let m = model(&cfg);
+    let mut s = Scheduler::new(
+        &m,
+        store(&m),
+        SchedConfig {
+            step_tokens: 16,
+            ..SchedConfig::default()
+        },
+    );
+    let a = s.submit(greedy(vec![1, 2, 3], 30)).unwrap();
+    s.step();
+    let b = s
+        .submit(greedy((0..200).map(|i| i % 300).collect(), 2))
+        .unwrap();
+    let mut b_first = None;
+    for step in 0..20 {
+        let ev = s.step();
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, Event::Token { id, .. } if *id == a)),
+            "step {step}: no token for the decoding request"
+        );
+        if b_first.is_none()
+            && ev
+                .iter()
+                .any(|e| matches!(e, Event::Token { id, .. } if *id == b))
+        {
+            b_first = Some(step);
+        }
+    }
+    // 200 prompt tokens at 15 a step (one row goes to the decoding request): 14 steps.
+    assert_eq!(b_first, Some(13));
+}
+
+/// A second request sharing a prompt prefix with a finished one computes only the rest,
+/// reports the reused tokens, and answers as it would without the cache.
+#[test]
+fn the_prefix_cache_reuses_a_finished_prompt() {
+    let mut rng = rand::rng();
+    let cfg = tiny_llama();
+    let m = model(&cfg);
+    let doc: Vec<u32> = (0..70).map(|_| rng.random_range(0..300)).collect();
+    let q = |extra: &[u32]| greedy([doc.as_slice(), extra].concat(), 6);
+    let (q1, q2) = (q(&[5, 6, 7]), q(&[9, 8]));
+    let mut s = Scheduler::new(&m, store(&m), SchedConfig::default());
+    let a = s.submit(q1.clone()).unwrap();
+    let first = drain(&mut s);
+    assert_eq!(first[&a].1.unwrap().1.cached_tokens, 0);
+    let b = s.submit(q2.clone()).unwrap();
+    let second = drain(&mut s);
+    let usage = second[&b].1.unwrap().1;
+    assert_eq!(usage.cached_tokens, 70);
+    assert_eq!(second[&b].0, alone(&m, &q2));
+    let st = s.stats();
+    assert_eq!(st.prefill_tokens, 73 + 2);
+    assert_eq!(st.cached_tokens, 70);
+    // The same prompt again: all but its last token reused.
+    let c = s.submit(q2.clone()).unwrap();
+    let third = drain(&mut s);
+    assert_eq!(third[&c].1.unwrap().1.cached_tokens, 71);
+    assert_eq!(third[&c].0, second[&b].0);
+}
+
+#[test]
+fn bad_requests_are_refused_and_finished_ones_free_their_blocks() {
+    let cfg = tiny_llama();
+    let m = model(&cfg);
+    let mut s = Scheduler::new(
+        &m,
+        store(&m),
+        SchedConfig {
+            max_running: 1,
+            max_waiting: 2,
+            max_context: 64,
+            prefix_entries: 0,
+            ..SchedConfig::default()
+        },
+    );
+    let e = s.submit(greedy(vec![], 4)).unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+    let e = s.submit(greedy(vec![1; 60], 5)).unwrap_err();
+    assert!(
+        matches!(e, EngineError::PromptTooLong { limit: 64, .. }),
+        "{e}"
+    );
+    let e = s.submit(greedy(vec![1, 300], 5)).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    let e = s.submit(greedy(vec![1], usize::MAX)).unwrap_err();
+    assert!(matches!(e, EngineError::PromptTooLong { .. }), "{e}");
+    let a = s.submit(greedy(vec![1, 2], 50)).unwrap();
+    let b = s.submit(greedy(vec![3, 4], 50)).unwrap();
+    assert!(matches!(
+        s.submit(greedy(vec![1], 1)),
+        Err(EngineError::Busy(2))
+    ));
+    for _ in 0..5 {
+        s.step();
+    }
+    assert_eq!(s.stats().running, 1);
+    assert!(s.store().blocks() > 0);
+    // Cancelled mid-answer and while waiting: nothing left held.
+    assert_eq!(s.finish(a).unwrap().completion_tokens, 5);
+    assert_eq!(s.finish(b).unwrap().completion_tokens, 0);
+    assert!(s.finish(b).is_none());
+    assert!(s.idle());
+    assert_eq!(s.store().blocks(), 0);
+}
+
+/// The KV reservation admits a request only when its prompt and answer fit beside the
+/// running ones: with room for one, the second waits and then runs.
+#[test]
+fn admission_waits_for_kv_room() {
+    let cfg = tiny_llama();
+    let m = model(&cfg);
+    let mut s = Scheduler::new(
+        &m,
+        store(&m),
+        SchedConfig {
+            kv_tokens: 40,
+            ..SchedConfig::default()
+        },
+    );
+    let a = s.submit(greedy(vec![1; 10], 20)).unwrap();
+    let b = s.submit(greedy(vec![2; 10], 20)).unwrap();
+    // The first step reads a's prompt and samples its first token.
+    assert_eq!(s.step().len(), 1);
+    assert_eq!((s.stats().running, s.stats().waiting), (1, 1));
+    let got = drain(&mut s);
+    assert_eq!(got[&a].0.len(), 19);
+    assert_eq!(got[&b].0.len(), 20);
+}
