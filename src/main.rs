@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod serve;
 mod units;
 
 use anyhow::Result;
@@ -58,6 +59,9 @@ enum Command {
     Plan(commands::plan::Args),
     /// Perplexity of a model on a text file.
     Perplexity(commands::perplexity::Args),
+    /// An OpenAI-compatible HTTP server (chat and completions, streaming), many requests
+    /// batched together.
+    Serve(serve::Args),
 }
 
 fn main() {
@@ -133,6 +137,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { what } => commands::eval::run(what),
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Plan(args) => commands::plan::run(args),
     }
 }

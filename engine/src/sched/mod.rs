@@ -83,6 +83,11 @@ pub struct Usage {
 /// What a step produced, per request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// The request got a slot; `cached_tokens` of its prompt came from the prefix cache.
+    Admitted {
+        id: RequestId,
+        cached_tokens: usize,
+    },
     Token {
         id: RequestId,
         token: u32,
@@ -245,7 +250,7 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Moves waiting requests into free slots, oldest first, while their KV fits.
-    fn admit(&mut self) {
+    fn admit(&mut self, events: &mut Vec<Event>) {
         while self.running.len() < self.cfg.max_running {
             let Some((_, req)) = self.waiting.front() else {
                 return;
@@ -271,6 +276,10 @@ impl<'m> Scheduler<'m> {
                 completion_tokens: 0,
                 cached_tokens: reused,
             };
+            events.push(Event::Admitted {
+                id,
+                cached_tokens: reused,
+            });
             self.running.push(Running {
                 id,
                 kv: req.prompt[..reused].to_vec(),
@@ -285,8 +294,8 @@ impl<'m> Scheduler<'m> {
 
     /// One forward step over the running requests; what each produced.
     pub fn step(&mut self) -> Vec<Event> {
-        self.admit();
         let mut events = vec![];
+        self.admit(&mut events);
         let mut budget = self.cfg.step_tokens.max(1);
         // (running index, tokens, position): decode rows first, then prompt chunks.
         let mut rows: Vec<(usize, Vec<u32>, usize)> = vec![];

@@ -75,6 +75,7 @@ fn drain(s: &mut Scheduler) -> Answers {
                     out.entry(id).or_default().1 = Some((finish, usage))
                 }
                 Event::Failed { error, .. } => panic!("{error}"),
+                Event::Admitted { .. } => {}
             }
         }
     }
@@ -259,8 +260,8 @@ fn admission_waits_for_kv_room() {
     );
     let a = s.submit(greedy(vec![1; 10], 20)).unwrap();
     let b = s.submit(greedy(vec![2; 10], 20)).unwrap();
-    // The first step reads a's prompt and samples its first token.
-    assert_eq!(s.step().len(), 1);
+    // The first step admits a, reads its prompt and samples its first token.
+    assert_eq!(s.step().len(), 2);
     assert_eq!((s.stats().running, s.stats().waiting), (1, 1));
     let got = drain(&mut s);
     assert_eq!(got[&a].0.len(), 19);
