@@ -305,7 +305,7 @@ impl QMatrix {
             #[cfg(target_arch = "x86_64")]
             if vnni {
                 // SAFETY: VNNI checked at run time; rows r0..r0 + yc.len() exist.
-                unsafe { self.rows_vnni(&act, r0, yc) };
+                unsafe { self.rows_vnni::<4, 1>([&act], r0, yc.len(), yc, 0) };
                 return;
             }
             let _ = vnni;
@@ -352,15 +352,19 @@ impl QMatrix {
             .for_each(|(c, buf)| {
                 let r0 = c * rows_per;
                 let len = rows_per.min(self.rows - r0);
-                for (j, act) in acts.iter().enumerate() {
-                    let yc = &mut buf[j * rows_per..j * rows_per + len];
-                    #[cfg(target_arch = "x86_64")]
-                    if vnni {
-                        // SAFETY: VNNI checked at run time; rows r0..r0 + len exist.
-                        unsafe { self.rows_vnni(act, r0, yc) };
-                        continue;
+                #[cfg(target_arch = "x86_64")]
+                if vnni {
+                    // Up to four activations per pass over the chunk's weight blocks.
+                    for (g, group) in acts.chunks(4).enumerate() {
+                        let out = &mut buf[g * 4 * rows_per..];
+                        // SAFETY: VNNI checked at run time; rows r0..r0 + len exist and `out`
+                        // holds group.len() rows of rows_per.
+                        unsafe { self.rows_vnni_group(group, r0, len, out, rows_per) };
                     }
-                    self.rows_portable(act, r0, yc);
+                    return;
+                }
+                for (j, act) in acts.iter().enumerate() {
+                    self.rows_portable(act, r0, &mut buf[j * rows_per..j * rows_per + len]);
                 }
             });
         for c in 0..chunks {
@@ -396,6 +400,26 @@ impl QMatrix {
         d * act.s[b] * dot as f32 + m * act.ssum[b]
     }
 
+    /// [`QMatrix::rows_vnni`] for 1 to 4 activations, four rows at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
+    unsafe fn rows_vnni_group(
+        &self,
+        g: &[Act],
+        r0: usize,
+        len: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let a = |i: usize| &g[i];
+        match g.len() {
+            1 => self.rows_vnni::<4, 1>(std::array::from_fn(a), r0, len, out, stride),
+            2 => self.rows_vnni::<4, 2>(std::array::from_fn(a), r0, len, out, stride),
+            3 => self.rows_vnni::<4, 3>(std::array::from_fn(a), r0, len, out, stride),
+            _ => self.rows_vnni::<4, 4>(std::array::from_fn(a), r0, len, out, stride),
+        }
+    }
+
     fn rows_portable(&self, act: &Act, r0: usize, y: &mut [f32]) {
         for (i, out) in y.iter_mut().enumerate() {
             *out = (0..self.nb())
@@ -404,14 +428,23 @@ impl QMatrix {
         }
     }
 
-    /// Four rows at a time so each activation block is loaded once per four rows; two blocks
-    /// per 512-bit integer dot product. The two blocks' 32 bytes of nibbles are broadcast to
+    /// `R` rows times `J` activations at a time: each weight block is unpacked once per `J`
+    /// activations (the vector product runs `R = 4, J = 1`; a batched step `R = 4, J` up to
+    /// 4). Row `r0 + i`'s product with activation `j` goes to `y[j * stride + i]`, for
+    /// `i < len`. Two blocks per 512-bit integer dot product. The two blocks' 32 bytes of nibbles are broadcast to
     /// both halves and shifted by 0 or 4, so the bytes come in the order
     /// `[b 0..16, b+1 0..16, b 16..32, b+1 16..32]`, which the activations were laid out in
     /// ([`Act::pairs`]); no shuffles in the loop.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
-    unsafe fn rows_vnni(&self, act: &Act, r0: usize, y: &mut [f32]) {
+    unsafe fn rows_vnni<const R: usize, const J: usize>(
+        &self,
+        acts: [&Act; J],
+        r0: usize,
+        len: usize,
+        y: &mut [f32],
+        stride: usize,
+    ) {
         use std::arch::x86_64::*;
         let (nb, qb) = (self.nb(), self.qbytes());
         let packed = self.kind.packed();
@@ -472,52 +505,56 @@ impl QMatrix {
         };
         let pairs = nb / 2;
         let mut i = 0;
-        while i < y.len() {
-            let n = (y.len() - i).min(4);
-            let rows: [usize; 4] = std::array::from_fn(|k| r0 + i + k.min(n - 1));
-            let mut acc = [_mm512_setzero_ps(); 4];
+        while i < len {
+            let n = (len - i).min(R);
+            let rows: [usize; R] = std::array::from_fn(|k| r0 + i + k.min(n - 1));
+            let mut acc = [[_mm512_setzero_ps(); J]; R];
             // The rows PREFETCH_ROWS on, towards L2: the loads here stall on memory otherwise
             // (the hardware prefetcher alone leaves ~10% of the decode step on the table).
             let ahead = r0 + i + PREFETCH_ROWS;
             let (qr, sr) = (nb * qb, nb * per);
             let span =
-                |row: usize, len: usize| ((ahead * row).min(len), ((ahead + 4) * row).min(len));
+                |row: usize, len: usize| ((ahead * row).min(len), ((ahead + R) * row).min(len));
             let (a0, a1) = span(qr, self.q.len());
             crate::cpu::prefetch(&self.q[a0..a1]);
             let (b0, b1) = span(sr, self.scales.len());
             crate::cpu::prefetch(&self.scales[b0..b1]);
             for p in 0..pairs {
                 let b = 2 * p;
-                let a = _mm512_loadu_si512(act.paired(packed).as_ptr().add(b * QK).cast());
-                let (sv, ov) = (
-                    _mm512_loadu_ps(act.ps.as_ptr().add(p * 16)),
-                    _mm512_loadu_ps(act.po.as_ptr().add(p * 16)),
-                );
-                for k in 0..4 {
+                for k in 0..R {
                     let blk = rows[k] * nb + b;
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights(blk), a);
+                    let w = weights(blk);
                     let sc = scales(blk);
                     let d = _mm512_permutexvar_ps(lane_d, sc);
-                    if q4_1 {
-                        // d s dot + m s sum(a)
-                        let m = _mm512_permutexvar_ps(lane_m, sc);
-                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sv);
-                        acc[k] = _mm512_fmadd_ps(m, ov, _mm512_fmadd_ps(d, t, acc[k]));
-                    } else {
-                        // d (s dot + c s sum(a)), c = m / d
-                        let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, ov);
-                        acc[k] = _mm512_fmadd_ps(d, t, acc[k]);
+                    let m = _mm512_permutexvar_ps(lane_m, sc);
+                    for j in 0..J {
+                        // Loaded per row, from L1: holding J of each spills registers.
+                        let act = acts[j];
+                        let a = _mm512_loadu_si512(act.paired(packed).as_ptr().add(b * QK).cast());
+                        let sv = _mm512_loadu_ps(act.ps.as_ptr().add(p * 16));
+                        let ov = _mm512_loadu_ps(act.po.as_ptr().add(p * 16));
+                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+                        if q4_1 {
+                            // d s dot + m s sum(a)
+                            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sv);
+                            acc[k][j] = _mm512_fmadd_ps(m, ov, _mm512_fmadd_ps(d, t, acc[k][j]));
+                        } else {
+                            // d (s dot + c s sum(a)), c = m / d
+                            let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, ov);
+                            acc[k][j] = _mm512_fmadd_ps(d, t, acc[k][j]);
+                        }
                     }
                 }
             }
             for k in 0..n {
-                let r = rows[k];
-                let mut v = _mm512_reduce_add_ps(acc[k]);
-                if nb % 2 == 1 {
-                    // The odd last block, in natural order.
-                    v += self.block_product(act, r, nb - 1);
+                for j in 0..J {
+                    let mut v = _mm512_reduce_add_ps(acc[k][j]);
+                    if nb % 2 == 1 {
+                        // The odd last block, in natural order.
+                        v += self.block_product(acts[j], rows[k], nb - 1);
+                    }
+                    y[j * stride + i + k] = v;
                 }
-                y[i + k] = v;
             }
             i += n;
         }

@@ -1,5 +1,6 @@
 //! `longctx bench ...`: measurements printed as a table or as JSON.
 
+mod batched;
 mod e2e;
 mod gpu;
 mod kernels;
@@ -19,6 +20,9 @@ pub enum BenchCommand {
     Kvstore(kvstore::Args),
     /// Ring attention over P simulated devices: per-step compute and transfer, efficiency, balance.
     Ring(ring::Args),
+    /// Many sequences at once through the scheduler: prefill, decode (S_TG) and whole-run
+    /// tokens/s at each concurrency, as llama-batched-bench reports them.
+    Batched(batched::Args),
     /// The default model end to end: prefill and decode tokens/s at 2K and 8K of context.
     E2e(e2e::Args),
     /// The CUDA kernels: self-test against the CPU kernel, and flash-attention timings.
@@ -33,6 +37,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Kvstore(args) => kvstore::run(args),
         BenchCommand::Ring(args) => ring::run(args),
         BenchCommand::E2e(args) => e2e::run(args),
+        BenchCommand::Batched(args) => batched::run(args),
         BenchCommand::Scaling(args) => scaling::run(args),
         BenchCommand::Gpu(args) => gpu::run(args),
     }

@@ -1,0 +1,162 @@
+//! `longctx bench batched`: many sequences at once through the scheduler (continuous
+//! batching), as `llama-batched-bench` measures llama.cpp: B sequences, each a prompt of
+//! PP tokens and TG new tokens. Reported per B: the generation rate while only decode rows
+//! run (`S_TG`: tokens / time of those steps, llama-batched-bench's figure), the prefill
+//! rate (`S_PP`), and the whole run's rate (all prompt and new tokens over the wall time).
+
+use super::kernels::machine;
+use super::timing::set_threads;
+use crate::commands::DecodeOpts;
+use anyhow::Result;
+use longctx_engine::generate::Sampling;
+use longctx_engine::sched::{Event, Request, SchedConfig, Scheduler};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Concurrent sequences, one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16, 64])]
+    concurrency: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    /// New tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    new: usize,
+    /// Rows per forward step.
+    #[arg(long, default_value_t = 512)]
+    step_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[command(flatten)]
+    decode: DecodeOpts,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    sequences: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    total_tok_s: f64,
+    wall_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    threads: usize,
+    path: String,
+    model: String,
+    prompt: usize,
+    new: usize,
+    rows: Vec<Row>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
+    anyhow::ensure!(
+        args.prompt >= 1 && args.new >= 1,
+        "--prompt and --new must be at least 1"
+    );
+    anyhow::ensure!(
+        args.concurrency.iter().all(|c| *c >= 1),
+        "--concurrency values must be at least 1"
+    );
+    set_threads(args.threads)?;
+    let path = crate::commands::resolve_model(&args.model)?;
+    let m = args.decode.open(&Some(path.clone()))?;
+    let vocab = m.model.cfg.vocab as u32;
+    let mut rows = vec![];
+    for (k, &b) in args.concurrency.iter().enumerate() {
+        let store = m.model.kv_store(&args.decode.kv())?;
+        let total = b * (args.prompt + args.new);
+        let mut s = Scheduler::new(
+            &m.model,
+            store,
+            SchedConfig {
+                max_running: b,
+                max_waiting: b,
+                step_tokens: args.step_tokens,
+                max_context: args.prompt + args.new,
+                kv_tokens: total,
+                prefix_entries: 0,
+            },
+        );
+        // Distinct prompts (no shared prefix), a fixed seed per run.
+        let mut state = 0x9E37_79B9u64 ^ (k as u64);
+        for _ in 0..b {
+            let prompt = (0..args.prompt)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 33) % vocab as u64) as u32
+                })
+                .collect();
+            s.submit(Request {
+                prompt,
+                max_tokens: args.new,
+                sampling: Sampling::default(),
+                // No stop token: every sequence runs its TG tokens, as llama-batched-bench.
+                stop: vec![],
+            })?;
+        }
+        let (mut pp_s, mut tg_s, mut tg_tokens) = (0.0, 0.0, 0u64);
+        let t0 = Instant::now();
+        while !s.idle() {
+            let before = s.stats().prefill_tokens;
+            let t = Instant::now();
+            let ev = s.step();
+            let dt = t.elapsed().as_secs_f64();
+            if let Some(Event::Failed { error, .. }) =
+                ev.iter().find(|e| matches!(e, Event::Failed { .. }))
+            {
+                anyhow::bail!("a sequence failed: {error}");
+            }
+            if s.stats().prefill_tokens > before {
+                pp_s += dt;
+            } else {
+                tg_s += dt;
+                tg_tokens += ev
+                    .iter()
+                    .filter(|e| matches!(e, Event::Token { .. }))
+                    .count() as u64;
+            }
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let row = Row {
+            sequences: b,
+            prefill_tok_s: (b * args.prompt) as f64 / pp_s.max(1e-9),
+            decode_tok_s: tg_tokens as f64 / tg_s.max(1e-9),
+            total_tok_s: total as f64 / wall,
+            wall_s: wall,
+        };
+        if !args.json {
+            println!(
+                "B {:>3}: prefill {:>8.1} tok/s, decode {:>8.1} tok/s (S_TG), all {:>8.1} tok/s, {:.1} s",
+                row.sequences, row.prefill_tok_s, row.decode_tok_s, row.total_tok_s, row.wall_s
+            );
+        }
+        rows.push(row);
+    }
+    if args.json {
+        let r = Report {
+            machine: machine(),
+            threads: args.threads,
+            path: args.decode.describe(),
+            model: path.display().to_string(),
+            prompt: args.prompt,
+            new: args.new,
+            rows,
+        };
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    Ok(())
+}
