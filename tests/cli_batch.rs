@@ -78,6 +78,70 @@ fn a_killed_batch_resumes_without_losing_or_duplicating_lines() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `batch --concurrency 8` killed with SIGKILL at 10 random moments, each kill followed by a
+/// rerun (itself the next one killed), then a last run to the end: every id exactly once,
+/// every line whole JSON, whatever the moments were.
+#[test]
+fn concurrent_jobs_survive_ten_kills_at_random_moments() {
+    use rand::Rng;
+    let dir = std::env::temp_dir().join(format!("longctx-batch-kills-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output) = (dir.join("jobs.jsonl"), dir.join("results.jsonl"));
+    let _ = std::fs::remove_file(&output);
+    let n = 40;
+    let jobs: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"id": "k{i}", "prompt": "Write about the number {i}.", "max_tokens": {}}}"#,
+                16 + i % 3 * 16
+            )
+        })
+        .collect();
+    std::fs::write(&input, jobs.join("\n") + "\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_longctx");
+    let cmd = || {
+        let mut c = Command::new(bin);
+        c.args(["batch", "--concurrency", "8", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    assert!(Command::new(bin)
+        .args(["fetch-model", "smollm2"])
+        .status()
+        .unwrap()
+        .success());
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    while kills < 10 {
+        let mut child = cmd().spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(rng.random_range(150..1200)));
+        if child.try_wait().unwrap().is_some() {
+            // Finished before this moment: no kill to count; the jobs are all done.
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let out = cmd().output().unwrap();
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&output).unwrap();
+    let mut ids = HashSet::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("every line is whole JSON");
+        let id = v["id"].as_str().unwrap().to_string();
+        assert!(v["output"].is_string(), "{line}");
+        assert!(ids.insert(id.clone()), "{id} appears twice");
+    }
+    assert_eq!(ids.len(), n, "{text}");
+    // The kills landed while there was work: at least a few of them mid-run.
+    assert!(kills >= 3, "the batch finished after {kills} kills");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_input_is_one_clear_line_and_a_failure() {
     let bin = env!("CARGO_BIN_EXE_longctx");
@@ -192,20 +256,22 @@ fn ids_duplicates_and_bad_lines_each_get_their_own_record() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(recs.len(), 4, "{text}");
-    assert_eq!(recs[0]["id"], serde_json::json!(7));
-    assert!(recs[0]["output"].is_string(), "{text}");
-    assert_eq!(recs[1]["id"], serde_json::json!("7"));
-    assert!(recs[1]["output"].is_string(), "{text}");
-    assert_eq!(recs[2]["id"], serde_json::json!("line:3"));
+    // Jobs run concurrently: records come in any order, each found by its id.
+    let rec = |id: serde_json::Value| {
+        recs.iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("no record {id} in {text}"))
+    };
+    assert!(rec(serde_json::json!(7))["output"].is_string(), "{text}");
+    assert!(rec(serde_json::json!("7"))["output"].is_string(), "{text}");
     assert!(
-        recs[2]["error"]
+        rec(serde_json::json!("line:3"))["error"]
             .as_str()
             .unwrap()
             .contains("line 3: not UTF-8"),
         "{text}"
     );
-    assert_eq!(recs[3]["id"], serde_json::json!("line:4"));
-    let e = recs[3]["error"].as_str().unwrap();
+    let e = rec(serde_json::json!("line:4"))["error"].as_str().unwrap();
     assert!(
         e.contains("line 4") && e.contains("repeats line 1"),
         "{text}"

@@ -3,8 +3,9 @@
 use crate::commands::progress_bar;
 use anyhow::{Context, Result};
 use longctx_engine::apps::batch::{error_record, id_value, line_id, parse_job, Job, Results, Task};
-use longctx_engine::generate::{complete, Sampler, Sampling};
-use longctx_engine::{EngineError, Loaded, Runner};
+use longctx_engine::generate::Sampling;
+use longctx_engine::sched::{Event, Request, RequestId, SchedConfig, Scheduler};
+use longctx_engine::{EngineError, Loaded};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,18 +28,21 @@ pub struct Args {
     /// Answer length when a job does not say.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
+    /// Jobs answered at once, batched in each forward step (continuous batching). Jobs on
+    /// the same document reuse its KV (the prefix cache).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
     #[command(flatten)]
     decode: super::DecodeOpts,
 }
 
-fn run_job(
+/// A job made ready for the scheduler: its prompt tokens and request.
+fn prepare(
     m: &Loaded,
-    kv: &longctx_engine::KvOptions,
     job: &Job,
     limit: usize,
     default_max: usize,
-) -> Result<serde_json::Value, EngineError> {
-    let t0 = Instant::now();
+) -> Result<Request, EngineError> {
     let text = match &job.task {
         Task::Prompt(p) => m
             .tokenizer
@@ -65,27 +69,25 @@ fn run_job(
             limit,
         });
     }
-    let store = m.model.kv_store(kv)?;
-    let mut sampler = Sampler::new(Sampling {
-        temperature: job.temperature.unwrap_or(0.0),
-        ..Sampling::default()
-    });
-    let out = complete(
-        &Runner::new(&m.model),
-        &store,
-        &ids,
+    if ids.is_empty() {
+        return Err(EngineError::Batch("the prompt is empty".into()));
+    }
+    Ok(Request {
+        prompt: ids,
         max_tokens,
-        &mut sampler,
-        &m.stop_tokens(),
-        |_| Ok(()),
-    )?;
-    Ok(json!({
-        "id": id_value(&job.id),
-        "output": m.tokenizer.decode(&out.tokens)?,
-        "prompt_tokens": ids.len(),
-        "tokens": out.tokens.len(),
-        "seconds": t0.elapsed().as_secs_f64(),
-    }))
+        sampling: Sampling {
+            temperature: job.temperature.unwrap_or(0.0),
+            ..Sampling::default()
+        },
+        stop: m.stop_tokens(),
+    })
+}
+
+/// A job in the scheduler.
+struct InFlight {
+    id: String,
+    tokens: Vec<u32>,
+    start: Instant,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -123,61 +125,132 @@ pub fn run(args: Args) -> Result<()> {
     let m = args.decode.open(&args.model)?;
     let kv = args.decode.kv();
     let limit = args.max_context.unwrap_or(m.model.cfg.max_position);
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     let bar = progress_bar(jobs.len() as u64, "jobs");
     let (mut ok, mut failed, mut skipped) = (0, 0, 0);
-    for (line_no, line) in jobs {
-        bar.inc(1);
-        let parsed = match line {
-            Ok(l) => parse_job(l, line_no, &base),
-            Err(e) => Err(longctx_engine::apps::batch::BadJob {
-                id: line_id(line_no),
-                error: e.clone(),
-            }),
-        };
-        // A repeated id: this line gets an error record of its own ("line:N"), the first
-        // keeps the id.
-        let parsed = match parsed {
-            Ok(job) => match first_line.get(&job.id) {
-                Some(&first) => Err(longctx_engine::apps::batch::BadJob {
-                    id: line_id(line_no),
-                    error: format!("id {} repeats line {first}; not run", job.id),
-                }),
-                None => {
-                    first_line.insert(job.id.clone(), line_no);
-                    Ok(job)
-                }
-            },
-            Err(bad) => Err(bad),
-        };
-        let record = match parsed {
-            Err(bad) => {
-                if results.done.contains(&bad.id) {
-                    skipped += 1;
-                    continue;
-                }
-                failed += 1;
-                error_record(&bad.id, &format!("line {line_no}: {}", bad.error))
-            }
-            Ok(job) => {
-                if results.done.contains(&job.id) {
-                    skipped += 1;
-                    continue;
-                }
-                match run_job(&m, &kv, &job, limit, args.max_tokens) {
-                    Ok(r) => {
-                        ok += 1;
-                        r
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        error_record(&job.id, &e.to_string())
-                    }
-                }
-            }
-        };
+    let store = m.model.kv_store(&kv)?;
+    let mut sched = Scheduler::new(
+        &m.model,
+        store,
+        SchedConfig {
+            max_running: args.concurrency,
+            max_waiting: 2 * args.concurrency,
+            max_context: limit,
+            kv_tokens: limit.saturating_mul(args.concurrency),
+            ..SchedConfig::default()
+        },
+    );
+    let mut flight: HashMap<RequestId, InFlight> = HashMap::new();
+    let mut pending = jobs.into_iter();
+    let write = |results: &mut Results, record: &serde_json::Value| -> Result<()> {
         results
-            .write(&record)
-            .with_context(|| format!("writing {}", results.path().display()))?;
+            .write(record)
+            .with_context(|| format!("writing {}", results.path().display()))
+    };
+    loop {
+        // Keep the scheduler's queue full: parse and submit jobs until it is.
+        while flight.len() < 2 * args.concurrency {
+            let Some((line_no, line)) = pending.next() else {
+                break;
+            };
+            let parsed = match line {
+                Ok(l) => parse_job(l, line_no, &base),
+                Err(e) => Err(longctx_engine::apps::batch::BadJob {
+                    id: line_id(line_no),
+                    error: e.clone(),
+                }),
+            };
+            // A repeated id: this line gets an error record of its own ("line:N"), the
+            // first keeps the id.
+            let parsed = match parsed {
+                Ok(job) => match first_line.get(&job.id) {
+                    Some(&first) => Err(longctx_engine::apps::batch::BadJob {
+                        id: line_id(line_no),
+                        error: format!("id {} repeats line {first}; not run", job.id),
+                    }),
+                    None => {
+                        first_line.insert(job.id.clone(), line_no);
+                        Ok(job)
+                    }
+                },
+                Err(bad) => Err(bad),
+            };
+            let (id, req) = match parsed {
+                Err(bad) => (bad.id, Err(format!("line {line_no}: {}", bad.error))),
+                Ok(job) => {
+                    let req = prepare(&m, &job, limit, args.max_tokens).map_err(|e| e.to_string());
+                    (job.id, req)
+                }
+            };
+            if results.done.contains(&id) {
+                skipped += 1;
+                bar.inc(1);
+                continue;
+            }
+            let submitted = req.and_then(|r| sched.submit(r).map_err(|e| e.to_string()));
+            match submitted {
+                Ok(rid) => {
+                    flight.insert(
+                        rid,
+                        InFlight {
+                            id,
+                            tokens: vec![],
+                            start: Instant::now(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    failed += 1;
+                    bar.inc(1);
+                    write(&mut results, &error_record(&id, &e))?;
+                }
+            }
+        }
+        if sched.idle() {
+            break;
+        }
+        for ev in sched.step() {
+            match ev {
+                Event::Admitted { .. } => {}
+                Event::Token { id, token } => {
+                    if let Some(f) = flight.get_mut(&id) {
+                        f.tokens.push(token);
+                    }
+                }
+                Event::Done { id, usage, .. } => {
+                    let Some(f) = flight.remove(&id) else {
+                        continue;
+                    };
+                    bar.inc(1);
+                    let record = match m.tokenizer.decode(&f.tokens) {
+                        Ok(text) => {
+                            ok += 1;
+                            json!({
+                                "id": id_value(&f.id),
+                                "output": text,
+                                "prompt_tokens": usage.prompt_tokens,
+                                "cached_tokens": usage.cached_tokens,
+                                "tokens": f.tokens.len(),
+                                "seconds": f.start.elapsed().as_secs_f64(),
+                            })
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            error_record(&f.id, &e.to_string())
+                        }
+                    };
+                    write(&mut results, &record)?;
+                }
+                Event::Failed { id, error } => {
+                    let Some(f) = flight.remove(&id) else {
+                        continue;
+                    };
+                    failed += 1;
+                    bar.inc(1);
+                    write(&mut results, &error_record(&f.id, &error))?;
+                }
+            }
+        }
     }
     bar.finish_and_clear();
     eprintln!(

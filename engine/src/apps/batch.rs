@@ -1,8 +1,9 @@
 //! Batch jobs over JSONL: parsing the jobs, and an output file that survives a kill at any
-//! moment. Each result is one line written with one `write` and synced before the next job
-//! starts; on start, a torn last line (a kill mid-write) is cut off (a complete record that
-//! only lacks its newline is kept) and the ids already present are skipped, so a rerun loses
-//! at most the job in flight and never duplicates or corrupts a line. The output is locked
+//! moment. Each result is one line written with one `write` and synced as its job ends (jobs
+//! run concurrently: lines come in the order jobs finish); on start, a torn last line (a
+//! kill mid-write) is cut off (a complete record that only lacks its newline is kept) and the
+//! ids already present are skipped, so a rerun loses at most the jobs in flight and never
+//! duplicates or corrupts a line. The output is locked
 //! for the run: a second process on the same file is refused.
 //!
 //! Ids are keyed by their JSON text, so the number `7` and the string `"7"` are two jobs.
