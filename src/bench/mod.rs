@@ -7,6 +7,7 @@ mod kernels;
 mod kvstore;
 mod ring;
 mod scaling;
+mod serving;
 mod timing;
 
 use anyhow::Result;
@@ -23,6 +24,8 @@ pub enum BenchCommand {
     /// Many sequences at once through the scheduler: prefill, decode (S_TG) and whole-run
     /// tokens/s at each concurrency, as llama-batched-bench reports them.
     Batched(batched::Args),
+    /// A server's users' view: prefix-cache reuse on a document, and latency under load.
+    Serving(serving::Args),
     /// The default model end to end: prefill and decode tokens/s at 2K and 8K of context.
     E2e(e2e::Args),
     /// The CUDA kernels: self-test against the CPU kernel, and flash-attention timings.
@@ -38,6 +41,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Ring(args) => ring::run(args),
         BenchCommand::E2e(args) => e2e::run(args),
         BenchCommand::Batched(args) => batched::run(args),
+        BenchCommand::Serving(args) => serving::run(args),
         BenchCommand::Scaling(args) => scaling::run(args),
         BenchCommand::Gpu(args) => gpu::run(args),
     }

@@ -1,0 +1,196 @@
+//! `longctx bench serving`: what a server's users feel, through the scheduler.
+//! - Prefix reuse: two questions on one document; the second's time to first token and the
+//!   prompt tokens it took from the prefix cache.
+//! - Latency under load: S streams decoding, then a long prompt arrives; its time to first
+//!   token against the same prompt on an idle model, and the streams' inter-token latency
+//!   before and while it is read.
+
+use super::timing::set_threads;
+use crate::commands::DecodeOpts;
+use anyhow::Result;
+use longctx_engine::generate::Sampling;
+use longctx_engine::sched::{Event, Request, RequestId, SchedConfig, Scheduler};
+use longctx_engine::Model;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Document tokens for the prefix-reuse case.
+    #[arg(long, default_value_t = 8000)]
+    document: usize,
+    /// Streams decoding in the latency case.
+    #[arg(long, default_value_t = 16)]
+    streams: usize,
+    /// The prompt that arrives while they decode.
+    #[arg(long, default_value_t = 4096)]
+    long_prompt: usize,
+    /// Rows per forward step.
+    #[arg(long, default_value_t = 512)]
+    step_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[command(flatten)]
+    decode: DecodeOpts,
+}
+
+fn tokens(n: usize, seed: u64, vocab: u32) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    Request {
+        prompt,
+        max_tokens,
+        sampling: Sampling::default(),
+        stop: vec![],
+    }
+}
+
+/// Steps until `id` has its first token: the seconds it took.
+fn first_token(s: &mut Scheduler, id: RequestId) -> Result<f64> {
+    let t = Instant::now();
+    loop {
+        for e in s.step() {
+            match e {
+                Event::Token { id: i, .. } if i == id => return Ok(t.elapsed().as_secs_f64()),
+                Event::Failed { error, .. } => anyhow::bail!("{error}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn drain(s: &mut Scheduler) {
+    while !s.idle() {
+        s.step();
+    }
+}
+
+fn scheduler<'m>(m: &'m Model, a: &Args, context: usize, prefix: usize) -> Result<Scheduler<'m>> {
+    Ok(Scheduler::new(
+        m,
+        m.kv_store(&a.decode.kv())?,
+        SchedConfig {
+            max_running: a.streams + 2,
+            max_waiting: a.streams + 2,
+            step_tokens: a.step_tokens,
+            max_context: context,
+            kv_tokens: context * (a.streams + 2),
+            prefix_entries: prefix,
+        },
+    ))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    set_threads(a.threads)?;
+    let m = a.decode.open(&a.model)?;
+    let vocab = m.model.cfg.vocab as u32;
+    let ctx = m.model.cfg.max_position;
+    anyhow::ensure!(
+        a.document + 40 <= ctx,
+        "--document must leave room in the context"
+    );
+    anyhow::ensure!(
+        a.long_prompt + 600 <= ctx,
+        "--long-prompt must fit the context"
+    );
+    println!(
+        "{} threads, {}, step {} rows",
+        a.threads,
+        a.decode.describe(),
+        a.step_tokens
+    );
+
+    // Prefix reuse: a document, then two questions on it.
+    let mut s = scheduler(&m.model, &a, ctx, 16)?;
+    let doc = tokens(a.document, 1, vocab);
+    let q = |i: u64| [doc.clone(), tokens(20, 100 + i, vocab)].concat();
+    let first = s.submit(request(q(1), 8))?;
+    let t1 = first_token(&mut s, first)?;
+    drain(&mut s);
+    let second = s.submit(request(q(2), 8))?;
+    let t2 = first_token(&mut s, second)?;
+    drain(&mut s);
+    let st = s.stats();
+    println!(
+        "prefix reuse, {}-token document: first question {:.3} s to its first token, second \
+         {:.3} s ({:.1}% of the first), {} of its {} prompt tokens from the cache",
+        a.document,
+        t1,
+        t2,
+        100.0 * t2 / t1,
+        st.cached_tokens,
+        a.document + 20
+    );
+
+    // Latency under load.
+    let long = tokens(a.long_prompt, 7, vocab);
+    let mut s = scheduler(&m.model, &a, ctx, 0)?;
+    let alone = s.submit(request(long.clone(), 1))?;
+    let idle_ttft = first_token(&mut s, alone)?;
+    drain(&mut s);
+    let mut s = scheduler(&m.model, &a, ctx, 0)?;
+    for i in 0..a.streams {
+        s.submit(request(
+            tokens(512, 1000 + i as u64, vocab),
+            100_000.min(ctx - 600),
+        ))?;
+    }
+    // Until every stream decodes, then the steady inter-token latency.
+    let mut started = std::collections::HashSet::new();
+    while started.len() < a.streams {
+        for e in s.step() {
+            if let Event::Token { id, .. } = e {
+                started.insert(id);
+            }
+        }
+    }
+    let t = Instant::now();
+    let n = 10;
+    for _ in 0..n {
+        s.step();
+    }
+    let itl = t.elapsed().as_secs_f64() / n as f64;
+    let id = s.submit(request(long, 1))?;
+    let t = Instant::now();
+    let (mut steps, mut worst) = (0, 0f64);
+    let loaded_ttft = loop {
+        let ts = Instant::now();
+        let ev = s.step();
+        worst = worst.max(ts.elapsed().as_secs_f64());
+        steps += 1;
+        if ev
+            .iter()
+            .any(|e| matches!(e, Event::Token { id: i, .. } if *i == id))
+        {
+            break t.elapsed().as_secs_f64();
+        }
+    };
+    let during = (t.elapsed().as_secs_f64()) / steps as f64;
+    println!(
+        "latency under load, {} streams decoding, a {}-token prompt arrives: its first token \
+         after {:.2} s ({:.2}x its {:.2} s on an idle model); the streams' inter-token latency \
+         {:.1} ms before, {:.1} ms mean ({:.2}x) and {:.1} ms worst while it is read",
+        a.streams,
+        a.long_prompt,
+        loaded_ttft,
+        loaded_ttft / idle_ttft,
+        idle_ttft,
+        itl * 1e3,
+        during * 1e3,
+        during / itl,
+        worst * 1e3
+    );
+    Ok(())
+}
