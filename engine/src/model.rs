@@ -254,7 +254,8 @@ impl Model {
 
     /// Decode (one-token) products read block-quantised weights with int8 activations
     /// (llama.cpp's CPU scheme): a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks (0.6 bytes a
-    /// weight for SmolLM2's Q4_1), other weights quantised to 8 bits. Prefill stays f32.
+    /// weight for SmolLM2's Q4_1), other weights quantised to 8 bits. Products of more than
+    /// [`QUANT_ROWS`] rows (long prompt chunks) stay f32.
     pub fn enable_quant_decode(&mut self) -> Result<()> {
         let mlp = |m: &mut Mlp| -> Result<()> {
             m.gate.enable_quant_decode()?;
