@@ -573,7 +573,13 @@ impl QMatrix {
 fn q8_blocks(w: &[f32], bytes: &mut Vec<u8>) {
     for blk in w.chunks_exact(QK) {
         let amax = blk.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let d = f16::from_f32(amax / 127.0);
+        // A NaN or infinite weight makes its block's scale NaN, so every product reading it
+        // is NaN (and the forward pass stops there) instead of the weight rounding to 0.
+        let d = if blk.iter().all(|x| x.is_finite()) {
+            f16::from_f32(amax / 127.0)
+        } else {
+            f16::NAN
+        };
         let inv = if d.to_f32() > 0.0 {
             1.0 / d.to_f32()
         } else {
@@ -631,7 +637,13 @@ impl Act {
         let (mut s, mut ssum) = (vec![0f32; nb], vec![0f32; nb]);
         for (b, (xb, ab)) in x.chunks_exact(QK).zip(a.chunks_exact_mut(QK)).enumerate() {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
+            // A NaN or infinity would round to 0 (max ignores NaN): a NaN scale carries it
+            // into every product instead, where the forward pass's check sees it.
+            let scale = if xb.iter().all(|v| v.is_finite()) {
+                amax / 127.0
+            } else {
+                f32::NAN
+            };
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             // Round to nearest (ties to even) by the 1.5 * 2^23 shift: `round()` is a libm
             // call per element on baseline x86-64, a tenth of a batched product's time.
@@ -819,6 +831,20 @@ mod tests {
             }
         }
         let w = QMatrix::quantize_q8(&[0.5; 64], 2, 32).unwrap();
+        // A non-finite activation or weight is NaN in every product it enters, not 0.
+        let mut x = vec![1.0f32; 96];
+        x[40] = f32::NAN;
+        x[70] = f32::INFINITY;
+        let mut y = vec![0f32; 6];
+        w.gemm(&x, 3, &mut y).unwrap();
+        assert!(y[0].is_finite() && y[1].is_finite());
+        assert!(y[2..].iter().all(|v| v.is_nan()), "{y:?}");
+        let mut wv = vec![0.5f32; 64];
+        wv[33] = f32::NAN;
+        let w2 = QMatrix::quantize_q8(&wv, 2, 32).unwrap();
+        let mut y = vec![0f32; 2];
+        w2.gemv(&[1.0; 32], &mut y).unwrap();
+        assert!(y[0].is_finite() && y[1].is_nan(), "{y:?}");
         assert!(w.gemm(&[1.0; 64], 3, &mut [0.0; 6]).is_err());
         assert!(w.gemm(&[1.0; 96], 3, &mut [0.0; 5]).is_err());
     }
