@@ -71,21 +71,15 @@ impl<'a> Batch<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::random::{random_tensors, tiny_llama4_config};
+    use crate::random::{random_tensors, tiny_llama4_config, tiny_llama_config};
+
+    fn tiny_llama() -> ModelConfig {
+        tiny_llama_config(2, 8, 2, false)
+    }
     use crate::weights::Weights;
     use crate::{KvOptions, Model, ModelConfig};
     use longctx_kvstore::KvStore;
     use rand::Rng;
-
-    fn tiny_llama() -> ModelConfig {
-        ModelConfig::from_hf_json(
-            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64,
-                "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
-                "intermediate_size": 96, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                "max_position_embeddings": 4096, "tie_word_embeddings": false}"#,
-        )
-        .unwrap()
-    }
 
     fn rel_err(a: &[f32], b: &[f32]) -> f64 {
         assert_eq!(a.len(), b.len());
@@ -105,11 +99,9 @@ mod tests {
     #[test]
     fn a_batched_step_gives_each_sequence_its_own_logits() {
         let mut rng = rand::rng();
-        for (cfg, quant) in [
-            (tiny_llama(), false),
-            (tiny_llama(), true),
-            (tiny_llama4_config(), false),
-        ] {
+        let mut l4 = tiny_llama4_config();
+        l4.llama4.as_mut().expect("Llama 4").chunk = 16;
+        for (cfg, quant) in [(tiny_llama(), false), (tiny_llama(), true), (l4, false)] {
             let vocab = cfg.vocab as u32;
             let mut model =
                 Model::new(cfg.clone(), Weights::from_map(random_tensors(&cfg, 3))).unwrap();
@@ -119,8 +111,8 @@ mod tests {
             let toks = |n: usize, rng: &mut rand::rngs::ThreadRng| -> Vec<u32> {
                 (0..n).map(|_| rng.random_range(0..vocab)).collect()
             };
-            // Prompts of 37 and 5 tokens (the tiny Llama 4 has 8-token chunks: 37 crosses
-            // several); the third forks the first after its prompt.
+            // Prompts of 37 and 5 tokens (Llama 4 with 16-token chunks here: 37 crosses two);
+            // the third forks the first after its prompt.
             let (pa, pb) = (toks(37, &mut rng), toks(5, &mut rng));
             let next = (toks(1, &mut rng), toks(3, &mut rng), toks(1, &mut rng));
             let run = |batched: bool| -> Vec<Vec<f32>> {
@@ -182,6 +174,11 @@ mod tests {
         assert!(e.to_string().contains("appears twice"), "{e}");
         // Nothing was appended.
         assert_eq!(store.len(s, 0).unwrap(), 0);
+        // A step that does not continue its sequence.
+        let mut step = Batch::new();
+        step.push(s, &[1], 3, Logits::Last);
+        let e = model.forward_batch(&step, &store, None, 0).unwrap_err();
+        assert!(e.to_string().contains("holds 0 tokens"), "{e}");
         // An empty step and an entry without tokens are fine.
         assert!(model
             .forward_batch(&Batch::new(), &store, None, 0)

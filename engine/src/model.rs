@@ -330,7 +330,7 @@ impl Model {
     /// One step over many sequences: every entry's tokens go through the products together,
     /// each entry's attention reads its own sequence. Returns each entry's logits as
     /// [`Model::forward`] would (`[1 or n, vocab]`, empty for an entry without tokens).
-    /// Entries must name different sequences.
+    /// Entries must name different sequences, each holding exactly its `pos0` tokens.
     pub fn forward_batch(
         &self,
         batch: &Batch,
@@ -343,6 +343,15 @@ impl Model {
                 return Err(EngineError::Batch(format!(
                     "sequence {:?} appears twice in one step",
                     e.seq
+                )));
+            }
+            // Positions come from pos0: a step that does not continue its sequence would
+            // rotate and mask its tokens as if they were elsewhere.
+            let held = store.len(e.seq, 0)?;
+            if held != e.pos0 {
+                return Err(EngineError::Batch(format!(
+                    "sequence {:?} holds {held} tokens but the step starts at position {}",
+                    e.seq, e.pos0
                 )));
             }
         }
@@ -742,16 +751,10 @@ fn moe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::random::{random_tensors, tiny_llama4_config};
+    use crate::random::{random_tensors, tiny_llama4_config, tiny_llama_config};
 
     fn tiny_llama() -> ModelConfig {
-        ModelConfig::from_hf_json(
-            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64,
-                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "intermediate_size": 96, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                "max_position_embeddings": 4096, "tie_word_embeddings": false}"#,
-        )
-        .unwrap()
+        tiny_llama_config(3, 4, 2, false)
     }
 
     /// Runs 5 prompt tokens then one decode step through a model whose tensor `name` has

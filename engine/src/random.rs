@@ -8,6 +8,21 @@ use crate::weights::{Tensor, Weights};
 use crate::{Arch, Result};
 use std::collections::BTreeMap;
 
+/// Dense Llama at hidden 64 (vocabulary 300, head dim 64 / heads), for tests of the pass.
+pub fn tiny_llama_config(layers: usize, heads: usize, kv_heads: usize, tie: bool) -> ModelConfig {
+    ModelConfig::from_hf_json(
+        &serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64,
+            "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "intermediate_size": 96, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 4096,
+            "tie_word_embeddings": tie,
+        })
+        .to_string(),
+    )
+    .expect("a valid config")
+}
+
 /// Llama 4 text at hidden 128: 4 layers of which the last is a global NoPE layer, 2 query
 /// heads of 64, 1 KV head, 4 experts (top-1) in every layer, chunked attention of 8192.
 pub fn tiny_llama4_config() -> ModelConfig {

@@ -1,17 +1,11 @@
 use super::*;
-use crate::random::{random_tensors, tiny_llama4_config};
+use crate::random::{random_tensors, tiny_llama4_config, tiny_llama_config};
 use crate::weights::Weights;
 use crate::{KvOptions, ModelConfig};
 use rand::Rng;
 
 fn tiny_llama() -> ModelConfig {
-    ModelConfig::from_hf_json(
-        r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
-            "intermediate_size": 96, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "max_position_embeddings": 4096, "tie_word_embeddings": true}"#,
-    )
-    .unwrap()
+    tiny_llama_config(2, 4, 1, true)
 }
 
 fn model(cfg: &ModelConfig) -> Model {
