@@ -365,13 +365,19 @@ impl Detok {
             self.read = self.tokens.len();
         }
         let hold = self.stops.iter().map(String::len).max().unwrap_or(1) - 1;
-        let from = self.sent.saturating_sub(hold);
+        // From a character boundary: the held-back bytes may end inside a character.
+        let mut from = self.sent.saturating_sub(hold);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
         if let Some(at) = self
             .stops
             .iter()
             .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
             .min()
         {
+            // Never before what was sent (the hold-back keeps a stop string unsent).
+            let at = at.max(self.sent);
             self.text.truncate(at);
             self.stopped = true;
             return Ok(self.take(at));
