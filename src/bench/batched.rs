@@ -5,7 +5,7 @@
 //! rate (`S_PP`), and the whole run's rate (all prompt and new tokens over the wall time).
 
 use super::kernels::machine;
-use super::timing::set_threads;
+use super::timing::{random_tokens, set_threads};
 use crate::commands::DecodeOpts;
 use anyhow::Result;
 use longctx_engine::generate::Sampling;
@@ -90,16 +90,8 @@ pub fn run(args: Args) -> Result<()> {
             },
         );
         // Distinct prompts (no shared prefix), a fixed seed per run.
-        let mut state = 0x9E37_79B9u64 ^ (k as u64);
-        for _ in 0..b {
-            let prompt = (0..args.prompt)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((state >> 33) % vocab as u64) as u32
-                })
-                .collect();
+        for i in 0..b {
+            let prompt = random_tokens(args.prompt, (k * 1000 + i) as u64, vocab);
             s.submit(Request {
                 prompt,
                 max_tokens: args.new,

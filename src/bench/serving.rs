@@ -5,7 +5,7 @@
 //!   token against the same prompt on an idle model, and the streams' inter-token latency
 //!   before and while it is read.
 
-use super::timing::set_threads;
+use super::timing::{random_tokens, set_threads};
 use crate::commands::DecodeOpts;
 use anyhow::Result;
 use longctx_engine::generate::Sampling;
@@ -34,18 +34,6 @@ pub struct Args {
     threads: usize,
     #[command(flatten)]
     decode: DecodeOpts,
-}
-
-fn tokens(n: usize, seed: u64, vocab: u32) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
@@ -114,8 +102,8 @@ pub fn run(a: Args) -> Result<()> {
 
     // Prefix reuse: a document, then two questions on it.
     let mut s = scheduler(&m.model, &a, ctx, 16)?;
-    let doc = tokens(a.document, 1, vocab);
-    let q = |i: u64| [doc.clone(), tokens(20, 100 + i, vocab)].concat();
+    let doc = random_tokens(a.document, 1, vocab);
+    let q = |i: u64| [doc.clone(), random_tokens(20, 100 + i, vocab)].concat();
     let first = s.submit(request(q(1), 8))?;
     let t1 = first_token(&mut s, first)?;
     drain(&mut s);
@@ -135,7 +123,7 @@ pub fn run(a: Args) -> Result<()> {
     );
 
     // Latency under load.
-    let long = tokens(a.long_prompt, 7, vocab);
+    let long = random_tokens(a.long_prompt, 7, vocab);
     let mut s = scheduler(&m.model, &a, ctx, 0)?;
     let alone = s.submit(request(long.clone(), 1))?;
     let idle_ttft = first_token(&mut s, alone)?;
@@ -143,7 +131,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut s = scheduler(&m.model, &a, ctx, 0)?;
     for i in 0..a.streams {
         s.submit(request(
-            tokens(512, 1000 + i as u64, vocab),
+            random_tokens(512, 1000 + i as u64, vocab),
             100_000.min(ctx - 600),
         ))?;
     }

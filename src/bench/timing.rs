@@ -65,3 +65,17 @@ pub fn fill_random<T: longctx_kernels::Element>(n: usize, seed: u64) -> Vec<T> {
         })
         .collect()
 }
+
+/// `n` token ids below `vocab`, the same for the same seed (xorshift64): distinct prompts
+/// for the batching benchmarks.
+pub fn random_tokens(n: usize, seed: u64, vocab: u32) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}

@@ -20,6 +20,10 @@ fn store(m: &Model) -> KvStore {
     .unwrap()
 }
 
+fn sched(m: &Model, cfg: SchedConfig) -> Scheduler<'_> {
+    Scheduler::new(m, store(m), cfg)
+}
+
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
     Request {
         prompt,
@@ -33,23 +37,26 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
 fn alone(m: &Model, req: &Request) -> Vec<u32> {
     let s = store(m);
     let seq = s.create_seq();
-    let mut logits = m
+    let logits = m
         .forward(&req.prompt, 0, &s, seq, Logits::Last, None, 0)
         .unwrap();
     let mut sampler = Sampler::new(req.sampling.clone());
-    let mut out = vec![];
-    for i in 0..req.max_tokens {
-        let t = sampler.sample(&logits);
-        if req.stop.contains(&t) {
-            break;
-        }
-        out.push(t);
-        let pos = req.prompt.len() + i;
-        logits = m
-            .forward(&[t], pos, &s, seq, Logits::Last, None, 0)
-            .unwrap();
-    }
-    out
+    let n = req.prompt.len();
+    crate::generate::generate(
+        m,
+        &s,
+        seq,
+        n,
+        &logits,
+        req.max_tokens,
+        &mut sampler,
+        &req.stop,
+        None,
+        0,
+        |_| Ok(()),
+    )
+    .unwrap()
+    .tokens
 }
 
 /// Each request's tokens and how it ended.
@@ -84,9 +91,8 @@ fn batched_requests_answer_as_each_alone() {
     let mut rng = rand::rng();
     for cfg in [tiny_llama(), tiny_llama4_config()] {
         let m = model(&cfg);
-        let mut s = Scheduler::new(
+        let mut s = sched(
             &m,
-            store(&m),
             SchedConfig {
                 max_running: 3,
                 step_tokens: 7,
@@ -131,9 +137,8 @@ fn batched_requests_answer_as_each_alone() {
 fn a_long_prompt_does_not_stall_decoding() {
     let cfg = tiny_llama();
     let m = model(&cfg);
-    let mut s = Scheduler::new(
+    let mut s = sched(
         &m,
-        store(&m),
         SchedConfig {
             step_tokens: 16,
             ..SchedConfig::default()
@@ -174,7 +179,7 @@ fn the_prefix_cache_reuses_a_finished_prompt() {
     let doc: Vec<u32> = (0..70).map(|_| rng.random_range(0..300)).collect();
     let q = |extra: &[u32]| greedy([doc.as_slice(), extra].concat(), 6);
     let (q1, q2) = (q(&[5, 6, 7]), q(&[9, 8]));
-    let mut s = Scheduler::new(&m, store(&m), SchedConfig::default());
+    let mut s = sched(&m, SchedConfig::default());
     let a = s.submit(q1.clone()).unwrap();
     let first = drain(&mut s);
     assert_eq!(first[&a].1.unwrap().1.cached_tokens, 0);
@@ -197,9 +202,8 @@ fn the_prefix_cache_reuses_a_finished_prompt() {
 fn bad_requests_are_refused_and_finished_ones_free_their_blocks() {
     let cfg = tiny_llama();
     let m = model(&cfg);
-    let mut s = Scheduler::new(
+    let mut s = sched(
         &m,
-        store(&m),
         SchedConfig {
             max_running: 1,
             max_waiting: 2,
@@ -244,9 +248,8 @@ fn bad_requests_are_refused_and_finished_ones_free_their_blocks() {
 fn admission_waits_for_kv_room() {
     let cfg = tiny_llama();
     let m = model(&cfg);
-    let mut s = Scheduler::new(
+    let mut s = sched(
         &m,
-        store(&m),
         SchedConfig {
             kv_tokens: 40,
             ..SchedConfig::default()
