@@ -8,7 +8,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::ops::{rms_norm, rms_norm_in_place, silu_mul, Linear};
 use crate::weights::{Tensor, Weights};
 use crate::{EngineError, Result};
-use longctx_kernels::{matmul, AttnParams, DType, Mask, QMatrix, Weight};
+use longctx_kernels::{AttnParams, DType, Mask, QMatrix};
 use longctx_kvstore::{
     attend, Budgets, KvConfig, KvStore, Policy, Retention, SeqId, StreamOptions,
 };
@@ -19,14 +19,15 @@ struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Decode's stacked quantised gate|up: one product, one parallel region, not two.
+    gate_up_q: Option<QMatrix>,
 }
 
-/// Llama 4's routed experts, fused as `gate_up_proj [E, hidden, 2I]`, `down_proj [E, I, hidden]`.
+/// Llama 4's routed experts, each an MLP of its own whose weights stay as the file stores
+/// them (a GGUF's blocks, borrowed), and the shared expert every token passes through.
 struct Experts {
     router: Linear,
-    /// Dequantised to f32 at load (the stored-expert path is not written yet).
-    gate_up: Vec<f32>,
-    down: Vec<f32>,
+    routed: Vec<Mlp>,
     shared: Mlp,
 }
 
@@ -47,10 +48,8 @@ struct Layer {
     ffn: Ffn,
     /// Llama 4 NoPE layers: no RoPE, full causal attention, temperature tuning.
     rope: bool,
-    /// Decode's stacked quantised projections: Q|K|V, and gate|up of a dense MLP (one
-    /// product, one parallel region each, instead of three and two).
+    /// Decode's stacked quantised Q|K|V (one product, one parallel region, not three).
     qkv_q: Option<QMatrix>,
-    gate_up_q: Option<QMatrix>,
 }
 
 /// A loaded model.
@@ -107,7 +106,24 @@ fn mlp(w: &mut Weights, p: &str, hidden: usize, inter: usize) -> Result<Mlp> {
         gate: lin("gate_proj", &[inter, hidden])?,
         up: lin("up_proj", &[inter, hidden])?,
         down: lin("down_proj", &[hidden, inter])?,
+        gate_up_q: None,
     })
+}
+
+impl Mlp {
+    fn linears(&mut self) -> [&mut Linear; 3] {
+        [&mut self.gate, &mut self.up, &mut self.down]
+    }
+}
+
+impl Layer {
+    /// Every MLP of the layer: the dense one, or the routed experts and the shared one.
+    fn mlps(&mut self) -> Vec<&mut Mlp> {
+        match &mut self.ffn {
+            Ffn::Dense(m) => vec![m],
+            Ffn::Moe(e) => e.routed.iter_mut().chain([&mut e.shared]).collect(),
+        }
+    }
 }
 
 impl Model {
@@ -121,22 +137,23 @@ impl Model {
                 Arch::Llama4 if cfg.is_moe_layer(l) => {
                     let m = cfg.moe.as_ref().expect("a Llama 4 config has MoE");
                     let f = format!("{p}.feed_forward");
+                    let routed = w
+                        .take_experts(&f, m.experts, h, m.intermediate)?
+                        .into_iter()
+                        .map(|[g, u, d]| {
+                            Ok(Mlp {
+                                gate: Linear::from_out_in(g)?,
+                                up: Linear::from_out_in(u)?,
+                                down: Linear::from_out_in(d)?,
+                                gate_up_q: None,
+                            })
+                        })
+                        .collect::<Result<Vec<Mlp>>>()?;
                     Ffn::Moe(Experts {
                         router: Linear::from_out_in(
                             w.take(&format!("{f}.router.weight"), &[m.experts, h])?,
                         )?,
-                        gate_up: w
-                            .take(
-                                &format!("{f}.experts.gate_up_proj"),
-                                &[m.experts, h, 2 * m.intermediate],
-                            )?
-                            .to_f32()?,
-                        down: w
-                            .take(
-                                &format!("{f}.experts.down_proj"),
-                                &[m.experts, m.intermediate, h],
-                            )?
-                            .to_f32()?,
+                        routed,
                         shared: mlp(&mut w, &format!("{f}.shared_expert"), h, m.intermediate)?,
                     })
                 }
@@ -173,7 +190,6 @@ impl Model {
                 ffn,
                 rope: cfg.llama4.as_ref().is_none_or(|l4| l4.rope_layers[l]),
                 qkv_q: None,
-                gate_up_q: None,
             });
         }
         let embed = w.take("model.embed_tokens.weight", &[cfg.vocab, h])?;
@@ -211,22 +227,13 @@ impl Model {
             for lin in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj] {
                 f(lin)?;
             }
-            match &mut l.ffn {
-                Ffn::Dense(m) => {
-                    for lin in [&mut m.gate, &mut m.up, &mut m.down] {
-                        f(lin)?;
-                    }
+            for m in l.mlps() {
+                for lin in m.linears() {
+                    f(lin)?;
                 }
-                Ffn::Moe(e) => {
-                    for lin in [
-                        &mut e.router,
-                        &mut e.shared.gate,
-                        &mut e.shared.up,
-                        &mut e.shared.down,
-                    ] {
-                        f(lin)?;
-                    }
-                }
+            }
+            if let Ffn::Moe(e) = &mut l.ffn {
+                f(&mut e.router)?;
             }
         }
         f(&mut self.lm_head)
@@ -235,18 +242,14 @@ impl Model {
     /// Decode (one-token) products read bf16 copies of the linear weights: about half the
     /// bytes per generated token, at bf16 rounding of the weights (prefill stays f32).
     pub fn enable_bf16_decode(&mut self) -> Result<()> {
-        let mlp = |m: &mut Mlp| -> Result<()> {
-            m.gate.enable_bf16_decode()?;
-            m.up.enable_bf16_decode()?;
-            m.down.enable_bf16_decode()
-        };
         for l in &mut self.layers {
             for lin in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj] {
                 lin.enable_bf16_decode()?;
             }
-            match &mut l.ffn {
-                Ffn::Dense(m) => mlp(m)?,
-                Ffn::Moe(e) => mlp(&mut e.shared)?,
+            for m in l.mlps() {
+                for lin in m.linears() {
+                    lin.enable_bf16_decode()?;
+                }
             }
         }
         self.lm_head.enable_bf16_decode()
@@ -257,26 +260,20 @@ impl Model {
     /// weight for SmolLM2's Q4_1), other weights quantised to 8 bits. Products of more than
     /// [`QUANT_ROWS`] rows (long prompt chunks) stay f32.
     pub fn enable_quant_decode(&mut self) -> Result<()> {
-        let mlp = |m: &mut Mlp| -> Result<()> {
-            m.gate.enable_quant_decode()?;
-            m.up.enable_quant_decode()?;
-            m.down.enable_quant_decode()
+        let stack = |parts: &[&Linear]| -> Option<QMatrix> {
+            let qs: Option<Vec<&QMatrix>> = parts.iter().map(|p| p.quant()).collect();
+            QMatrix::concat(&qs?).ok()
         };
         for l in &mut self.layers {
             for lin in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj] {
                 lin.enable_quant_decode()?;
             }
-            match &mut l.ffn {
-                Ffn::Dense(m) => mlp(m)?,
-                Ffn::Moe(e) => mlp(&mut e.shared)?,
-            }
-            let stack = |parts: &[&Linear]| -> Option<QMatrix> {
-                let qs: Option<Vec<&QMatrix>> = parts.iter().map(|p| p.quant()).collect();
-                QMatrix::concat(&qs?).ok()
-            };
             l.qkv_q = stack(&[&l.q_proj, &l.k_proj, &l.v_proj]);
-            if let Ffn::Dense(m) = &l.ffn {
-                l.gate_up_q = stack(&[&m.gate, &m.up]);
+            for m in l.mlps() {
+                for lin in m.linears() {
+                    lin.enable_quant_decode()?;
+                }
+                m.gate_up_q = stack(&[&m.gate, &m.up]);
             }
         }
         self.lm_head.enable_quant_decode()
@@ -480,10 +477,10 @@ impl Model {
                 &mut hbuf,
             );
             match &layer.ffn {
-                Ffn::Dense(m) => dense_mlp(m, layer.gate_up_q.as_ref(), &hbuf, n, &mut o)?,
+                Ffn::Dense(m) => dense_mlp(m, &hbuf, n, &mut o)?,
                 Ffn::Moe(e) => {
                     let m = c.moe.as_ref().expect("MoE config");
-                    moe(e, m.experts, m.top_k, m.intermediate, &hbuf, n, h, &mut o)?;
+                    moe(e, m.top_k, &hbuf, n, h, &mut o)?;
                 }
             }
             for (a, b) in x.iter_mut().zip(&o) {
@@ -656,17 +653,11 @@ fn attend_typed(
     Ok(())
 }
 
-fn dense_mlp(
-    m: &Mlp,
-    gate_up: Option<&QMatrix>,
-    x: &[f32],
-    n: usize,
-    out: &mut [f32],
-) -> Result<()> {
+fn dense_mlp(m: &Mlp, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
     let inter = m.gate.out;
     let mut g = vec![0f32; n * inter];
     let mut u = vec![0f32; n * inter];
-    match gate_up {
+    match &m.gate_up_q {
         Some(w) if n <= QUANT_ROWS => {
             let mut gu = vec![0f32; n * 2 * inter];
             w.gemm(x, n, &mut gu)?;
@@ -686,33 +677,22 @@ fn dense_mlp(
 
 /// Llama 4 MoE: router logits, top-k, sigmoid of the chosen logits (no softmax), each chosen
 /// expert applied to the input scaled by its score, plus the shared expert. Tokens are
-/// grouped by expert so each active expert is one matrix product.
-#[allow(clippy::too_many_arguments)]
-fn moe(
-    e: &Experts,
-    experts: usize,
-    top_k: usize,
-    inter: usize,
-    x: &[f32],
-    n: usize,
-    h: usize,
-    out: &mut [f32],
-) -> Result<()> {
+/// grouped by expert so each active expert is one product of its rows.
+fn moe(e: &Experts, top_k: usize, x: &[f32], n: usize, h: usize, out: &mut [f32]) -> Result<()> {
+    let experts = e.routed.len();
     let mut logits = vec![0f32; n * experts];
     e.router.forward(x, n, &mut logits)?;
-    dense_mlp(&e.shared, None, x, n, out)?;
+    dense_mlp(&e.shared, x, n, out)?;
     let mut groups: Vec<Vec<(usize, f32)>> = vec![vec![]; experts];
+    let mut chosen = Vec::with_capacity(top_k);
     for t in 0..n {
         let row = &logits[t * experts..(t + 1) * experts];
-        let mut idx: Vec<usize> = (0..experts).collect();
-        // torch.topk order: larger first; ties to the lower index.
-        idx.sort_by(|a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
-        for &ex in &idx[..top_k] {
+        top_k_of(row, top_k, &mut chosen);
+        for &ex in &chosen {
             let score = 1.0 / (1.0 + (-row[ex]).exp());
             groups[ex].push((t, score));
         }
     }
-    let (gu_w, d_w) = (2 * inter, h);
     for (ex, toks) in groups.iter().enumerate() {
         if toks.is_empty() {
             continue;
@@ -727,15 +707,8 @@ fn moe(
                 *a = b * s;
             }
         }
-        let gu = &e.gate_up[ex * h * gu_w..(ex + 1) * h * gu_w];
-        let dw = &e.down[ex * inter * d_w..(ex + 1) * inter * d_w];
-        let mut g = vec![0f32; m * inter];
-        let mut u = vec![0f32; m * inter];
-        matmul(&xin, m, Weight::columns(gu, h, gu_w, 0, inter), &mut g)?;
-        matmul(&xin, m, Weight::columns(gu, h, gu_w, inter, inter), &mut u)?;
-        silu_mul(&mut g, &u);
         let mut y = vec![0f32; m * h];
-        matmul(&g, m, Weight::new(dw, inter, d_w), &mut y)?;
+        dense_mlp(&e.routed[ex], &xin, m, &mut y)?;
         for (r, (t, _)) in toks.iter().enumerate() {
             for (a, b) in out[t * h..(t + 1) * h]
                 .iter_mut()
@@ -748,13 +721,59 @@ fn moe(
     Ok(())
 }
 
+/// The indices of the `k` largest of `row` in torch.topk's order: larger first, ties to the
+/// lower index (a NaN counts as the largest, as `total_cmp` orders it). k passes, no sort:
+/// k is 1 for Scout and small for every Llama 4.
+fn top_k_of(row: &[f32], k: usize, out: &mut Vec<usize>) {
+    out.clear();
+    for _ in 0..k.min(row.len()) {
+        let mut best: Option<usize> = None;
+        for (i, v) in row.iter().enumerate() {
+            if out.contains(&i) {
+                continue;
+            }
+            if best.is_none_or(|b| v.total_cmp(&row[b]).is_gt()) {
+                best = Some(i);
+            }
+        }
+        out.extend(best);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::random::{random_tensors, tiny_llama4_config, tiny_llama_config};
+    use rand::{Rng, SeedableRng};
 
     fn tiny_llama() -> ModelConfig {
         tiny_llama_config(3, 4, 2, false)
+    }
+
+    #[test]
+    fn top_k_is_torch_topk_order_ties_to_the_lower_index() {
+        let mut out = vec![];
+        top_k_of(&[0.5, 2.0, -1.0, 2.0, 1.0], 3, &mut out);
+        assert_eq!(out, [1, 3, 4]);
+        top_k_of(&[0.5], 1, &mut out);
+        assert_eq!(out, [0]);
+        // k beyond the row: every index once, never a repeat.
+        top_k_of(&[1.0, 3.0], 4, &mut out);
+        assert_eq!(out, [1, 0]);
+        // A NaN logit is chosen (and then poisons its token's output), not skipped silently.
+        top_k_of(&[1.0, f32::NAN, 3.0], 1, &mut out);
+        assert_eq!(out, [1]);
+        // Against a full sort on random rows of every Llama 4 width.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        for e in [1, 3, 16, 128] {
+            let row: Vec<f32> = (0..e).map(|_| rng.random_range(-4i32..4) as f32).collect();
+            let mut idx: Vec<usize> = (0..e).collect();
+            idx.sort_by(|a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
+            for k in [1, 2, e.min(4)] {
+                top_k_of(&row, k, &mut out);
+                assert_eq!(out, idx[..k.min(e)], "e {e} k {k} row {row:?}");
+            }
+        }
     }
 
     /// Runs 5 prompt tokens then one decode step through a model whose tensor `name` has

@@ -119,54 +119,102 @@ fn hf_name(gguf: &str, llama4: bool) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
-/// A layer's routed experts from llama.cpp's three `[E, I, h]` / `[E, h, I]` tensors
-/// (`ffn_{gate,up,down}_exps`, each expert's weight `[out, in]`), as transformers fuses them:
-/// `gate_up_proj [E, h, 2I]` and `down_proj [E, I, h]`, input-major, in f32.
-fn fused_experts(g: &Gguf, p: &str) -> Result<(Tensor, Tensor)> {
-    let get = |n: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-        let name = format!("{p}.{n}.weight");
+/// The name one routed expert's projection has once loaded: `{f}.experts.{x}.{proj}.weight`
+/// with `f` the layer's `model.layers.L.feed_forward`, each `[out, in]` as a dense MLP's.
+pub fn expert_name(f: &str, x: usize, proj: &str) -> String {
+    format!("{f}.experts.{x}.{proj}.weight")
+}
+
+/// A layer's routed experts from llama.cpp's three `[E, out, in]` tensors
+/// (`ffn_{gate,up,down}_exps`): each expert's rows are one contiguous run of whole blocks, so
+/// each becomes its own `[out, in]` tensor borrowing the file, in the file's format.
+fn split_gguf_experts(
+    g: &Gguf,
+    p: &str,
+    f: &str,
+    map: &mut BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let mut shapes = vec![];
+    for (gname, proj) in [
+        ("ffn_gate_exps", "gate_proj"),
+        ("ffn_up_exps", "up_proj"),
+        ("ffn_down_exps", "down_proj"),
+    ] {
+        let name = format!("{p}.{gname}.weight");
         let info = g.tensors.get(&name).ok_or_else(|| EngineError::Weight {
             name: name.clone(),
             reason: "missing beside the layer's other experts".into(),
         })?;
         let dims: Vec<usize> = info.dims.iter().rev().map(|d| *d as usize).collect();
-        if dims.len() != 3 {
+        let &[e, out, inp] = dims.as_slice() else {
             return Err(EngineError::Weight {
                 name,
                 reason: format!("shape {dims:?}, experts need 3 dimensions"),
             });
+        };
+        let t = g.tensor(&name, dims.clone())?;
+        let bad = |reason: String| EngineError::Weight {
+            name: name.clone(),
+            reason,
+        };
+        let each = t
+            .format
+            .bytes_of(out * inp)
+            .map_err(|e| bad(e.to_string()))?;
+        for x in 0..e {
+            let data = t
+                .data
+                .slice(x * each, each)
+                .map_err(|e| bad(e.to_string()))?;
+            let one = Tensor::stored(&name, vec![out, inp], t.format, data)?;
+            map.insert(expert_name(f, x, proj), one);
         }
-        Ok((dims, g.tensor_f32(&name)?))
-    };
-    let (gs, gate) = get("ffn_gate_exps")?;
-    let (us, up) = get("ffn_up_exps")?;
-    let (ds, down) = get("ffn_down_exps")?;
-    let (e, inter, h) = (gs[0], gs[1], gs[2]);
-    if us != gs || ds != [e, h, inter] {
+        shapes.push(dims);
+    }
+    let (e, inter, h) = (shapes[0][0], shapes[0][1], shapes[0][2]);
+    if shapes[1] != shapes[0] || shapes[2] != [e, h, inter] {
         return Err(EngineError::Weight {
             name: format!("{p}.ffn_*_exps.weight"),
-            reason: format!("shapes gate {gs:?}, up {us:?}, down {ds:?} do not agree"),
+            reason: format!(
+                "shapes gate {:?}, up {:?}, down {:?} do not agree",
+                shapes[0], shapes[1], shapes[2]
+            ),
         });
     }
-    let mut gu = vec![0f32; e * h * 2 * inter];
-    let mut dn = vec![0f32; e * inter * h];
-    for x in 0..e {
-        for j in 0..inter {
-            for i in 0..h {
-                let src = (x * inter + j) * h + i;
-                gu[(x * h + i) * 2 * inter + j] = gate[src];
-                gu[(x * h + i) * 2 * inter + inter + j] = up[src];
-                // down: GGUF [e][o = i][j], transformers [e][j][o].
-                dn[(x * inter + j) * h + i] = down[(x * h + i) * inter + j];
-            }
-        }
-    }
-    Ok((
-        Tensor::new(vec![e, h, 2 * inter], gu),
-        Tensor::new(vec![e, inter, h], dn),
-    ))
+    Ok(())
 }
 
+/// Columns `c0..c0 + cols` of the row-major `[rows, stride]` matrix at element `off` of a
+/// float tensor, transposed to `[cols, rows]` in the same element type (no rounding).
+fn transpose_float(
+    name: &str,
+    t: &Tensor,
+    off: usize,
+    rows: usize,
+    stride: usize,
+    c0: usize,
+    cols: usize,
+) -> Result<Tensor> {
+    let size = match t.format {
+        Format::F32 => 4,
+        Format::F16 | Format::BF16 => 2,
+        f => {
+            return Err(EngineError::Weight {
+                name: name.into(),
+                reason: format!("fused experts stored as {f}; they are read as f32, f16 or bf16"),
+            })
+        }
+    };
+    let src = t.data.bytes();
+    let mut dst = vec![0u8; rows * cols * size];
+    for r in 0..rows {
+        let row = &src[(off + r * stride + c0) * size..(off + r * stride + c0 + cols) * size];
+        for (c, v) in row.chunks_exact(size).enumerate() {
+            dst[(c * rows + r) * size..(c * rows + r + 1) * size].copy_from_slice(v);
+        }
+    }
+    Tensor::stored(name, vec![cols, rows], t.format, Blob::from_vec(dst))
+}
 /// Prefixes that wrap a text model's names in multimodal checkpoints.
 fn strip_prefix(name: &str) -> &str {
     for p in ["language_model.", "model.language_model."] {
@@ -193,11 +241,8 @@ impl Weights {
                 .strip_prefix("blk.")
                 .and_then(|r| r.strip_suffix(".ffn_gate_exps.weight"))
             {
-                let p = format!("blk.{layer}");
-                let (gate_up, down) = fused_experts(g, &p)?;
-                let f = format!("model.layers.{layer}.feed_forward.experts");
-                map.insert(format!("{f}.gate_up_proj"), gate_up);
-                map.insert(format!("{f}.down_proj"), down);
+                let f = format!("model.layers.{layer}.feed_forward");
+                split_gguf_experts(g, &format!("blk.{layer}"), &f, &mut map)?;
                 continue;
             }
             // rope_freqs is read by the config; up and down experts with the gate's.
@@ -277,6 +322,46 @@ impl Weights {
         Ok(t)
     }
 
+    /// Takes layer `f`'s `e` routed experts out, each as `[gate, up, down]` weights
+    /// `[out, in]`: from a GGUF file's per-expert slices, or split from transformers' fused
+    /// `gate_up_proj [E, h, 2I]` and `down_proj [E, I, h]` (input-major, so each expert is
+    /// transposed once into an owned copy in the stored element type).
+    pub fn take_experts(
+        &mut self,
+        f: &str,
+        e: usize,
+        h: usize,
+        inter: usize,
+    ) -> Result<Vec<[Tensor; 3]>> {
+        let (gu_name, d_name) = (
+            format!("{f}.experts.gate_up_proj"),
+            format!("{f}.experts.down_proj"),
+        );
+        if !self.contains(&gu_name) {
+            return (0..e)
+                .map(|x| {
+                    Ok([
+                        self.take(&expert_name(f, x, "gate_proj"), &[inter, h])?,
+                        self.take(&expert_name(f, x, "up_proj"), &[inter, h])?,
+                        self.take(&expert_name(f, x, "down_proj"), &[h, inter])?,
+                    ])
+                })
+                .collect();
+        }
+        let gu = self.take(&gu_name, &[e, h, 2 * inter])?;
+        let dn = self.take(&d_name, &[e, inter, h])?;
+        (0..e)
+            .map(|x| {
+                let (g0, d0) = (x * h * 2 * inter, x * inter * h);
+                Ok([
+                    transpose_float(&gu_name, &gu, g0, h, 2 * inter, 0, inter)?,
+                    transpose_float(&gu_name, &gu, g0, h, 2 * inter, inter, inter)?,
+                    transpose_float(&d_name, &dn, d0, inter, h, 0, h)?,
+                ])
+            })
+            .collect()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.map.contains_key(name)
     }
@@ -330,4 +415,95 @@ pub fn parse_safetensors_header(buf: &[u8]) -> std::result::Result<usize, String
     safetensors::SafeTensors::deserialize(buf)
         .map(|s| s.len())
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+    use rand::{Rng, SeedableRng};
+
+    fn bf16_tensor(shape: Vec<usize>, v: &[f32]) -> Tensor {
+        let bytes: Vec<u8> = v
+            .iter()
+            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+            .collect();
+        Tensor::stored("t", shape, Format::BF16, Blob::from_vec(bytes)).unwrap()
+    }
+
+    #[test]
+    fn fused_experts_split_into_each_experts_out_in_weights_in_their_own_type() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        // Awkward sizes: 3 experts, hidden 5, intermediate 7.
+        let (e, h, i) = (3, 5, 7);
+        let gu: Vec<f32> = (0..e * h * 2 * i)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let dn: Vec<f32> = (0..e * i * h)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let f = "model.layers.0.feed_forward";
+        let mut map = BTreeMap::new();
+        map.insert(
+            format!("{f}.experts.gate_up_proj"),
+            bf16_tensor(vec![e, h, 2 * i], &gu),
+        );
+        map.insert(
+            format!("{f}.experts.down_proj"),
+            bf16_tensor(vec![e, i, h], &dn),
+        );
+        let mut w = Weights::from_map(map);
+        let experts = w.take_experts(f, e, h, i).unwrap();
+        assert_eq!(experts.len(), e);
+        let r = |v: f32| bf16::from_f32(v).to_f32();
+        for (x, [g, u, d]) in experts.iter().enumerate() {
+            for t in [g, u, d] {
+                assert_eq!(t.format, Format::BF16, "kept in the stored type");
+            }
+            assert_eq!(
+                (g.shape.as_slice(), d.shape.as_slice()),
+                (&[i, h][..], &[h, i][..])
+            );
+            let (g, u, d) = (
+                g.to_f32().unwrap(),
+                u.to_f32().unwrap(),
+                d.to_f32().unwrap(),
+            );
+            for o in 0..i {
+                for k in 0..h {
+                    let at = (x * h + k) * 2 * i;
+                    assert_eq!(g[o * h + k], r(gu[at + o]));
+                    assert_eq!(u[o * h + k], r(gu[at + i + o]));
+                }
+            }
+            for o in 0..h {
+                for k in 0..i {
+                    assert_eq!(d[o * i + k], r(dn[(x * i + k) * h + o]));
+                }
+            }
+        }
+        assert!(!w.contains(&format!("{f}.experts.gate_up_proj")), "taken");
+    }
+
+    #[test]
+    fn a_quantised_fused_expert_tensor_is_an_error_not_a_misread() {
+        let f = "model.layers.0.feed_forward";
+        let mut map = BTreeMap::new();
+        let q = Tensor::stored(
+            "gu",
+            vec![1, 32, 64],
+            Format::Q8_0,
+            Blob::from_vec(vec![0; 32 * 2 * 34]),
+        )
+        .unwrap();
+        map.insert(format!("{f}.experts.gate_up_proj"), q);
+        map.insert(
+            format!("{f}.experts.down_proj"),
+            Tensor::new(vec![1, 32, 32], vec![0.0; 1024]),
+        );
+        let err = Weights::from_map(map)
+            .take_experts(f, 1, 32, 32)
+            .unwrap_err();
+        assert!(err.to_string().contains("fused experts stored as"), "{err}");
+    }
 }
