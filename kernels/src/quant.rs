@@ -1,15 +1,15 @@
-//! Block-quantised weights for one-token (decode) products: rows of 32-weight blocks as GGUF
-//! stores them (Q4_0, Q4_1, Q8_0), times activations quantised to int8 per block of 32, with
-//! integer dot products (AVX-512 VNNI `vpdpbusd`) and the scales applied per block: the scheme
-//! of llama.cpp's CPU backend. Decode streams ~0.6 (4-bit) or ~1.1 (8-bit) bytes per weight
-//! instead of 2 (bf16) or 4 (f32). Approximate by design (int8 activations); prefill keeps
-//! the f32 path.
+//! Block-quantised weights for products with few rows (decode steps, batched steps, prompt
+//! chunks up to a few hundred rows): 32-weight blocks as GGUF stores them (Q4_0, Q4_1, Q5_0,
+//! Q8_0), times activations quantised to int8 per block of 32, with integer dot products
+//! (AVX-512 VNNI `vpdpbusd`) and the scales applied per block: the scheme of llama.cpp's CPU
+//! backend. Decode streams ~0.6 (4-bit) or ~1.1 (8-bit) bytes per weight instead of 2 (bf16)
+//! or 4 (f32). Approximate by design (int8 activations).
 //!
-//! Every kind is held as `w = d * q + m` with `q` unsigned (0..15 packed two per byte, or
-//! 0..255): Q4_1 as stored, Q4_0 with `m = -8 d`, Q8_0 with `q = i8 + 128` and `m = -128 d`.
-//! With int8 activations `x ~ s * a`, a block's product is `d s sum(q a) + m s sum(a)`.
-//! Scales stay f16 as in the file (Q4_1's `d` and `m` side by side), so a product streams the
-//! GGUF's own bytes per block and no more.
+//! Every kind is held as `w = d * q + m` with `q` unsigned (0..15 packed two per byte, 0..31,
+//! or 0..255): Q4_1 as stored, Q4_0 with `m = -8 d`, Q5_0 with `m = -16 d`, Q8_0 with
+//! `q = i8 + 128` and `m = -128 d`. With int8 activations `x ~ s * a`, a block's product is
+//! `d s sum(q a) + m s sum(a)`. Rows are interleaved in groups of 16 (see [`QMatrix`]) and
+//! the scales stay f16 as in the file, so a product streams the GGUF's own bytes per block.
 
 use crate::formats::{Format, StoredRows};
 use crate::KernelError;
@@ -33,6 +33,15 @@ impl QKind {
             QKind::Q4_1 => 20,
             QKind::Q5_0 => 22,
             QKind::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of one row's block of weights as held (the scales apart).
+    fn qbytes(self) -> usize {
+        if self.packed() {
+            16
+        } else {
+            32
         }
     }
 
@@ -61,22 +70,44 @@ impl QKind {
 }
 
 const QK: usize = 32;
-/// How far ahead (in rows) the vector product prefetches the weights: 32 measured best of
-/// 8-64 on SmolLM2's decode step (+8-10% over none).
-const PREFETCH_ROWS: usize = 32;
+/// Rows per interleaved group: one 512-bit integer dot product is 16 rows x 4 weights.
+const G: usize = 16;
+/// How far ahead (in bytes of weights) the products prefetch: the hardware prefetcher alone
+/// leaves part of a decode step's bandwidth unused.
+const PREFETCH: usize = 4096;
 
-/// A `[rows, cols]` matrix of quantised rows (`cols` a multiple of 32).
+/// A `[rows, cols]` matrix of quantised rows (`cols` a multiple of 32), in groups of 16
+/// rows interleaved so that one integer dot product covers 4 weights of each of 16 rows and
+/// the activation is a broadcast: per block a group's products are 8 `vpdpbusd`, one
+/// conversion and the block's scales applied once to 16 rows (llama.cpp's scheme, laid out
+/// for AVX-512). Rows past `rows` in the last group are zero.
 pub struct QMatrix {
     kind: QKind,
     rows: usize,
     cols: usize,
-    /// Per block, f16 bits: `d`, or `d, m` for Q4_1 (`[rows, cols / 32, 1 or 2]`).
+    /// Per group, per block: the 16 rows' `d` as f16 bits, then (Q4_1) their `m`.
     scales: Vec<u16>,
-    /// Per block: 16 bytes of nibbles (elements j and j + 16 in byte j), or 32 bytes.
+    /// Per group, per block, the 16 rows' weights as the kernel loads them. Packed kinds:
+    /// four 64-byte chunks, chunk `c` holding in bytes `4r..4r + 4` row r's elements
+    /// `4c..4c + 4` (low nibbles) and `16 + 4c..16 + 4c + 4` (high nibbles). Q8_0 (`q + 128`):
+    /// eight chunks, chunk `c` row r's elements `4c..4c + 4`.
     q: Vec<u8>,
-    /// Q5_0's fifth bits, per block (bit j: element j); empty for the other kinds.
-    hi: Vec<u32>,
+    /// Q5_0's fifth bits per group and block: one 64-bit mask per unpacked vector (low
+    /// nibbles of chunk c: vector 2c, high: 2c + 1; bit `4r + i` its byte); empty otherwise.
+    hi: Vec<u64>,
 }
+
+/// One row's block as values: `w = d * v + m`, `v` unsigned (0..15, 0..31 or `q + 128`).
+struct RowBlock {
+    d: u16,
+    /// Q4_1's `m` (f16 bits); the other kinds' offset follows from `d`.
+    m: u16,
+    v: [u8; QK],
+}
+
+/// Word (4 elements) of a block's activations each unpacked weight vector multiplies.
+const WORD_PACKED: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+const WORD_Q8: [usize; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
 
 #[cfg(test)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -84,6 +115,101 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 impl QMatrix {
+    /// Lays out `rows x cols / 32` row blocks (`block(r, b)`) in the kernel's groups.
+    fn pack(
+        kind: QKind,
+        rows: usize,
+        cols: usize,
+        block: impl Fn(usize, usize) -> RowBlock,
+    ) -> QMatrix {
+        let nb = cols / QK;
+        let groups = rows.div_ceil(G);
+        let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
+        let mut scales = vec![0u16; groups * nb * per];
+        let mut q = vec![0u8; groups * nb * qb];
+        let mut hi = vec![
+            0u64;
+            if kind == QKind::Q5_0 {
+                groups * nb * 8
+            } else {
+                0
+            }
+        ];
+        for r in 0..rows {
+            let (g, lane) = (r / G, r % G);
+            for b in 0..nb {
+                let blk = g * nb + b;
+                let rb = block(r, b);
+                scales[blk * per + lane] = rb.d;
+                if kind == QKind::Q4_1 {
+                    scales[blk * per + G + lane] = rb.m;
+                }
+                let dst = &mut q[blk * qb..(blk + 1) * qb];
+                if kind.packed() {
+                    for e in 0..16 {
+                        let (c, i) = (e / 4, e % 4);
+                        dst[c * 64 + 4 * lane + i] = (rb.v[e] & 15) | ((rb.v[e + 16] & 15) << 4);
+                    }
+                } else {
+                    for e in 0..QK {
+                        dst[(e / 4) * 64 + 4 * lane + e % 4] = rb.v[e];
+                    }
+                }
+                if kind == QKind::Q5_0 {
+                    for e in 0..QK {
+                        if rb.v[e] & 16 != 0 {
+                            let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
+                            hi[blk * 8 + 2 * c + high as usize] |= 1 << (4 * lane + i);
+                        }
+                    }
+                }
+            }
+        }
+        QMatrix {
+            kind,
+            rows,
+            cols,
+            scales,
+            q,
+            hi,
+        }
+    }
+
+    /// Row `r`'s block `b` read back from the groups.
+    fn row_block(&self, r: usize, b: usize) -> RowBlock {
+        let (g, lane) = (r / G, r % G);
+        let blk = g * self.nb() + b;
+        let (qb, per) = (self.kind.qbytes() * G, self.kind.scales_per_block() * G);
+        let src = &self.q[blk * qb..(blk + 1) * qb];
+        let mut v = [0u8; QK];
+        if self.kind.packed() {
+            for e in 0..16 {
+                let byte = src[(e / 4) * 64 + 4 * lane + e % 4];
+                (v[e], v[e + 16]) = (byte & 15, byte >> 4);
+            }
+        } else {
+            for (e, o) in v.iter_mut().enumerate() {
+                *o = src[(e / 4) * 64 + 4 * lane + e % 4];
+            }
+        }
+        if self.kind == QKind::Q5_0 {
+            for (e, o) in v.iter_mut().enumerate() {
+                let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
+                let mask = self.hi[blk * 8 + 2 * c + high as usize];
+                *o |= (((mask >> (4 * lane + i)) & 1) << 4) as u8;
+            }
+        }
+        RowBlock {
+            d: self.scales[blk * per + lane],
+            m: if self.kind == QKind::Q4_1 {
+                self.scales[blk * per + G + lane]
+            } else {
+                0
+            },
+            v,
+        }
+    }
+
     /// From GGUF blocks: `rows` rows of `cols / 32` blocks each, row-major.
     pub fn from_gguf(
         kind: QKind,
@@ -98,45 +224,55 @@ impl QMatrix {
                 reason: format!("{cols} columns are not whole blocks of {QK}"),
             });
         }
-        let nb = rows * cols / QK;
-        crate::attention::check_len(OP, "blocks", nb * kind.block_bytes(), bytes.len())?;
-        let qb = if kind.packed() { 16 } else { 32 };
-        let per = kind.scales_per_block();
-        let (mut scales, mut q) = (vec![0u16; nb * per], vec![0u8; nb * qb]);
-        let mut hi = vec![0u32; if kind == QKind::Q5_0 { nb } else { 0 }];
+        let n = rows
+            .checked_mul(cols / QK)
+            .and_then(|n| n.checked_mul(kind.block_bytes()))
+            .ok_or(KernelError::Unsupported {
+                op: OP,
+                reason: format!("{rows} x {cols} overflows"),
+            })?;
+        crate::attention::check_len(OP, "blocks", n, bytes.len())?;
+        let nb = cols / QK;
+        let bs = kind.block_bytes();
         let bits = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        for (i, blk) in bytes.chunks_exact(kind.block_bytes()).enumerate() {
-            let dq = &mut q[i * qb..(i + 1) * qb];
-            match kind {
+        Ok(QMatrix::pack(kind, rows, cols, |r, b| {
+            let blk = &bytes[(r * nb + b) * bs..(r * nb + b + 1) * bs];
+            let mut v = [0u8; QK];
+            let nibbles = |v: &mut [u8; QK], q: &[u8]| {
+                for j in 0..16 {
+                    (v[j], v[j + 16]) = (q[j] & 15, q[j] >> 4);
+                }
+            };
+            let m = match kind {
                 QKind::Q4_1 => {
-                    (scales[2 * i], scales[2 * i + 1]) = (bits(blk, 0), bits(blk, 2));
-                    dq.copy_from_slice(&blk[4..20]);
+                    nibbles(&mut v, &blk[4..20]);
+                    bits(blk, 2)
                 }
                 QKind::Q4_0 => {
-                    scales[i] = bits(blk, 0);
-                    dq.copy_from_slice(&blk[2..18]);
+                    nibbles(&mut v, &blk[2..18]);
+                    0
                 }
                 QKind::Q5_0 => {
-                    scales[i] = bits(blk, 0);
-                    hi[i] = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                    dq.copy_from_slice(&blk[6..22]);
+                    nibbles(&mut v, &blk[6..22]);
+                    let h = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                    for (j, o) in v.iter_mut().enumerate() {
+                        *o |= (((h >> j) & 1) << 4) as u8;
+                    }
+                    0
                 }
                 QKind::Q8_0 => {
-                    scales[i] = bits(blk, 0);
-                    for (o, b) in dq.iter_mut().zip(&blk[2..34]) {
-                        *o = (*b as i8 as i16 + 128) as u8;
+                    for (o, x) in v.iter_mut().zip(&blk[2..34]) {
+                        *o = (*x as i8 as i16 + 128) as u8;
                     }
+                    0
                 }
+            };
+            RowBlock {
+                d: bits(blk, 0),
+                m,
+                v,
             }
-        }
-        Ok(QMatrix {
-            kind,
-            rows,
-            cols,
-            scales,
-            q,
-            hi,
-        })
+        }))
     }
 
     /// Quantises f32 rows (`[rows, cols]`) to 8 bits a weight (Q8_0's scheme), for weights that
@@ -210,17 +346,29 @@ impl QMatrix {
                 ),
             });
         }
-        Ok(QMatrix {
-            kind: first.kind,
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: first.cols,
-            scales: parts
-                .iter()
-                .flat_map(|p| p.scales.iter().copied())
-                .collect(),
-            q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
-            hi: parts.iter().flat_map(|p| p.hi.iter().copied()).collect(),
-        })
+        let rows = parts.iter().map(|p| p.rows).sum();
+        if parts.iter().all(|p| p.rows.is_multiple_of(G)) {
+            // Whole groups: the parts' groups one after the other.
+            return Ok(QMatrix {
+                kind: first.kind,
+                rows,
+                cols: first.cols,
+                scales: parts
+                    .iter()
+                    .flat_map(|p| p.scales.iter().copied())
+                    .collect(),
+                q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
+                hi: parts.iter().flat_map(|p| p.hi.iter().copied()).collect(),
+            });
+        }
+        let mut at = Vec::with_capacity(rows);
+        for (i, p) in parts.iter().enumerate() {
+            at.extend((0..p.rows).map(|r| (i, r)));
+        }
+        Ok(QMatrix::pack(first.kind, rows, first.cols, |r, b| {
+            let (i, pr) = at[r];
+            parts[i].row_block(pr, b)
+        }))
     }
 
     pub fn kind(&self) -> QKind {
@@ -235,54 +383,29 @@ impl QMatrix {
         self.cols
     }
 
-    /// Bytes a product streams.
+    /// Bytes a product streams (the last group's padding rows included).
     pub fn bytes(&self) -> usize {
-        self.q.len() + 2 * self.scales.len() + 4 * self.hi.len()
+        self.q.len() + 2 * self.scales.len() + 8 * self.hi.len()
     }
 
     fn nb(&self) -> usize {
         self.cols / QK
     }
 
-    fn qbytes(&self) -> usize {
-        if self.kind.packed() {
-            16
-        } else {
-            32
+    /// Scale and offset of a row's block.
+    fn dm(&self, rb: &RowBlock) -> (f32, f32) {
+        let d = f16::from_bits(rb.d).to_f32();
+        match self.kind {
+            QKind::Q4_1 => (d, f16::from_bits(rb.m).to_f32()),
+            k => (d, k.offset() * d),
         }
     }
 
     /// Weight `(r, c)` as the product uses it.
     pub fn get(&self, r: usize, c: usize) -> f32 {
-        let b = r * self.nb() + c / QK;
-        let j = c % QK;
-        let q = &self.q[b * self.qbytes()..];
-        let mut v = if self.kind.packed() {
-            if j < 16 {
-                q[j] & 0x0f
-            } else {
-                q[j - 16] >> 4
-            }
-        } else {
-            q[j]
-        };
-        if let Some(h) = self.hi.get(b) {
-            v |= (((h >> j) & 1) << 4) as u8;
-        }
-        let (d, m) = self.dm(b);
-        d * v as f32 + m
-    }
-
-    /// Scale and offset of block `b` (row-major over all blocks).
-    fn dm(&self, b: usize) -> (f32, f32) {
-        let h = |i: usize| f16::from_bits(self.scales[i]).to_f32();
-        match self.kind {
-            QKind::Q4_1 => (h(2 * b), h(2 * b + 1)),
-            k => {
-                let d = h(b);
-                (d, k.offset() * d)
-            }
-        }
+        let rb = self.row_block(r, c / QK);
+        let (d, m) = self.dm(&rb);
+        d * rb.v[c % QK] as f32 + m
     }
 
     /// `y[rows] = W . x` for one activation vector `x[cols]`, x quantised to int8 per block.
@@ -290,22 +413,19 @@ impl QMatrix {
         const OP: &str = "QMatrix::gemv";
         crate::attention::check_len(OP, "x", self.cols, x.len())?;
         crate::attention::check_len(OP, "y", self.rows, y.len())?;
+        let act = Act::quantize(x);
         let vnni = vnni_available();
-        let act = if vnni {
-            Act::quantize(x).pairs(self.kind)
-        } else {
-            Act::quantize(x)
-        };
-        // About four chunks a thread (at least 64 rows): enough to balance, few enough that
-        // the tasks' scheduling stays small beside a product of a few microseconds.
+        // About four chunks a thread (at least 64 rows, whole groups): enough to balance,
+        // few enough that scheduling stays small beside a product of a few microseconds.
         let threads = rayon::current_num_threads().max(1);
-        let rows_per = self.rows.div_ceil(4 * threads).next_multiple_of(4).max(64);
+        let rows_per = self.rows.div_ceil(4 * threads).next_multiple_of(G).max(64);
         y.par_chunks_mut(rows_per).enumerate().for_each(|(c, yc)| {
             let r0 = c * rows_per;
             #[cfg(target_arch = "x86_64")]
             if vnni {
-                // SAFETY: VNNI checked at run time; rows r0..r0 + yc.len() exist.
-                unsafe { self.rows_vnni::<4, 1>(&act.rec, [&act], r0, yc.len(), yc, 0) };
+                // SAFETY: VNNI checked at run time; r0 starts a group, rows r0..r0 +
+                // yc.len() exist.
+                unsafe { self.rows_vnni(&[&act], r0, yc.len(), yc, 0) };
                 return;
             }
             let _ = vnni;
@@ -314,10 +434,11 @@ impl QMatrix {
         Ok(())
     }
 
-    /// `y[m, rows] = x[m, cols] . W^T` for a few activation rows (a batched decode step):
-    /// each activation quantised to int8 per block as in [`QMatrix::gemv`]. The rows are cut
-    /// into chunks small enough to stay in L2 while every activation passes over them, so the
-    /// weights stream from memory once per step, not once per row of `x`.
+    /// `y[m, rows] = x[m, cols] . W^T` for several activation rows (a batched decode step, a
+    /// prompt chunk): each activation quantised to int8 per block as in [`QMatrix::gemv`].
+    /// The rows are cut into chunks of whole groups small enough to stay in L2 while every
+    /// activation passes over them, and each group's blocks are unpacked once per eight
+    /// activations, so the weights stream from memory once per call.
     pub fn gemm(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), KernelError> {
         const OP: &str = "QMatrix::gemm";
         crate::attention::check_len(OP, "x", m * self.cols, x.len())?;
@@ -326,30 +447,16 @@ impl QMatrix {
             return if m == 1 { self.gemv(x, y) } else { Ok(()) };
         }
         let vnni = vnni_available();
-        let acts: Vec<Act> = x
-            .par_chunks_exact(self.cols)
-            .map(|xr| {
-                let a = Act::quantize(xr);
-                if vnni {
-                    a.pairs(self.kind)
-                } else {
-                    a
-                }
-            })
-            .collect();
+        let acts: Vec<Act> = x.par_chunks_exact(self.cols).map(Act::quantize).collect();
+        let acts: Vec<&Act> = acts.iter().collect();
         // At least four chunks a thread; at most 64 rows (64 x 1536 4-bit weights: ~60 KB).
         let threads = rayon::current_num_threads().max(1);
         let rows_per = self
             .rows
             .div_ceil(4 * threads)
-            .next_multiple_of(4)
-            .clamp(4, 64);
+            .next_multiple_of(G)
+            .clamp(G, 64);
         let chunks = self.rows.div_ceil(rows_per);
-        let groups: Vec<(Vec<u8>, &[Act])> = if vnni {
-            acts.chunks(4).map(|g| (interleave(g), g)).collect()
-        } else {
-            vec![]
-        };
         // [chunk][activation][rows_per], scattered into y after.
         let mut yt = vec![0f32; chunks * m * rows_per];
         yt.par_chunks_mut(m * rows_per)
@@ -359,13 +466,9 @@ impl QMatrix {
                 let len = rows_per.min(self.rows - r0);
                 #[cfg(target_arch = "x86_64")]
                 if vnni {
-                    // Up to four activations per pass over the chunk's weight blocks.
-                    for (g, (recs, group)) in groups.iter().enumerate() {
-                        let out = &mut buf[g * 4 * rows_per..];
-                        // SAFETY: VNNI checked at run time; rows r0..r0 + len exist and `out`
-                        // holds group.len() rows of rows_per.
-                        unsafe { self.rows_vnni_group(recs, group, r0, len, out, rows_per) };
-                    }
+                    // SAFETY: VNNI checked at run time; r0 starts a group, rows r0..r0 + len
+                    // exist and `buf` holds m rows of rows_per.
+                    unsafe { self.rows_vnni(&acts, r0, len, buf, rows_per) };
                     return;
                 }
                 for (j, act) in acts.iter().enumerate() {
@@ -383,48 +486,13 @@ impl QMatrix {
         Ok(())
     }
 
-    /// Block `b` of row `r` times the activations' block `b`, in scalar code.
+    /// Row `r`'s block `b` times the activations' block `b`, in scalar code.
     fn block_product(&self, act: &Act, r: usize, b: usize) -> f32 {
-        let (nb, qb) = (self.nb(), self.qbytes());
-        let blk = r * nb + b;
-        let q = &self.q[blk * qb..(blk + 1) * qb];
+        let rb = self.row_block(r, b);
         let a = &act.a[b * QK..(b + 1) * QK];
-        let h = self.hi.get(blk).copied().unwrap_or(0);
-        let fifth = |j: usize| (((h >> j) & 1) << 4) as i32;
-        let dot: i32 = if self.kind.packed() {
-            (0..16)
-                .map(|j| {
-                    ((q[j] & 0x0f) as i32 | fifth(j)) * a[j] as i32
-                        + ((q[j] >> 4) as i32 | fifth(j + 16)) * a[j + 16] as i32
-                })
-                .sum()
-        } else {
-            q.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum()
-        };
-        let (d, m) = self.dm(blk);
+        let dot: i32 = rb.v.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum();
+        let (d, m) = self.dm(&rb);
         d * act.s[b] * dot as f32 + m * act.ssum[b]
-    }
-
-    /// [`QMatrix::rows_vnni`] for 1 to 4 activations (`recs`: their [`interleave`]d
-    /// records), four rows at a time.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
-    unsafe fn rows_vnni_group(
-        &self,
-        recs: &[u8],
-        g: &[Act],
-        r0: usize,
-        len: usize,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        let a = |i: usize| &g[i];
-        match g.len() {
-            1 => self.rows_vnni::<4, 1>(recs, std::array::from_fn(a), r0, len, out, stride),
-            2 => self.rows_vnni::<4, 2>(recs, std::array::from_fn(a), r0, len, out, stride),
-            3 => self.rows_vnni::<4, 3>(recs, std::array::from_fn(a), r0, len, out, stride),
-            _ => self.rows_vnni::<4, 4>(recs, std::array::from_fn(a), r0, len, out, stride),
-        }
     }
 
     fn rows_portable(&self, act: &Act, r0: usize, y: &mut [f32]) {
@@ -435,136 +503,126 @@ impl QMatrix {
         }
     }
 
-    /// `R` rows times `J` activations at a time: each weight block is unpacked once per `J`
-    /// activations (the vector product runs `R = 4, J = 1`; a batched step `R = 4, J` up to
-    /// 4). Row `r0 + i`'s product with activation `j` goes to `y[j * stride + i]`, for
-    /// `i < len`. Two blocks per 512-bit integer dot product. The two blocks' 32 bytes of nibbles are broadcast to
-    /// both halves and shifted by 0 or 4, so the bytes come in the order
-    /// `[b 0..16, b+1 0..16, b 16..32, b+1 16..32]`, which the activations were laid out in
-    /// ([`Act::pairs`]); no shuffles in the loop.
+    /// Rows `r0..r0 + len` (`r0` a group's first) times every activation of `acts`: row
+    /// `r0 + i`'s product with activation `j` goes to `y[j * stride + i]`. Group by group,
+    /// eight activations at a time.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
-    unsafe fn rows_vnni<const R: usize, const J: usize>(
-        &self,
-        recs: &[u8],
-        acts: [&Act; J],
-        r0: usize,
-        len: usize,
-        y: &mut [f32],
-        stride: usize,
-    ) {
-        use std::arch::x86_64::*;
-        let (nb, qb) = (self.nb(), self.qbytes());
-        let packed = self.kind.packed();
-        let q4_1 = self.kind == QKind::Q4_1;
-        let per = self.kind.scales_per_block();
-        let low = _mm512_set1_epi8(0x0f);
-        let shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
-        // 32-bit lane -> block of the pair (0: b, 1: b + 1); Q4_1's scales come as
-        // [d0, m0, d1, m1], the others' as [d0, d1].
-        let (lane_d, lane_m) = match (packed, q4_1) {
-            (true, true) => (
-                _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0),
-                _mm512_set_epi32(3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1),
-            ),
-            (true, false) => (
-                _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0),
-                _mm512_setzero_si512(),
-            ),
-            _ => (
-                _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-                _mm512_setzero_si512(),
-            ),
-        };
-        let q5 = self.kind == QKind::Q5_0;
-        let sixteen = _mm512_set1_epi8(0x10);
-        let weights = |blk: usize| -> __m512i {
-            let p = self.q.as_ptr().add(blk * qb);
-            if packed {
-                let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()));
-                let v = _mm512_and_si512(_mm512_srlv_epi64(v, shift), low);
-                if q5 {
-                    // The fifth bits in the bytes' order: [b 0..16, b+1 0..16, b 16..32,
-                    // b+1 16..32].
-                    let (h0, h1) = (
-                        *self.hi.get_unchecked(blk) as u64,
-                        *self.hi.get_unchecked(blk + 1) as u64,
-                    );
-                    let m = (h0 & 0xffff)
-                        | ((h1 & 0xffff) << 16)
-                        | ((h0 >> 16) << 32)
-                        | ((h1 >> 16) << 48);
-                    _mm512_or_si512(v, _mm512_maskz_mov_epi8(m, sixteen))
-                } else {
-                    v
-                }
-            } else {
-                _mm512_loadu_si512(p.cast())
-            }
-        };
-        let scales = |blk: usize| -> __m512 {
-            let p = self.scales.as_ptr().add(blk * per);
-            let h = if q4_1 {
-                _mm_loadl_epi64(p.cast())
-            } else {
-                _mm_cvtsi32_si128(p.cast::<i32>().read_unaligned())
-            };
-            _mm512_castps128_ps512(_mm_cvtph_ps(h))
-        };
-        let pairs = nb / 2;
+    unsafe fn rows_vnni(&self, acts: &[&Act], r0: usize, len: usize, y: &mut [f32], stride: usize) {
+        debug_assert!(r0.is_multiple_of(G));
         let mut i = 0;
         while i < len {
-            let n = (len - i).min(R);
-            let rows: [usize; R] = std::array::from_fn(|k| r0 + i + k.min(n - 1));
-            let mut acc = [[_mm512_setzero_ps(); J]; R];
-            // The rows PREFETCH_ROWS on, towards L2: the loads here stall on memory otherwise
-            // (the hardware prefetcher alone leaves ~10% of the decode step on the table).
-            let ahead = r0 + i + PREFETCH_ROWS;
-            let (qr, sr) = (nb * qb, nb * per);
-            let span =
-                |row: usize, len: usize| ((ahead * row).min(len), ((ahead + R) * row).min(len));
-            let (a0, a1) = span(qr, self.q.len());
-            crate::cpu::prefetch(&self.q[a0..a1]);
-            let (b0, b1) = span(sr, self.scales.len());
-            crate::cpu::prefetch(&self.scales[b0..b1]);
-            for p in 0..pairs {
-                let b = 2 * p;
-                for k in 0..R {
-                    let blk = rows[k] * nb + b;
-                    let w = weights(blk);
-                    let sc = scales(blk);
-                    let d = _mm512_permutexvar_ps(lane_d, sc);
-                    let m = _mm512_permutexvar_ps(lane_m, sc);
-                    for (j, acc) in acc[k].iter_mut().enumerate() {
-                        // Loaded per row, from L1: holding J of each spills registers.
-                        let rec = recs.as_ptr().add((p * J + j) * REC);
-                        let a = _mm512_loadu_si512(rec.cast());
-                        let sv = _mm512_loadu_ps(rec.add(64).cast());
-                        let ov = _mm512_loadu_ps(rec.add(128).cast());
-                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
-                        if q4_1 {
-                            // d s dot + m s sum(a)
-                            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sv);
-                            *acc = _mm512_fmadd_ps(m, ov, _mm512_fmadd_ps(d, t, *acc));
-                        } else {
-                            // d (s dot + c s sum(a)), c = m / d
-                            let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, ov);
-                            *acc = _mm512_fmadd_ps(d, t, *acc);
-                        }
-                    }
+            let lanes = (len - i).min(G);
+            let g = (r0 + i) / G;
+            for (t, tile) in acts.chunks(8).enumerate() {
+                let out = y.as_mut_ptr().add(t * 8 * stride + i);
+                match tile.len() {
+                    1 => self.group_vnni::<1>(tile, g, out, stride, lanes),
+                    2 => self.group_vnni::<2>(tile, g, out, stride, lanes),
+                    3 => self.group_vnni::<3>(tile, g, out, stride, lanes),
+                    4 => self.group_vnni::<4>(tile, g, out, stride, lanes),
+                    5 => self.group_vnni::<5>(tile, g, out, stride, lanes),
+                    6 => self.group_vnni::<6>(tile, g, out, stride, lanes),
+                    7 => self.group_vnni::<7>(tile, g, out, stride, lanes),
+                    _ => self.group_vnni::<8>(tile, g, out, stride, lanes),
                 }
             }
-            for k in 0..n {
+            i += lanes;
+        }
+    }
+
+    /// Group `g` (16 rows) times `J` activations: per block, the group's weights unpacked
+    /// once into eight vectors of 16 rows x 4 weights, each times a broadcast word of each
+    /// activation (`vpdpbusd`: unsigned weights, signed activations), then per activation
+    /// `acc += d s dot + m ssum` on the 16 rows at once. The first `lanes` rows are stored,
+    /// activation j's at `out + j * stride`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
+    #[inline]
+    unsafe fn group_vnni<const J: usize>(
+        &self,
+        acts: &[&Act],
+        g: usize,
+        out: *mut f32,
+        stride: usize,
+        lanes: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let nb = self.nb();
+        let kind = self.kind;
+        let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
+        let (packed, q4_1, q5) = (kind.packed(), kind == QKind::Q4_1, kind == QKind::Q5_0);
+        let words = if packed { WORD_PACKED } else { WORD_Q8 };
+        let low = _mm512_set1_epi8(0x0f);
+        let sixteen = _mm512_set1_epi8(0x10);
+        let offset = _mm512_set1_ps(kind.offset());
+        let mut acc = [_mm512_setzero_ps(); J];
+        let a: [*const i8; J] = std::array::from_fn(|j| acts[j].a.as_ptr());
+        let s: [*const f32; J] = std::array::from_fn(|j| acts[j].s.as_ptr());
+        let ss: [*const f32; J] = std::array::from_fn(|j| acts[j].ssum.as_ptr());
+        let (qend, send) = (self.q.as_ptr_range().end, self.scales.as_ptr_range().end);
+        for b in 0..nb {
+            let blk = g * nb + b;
+            let wp = self.q.as_ptr().add(blk * qb);
+            let sp = self.scales.as_ptr().add(blk * per);
+            // The weights PREFETCH bytes on, towards L1/L2 (within the matrix).
+            let ahead = wp.wrapping_add(PREFETCH);
+            if ahead < qend {
+                for l in 0..qb / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(64 * l).cast());
+                }
+                let sa = sp.wrapping_add(PREFETCH / qb * per);
+                if sa < send {
+                    _mm_prefetch::<_MM_HINT_T0>(sa.cast());
+                }
+            }
+            let mut w = [_mm512_setzero_si512(); 8];
+            if packed {
+                for c in 0..4 {
+                    let l = _mm512_loadu_si512(wp.add(64 * c).cast());
+                    w[2 * c] = _mm512_and_si512(l, low);
+                    w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), low);
+                }
+                if q5 {
+                    let h = self.hi.as_ptr().add(blk * 8);
+                    for (t, wt) in w.iter_mut().enumerate() {
+                        *wt = _mm512_or_si512(*wt, _mm512_maskz_mov_epi8(*h.add(t), sixteen));
+                    }
+                }
+            } else {
+                for (c, wt) in w.iter_mut().enumerate() {
+                    *wt = _mm512_loadu_si512(wp.add(64 * c).cast());
+                }
+            }
+            let dv = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
+            let mv = if q4_1 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(G).cast()))
+            } else {
+                _mm512_mul_ps(dv, offset)
+            };
+            let mut dot = [_mm512_setzero_si512(); J];
+            for t in 0..8 {
                 for j in 0..J {
-                    let mut v = _mm512_reduce_add_ps(acc[k][j]);
-                    if nb % 2 == 1 {
-                        // The odd last block, in natural order.
-                        v += self.block_product(acts[j], rows[k], nb - 1);
-                    }
-                    y[j * stride + i + k] = v;
+                    let word = a[j]
+                        .add(b * QK + 4 * words[t])
+                        .cast::<i32>()
+                        .read_unaligned();
+                    dot[j] = _mm512_dpbusd_epi32(dot[j], w[t], _mm512_set1_epi32(word));
                 }
             }
-            i += n;
+            for j in 0..J {
+                let ds = _mm512_mul_ps(dv, _mm512_set1_ps(*s[j].add(b)));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j]), ds, acc[j]);
+                acc[j] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*ss[j].add(b)), acc[j]);
+            }
+        }
+        let mask: __mmask16 = if lanes >= G {
+            0xffff
+        } else {
+            (1u16 << lanes) - 1
+        };
+        for (j, v) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(j * stride), mask, *v);
         }
     }
 }
@@ -611,24 +669,12 @@ fn q4_k_as_q4_1(sb: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Activations quantised per block of 32: `x ~ s[b] * a`, with `ssum[b] = s[b] * sum(a)`;
-/// and, for the vector path, the same laid out per pair of blocks (see [`Act::pairs`]).
+/// Activations quantised per block of 32: `x ~ s[b] * a`, with `ssum[b] = s[b] * sum(a)`.
 struct Act {
     a: Vec<i8>,
     s: Vec<f32>,
     ssum: Vec<f32>,
-    /// What the vector kernel reads, one 192-byte record per pair of blocks: the pair's 64
-    /// bytes of `a` in the order the kernel reads the weights' bytes (packed nibbles:
-    /// `[b 0..16, b+1 0..16, b 16..32, b+1 16..32]`; 8-bit weights: natural), then per
-    /// 32-bit lane of the integer dot product the lane's block's `s` (16 f32) and its offset
-    /// factor (16 f32): `ssum / 8` (Q4_1, times `m`) or `c * ssum / 8` (the others,
-    /// `c = m / d`), a block's offset spread over the eight lanes that sum into it. Empty
-    /// until [`Act::pairs`].
-    rec: Vec<u8>,
 }
-
-/// Bytes of one pair's record in [`Act::rec`].
-const REC: usize = 192;
 
 impl Act {
     fn quantize(x: &[f32]) -> Act {
@@ -657,64 +703,8 @@ impl Act {
             s[b] = scale;
             ssum[b] = scale * sum as f32;
         }
-        Act {
-            a,
-            s,
-            ssum,
-            rec: vec![],
-        }
+        Act { a, s, ssum }
     }
-
-    /// Lays out the pairs of blocks for [`QMatrix::rows_vnni`] on weights of `kind`: packed
-    /// nibbles give bytes `[b 0..16, b+1 0..16, b 16..32, b+1 16..32]` (lanes 0-3 and 8-11
-    /// of the dot product are block b's), 8-bit weights their natural order (lanes 0-7).
-    fn pairs(mut self, kind: QKind) -> Act {
-        let pairs = self.s.len() / 2;
-        let packed = kind.packed();
-        let c = if kind == QKind::Q4_1 {
-            1.0
-        } else {
-            kind.offset()
-        };
-        self.rec = vec![0u8; pairs * REC];
-        for (p, rec) in self.rec.chunks_exact_mut(REC).enumerate() {
-            let b = 2 * p;
-            let src = &self.a[b * QK..(b + 2) * QK];
-            let dst = &mut rec[..64];
-            for (d, x) in dst.iter_mut().zip(src) {
-                *d = *x as u8;
-            }
-            if packed {
-                let u = |r: std::ops::Range<usize>| src[r].iter().map(|x| *x as u8);
-                for (d, x) in dst
-                    .iter_mut()
-                    .zip(u(0..16).chain(u(32..48)).chain(u(16..32)).chain(u(48..64)))
-                {
-                    *d = x;
-                }
-            }
-            for lane in 0..16 {
-                let blk = b + if packed { (lane / 4) % 2 } else { lane / 8 };
-                let (sv, ov) = (self.s[blk], c * self.ssum[blk] / 8.0);
-                rec[64 + 4 * lane..68 + 4 * lane].copy_from_slice(&sv.to_ne_bytes());
-                rec[128 + 4 * lane..132 + 4 * lane].copy_from_slice(&ov.to_ne_bytes());
-            }
-        }
-        self
-    }
-}
-
-/// The records of `acts` interleaved per pair (pair p's record of activation j at
-/// `(p * acts.len() + j) * REC`): one stream for the kernel's `J` activations.
-fn interleave(acts: &[Act]) -> Vec<u8> {
-    let pairs = acts[0].rec.len() / REC;
-    let mut out = Vec::with_capacity(pairs * acts.len() * REC);
-    for p in 0..pairs {
-        for a in acts {
-            out.extend_from_slice(&a.rec[p * REC..(p + 1) * REC]);
-        }
-    }
-    out
 }
 
 fn vnni_available() -> bool {
@@ -891,15 +881,33 @@ mod tests {
         );
         let c = QMatrix::concat(&[&a, &b]).unwrap();
         assert_eq!((c.rows(), c.cols(), c.kind()), (5, 64, QKind::Q4_1));
-        // What a product streams: the file's bytes per block (Q4_1: 20 for 32 weights).
-        assert_eq!(c.bytes(), 5 * 2 * 20);
-        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q8_0] {
-            let q = m(kind, 3, 96, &mut rng);
-            assert_eq!(q.bytes(), 3 * 3 * kind.block_bytes(), "{kind:?}");
+        // What a product streams: the file's bytes per block (Q4_1: 20 for 32 weights), for
+        // rows in whole groups of 16 (the last one padded).
+        assert_eq!(c.bytes(), 16 * 2 * 20);
+        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q5_0, QKind::Q8_0] {
+            let q = m(kind, 35, 96, &mut rng);
+            assert_eq!(q.bytes(), 48 * 3 * kind.block_bytes(), "{kind:?}");
         }
         for col in 0..64 {
             assert_eq!(c.get(1, col), a.get(1, col));
             assert_eq!(c.get(4, col), b.get(1, col));
+        }
+        // Parts of whole groups stack as they are; the others are laid out again: both
+        // give the parts' rows, and the products of the rows stacked.
+        for kind in [QKind::Q5_0, QKind::Q8_0] {
+            for (ra, rb) in [(16, 32), (17, 5)] {
+                let (a, b) = (m(kind, ra, 96, &mut rng), m(kind, rb, 96, &mut rng));
+                let c = QMatrix::concat(&[&a, &b]).unwrap();
+                let x: Vec<f32> = (0..96).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let (mut ya, mut yb, mut yc) = (vec![0.0; ra], vec![0.0; rb], vec![0.0; ra + rb]);
+                a.gemv(&x, &mut ya).unwrap();
+                b.gemv(&x, &mut yb).unwrap();
+                c.gemv(&x, &mut yc).unwrap();
+                assert_eq!(yc, [ya, yb].concat(), "{kind:?} {ra} + {rb}");
+                for col in (0..96).step_by(5) {
+                    assert_eq!(c.get(ra + rb - 1, col), b.get(rb - 1, col));
+                }
+            }
         }
         let other_kind = m(QKind::Q8_0, 2, 64, &mut rng);
         let other_cols = m(QKind::Q4_1, 2, 96, &mut rng);

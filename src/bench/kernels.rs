@@ -145,7 +145,7 @@ pub fn run(args: Args) -> Result<()> {
     let known: Vec<&str> = cases(args.quick)
         .iter()
         .map(|c| c.name)
-        .chain(["rope", "gemv-q4"])
+        .chain(["rope", "gemv-q4", "gemm-q4"])
         .collect();
     if let Some(bad) = args.only.iter().find(|o| !known.contains(&o.as_str())) {
         anyhow::bail!(
@@ -184,11 +184,27 @@ pub fn run(args: Args) -> Result<()> {
         shape: cases(true)[0].shape,
         mask: Mask::None,
     }) {
-        let row = time_gemv_q4(if args.quick { 4096 } else { 49152 }, 2048, reps)?;
+        let row = time_q4(if args.quick { 4096 } else { 49152 }, 2048, 1, reps)?;
         if !args.json {
             print_row(&row, rows.is_empty());
         }
         rows.push(row);
+    }
+    if wanted(&Case {
+        name: "gemm-q4",
+        shape: cases(true)[0].shape,
+        mask: Mask::None,
+    }) {
+        // A batched decode step or a prompt chunk through one MLP projection (an expert's
+        // gate|up of the Llama-4-shaped benchmark MoE: [2048, 1024]); the weights stay in L2.
+        let ms: &[usize] = if args.quick { &[4] } else { &[4, 16, 64, 160] };
+        for &m in ms {
+            let row = time_q4(2048, 1024, m, reps)?;
+            if !args.json {
+                print_row(&row, rows.is_empty());
+            }
+            rows.push(row);
+        }
     }
     let report = Report {
         machine: machine(),
@@ -274,11 +290,11 @@ fn time_rope(n: usize, reps: usize) -> Result<Row> {
     })
 }
 
-/// The decode step's weight product on GGUF Q4_1 blocks (`QMatrix::gemv`: int8 activations,
-/// VNNI where the CPU has it) of a `[rows, cols]` matrix of random blocks, 63 MB at the full
-/// size (past a 32 MiB L3, so it streams from memory as a model's weights do). GB/s counts the
-/// weight bytes the product reads.
-fn time_gemv_q4(rows: usize, cols: usize, reps: usize) -> Result<Row> {
+/// The weight product on GGUF Q4_1 blocks (`QMatrix::gemv` for one row, `QMatrix::gemm` for
+/// `m`: int8 activations, VNNI where the CPU has it) of a `[rows, cols]` matrix of random
+/// blocks; for one row 63 MB at the full size (past a 32 MiB L3, so it streams from memory as
+/// a model's weights do). GB/s counts the weight bytes the product reads, once per call.
+fn time_q4(rows: usize, cols: usize, m: usize, reps: usize) -> Result<Row> {
     let kind = QKind::Q4_1;
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = || {
@@ -298,21 +314,21 @@ fn time_gemv_q4(rows: usize, cols: usize, reps: usize) -> Result<Row> {
     }
     let w = QMatrix::from_gguf(kind, &bytes, rows, cols)?;
     drop(bytes);
-    let x: Vec<f32> = fill_random(cols, 6);
-    let mut y = vec![0f32; rows];
+    let x: Vec<f32> = fill_random(m * cols, 6);
+    let mut y = vec![0f32; m * rows];
     let mut result = Ok(());
     let secs = median_secs(reps, || {
-        if let Err(e) = w.gemv(&x, &mut y) {
+        if let Err(e) = w.gemm(&x, m, &mut y) {
             result = Err(e);
         }
     });
     result?;
     Ok(Row {
-        case: "gemv-q4".into(),
+        case: if m == 1 { "gemv-q4" } else { "gemm-q4" }.into(),
         dtype: "q4_1",
-        shape: format!("[{rows}, {cols}] x int8"),
+        shape: format!("[{rows}, {cols}] x {m} int8 rows"),
         median_ms: secs * 1e3,
-        gflops: Some(2.0 * (rows * cols) as f64 / secs / 1e9),
+        gflops: Some(2.0 * (m * rows * cols) as f64 / secs / 1e9),
         gbs: Some(w.bytes() as f64 / secs / 1e9),
     })
 }
