@@ -255,10 +255,12 @@ impl Model {
         self.lm_head.enable_bf16_decode()
     }
 
-    /// Decode (one-token) products read block-quantised weights with int8 activations
-    /// (llama.cpp's CPU scheme): a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks (0.6 bytes a
-    /// weight for SmolLM2's Q4_1), other weights quantised to 8 bits. Products of more than
-    /// [`QUANT_ROWS`] rows (long prompt chunks) stay f32.
+    /// Every product (decode steps and prompt chunks) reads block-quantised weights with
+    /// int8 activations (llama.cpp's CPU scheme): a GGUF file's own Q4_0 / Q4_1 / Q5_0 /
+    /// Q8_0 blocks (0.6 bytes a weight for SmolLM2's Q4_1), Q4_K as Q4_1, other weights
+    /// quantised to 8 bits. The int8 kernel beats f32 tiles at every row count (2 threads,
+    /// `longctx bench kernels --only gemm-q4`: 350-630 GOP/s at 4-160 rows; f32 tiles from
+    /// the blocks 64-180 GFLOP/s at 64-512).
     pub fn enable_quant_decode(&mut self) -> Result<()> {
         let stack = |parts: &[&Linear]| -> Option<QMatrix> {
             let qs: Option<Vec<&QMatrix>> = parts.iter().map(|p| p.quant()).collect();
@@ -403,7 +405,7 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, Some(&layer.input_layernorm), c.rms_eps, h, &mut hbuf);
             match &layer.qkv_q {
-                Some(w) if n <= QUANT_ROWS => {
+                Some(w) => {
                     let width = qd + 2 * kd;
                     let mut qkv = vec![0f32; n * width];
                     w.gemm(&hbuf, n, &mut qkv)?;
@@ -524,12 +526,6 @@ impl Model {
         Ok(out)
     }
 }
-
-/// Products of up to this many rows read the block-quantised copy with int8 activations
-/// (batched decode steps, short prompt chunks); longer ones dequantise f32 tiles. Measured
-/// on a 1536 x 576 Q4_1 matrix, 2 threads: int8 120 GOP/s at 64-256 rows, f32 tiles 64
-/// GFLOP/s at 64 rows, 100 at 128, 144 at 256.
-pub const QUANT_ROWS: usize = 160;
 
 /// Each entry's attention over its own sequence, entries in parallel (a decode step of
 /// many sequences has one row each: too little for the kernel's own parallelism alone).
@@ -658,7 +654,7 @@ fn dense_mlp(m: &Mlp, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
     let mut g = vec![0f32; n * inter];
     let mut u = vec![0f32; n * inter];
     match &m.gate_up_q {
-        Some(w) if n <= QUANT_ROWS => {
+        Some(w) => {
             let mut gu = vec![0f32; n * 2 * inter];
             w.gemm(x, n, &mut gu)?;
             for (r, row) in gu.chunks_exact(2 * inter).enumerate() {

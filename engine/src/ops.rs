@@ -1,7 +1,6 @@
 //! The dense ops of a forward pass on the CPU: linear layers (the kernels crate's products
 //! straight from the stored weights), RMSNorm, SwiGLU.
 
-use crate::model::QUANT_ROWS;
 use crate::weights::Tensor;
 use crate::Result;
 use longctx_kernels::{matmul, matmul_stored, matvec_bf16, QMatrix, StoredRows, Weight};
@@ -83,10 +82,10 @@ impl Linear {
         self.wt_q.as_deref()
     }
 
-    /// `y[m, out] = x[m, in] . W^T`: up to [`QUANT_ROWS`] rows (decode steps) from the
-    /// block-quantised copy when there is one.
+    /// `y[m, out] = x[m, in] . W^T`: from the block-quantised copy when there is one (the
+    /// fast path), else the bf16 copy for one row, the f32 copy, or the stored blocks.
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
-        if let Some(q) = self.wt_q.as_deref().filter(|_| m <= QUANT_ROWS) {
+        if let Some(q) = self.wt_q.as_deref() {
             return Ok(q.gemm(x, m, y)?);
         }
         if let (1, Some(b)) = (m, &self.wt_bf16) {

@@ -425,7 +425,7 @@ impl QMatrix {
             if vnni {
                 // SAFETY: VNNI checked at run time; r0 starts a group, rows r0..r0 +
                 // yc.len() exist.
-                unsafe { self.rows_vnni(&[&act], r0, yc.len(), yc, 0) };
+                unsafe { self.rows_vnni(&[&act], r0, yc.len(), yc.as_mut_ptr(), 0) };
                 return;
             }
             let _ = vnni;
@@ -446,8 +446,13 @@ impl QMatrix {
         if m <= 1 {
             return if m == 1 { self.gemv(x, y) } else { Ok(()) };
         }
-        let vnni = vnni_available();
         let acts: Vec<Act> = x.par_chunks_exact(self.cols).map(Act::quantize).collect();
+        if !vnni_available() {
+            y.par_chunks_mut(self.rows)
+                .zip(&acts)
+                .for_each(|(yr, act)| self.rows_portable(act, 0, yr));
+            return Ok(());
+        }
         let acts: Vec<&Act> = acts.iter().collect();
         // At least four chunks a thread; at most 64 rows (64 x 1536 4-bit weights: ~60 KB).
         let threads = rayon::current_num_threads().max(1);
@@ -456,33 +461,20 @@ impl QMatrix {
             .div_ceil(4 * threads)
             .next_multiple_of(G)
             .clamp(G, 64);
-        let chunks = self.rows.div_ceil(rows_per);
-        // [chunk][activation][rows_per], scattered into y after.
-        let mut yt = vec![0f32; chunks * m * rows_per];
-        yt.par_chunks_mut(m * rows_per)
-            .enumerate()
-            .for_each(|(c, buf)| {
+        let out = SendPtr(y.as_mut_ptr());
+        (0..self.rows.div_ceil(rows_per))
+            .into_par_iter()
+            .for_each(|c| {
                 let r0 = c * rows_per;
                 let len = rows_per.min(self.rows - r0);
                 #[cfg(target_arch = "x86_64")]
-                if vnni {
-                    // SAFETY: VNNI checked at run time; r0 starts a group, rows r0..r0 + len
-                    // exist and `buf` holds m rows of rows_per.
-                    unsafe { self.rows_vnni(&acts, r0, len, buf, rows_per) };
-                    return;
-                }
-                for (j, act) in acts.iter().enumerate() {
-                    self.rows_portable(act, r0, &mut buf[j * rows_per..j * rows_per + len]);
-                }
+                // SAFETY: VNNI checked above; r0 starts a group, rows r0..r0 + len exist, and
+                // the chunks write disjoint columns r0..r0 + len of y's m rows (checked to
+                // be m x rows long).
+                unsafe {
+                    self.rows_vnni(&acts, r0, len, out.at(r0), self.rows)
+                };
             });
-        for c in 0..chunks {
-            let r0 = c * rows_per;
-            let len = rows_per.min(self.rows - r0);
-            for j in 0..m {
-                let src = &yt[(c * m + j) * rows_per..(c * m + j) * rows_per + len];
-                y[j * self.rows + r0..j * self.rows + r0 + len].copy_from_slice(src);
-            }
-        }
         Ok(())
     }
 
@@ -504,30 +496,38 @@ impl QMatrix {
     }
 
     /// Rows `r0..r0 + len` (`r0` a group's first) times every activation of `acts`: row
-    /// `r0 + i`'s product with activation `j` goes to `y[j * stride + i]`. Group by group,
-    /// eight activations at a time.
+    /// `r0 + i`'s product with activation `j` goes to `y[j * stride + i]`. Activations in
+    /// panels of 64 (their int8 rows stay in L2 while the rows' groups pass), eight at a time
+    /// per group.
+    ///
+    /// # Safety
+    /// VNNI present; `y` valid for writes at `j * stride + i` for every `j < acts.len()`,
+    /// `i < len`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
-    unsafe fn rows_vnni(&self, acts: &[&Act], r0: usize, len: usize, y: &mut [f32], stride: usize) {
+    unsafe fn rows_vnni(&self, acts: &[&Act], r0: usize, len: usize, y: *mut f32, stride: usize) {
         debug_assert!(r0.is_multiple_of(G));
-        let mut i = 0;
-        while i < len {
-            let lanes = (len - i).min(G);
-            let g = (r0 + i) / G;
-            for (t, tile) in acts.chunks(8).enumerate() {
-                let out = y.as_mut_ptr().add(t * 8 * stride + i);
-                match tile.len() {
-                    1 => self.group_vnni::<1>(tile, g, out, stride, lanes),
-                    2 => self.group_vnni::<2>(tile, g, out, stride, lanes),
-                    3 => self.group_vnni::<3>(tile, g, out, stride, lanes),
-                    4 => self.group_vnni::<4>(tile, g, out, stride, lanes),
-                    5 => self.group_vnni::<5>(tile, g, out, stride, lanes),
-                    6 => self.group_vnni::<6>(tile, g, out, stride, lanes),
-                    7 => self.group_vnni::<7>(tile, g, out, stride, lanes),
-                    _ => self.group_vnni::<8>(tile, g, out, stride, lanes),
+        const PANEL: usize = 64;
+        for (p, panel) in acts.chunks(PANEL).enumerate() {
+            let mut i = 0;
+            while i < len {
+                let lanes = (len - i).min(G);
+                let g = (r0 + i) / G;
+                for (t, tile) in panel.chunks(8).enumerate() {
+                    let out = y.add((p * PANEL + t * 8) * stride + i);
+                    match tile.len() {
+                        1 => self.group_vnni::<1>(tile, g, out, stride, lanes),
+                        2 => self.group_vnni::<2>(tile, g, out, stride, lanes),
+                        3 => self.group_vnni::<3>(tile, g, out, stride, lanes),
+                        4 => self.group_vnni::<4>(tile, g, out, stride, lanes),
+                        5 => self.group_vnni::<5>(tile, g, out, stride, lanes),
+                        6 => self.group_vnni::<6>(tile, g, out, stride, lanes),
+                        7 => self.group_vnni::<7>(tile, g, out, stride, lanes),
+                        _ => self.group_vnni::<8>(tile, g, out, stride, lanes),
+                    }
                 }
+                i += lanes;
             }
-            i += lanes;
         }
     }
 
@@ -669,6 +669,19 @@ fn q4_k_as_q4_1(sb: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// y's base pointer shared by the chunks of a product, which write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for writes to disjoint elements, each by one task, within one call.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// Activations quantised per block of 32: `x ~ s[b] * a`, with `ssum[b] = s[b] * sum(a)`.
 struct Act {
     a: Vec<i8>,
@@ -681,6 +694,19 @@ impl Act {
         let nb = x.len() / QK;
         let mut a = vec![0i8; x.len()];
         let (mut s, mut ssum) = (vec![0f32; nb], vec![0f32; nb]);
+        #[cfg(target_arch = "x86_64")]
+        if vnni_available() {
+            // SAFETY: AVX-512 checked at run time; the buffers hold nb blocks.
+            unsafe { quantize_avx512(x, &mut a, &mut s, &mut ssum) };
+            return Act { a, s, ssum };
+        }
+        quantize_scalar(x, &mut a, &mut s, &mut ssum);
+        Act { a, s, ssum }
+    }
+}
+
+fn quantize_scalar(x: &[f32], a: &mut [i8], s: &mut [f32], ssum: &mut [f32]) {
+    {
         for (b, (xb, ab)) in x.chunks_exact(QK).zip(a.chunks_exact_mut(QK)).enumerate() {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             // A NaN or infinity would round to 0 (max ignores NaN): a NaN scale carries it
@@ -703,7 +729,36 @@ impl Act {
             s[b] = scale;
             ssum[b] = scale * sum as f32;
         }
-        Act { a, s, ssum }
+    }
+}
+
+/// [`Act::quantize`] 32 floats at a time, to the same bits: the same scale and inverse,
+/// products rounded to nearest even (the conversion's default mode, as the scalar shift).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_avx512(x: &[f32], a: &mut [i8], s: &mut [f32], ssum: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for (b, (xb, ab)) in x.chunks_exact(QK).zip(a.chunks_exact_mut(QK)).enumerate() {
+        let v0 = _mm512_loadu_ps(xb.as_ptr());
+        let v1 = _mm512_loadu_ps(xb.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        // x - x is 0 for finite x, NaN for an infinity or a NaN.
+        let zero = _mm512_setzero_ps();
+        let finite = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(v0, v0), zero)
+            & _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(v1, v1), zero);
+        let scale = if finite == 0xffff {
+            amax / 127.0
+        } else {
+            f32::NAN
+        };
+        let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
+        let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+        _mm_storeu_si128(ab.as_mut_ptr().cast(), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128(ab.as_mut_ptr().add(16).cast(), _mm512_cvtsepi32_epi8(q1));
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        s[b] = scale;
+        ssum[b] = scale * sum as f32;
     }
 }
 
@@ -803,7 +858,13 @@ mod tests {
     fn gemm_rows_are_their_gemvs() {
         let mut rng = rand::rng();
         for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q5_0, QKind::Q8_0] {
-            for (rows, cols, m) in [(1, 32, 2), (7, 96, 3), (130, 576, 5), (67, 1536, 17)] {
+            for (rows, cols, m) in [
+                (1, 32, 2),
+                (7, 96, 3),
+                (130, 576, 5),
+                (67, 1536, 17),
+                (33, 64, 70),
+            ] {
                 let w = QMatrix::from_gguf(kind, &blocks(kind, rows, cols, &mut rng), rows, cols)
                     .unwrap();
                 let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
@@ -837,6 +898,37 @@ mod tests {
         assert!(y[0].is_finite() && y[1].is_nan(), "{y:?}");
         assert!(w.gemm(&[1.0; 64], 3, &mut [0.0; 6]).is_err());
         assert!(w.gemm(&[1.0; 96], 3, &mut [0.0; 5]).is_err());
+    }
+
+    /// The vector activation quantiser gives the scalar one's bits (finite inputs, ties,
+    /// an all-zero block); a non-finite block's scale is NaN in both.
+    #[test]
+    fn activation_quantisers_agree() {
+        let mut rng = rand::rng();
+        let mut x: Vec<f32> = (0..QK * 9).map(|_| rng.random_range(-3.0..3.0)).collect();
+        x[QK..2 * QK].fill(0.0);
+        // Exact halves of the step: ties to even.
+        for (i, v) in x[2 * QK..3 * QK].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 + 0.5 };
+        }
+        x[3 * QK + 5] = f32::INFINITY;
+        x[4 * QK + 7] = f32::NAN;
+        let n = x.len() / QK;
+        let (mut a, mut s, mut ss) = (vec![0i8; x.len()], vec![0f32; n], vec![0f32; n]);
+        quantize_scalar(&x, &mut a, &mut s, &mut ss);
+        let v = Act::quantize(&x);
+        for b in (0..n).filter(|b| !(3..5).contains(b)) {
+            assert_eq!(
+                &v.a[b * QK..(b + 1) * QK],
+                &a[b * QK..(b + 1) * QK],
+                "block {b}"
+            );
+            assert_eq!(
+                (v.s[b].to_bits(), v.ssum[b].to_bits()),
+                (s[b].to_bits(), ss[b].to_bits())
+            );
+        }
+        assert!(v.s[3].is_nan() && v.s[4].is_nan() && s[3].is_nan() && s[4].is_nan());
     }
 
     #[test]

@@ -37,8 +37,8 @@ pub fn open(model: &Option<PathBuf>) -> Result<Loaded> {
 
 /// Which numeric path a command runs: the fast one by default (the GGUF's own weight blocks,
 /// other weights in 8 bits, times int8 activations; a bf16 KV cache), `--exact` for f32
-/// weights and KV (what `perplexity` and the parity tests use). On the fast path, products of
-/// up to 160 rows (decode steps, short prompt chunks) take int8 activations; longer ones f32.
+/// weights and KV (what `perplexity` and the parity tests use). On the fast path every product
+/// (decode steps, prompt chunks) takes int8 activations, as llama.cpp's CPU backend does.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DecodeOpts {
     /// The exact path: f32 decode weights and an f32 KV cache.

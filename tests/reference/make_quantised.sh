@@ -4,7 +4,7 @@
 # GGUF that llama.cpp's convert_hf_to_gguf.py writes -> llama-quantize into each format.
 #   tests/reference/make_quantised.sh LLAMA_CPP_DIR [OUT_DIR]
 # LLAMA_CPP_DIR is what ../shared/tools/build-llamacpp.sh prints; needs ~/venvs/ref (torch,
-# transformers, gguf). Prints one line per file.
+# transformers, gguf, accelerate: transformers loads a GGUF only with accelerate). Prints one line per file.
 set -euo pipefail
 llama=$1
 out=${2:-$HOME/.cache/longctx/quantised}
