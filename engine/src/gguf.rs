@@ -178,7 +178,7 @@ impl TensorInfo {
 /// A parsed, memory-mapped GGUF file.
 pub struct Gguf {
     path: PathBuf,
-    map: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    map: Arc<memmap2::Mmap>,
     pub version: u32,
     pub metadata: Metadata,
     pub tensors: BTreeMap<String, TensorInfo>,
@@ -466,7 +466,7 @@ impl Gguf {
     /// GGUF dims); nothing is copied.
     pub fn tensor(&self, name: &str, shape: Vec<usize>) -> Result<Tensor> {
         let (info, ty) = self.info(name)?;
-        let blob = Blob::new(self.map.clone(), info.start as usize, info.bytes as usize)?;
+        let blob = Blob::mapped(self.map.clone(), info.start as usize, info.bytes as usize)?;
         Tensor::stored(name, shape, ty, blob)
     }
 

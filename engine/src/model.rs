@@ -278,7 +278,7 @@ impl Model {
                 m.gate_up_q = stack(&[&m.gate, &m.up]);
             }
         }
-        self.lm_head.enable_quant_decode()
+        self.lm_head.enable_quant_decode_compact()
     }
 
     /// A KV store laid out for this model: chunked-local retention on Llama 4's RoPE layers.

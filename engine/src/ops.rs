@@ -41,6 +41,16 @@ impl Linear {
     /// file's own blocks where the kernel reads them, else the nearest layout it does).
     pub fn enable_quant_decode(&mut self) -> Result<()> {
         self.wt_q = Some(Box::new(QMatrix::from_stored(self.rows())?));
+        // The fast path reads the repacked copy only: the file's pages need not stay too.
+        self.w.data.release_pages();
+        Ok(())
+    }
+
+    /// [`Linear::enable_quant_decode`] in the fewest bytes ([`QMatrix::from_stored_compact`]):
+    /// for the LM head, multiplied by one row per sequence a step.
+    pub fn enable_quant_decode_compact(&mut self) -> Result<()> {
+        self.wt_q = Some(Box::new(QMatrix::from_stored_compact(self.rows())?));
+        self.w.data.release_pages();
         Ok(())
     }
 

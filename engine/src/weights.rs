@@ -376,8 +376,8 @@ fn load_safetensors(path: &Path, map: &mut BTreeMap<String, Tensor>) -> Result<(
     // SAFETY: read-only private map; contents are validated by the safetensors parser.
     let mm =
         unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io("mapping", path, e))?;
-    let owner: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = std::sync::Arc::new(mm);
-    let bytes: &[u8] = (*owner).as_ref();
+    let owner = std::sync::Arc::new(mm);
+    let bytes: &[u8] = &owner[..];
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| EngineError::BadFile {
         path: path.to_path_buf(),
         format: "safetensors",
@@ -398,7 +398,7 @@ fn load_safetensors(path: &Path, map: &mut BTreeMap<String, Tensor>) -> Result<(
         };
         // The view borrows the map: its offset in it locates the tensor's bytes.
         let start = view.data().as_ptr() as usize - base;
-        let data = Blob::new(owner.clone(), start, view.data().len())?;
+        let data = Blob::mapped(owner.clone(), start, view.data().len())?;
         let shape = view.shape().to_vec();
         let t = Tensor::stored(&name, shape, format, data).map_err(|e| EngineError::BadFile {
             path: path.to_path_buf(),

@@ -23,6 +23,9 @@ pub enum QKind {
     Q4_1,
     Q5_0,
     Q8_0,
+    /// GGUF's Q6_K as 32-weight blocks: 6-bit `q` (nibbles and a plane of high bit pairs),
+    /// a scale per 16 weights (`d sc` in f16), `w = scale (q - 32)`. 0.875 bytes a weight.
+    Q6,
 }
 
 impl QKind {
@@ -33,6 +36,8 @@ impl QKind {
             QKind::Q4_1 => 20,
             QKind::Q5_0 => 22,
             QKind::Q8_0 => 34,
+            // As held: nibbles, high bit pairs, two f16 scales.
+            QKind::Q6 => 28,
         }
     }
 
@@ -49,9 +54,9 @@ impl QKind {
         self != QKind::Q8_0
     }
 
-    /// f16 scales kept per block: `d`, and Q4_1's `m`.
+    /// f16 scales kept per block: `d`, and Q4_1's `m` or Q6's second half's scale.
     fn scales_per_block(self) -> usize {
-        if self == QKind::Q4_1 {
+        if matches!(self, QKind::Q4_1 | QKind::Q6) {
             2
         } else {
             1
@@ -64,6 +69,7 @@ impl QKind {
             QKind::Q4_0 => -8.0,
             QKind::Q5_0 => -16.0,
             QKind::Q8_0 => -128.0,
+            QKind::Q6 => -32.0,
             QKind::Q4_1 => 0.0,
         }
     }
@@ -95,12 +101,16 @@ pub struct QMatrix {
     /// Q5_0's fifth bits per group and block: one 64-bit mask per unpacked vector (low
     /// nibbles of chunk c: vector 2c, high: 2c + 1; bit `4r + i` its byte); empty otherwise.
     hi: Vec<u64>,
+    /// Q6's high bit pairs per group and block: two 64-byte chunks, chunk h's byte `4r + i`
+    /// holding at bits `2u..2u + 2` those of unpacked vector `4h + u`'s byte; empty otherwise.
+    hi2: Vec<u8>,
 }
 
 /// One row's block as values: `w = d * v + m`, `v` unsigned (0..15, 0..31 or `q + 128`).
 struct RowBlock {
     d: u16,
-    /// Q4_1's `m` (f16 bits); the other kinds' offset follows from `d`.
+    /// Q4_1's `m` (f16 bits), Q6's scale of elements 16..32 (`d` is that of 0..16); the
+    /// other kinds' offset follows from `d`.
     m: u16,
     v: [u8; QK],
 }
@@ -135,13 +145,21 @@ impl QMatrix {
                 0
             }
         ];
+        let mut hi2 = vec![
+            0u8;
+            if kind == QKind::Q6 {
+                groups * nb * 128
+            } else {
+                0
+            }
+        ];
         for r in 0..rows {
             let (g, lane) = (r / G, r % G);
             for b in 0..nb {
                 let blk = g * nb + b;
                 let rb = block(r, b);
                 scales[blk * per + lane] = rb.d;
-                if kind == QKind::Q4_1 {
+                if kind.scales_per_block() == 2 {
                     scales[blk * per + G + lane] = rb.m;
                 }
                 let dst = &mut q[blk * qb..(blk + 1) * qb];
@@ -163,6 +181,14 @@ impl QMatrix {
                         }
                     }
                 }
+                if kind == QKind::Q6 {
+                    for e in 0..QK {
+                        let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
+                        let t = 2 * c + high as usize;
+                        hi2[blk * 128 + (t / 4) * 64 + 4 * lane + i] |=
+                            ((rb.v[e] >> 4) & 3) << (2 * (t % 4));
+                    }
+                }
             }
         }
         QMatrix {
@@ -172,6 +198,7 @@ impl QMatrix {
             scales,
             q,
             hi,
+            hi2,
         }
     }
 
@@ -199,9 +226,17 @@ impl QMatrix {
                 *o |= (((mask >> (4 * lane + i)) & 1) << 4) as u8;
             }
         }
+        if self.kind == QKind::Q6 {
+            for (e, o) in v.iter_mut().enumerate() {
+                let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
+                let t = 2 * c + high as usize;
+                let pair = self.hi2[blk * 128 + (t / 4) * 64 + 4 * lane + i] >> (2 * (t % 4));
+                *o |= (pair & 3) << 4;
+            }
+        }
         RowBlock {
             d: self.scales[blk * per + lane],
-            m: if self.kind == QKind::Q4_1 {
+            m: if self.kind.scales_per_block() == 2 {
                 self.scales[blk * per + G + lane]
             } else {
                 0
@@ -218,6 +253,12 @@ impl QMatrix {
         cols: usize,
     ) -> Result<QMatrix, KernelError> {
         const OP: &str = "QMatrix::from_gguf";
+        if kind == QKind::Q6 {
+            return Err(KernelError::Unsupported {
+                op: OP,
+                reason: "Q6 is made from Q6_K super-blocks (QMatrix::from_stored_compact)".into(),
+            });
+        }
         if !cols.is_multiple_of(QK) {
             return Err(KernelError::Unsupported {
                 op: OP,
@@ -266,6 +307,7 @@ impl QMatrix {
                     }
                     0
                 }
+                QKind::Q6 => unreachable!("refused above"),
             };
             RowBlock {
                 d: bits(blk, 0),
@@ -290,11 +332,25 @@ impl QMatrix {
         QMatrix::from_gguf(QKind::Q8_0, &bytes, rows, cols)
     }
 
-    /// From a stored `[rows, cols]` matrix of any format: Q4_0, Q4_1, Q5_0 and Q8_0 as they
-    /// are; Q4_K as Q4_1 blocks (each 32-element sub-block's `d sc` and `dmin m` rounded to
-    /// f16, 0.625 bytes a weight); the others (floats, Q2_K, Q3_K, Q5_K, Q6_K, IQ4) quantised
-    /// to Q8_0 from their dequantised values, row by row.
+    /// From a stored `[rows, cols]` matrix of any format, in the layout fastest for products
+    /// of many rows (prompt chunks): Q4_0, Q4_1, Q5_0 and Q8_0 as they are; Q4_K as Q4_1
+    /// blocks (each 32-element sub-block's `d sc` and `dmin m` rounded to f16, 0.625 bytes a
+    /// weight); the others (floats, Q2_K, Q3_K, Q5_K, Q6_K, IQ4) quantised to Q8_0 from their
+    /// dequantised values, row by row.
     pub fn from_stored(rows_in: StoredRows) -> Result<QMatrix, KernelError> {
+        QMatrix::from_stored_as(rows_in, false)
+    }
+
+    /// [`QMatrix::from_stored`] in the fewest bytes, for a weight only ever multiplied by a
+    /// few rows (an LM head: one row per sequence a step), where a product streams its bytes
+    /// and compute is to spare: Q6_K as Q6 (0.875 bytes a weight, its own 6-bit values; 1.06
+    /// as Q8_0). Q6's unpacking costs ~13% of a 2K-token prefill where every Q6_K tensor takes
+    /// it (SmolLM2 and the Llama 4 MoE in Q4_K_M), for 5-14% faster decoding.
+    pub fn from_stored_compact(rows_in: StoredRows) -> Result<QMatrix, KernelError> {
+        QMatrix::from_stored_as(rows_in, true)
+    }
+
+    fn from_stored_as(rows_in: StoredRows, compact: bool) -> Result<QMatrix, KernelError> {
         let (rows, cols) = (rows_in.rows, rows_in.cols);
         let direct = |k| QMatrix::from_gguf(k, rows_in.bytes, rows, cols);
         match rows_in.format {
@@ -309,6 +365,7 @@ impl QMatrix {
                 }
                 QMatrix::from_gguf(QKind::Q4_1, &out, rows, cols)
             }
+            Format::Q6_K if compact => Ok(q6_k_as_q6(&rows_in)),
             _ => {
                 if !cols.is_multiple_of(QK) {
                     return Err(KernelError::Unsupported {
@@ -359,6 +416,7 @@ impl QMatrix {
                     .collect(),
                 q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
                 hi: parts.iter().flat_map(|p| p.hi.iter().copied()).collect(),
+                hi2: parts.iter().flat_map(|p| p.hi2.iter().copied()).collect(),
             });
         }
         let mut at = Vec::with_capacity(rows);
@@ -385,7 +443,7 @@ impl QMatrix {
 
     /// Bytes a product streams (the last group's padding rows included).
     pub fn bytes(&self) -> usize {
-        self.q.len() + 2 * self.scales.len() + 8 * self.hi.len()
+        self.q.len() + 2 * self.scales.len() + 8 * self.hi.len() + self.hi2.len()
     }
 
     fn nb(&self) -> usize {
@@ -396,7 +454,7 @@ impl QMatrix {
     fn dm(&self, rb: &RowBlock) -> (f32, f32) {
         let d = f16::from_bits(rb.d).to_f32();
         match self.kind {
-            QKind::Q4_1 => (d, f16::from_bits(rb.m).to_f32()),
+            QKind::Q4_1 | QKind::Q6 => (d, f16::from_bits(rb.m).to_f32()),
             k => (d, k.offset() * d),
         }
     }
@@ -405,6 +463,10 @@ impl QMatrix {
     pub fn get(&self, r: usize, c: usize) -> f32 {
         let rb = self.row_block(r, c / QK);
         let (d, m) = self.dm(&rb);
+        if self.kind == QKind::Q6 {
+            let scale = if c % QK < 16 { d } else { m };
+            return scale * (rb.v[c % QK] as f32 - 32.0);
+        }
         d * rb.v[c % QK] as f32 + m
     }
 
@@ -482,8 +544,17 @@ impl QMatrix {
     fn block_product(&self, act: &Act, r: usize, b: usize) -> f32 {
         let rb = self.row_block(r, b);
         let a = &act.a[b * QK..(b + 1) * QK];
-        let dot: i32 = rb.v.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum();
         let (d, m) = self.dm(&rb);
+        if self.kind == QKind::Q6 {
+            // Per half: scale s (sum(q a) - 32 sum(a)).
+            let half = |h: usize| -> i32 {
+                (16 * h..16 * h + 16)
+                    .map(|j| (rb.v[j] as i32 - 32) * a[j] as i32)
+                    .sum()
+            };
+            return d * act.s[b] * half(0) as f32 + m * act.s[b] * half(1) as f32;
+        }
+        let dot: i32 = rb.v.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum();
         d * act.s[b] * dot as f32 + m * act.ssum[b]
     }
 
@@ -515,19 +586,38 @@ impl QMatrix {
                 let g = (r0 + i) / G;
                 for (t, tile) in panel.chunks(8).enumerate() {
                     let out = y.add((p * PANEL + t * 8) * stride + i);
-                    match tile.len() {
-                        1 => self.group_vnni::<1>(tile, g, out, stride, lanes),
-                        2 => self.group_vnni::<2>(tile, g, out, stride, lanes),
-                        3 => self.group_vnni::<3>(tile, g, out, stride, lanes),
-                        4 => self.group_vnni::<4>(tile, g, out, stride, lanes),
-                        5 => self.group_vnni::<5>(tile, g, out, stride, lanes),
-                        6 => self.group_vnni::<6>(tile, g, out, stride, lanes),
-                        7 => self.group_vnni::<7>(tile, g, out, stride, lanes),
-                        _ => self.group_vnni::<8>(tile, g, out, stride, lanes),
+                    if self.kind == QKind::Q6 {
+                        self.tile_vnni::<true>(tile, g, out, stride, lanes);
+                    } else {
+                        self.tile_vnni::<false>(tile, g, out, stride, lanes);
                     }
                 }
                 i += lanes;
             }
+        }
+    }
+
+    /// [`QMatrix::group_vnni`] for a tile of 1 to 8 activations.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
+    #[inline]
+    unsafe fn tile_vnni<const Q6: bool>(
+        &self,
+        tile: &[&Act],
+        g: usize,
+        out: *mut f32,
+        stride: usize,
+        lanes: usize,
+    ) {
+        match tile.len() {
+            1 => self.group_vnni::<1, Q6>(tile, g, out, stride, lanes),
+            2 => self.group_vnni::<2, Q6>(tile, g, out, stride, lanes),
+            3 => self.group_vnni::<3, Q6>(tile, g, out, stride, lanes),
+            4 => self.group_vnni::<4, Q6>(tile, g, out, stride, lanes),
+            5 => self.group_vnni::<5, Q6>(tile, g, out, stride, lanes),
+            6 => self.group_vnni::<6, Q6>(tile, g, out, stride, lanes),
+            7 => self.group_vnni::<7, Q6>(tile, g, out, stride, lanes),
+            _ => self.group_vnni::<8, Q6>(tile, g, out, stride, lanes),
         }
     }
 
@@ -539,7 +629,7 @@ impl QMatrix {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
     #[inline]
-    unsafe fn group_vnni<const J: usize>(
+    unsafe fn group_vnni<const J: usize, const Q6: bool>(
         &self,
         acts: &[&Act],
         g: usize,
@@ -560,6 +650,8 @@ impl QMatrix {
         let a: [*const i8; J] = std::array::from_fn(|j| acts[j].a.as_ptr());
         let s: [*const f32; J] = std::array::from_fn(|j| acts[j].s.as_ptr());
         let ss: [*const f32; J] = std::array::from_fn(|j| acts[j].ssum.as_ptr());
+        let hs: [*const i32; J] = std::array::from_fn(|j| acts[j].hsum.as_ptr());
+        let pair_bits = _mm512_set1_epi8(0x30);
         let (qend, send) = (self.q.as_ptr_range().end, self.scales.as_ptr_range().end);
         for b in 0..nb {
             let blk = g * nb + b;
@@ -589,26 +681,63 @@ impl QMatrix {
                         *wt = _mm512_or_si512(*wt, _mm512_maskz_mov_epi8(*h.add(t), sixteen));
                     }
                 }
+                if Q6 {
+                    // Each vector's high bit pairs to bits 4..6 of its bytes.
+                    let hp = self.hi2.as_ptr().add(blk * 128);
+                    let h = [
+                        _mm512_loadu_si512(hp.cast()),
+                        _mm512_loadu_si512(hp.add(64).cast()),
+                    ];
+                    for (t, wt) in w.iter_mut().enumerate() {
+                        let v = h[t / 4];
+                        let at = match t % 4 {
+                            0 => _mm512_slli_epi16::<4>(v),
+                            1 => _mm512_slli_epi16::<2>(v),
+                            2 => v,
+                            _ => _mm512_srli_epi16::<2>(v),
+                        };
+                        *wt = _mm512_or_si512(*wt, _mm512_and_si512(at, pair_bits));
+                    }
+                }
             } else {
                 for (c, wt) in w.iter_mut().enumerate() {
                     *wt = _mm512_loadu_si512(wp.add(64 * c).cast());
                 }
             }
             let dv = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
-            let mv = if q4_1 {
+            let mv = if q4_1 || Q6 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(G).cast()))
             } else {
                 _mm512_mul_ps(dv, offset)
             };
+            // Q6: elements 0..16 (even vectors) and 16..32 (odd) apart, for their scales.
             let mut dot = [_mm512_setzero_si512(); J];
+            let mut dot_hi = [_mm512_setzero_si512(); J];
             for t in 0..8 {
                 for j in 0..J {
                     let word = a[j]
                         .add(b * QK + 4 * words[t])
                         .cast::<i32>()
                         .read_unaligned();
-                    dot[j] = _mm512_dpbusd_epi32(dot[j], w[t], _mm512_set1_epi32(word));
+                    let d = if Q6 && t % 2 == 1 {
+                        &mut dot_hi[j]
+                    } else {
+                        &mut dot[j]
+                    };
+                    *d = _mm512_dpbusd_epi32(*d, w[t], _mm512_set1_epi32(word));
                 }
+            }
+            if Q6 {
+                // scale (sum(q a) - 32 sum(a)) per half, the offset exact in integers.
+                for j in 0..J {
+                    let sv = _mm512_set1_ps(*s[j].add(b));
+                    let off = |h: usize| _mm512_set1_epi32(32 * *hs[j].add(2 * b + h));
+                    let lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[j], off(0)));
+                    let hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot_hi[j], off(1)));
+                    acc[j] = _mm512_fmadd_ps(lo, _mm512_mul_ps(dv, sv), acc[j]);
+                    acc[j] = _mm512_fmadd_ps(hi, _mm512_mul_ps(mv, sv), acc[j]);
+                }
+                continue;
             }
             for j in 0..J {
                 let ds = _mm512_mul_ps(dv, _mm512_set1_ps(*s[j].add(b)));
@@ -669,6 +798,41 @@ fn q4_k_as_q4_1(sb: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Q6_K super-blocks (256 weights: `ql` nibbles, `qh` bit pairs, 16 int8 scales, f16 `d`)
+/// as Q6 blocks: element `128n + 32k + l` of a super-block is `d sc[8n + 2k + l / 16] (q -
+/// 32)`, so 32-weight block `4n + k` has the scales `d sc[2(4n + k)]`, `d sc[2(4n + k) + 1]`
+/// (rounded to f16) and the same 6-bit `q`.
+fn q6_k_as_q6(rows_in: &StoredRows) -> QMatrix {
+    let (rows, cols) = (rows_in.rows, rows_in.cols);
+    let sbs = cols / 256;
+    let bb = Format::Q6_K.block_bytes();
+    QMatrix::pack(QKind::Q6, rows, cols, |r, b| {
+        let sb = &rows_in.bytes[(r * sbs + b / 8) * bb..(r * sbs + b / 8 + 1) * bb];
+        let (n, k) = ((b % 8) / 4, b % 4);
+        let d = f16::from_le_bytes([sb[208], sb[209]]).to_f32();
+        let (ql, qh) = (
+            &sb[64 * n..64 * n + 64],
+            &sb[128 + 32 * n..128 + 32 * n + 32],
+        );
+        let mut v = [0u8; QK];
+        for (l, o) in v.iter_mut().enumerate() {
+            let lo = match k {
+                0 => ql[l] & 15,
+                1 => ql[l + 32] & 15,
+                2 => ql[l] >> 4,
+                _ => ql[l + 32] >> 4,
+            };
+            *o = lo | (((qh[l] >> (2 * k)) & 3) << 4);
+        }
+        let scale = |h: usize| f16::from_f32(d * sb[192 + 2 * (b % 8) + h] as i8 as f32).to_bits();
+        RowBlock {
+            d: scale(0),
+            m: scale(1),
+            v,
+        }
+    })
+}
+
 /// y's base pointer shared by the chunks of a product, which write disjoint parts of it.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -687,6 +851,8 @@ struct Act {
     a: Vec<i8>,
     s: Vec<f32>,
     ssum: Vec<f32>,
+    /// Per block, `sum(a)` of elements 0..16 and 16..32 (Q6's scale per half).
+    hsum: Vec<i32>,
 }
 
 impl Act {
@@ -694,18 +860,19 @@ impl Act {
         let nb = x.len() / QK;
         let mut a = vec![0i8; x.len()];
         let (mut s, mut ssum) = (vec![0f32; nb], vec![0f32; nb]);
+        let mut hsum = vec![0i32; 2 * nb];
         #[cfg(target_arch = "x86_64")]
         if vnni_available() {
             // SAFETY: AVX-512 checked at run time; the buffers hold nb blocks.
-            unsafe { quantize_avx512(x, &mut a, &mut s, &mut ssum) };
-            return Act { a, s, ssum };
+            unsafe { quantize_avx512(x, &mut a, &mut s, &mut ssum, &mut hsum) };
+            return Act { a, s, ssum, hsum };
         }
-        quantize_scalar(x, &mut a, &mut s, &mut ssum);
-        Act { a, s, ssum }
+        quantize_scalar(x, &mut a, &mut s, &mut ssum, &mut hsum);
+        Act { a, s, ssum, hsum }
     }
 }
 
-fn quantize_scalar(x: &[f32], a: &mut [i8], s: &mut [f32], ssum: &mut [f32]) {
+fn quantize_scalar(x: &[f32], a: &mut [i8], s: &mut [f32], ssum: &mut [f32], hsum: &mut [i32]) {
     {
         for (b, (xb, ab)) in x.chunks_exact(QK).zip(a.chunks_exact_mut(QK)).enumerate() {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -721,10 +888,11 @@ fn quantize_scalar(x: &[f32], a: &mut [i8], s: &mut [f32], ssum: &mut [f32]) {
             // call per element on baseline x86-64, a tenth of a batched product's time.
             const SHIFT: f32 = 12_582_912.0;
             let mut sum = 0i32;
-            for (o, v) in ab.iter_mut().zip(xb) {
+            for (j, (o, v)) in ab.iter_mut().zip(xb).enumerate() {
                 let q = ((v * inv + SHIFT) - SHIFT) as i8;
                 *o = q;
                 sum += q as i32;
+                hsum[2 * b + j / 16] += q as i32;
             }
             s[b] = scale;
             ssum[b] = scale * sum as f32;
@@ -736,7 +904,13 @@ fn quantize_scalar(x: &[f32], a: &mut [i8], s: &mut [f32], ssum: &mut [f32]) {
 /// products rounded to nearest even (the conversion's default mode, as the scalar shift).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_avx512(x: &[f32], a: &mut [i8], s: &mut [f32], ssum: &mut [f32]) {
+unsafe fn quantize_avx512(
+    x: &[f32],
+    a: &mut [i8],
+    s: &mut [f32],
+    ssum: &mut [f32],
+    hsum: &mut [i32],
+) {
     use std::arch::x86_64::*;
     for (b, (xb, ab)) in x.chunks_exact(QK).zip(a.chunks_exact_mut(QK)).enumerate() {
         let v0 = _mm512_loadu_ps(xb.as_ptr());
@@ -756,7 +930,9 @@ unsafe fn quantize_avx512(x: &[f32], a: &mut [i8], s: &mut [f32], ssum: &mut [f3
         let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
         _mm_storeu_si128(ab.as_mut_ptr().cast(), _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128(ab.as_mut_ptr().add(16).cast(), _mm512_cvtsepi32_epi8(q1));
-        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        let (h0, h1) = (_mm512_reduce_add_epi32(q0), _mm512_reduce_add_epi32(q1));
+        (hsum[2 * b], hsum[2 * b + 1]) = (h0, h1);
+        let sum = h0 + h1;
         s[b] = scale;
         ssum[b] = scale * sum as f32;
     }
@@ -803,15 +979,37 @@ mod tests {
         out
     }
 
+    const KINDS: [QKind; 5] = [
+        QKind::Q4_0,
+        QKind::Q4_1,
+        QKind::Q5_0,
+        QKind::Q8_0,
+        QKind::Q6,
+    ];
+
+    /// A random matrix of `kind` and its column count: Q6 from random Q6_K super-blocks
+    /// (columns rounded up to whole ones), the others from random GGUF blocks.
+    fn matrix(kind: QKind, rows: usize, cols: usize, rng: &mut impl Rng) -> (QMatrix, usize) {
+        if kind == QKind::Q6 {
+            let cols = cols.next_multiple_of(256);
+            let b = crate::formats::tests::random_blocks(Format::Q6_K, rows * cols, rng);
+            let w = QMatrix::from_stored_compact(
+                StoredRows::new(Format::Q6_K, &b, rows, cols).unwrap(),
+            );
+            return (w.unwrap(), cols);
+        }
+        let b = blocks(kind, rows, cols, rng);
+        (QMatrix::from_gguf(kind, &b, rows, cols).unwrap(), cols)
+    }
+
     /// The quantised product against the float64 product of the same (dequantised) weights:
     /// within int8 activation rounding; and the vector path equal to the portable one.
     #[test]
     fn gemv_matches_the_dequantised_product() {
         let mut rng = rand::rng();
-        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q5_0, QKind::Q8_0] {
+        for kind in KINDS {
             for (rows, cols) in [(1, 32), (7, 96), (130, 576), (67, 1536)] {
-                let w = QMatrix::from_gguf(kind, &blocks(kind, rows, cols, &mut rng), rows, cols)
-                    .unwrap();
+                let (w, cols) = matrix(kind, rows, cols, &mut rng);
                 let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let mut y = vec![0f32; rows];
                 w.gemv(&x, &mut y).unwrap();
@@ -857,7 +1055,7 @@ mod tests {
     #[test]
     fn gemm_rows_are_their_gemvs() {
         let mut rng = rand::rng();
-        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q5_0, QKind::Q8_0] {
+        for kind in KINDS {
             for (rows, cols, m) in [
                 (1, 32, 2),
                 (7, 96, 3),
@@ -865,8 +1063,7 @@ mod tests {
                 (67, 1536, 17),
                 (33, 64, 70),
             ] {
-                let w = QMatrix::from_gguf(kind, &blocks(kind, rows, cols, &mut rng), rows, cols)
-                    .unwrap();
+                let (w, cols) = matrix(kind, rows, cols, &mut rng);
                 let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let mut y = vec![0f32; m * rows];
                 w.gemm(&x, m, &mut y).unwrap();
@@ -915,7 +1112,8 @@ mod tests {
         x[4 * QK + 7] = f32::NAN;
         let n = x.len() / QK;
         let (mut a, mut s, mut ss) = (vec![0i8; x.len()], vec![0f32; n], vec![0f32; n]);
-        quantize_scalar(&x, &mut a, &mut s, &mut ss);
+        let mut hs = vec![0i32; 2 * n];
+        quantize_scalar(&x, &mut a, &mut s, &mut ss, &mut hs);
         let v = Act::quantize(&x);
         for b in (0..n).filter(|b| !(3..5).contains(b)) {
             assert_eq!(
@@ -927,6 +1125,7 @@ mod tests {
                 (v.s[b].to_bits(), v.ssum[b].to_bits()),
                 (s[b].to_bits(), ss[b].to_bits())
             );
+            assert_eq!(&v.hsum[2 * b..2 * b + 2], &hs[2 * b..2 * b + 2]);
         }
         assert!(v.s[3].is_nan() && v.s[4].is_nan() && s[3].is_nan() && s[4].is_nan());
     }
@@ -1050,8 +1249,29 @@ mod tests {
             let (rows, cols) = (37, 2 * 256 + if f.block_elems() == 256 { 0 } else { 64 });
             let bytes = crate::formats::tests::random_blocks(f, rows * cols, &mut rng);
             let stored = StoredRows::new(f, &bytes, rows, cols).unwrap();
-            let w = QMatrix::from_stored(stored).unwrap();
+            let w = QMatrix::from_stored_compact(stored).unwrap();
+            assert_eq!(
+                QMatrix::from_stored(stored).unwrap().kind(),
+                match f {
+                    Format::Q4_0 => QKind::Q4_0,
+                    Format::Q4_1 | Format::Q4_K => QKind::Q4_1,
+                    Format::Q5_0 => QKind::Q5_0,
+                    _ => QKind::Q8_0,
+                },
+                "{f}: the fast layout"
+            );
             let wf = f.to_f32(&bytes, rows * cols).unwrap();
+            if f == Format::Q6_K {
+                // The same 6-bit values; each 16 weights' `d sc` rounded to f16.
+                assert_eq!(w.kind(), QKind::Q6);
+                for (i, &e) in wf.iter().enumerate() {
+                    let g = w.get(i / cols, i % cols);
+                    assert!(
+                        (g - e).abs() <= e.abs() / 2048.0 * 1.01 + 1e-30,
+                        "Q6_K [{i}]: {g} vs {e}"
+                    );
+                }
+            }
             if f == Format::Q4_K {
                 assert_eq!(w.kind(), QKind::Q4_1);
                 for i in (0..rows * cols).step_by(7) {

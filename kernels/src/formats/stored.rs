@@ -12,6 +12,9 @@ pub struct Blob {
     owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
     start: usize,
     len: usize,
+    /// The owner is a read-only private map of a file: its pages can be dropped and are read
+    /// again from the file when touched ([`Blob::release_pages`]).
+    mapped: bool,
 }
 
 impl Blob {
@@ -28,7 +31,45 @@ impl Blob {
                 reason: format!("bytes {start}..+{len} lie outside the {total} of the owner"),
             });
         }
-        Ok(Blob { owner, start, len })
+        Ok(Blob {
+            owner,
+            start,
+            len,
+            mapped: false,
+        })
+    }
+
+    /// A range of a read-only private memory map of a file (what [`Blob::release_pages`] may
+    /// drop); an error when it lies outside it.
+    pub fn mapped(
+        owner: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    ) -> Result<Blob, KernelError> {
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = owner;
+        Ok(Blob {
+            mapped: true,
+            ..Blob::new(owner, start, len)?
+        })
+    }
+
+    /// Drops this blob's whole pages from the process's memory when they belong to a file
+    /// map (a no-op for owned bytes): for a weight repacked into a kernel's layout, whose
+    /// file bytes are not read again on that path. Nothing is lost: a later read faults the
+    /// pages in from the file again.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if self.mapped {
+            const PAGE: usize = 4096;
+            let base = self.bytes().as_ptr() as usize;
+            let (lo, hi) = (base.next_multiple_of(PAGE), (base + self.len) / PAGE * PAGE);
+            if hi > lo {
+                // SAFETY: lo..hi lies within a read-only private file map that stays mapped
+                // (this blob holds it); MADV_DONTNEED on such a map only drops pages, which
+                // later reads fault in from the file with the same contents.
+                unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_DONTNEED) };
+            }
+        }
     }
 
     /// Owned bytes.
@@ -38,6 +79,7 @@ impl Blob {
             owner: Arc::new(v),
             start: 0,
             len,
+            mapped: false,
         }
     }
 
@@ -70,6 +112,7 @@ impl Blob {
             owner: self.owner.clone(),
             start: self.start + start,
             len,
+            mapped: self.mapped,
         })
     }
 }
@@ -137,5 +180,34 @@ impl<'a> StoredRows<'a> {
         self.format
             .dequantize(b, &mut out[..n * self.cols])
             .expect("row sizes checked at construction");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dropping a file map's pages loses nothing: the bytes read back the same (from the
+    /// file), also for a slice that starts and ends inside pages; owned bytes are untouched.
+    #[test]
+    fn released_pages_read_back_from_the_file() {
+        let path = std::env::temp_dir().join(format!("longctx-blob-{}", std::process::id()));
+        let want: Vec<u8> = (0..5 * 4096 + 123).map(|i| (i * 7 + 3) as u8).collect();
+        std::fs::write(&path, &want).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a private read-only map of a file this test owns.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
+        let whole = Blob::mapped(map.clone(), 0, want.len()).unwrap();
+        let part = whole.slice(100, 3 * 4096).unwrap();
+        assert_eq!(whole.bytes(), &want[..]);
+        part.release_pages();
+        whole.release_pages();
+        assert_eq!(part.bytes(), &want[100..100 + 3 * 4096]);
+        assert_eq!(whole.bytes(), &want[..]);
+        let owned = Blob::from_vec(want.clone());
+        owned.release_pages();
+        assert_eq!(owned.bytes(), &want[..]);
+        assert!(Blob::mapped(map, 10, want.len()).is_err());
+        std::fs::remove_file(path).unwrap();
     }
 }
