@@ -221,48 +221,53 @@ impl QMatrix {
         );
         let head = bs - kind.qbytes();
         let q5 = kind == QKind::Q5_0;
-        let parts: Vec<(Vec<u16>, Vec<u8>, Vec<u64>)> = (0..groups)
-            .into_par_iter()
-            .map(|g| {
-                let mut scales = vec![0u16; nb * per];
-                let mut q = vec![0u8; nb * qb];
-                let mut hi = vec![0u64; if q5 { nb * 8 } else { 0 }];
-                for r in g * G..(g * G + G).min(rows) {
-                    let lane = r % G;
-                    let row = &bytes[r * nb * bs..(r + 1) * nb * bs];
-                    for (b, blk) in row.chunks_exact(bs).enumerate() {
-                        let sc = &mut scales[b * per..(b + 1) * per];
-                        sc[lane] = u16::from_le_bytes([blk[0], blk[1]]);
-                        if per == 2 * G {
-                            sc[G + lane] = u16::from_le_bytes([blk[2], blk[3]]);
-                        }
-                        if q5 {
-                            let h = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]) as u64;
-                            for t in 0..8 {
-                                let (c, high) = (t / 2, t % 2);
-                                hi[b * 8 + t] |= ((h >> (16 * high + 4 * c)) & 0xf) << (4 * lane);
+        // Written in place, group by group in parallel: building each group apart and then
+        // joining them held a second copy of the largest weight (the LM head) at the peak.
+        let mut scales = vec![0u16; groups * nb * per];
+        let mut q = vec![0u8; groups * nb * qb];
+        // Q5_0's fifth bits; one unused word a group for the other kinds (chunks need a size).
+        let hw = if q5 { nb * 8 } else { 1 };
+        let mut hi = vec![0u64; groups * hw];
+        if nb > 0 {
+            q.par_chunks_mut(nb * qb)
+                .zip(scales.par_chunks_mut(nb * per))
+                .zip(hi.par_chunks_mut(hw))
+                .enumerate()
+                .for_each(|(g, ((q, scales), hi))| {
+                    for r in g * G..(g * G + G).min(rows) {
+                        let lane = r % G;
+                        let row = &bytes[r * nb * bs..(r + 1) * nb * bs];
+                        for (b, blk) in row.chunks_exact(bs).enumerate() {
+                            let sc = &mut scales[b * per..(b + 1) * per];
+                            sc[lane] = u16::from_le_bytes([blk[0], blk[1]]);
+                            if per == 2 * G {
+                                sc[G + lane] = u16::from_le_bytes([blk[2], blk[3]]);
                             }
-                        }
-                        let dst = &mut q[b * qb..(b + 1) * qb];
-                        for (c, w) in blk[head..].chunks_exact(4).enumerate() {
-                            let o = &mut dst[c * 64 + 4 * lane..c * 64 + 4 * lane + 4];
-                            if kind == QKind::Q8_0 {
-                                let x = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080;
-                                o.copy_from_slice(&x.to_le_bytes());
-                            } else {
-                                o.copy_from_slice(w);
+                            if q5 {
+                                let h = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]) as u64;
+                                for t in 0..8 {
+                                    let (c, high) = (t / 2, t % 2);
+                                    hi[b * 8 + t] |=
+                                        ((h >> (16 * high + 4 * c)) & 0xf) << (4 * lane);
+                                }
+                            }
+                            let dst = &mut q[b * qb..(b + 1) * qb];
+                            for (c, w) in blk[head..].chunks_exact(4).enumerate() {
+                                let o = &mut dst[c * 64 + 4 * lane..c * 64 + 4 * lane + 4];
+                                if kind == QKind::Q8_0 {
+                                    let x =
+                                        u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080;
+                                    o.copy_from_slice(&x.to_le_bytes());
+                                } else {
+                                    o.copy_from_slice(w);
+                                }
                             }
                         }
                     }
-                }
-                (scales, q, hi)
-            })
-            .collect();
-        let (mut scales, mut q, mut hi) = (vec![], vec![], vec![]);
-        for (s, w, h) in parts {
-            scales.extend(s);
-            q.extend(w);
-            hi.extend(h);
+                });
+        }
+        if !q5 {
+            hi = vec![];
         }
         QMatrix {
             kind,
