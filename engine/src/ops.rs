@@ -145,6 +145,13 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `out = SiLU(gate) * up`, the same arithmetic as [`silu_mul`].
+pub fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
