@@ -107,7 +107,12 @@ pub struct QMatrix {
 }
 
 /// One group's scales, weights, fifth bits and high bit pairs, as [`QMatrix`] holds them.
-type GroupPlanes = (Vec<u16>, Vec<u8>, Vec<u64>, Vec<u8>);
+struct GroupPlanes<'a> {
+    scales: &'a mut [u16],
+    q: &'a mut [u8],
+    hi: &'a mut [u64],
+    hi2: &'a mut [u8],
+}
 
 /// One row's block as values: `w = d * v + m`, `v` unsigned (0..15, 0..31 or `q + 128`).
 struct RowBlock {
@@ -128,72 +133,41 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 impl QMatrix {
-    /// Lays out `rows x cols / 32` row blocks (`block(r, b)`) in the kernel's groups.
-    fn pack(
+    /// A matrix of `kind` whose groups `fill(g, planes)` writes, group by group in parallel,
+    /// in place (loading prepares every weight this way; building each group apart and then
+    /// joining them held a second copy of the largest weight, the LM head, at the peak).
+    fn planes(
         kind: QKind,
         rows: usize,
         cols: usize,
-        block: impl Fn(usize, usize) -> RowBlock + Sync,
+        fill: impl Fn(usize, GroupPlanes) + Sync,
     ) -> QMatrix {
         let nb = cols / QK;
         let groups = rows.div_ceil(G);
         let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
-        // Group by group in parallel (loading a model prepares every weight this way).
-        let parts: Vec<GroupPlanes> = (0..groups)
-            .into_par_iter()
-            .map(|g| {
-                let mut scales = vec![0u16; nb * per];
-                let mut q = vec![0u8; nb * qb];
-                let mut hi = vec![0u64; if kind == QKind::Q5_0 { nb * 8 } else { 0 }];
-                let mut hi2 = vec![0u8; if kind == QKind::Q6 { nb * 128 } else { 0 }];
-                for r in g * G..(g * G + G).min(rows) {
-                    let lane = r % G;
-                    for b in 0..nb {
-                        let blk = b;
-                        let rb = block(r, b);
-                        scales[blk * per + lane] = rb.d;
-                        if kind.scales_per_block() == 2 {
-                            scales[blk * per + G + lane] = rb.m;
-                        }
-                        let dst = &mut q[blk * qb..(blk + 1) * qb];
-                        if kind.packed() {
-                            for e in 0..16 {
-                                let (c, i) = (e / 4, e % 4);
-                                dst[c * 64 + 4 * lane + i] =
-                                    (rb.v[e] & 15) | ((rb.v[e + 16] & 15) << 4);
-                            }
-                        } else {
-                            for e in 0..QK {
-                                dst[(e / 4) * 64 + 4 * lane + e % 4] = rb.v[e];
-                            }
-                        }
-                        if kind == QKind::Q5_0 {
-                            for e in 0..QK {
-                                if rb.v[e] & 16 != 0 {
-                                    let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
-                                    hi[blk * 8 + 2 * c + high as usize] |= 1 << (4 * lane + i);
-                                }
-                            }
-                        }
-                        if kind == QKind::Q6 {
-                            for e in 0..QK {
-                                let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
-                                let t = 2 * c + high as usize;
-                                hi2[blk * 128 + (t / 4) * 64 + 4 * lane + i] |=
-                                    ((rb.v[e] >> 4) & 3) << (2 * (t % 4));
-                            }
-                        }
-                    }
-                }
-                (scales, q, hi, hi2)
-            })
-            .collect();
-        let (mut scales, mut q, mut hi, mut hi2) = (vec![], vec![], vec![], vec![]);
-        for (s, w, h, h2) in parts {
-            scales.extend(s);
-            q.extend(w);
-            hi.extend(h);
-            hi2.extend(h2);
+        // Q5_0's fifth bits and Q6's bit pairs; one unused element a group for the other
+        // kinds (parallel chunks need a size), dropped after.
+        let (q5, q6) = (kind == QKind::Q5_0, kind == QKind::Q6);
+        let (hw, h2w) = (if q5 { nb * 8 } else { 1 }, if q6 { nb * 128 } else { 1 });
+        let mut scales = vec![0u16; groups * nb * per];
+        let mut q = vec![0u8; groups * nb * qb];
+        let mut hi = vec![0u64; groups * hw];
+        let mut hi2 = vec![0u8; groups * h2w];
+        if nb > 0 {
+            q.par_chunks_mut(nb * qb)
+                .zip(scales.par_chunks_mut(nb * per))
+                .zip(hi.par_chunks_mut(hw))
+                .zip(hi2.par_chunks_mut(h2w))
+                .enumerate()
+                .for_each(|(g, (((q, scales), hi), hi2))| {
+                    fill(g, GroupPlanes { scales, q, hi, hi2 })
+                });
+        }
+        if !q5 {
+            hi = vec![];
+        }
+        if !q6 {
+            hi2 = vec![];
         }
         QMatrix {
             kind,
@@ -206,6 +180,52 @@ impl QMatrix {
         }
     }
 
+    /// Lays out `rows x cols / 32` row blocks (`block(r, b)`) in the kernel's groups.
+    fn pack(
+        kind: QKind,
+        rows: usize,
+        cols: usize,
+        block: impl Fn(usize, usize) -> RowBlock + Sync,
+    ) -> QMatrix {
+        let nb = cols / QK;
+        let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
+        QMatrix::planes(kind, rows, cols, |g, p| {
+            for r in g * G..(g * G + G).min(rows) {
+                let lane = r % G;
+                for b in 0..nb {
+                    let rb = block(r, b);
+                    p.scales[b * per + lane] = rb.d;
+                    if per == 2 * G {
+                        p.scales[b * per + G + lane] = rb.m;
+                    }
+                    let dst = &mut p.q[b * qb..(b + 1) * qb];
+                    if kind.packed() {
+                        for e in 0..16 {
+                            let (c, i) = (e / 4, e % 4);
+                            dst[c * 64 + 4 * lane + i] =
+                                (rb.v[e] & 15) | ((rb.v[e + 16] & 15) << 4);
+                        }
+                    } else {
+                        for e in 0..QK {
+                            dst[(e / 4) * 64 + 4 * lane + e % 4] = rb.v[e];
+                        }
+                    }
+                    for e in 0..QK {
+                        let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
+                        let t = 2 * c + high as usize;
+                        if kind == QKind::Q5_0 && rb.v[e] & 16 != 0 {
+                            p.hi[b * 8 + t] |= 1 << (4 * lane + i);
+                        }
+                        if kind == QKind::Q6 {
+                            p.hi2[b * 128 + (t / 4) * 64 + 4 * lane + i] |=
+                                ((rb.v[e] >> 4) & 3) << (2 * (t % 4));
+                        }
+                    }
+                }
+            }
+        })
+    }
+
     /// [`QMatrix::pack`] of Q4_0, Q4_1, Q5_0 and Q8_0 GGUF blocks by whole 4-byte words: in
     /// the group layout a packed byte holds elements `4c + i` and `16 + 4c + i` as GGUF's
     /// byte `4c + i` does, Q8_0's `q + 128` is its byte with the top bit flipped, and Q5_0's
@@ -213,7 +233,6 @@ impl QMatrix {
     /// prepares every weight this way: element by element it took 4 ns a weight.)
     fn pack_words(kind: QKind, bytes: &[u8], rows: usize, cols: usize) -> QMatrix {
         let nb = cols / QK;
-        let groups = rows.div_ceil(G);
         let (qb, per, bs) = (
             kind.qbytes() * G,
             kind.scales_per_block() * G,
@@ -221,63 +240,36 @@ impl QMatrix {
         );
         let head = bs - kind.qbytes();
         let q5 = kind == QKind::Q5_0;
-        // Written in place, group by group in parallel: building each group apart and then
-        // joining them held a second copy of the largest weight (the LM head) at the peak.
-        let mut scales = vec![0u16; groups * nb * per];
-        let mut q = vec![0u8; groups * nb * qb];
-        // Q5_0's fifth bits; one unused word a group for the other kinds (chunks need a size).
-        let hw = if q5 { nb * 8 } else { 1 };
-        let mut hi = vec![0u64; groups * hw];
-        if nb > 0 {
-            q.par_chunks_mut(nb * qb)
-                .zip(scales.par_chunks_mut(nb * per))
-                .zip(hi.par_chunks_mut(hw))
-                .enumerate()
-                .for_each(|(g, ((q, scales), hi))| {
-                    for r in g * G..(g * G + G).min(rows) {
-                        let lane = r % G;
-                        let row = &bytes[r * nb * bs..(r + 1) * nb * bs];
-                        for (b, blk) in row.chunks_exact(bs).enumerate() {
-                            let sc = &mut scales[b * per..(b + 1) * per];
-                            sc[lane] = u16::from_le_bytes([blk[0], blk[1]]);
-                            if per == 2 * G {
-                                sc[G + lane] = u16::from_le_bytes([blk[2], blk[3]]);
-                            }
-                            if q5 {
-                                let h = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]) as u64;
-                                for t in 0..8 {
-                                    let (c, high) = (t / 2, t % 2);
-                                    hi[b * 8 + t] |=
-                                        ((h >> (16 * high + 4 * c)) & 0xf) << (4 * lane);
-                                }
-                            }
-                            let dst = &mut q[b * qb..(b + 1) * qb];
-                            for (c, w) in blk[head..].chunks_exact(4).enumerate() {
-                                let o = &mut dst[c * 64 + 4 * lane..c * 64 + 4 * lane + 4];
-                                if kind == QKind::Q8_0 {
-                                    let x =
-                                        u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080;
-                                    o.copy_from_slice(&x.to_le_bytes());
-                                } else {
-                                    o.copy_from_slice(w);
-                                }
-                            }
+        QMatrix::planes(kind, rows, cols, |g, p| {
+            for r in g * G..(g * G + G).min(rows) {
+                let lane = r % G;
+                let row = &bytes[r * nb * bs..(r + 1) * nb * bs];
+                for (b, blk) in row.chunks_exact(bs).enumerate() {
+                    let sc = &mut p.scales[b * per..(b + 1) * per];
+                    sc[lane] = u16::from_le_bytes([blk[0], blk[1]]);
+                    if per == 2 * G {
+                        sc[G + lane] = u16::from_le_bytes([blk[2], blk[3]]);
+                    }
+                    if q5 {
+                        let h = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]) as u64;
+                        for t in 0..8 {
+                            let (c, high) = (t / 2, t % 2);
+                            p.hi[b * 8 + t] |= ((h >> (16 * high + 4 * c)) & 0xf) << (4 * lane);
                         }
                     }
-                });
-        }
-        if !q5 {
-            hi = vec![];
-        }
-        QMatrix {
-            kind,
-            rows,
-            cols,
-            scales,
-            q,
-            hi,
-            hi2: vec![],
-        }
+                    let dst = &mut p.q[b * qb..(b + 1) * qb];
+                    for (c, w) in blk[head..].chunks_exact(4).enumerate() {
+                        let o = &mut dst[c * 64 + 4 * lane..c * 64 + 4 * lane + 4];
+                        if kind == QKind::Q8_0 {
+                            let x = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080;
+                            o.copy_from_slice(&x.to_le_bytes());
+                        } else {
+                            o.copy_from_slice(w);
+                        }
+                    }
+                }
+            }
+        })
     }
 
     /// Row `r`'s block `b` read back from the groups.
