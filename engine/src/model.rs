@@ -262,20 +262,27 @@ impl Model {
     /// `longctx bench kernels --only gemm-q4`: 350-630 GOP/s at 4-160 rows; f32 tiles from
     /// the blocks 64-180 GFLOP/s at 64-512).
     pub fn enable_quant_decode(&mut self) -> Result<()> {
-        let stack = |parts: &[&Linear]| -> Option<QMatrix> {
+        // The stacked copy replaces the parts' own (the forward pass reads only it): one
+        // copy of those weights, not two.
+        let stack = |parts: &mut [&mut Linear]| -> Option<QMatrix> {
             let qs: Option<Vec<&QMatrix>> = parts.iter().map(|p| p.quant()).collect();
-            QMatrix::concat(&qs?).ok()
+            let stacked = QMatrix::concat(&qs?).ok()?;
+            for p in parts.iter_mut() {
+                p.drop_quant();
+            }
+            Some(stacked)
         };
         for l in &mut self.layers {
             for lin in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj] {
                 lin.enable_quant_decode()?;
             }
-            l.qkv_q = stack(&[&l.q_proj, &l.k_proj, &l.v_proj]);
+            l.qkv_q = stack(&mut [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj]);
             for m in l.mlps() {
                 for lin in m.linears() {
                     lin.enable_quant_decode()?;
                 }
-                m.gate_up_q = stack(&[&m.gate, &m.up]);
+                let gate_up = stack(&mut [&mut m.gate, &mut m.up]);
+                m.gate_up_q = gate_up;
             }
         }
         self.lm_head.enable_quant_decode_compact()

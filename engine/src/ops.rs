@@ -92,6 +92,11 @@ impl Linear {
         self.wt_q.as_deref()
     }
 
+    /// Drops the block-quantised copy (once a stacked copy of it serves the products).
+    pub fn drop_quant(&mut self) {
+        self.wt_q = None;
+    }
+
     /// `y[m, out] = x[m, in] . W^T`: from the block-quantised copy when there is one (the
     /// fast path), else the bf16 copy for one row, the f32 copy, or the stored blocks.
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
