@@ -11,6 +11,9 @@
 //! `d s sum(q a) + m s sum(a)`. Rows are interleaved in groups of 16 (see [`QMatrix`]) and
 //! the scales stay f16 as in the file, so a product streams the GGUF's own bytes per block.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 use crate::formats::{Format, StoredRows};
 use crate::KernelError;
 use half::f16;
@@ -531,6 +534,10 @@ impl QMatrix {
                 // yc.len() exist.
                 unsafe { self.rows_vnni(&[&act], r0, yc.len(), yc.as_mut_ptr(), 0) };
                 return;
+            } else if avx2::available() {
+                // SAFETY: as above, AVX2 checked at run time.
+                unsafe { self.rows_avx2(&[&act], r0, yc.len(), yc.as_mut_ptr(), 0) };
+                return;
             }
             let _ = vnni;
             self.rows_portable(&act, r0, yc);
@@ -551,7 +558,12 @@ impl QMatrix {
             return if m == 1 { self.gemv(x, y) } else { Ok(()) };
         }
         let acts: Vec<Act> = x.par_chunks_exact(self.cols).map(Act::quantize).collect();
-        if !vnni_available() {
+        let vnni = vnni_available();
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = !vnni && avx2::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        if !vnni && !avx2 {
             y.par_chunks_mut(self.rows)
                 .zip(&acts)
                 .for_each(|(yr, act)| self.rows_portable(act, 0, yr));
@@ -572,11 +584,15 @@ impl QMatrix {
                 let r0 = c * rows_per;
                 let len = rows_per.min(self.rows - r0);
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: VNNI checked above; r0 starts a group, rows r0..r0 + len exist, and
-                // the chunks write disjoint columns r0..r0 + len of y's m rows (checked to
-                // be m x rows long).
+                // SAFETY: VNNI or AVX2 checked above; r0 starts a group, rows r0..r0 + len
+                // exist, and the chunks write disjoint columns r0..r0 + len of y's m rows
+                // (checked to be m x rows long).
                 unsafe {
-                    self.rows_vnni(&acts, r0, len, out.at(r0), self.rows)
+                    if vnni {
+                        self.rows_vnni(&acts, r0, len, out.at(r0), self.rows)
+                    } else {
+                        self.rows_avx2(&acts, r0, len, out.at(r0), self.rows)
+                    }
                 };
             });
         Ok(())
@@ -909,6 +925,12 @@ impl Act {
             unsafe { quantize_avx512(x, &mut a, &mut s, &mut ssum, &mut hsum) };
             return Act { a, s, ssum, hsum };
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: AVX2 checked at run time; the buffers hold nb blocks.
+            unsafe { avx2::quantize(x, &mut a, &mut s, &mut ssum, &mut hsum) };
+            return Act { a, s, ssum, hsum };
+        }
         quantize_scalar(x, &mut a, &mut s, &mut ssum, &mut hsum);
         Act { a, s, ssum, hsum }
     }
@@ -986,6 +1008,7 @@ fn vnni_available() -> bool {
         static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *V.get_or_init(|| {
             std::env::var_os("LONGCTX_NO_VNNI").is_none()
+                && crate::Isa::detect() == crate::Isa::Avx512
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512bw")
@@ -1046,6 +1069,34 @@ mod tests {
 
     /// The quantised product against the float64 product of the same (dequantised) weights:
     /// within int8 activation rounding; and the vector path equal to the portable one.
+    /// The largest weights of each kind times the largest activations (every int8 at 127,
+    /// both signs): the AVX2 path's 16-bit partial sums must not saturate or wrap.
+    #[test]
+    fn extreme_weights_and_activations_do_not_overflow() {
+        for kind in KINDS {
+            for fill in [0xffu8, 0x00, 0x80, 0x7f] {
+                let (rows, cols) = (20, 256);
+                let (mut w, cols) = matrix(kind, rows, cols, &mut rand::rng());
+                w.q.fill(fill);
+                w.hi.fill(if fill >= 0x80 { u64::MAX } else { 0 });
+                w.hi2.fill(if fill >= 0x80 { 0xff } else { 0 });
+                for sign in [1.0f32, -1.0] {
+                    let x = vec![sign; cols];
+                    let mut y = vec![0f32; rows];
+                    w.gemv(&x, &mut y).unwrap();
+                    for (r, got) in y.iter().enumerate() {
+                        let want: f64 = (0..cols).map(|c| w.get(r, c) as f64 * sign as f64).sum();
+                        let scale: f64 = (0..cols).map(|c| w.get(r, c).abs() as f64).sum();
+                        assert!(
+                            (*got as f64 - want).abs() <= 1e-4 * scale + 1e-6,
+                            "{kind:?} fill {fill:#x} sign {sign} row {r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn gemv_matches_the_dequantised_product() {
         let mut rng = rand::rng();
@@ -1058,6 +1109,13 @@ mod tests {
                 let act = Act::quantize(&x);
                 let mut y_port = vec![0f32; rows];
                 w.rows_portable(&act, 0, &mut y_port);
+                // The AVX2 path too where the CPU also has VNNI (which gemv prefers).
+                let mut y_avx2 = y_port.clone();
+                #[cfg(target_arch = "x86_64")]
+                if avx2::available() {
+                    // SAFETY: AVX2 checked; rows 0..rows from group 0, y_avx2 holds them.
+                    unsafe { w.rows_avx2(&[&act], 0, rows, y_avx2.as_mut_ptr(), 0) };
+                }
                 // Each block's int8 step from its definition (max |x| / 127), not from the
                 // code under test: a bound built on the kernel's own scale passed a scale
                 // of `amax * 127`.
@@ -1083,6 +1141,11 @@ mod tests {
                         // Same integers; only the order of the float sums differs.
                         (a - b).abs() <= 0.05 * bound,
                         "{kind:?}: vector {a} and portable {b} paths differ"
+                    );
+                    let a = y_avx2[r] as f64;
+                    assert!(
+                        (a - b).abs() <= 0.05 * bound,
+                        "{kind:?}: AVX2 {a} and portable {b} paths differ"
                     );
                 }
             }
@@ -1156,20 +1219,35 @@ mod tests {
         let (mut a, mut s, mut ss) = (vec![0i8; x.len()], vec![0f32; n], vec![0f32; n]);
         let mut hs = vec![0i32; 2 * n];
         quantize_scalar(&x, &mut a, &mut s, &mut ss, &mut hs);
-        let v = Act::quantize(&x);
-        for b in (0..n).filter(|b| !(3..5).contains(b)) {
-            assert_eq!(
-                &v.a[b * QK..(b + 1) * QK],
-                &a[b * QK..(b + 1) * QK],
-                "block {b}"
-            );
-            assert_eq!(
-                (v.s[b].to_bits(), v.ssum[b].to_bits()),
-                (s[b].to_bits(), ss[b].to_bits())
-            );
-            assert_eq!(&v.hsum[2 * b..2 * b + 2], &hs[2 * b..2 * b + 2]);
+        // The best quantiser of this CPU, and the AVX2 one where it is not that.
+        let mut each = vec![Act::quantize(&x)];
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            let mut v = Act {
+                a: vec![0; x.len()],
+                s: vec![0.0; n],
+                ssum: vec![0.0; n],
+                hsum: vec![0; 2 * n],
+            };
+            // SAFETY: AVX2 checked; the buffers hold n blocks.
+            unsafe { avx2::quantize(&x, &mut v.a, &mut v.s, &mut v.ssum, &mut v.hsum) };
+            each.push(v);
         }
-        assert!(v.s[3].is_nan() && v.s[4].is_nan() && s[3].is_nan() && s[4].is_nan());
+        for v in each {
+            for b in (0..n).filter(|b| !(3..5).contains(b)) {
+                assert_eq!(
+                    &v.a[b * QK..(b + 1) * QK],
+                    &a[b * QK..(b + 1) * QK],
+                    "block {b}"
+                );
+                assert_eq!(
+                    (v.s[b].to_bits(), v.ssum[b].to_bits()),
+                    (s[b].to_bits(), ss[b].to_bits())
+                );
+                assert_eq!(&v.hsum[2 * b..2 * b + 2], &hs[2 * b..2 * b + 2]);
+            }
+            assert!(v.s[3].is_nan() && v.s[4].is_nan() && s[3].is_nan() && s[4].is_nan());
+        }
     }
 
     #[test]

@@ -122,28 +122,37 @@ pub unsafe fn scores_dot<T: super::RowElem>(
     st: *mut f32,
     ldst: usize,
 ) {
-    let mut kbuf = [0f32; 256];
+    // K widened a chunk at a time (any d: the exact path's one-row product passes whole
+    // weight rows of thousands).
+    const CH: usize = 256;
+    let mut kbuf = [0f32; CH];
     for j in 0..kt {
-        let src = std::slice::from_raw_parts(k.add(j * ldk), d);
-        for (x, y) in kbuf.iter_mut().zip(src) {
-            *x = y.to_f32();
-        }
-        let kr = &kbuf[..d];
-        for r in 0..16 {
-            let v = if r < rows {
-                let qr = std::slice::from_raw_parts(q.add(r * d), d);
-                // Eight partial sums so the loop vectorises.
-                let mut acc = [0f32; 8];
-                for (qc, kc) in qr.chunks_exact(8).zip(kr.chunks_exact(8)) {
+        let mut acc = [[0f32; 8]; 16];
+        for c0 in (0..d).step_by(CH) {
+            let n = CH.min(d - c0);
+            let src = std::slice::from_raw_parts(k.add(j * ldk + c0), n);
+            for (x, y) in kbuf.iter_mut().zip(src) {
+                *x = y.to_f32();
+            }
+            let kr = &kbuf[..n];
+            for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                let qr = std::slice::from_raw_parts(q.add(r * d + c0), n);
+                // Eight partial sums so the loop vectorises (d is a multiple of 8 here; a
+                // tail is summed alone).
+                let (qc, kc) = (qr.chunks_exact(8), kr.chunks_exact(8));
+                let (qt, kt_) = (qc.remainder(), kc.remainder());
+                for (qc, kc) in qc.zip(kc) {
                     for i in 0..8 {
-                        acc[i] += qc[i] * kc[i];
+                        a[i] += qc[i] * kc[i];
                     }
                 }
-                acc.iter().sum()
-            } else {
-                0.0
-            };
-            *st.add(j * ldst + r) = v;
+                for (x, y) in qt.iter().zip(kt_) {
+                    a[0] += x * y;
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            *st.add(j * ldst + r) = if r < rows { a.iter().sum() } else { 0.0 };
         }
     }
 }

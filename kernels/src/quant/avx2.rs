@@ -1,0 +1,329 @@
+//! The quantised products on CPUs with AVX2 but no AVX-512 VNNI (Zen 2/3, Intel before Ice
+//! Lake): the same 16-row groups, each taken as two halves of 8 rows (one 256-bit vector is
+//! 8 rows x 4 weights). `vpdpbusd` is emulated as llama.cpp's AVX2 code does:
+//! `vpmaddubsw` (unsigned weight x signed activation byte pairs to i16) then `vpmaddwd` by
+//! ones (i16 pairs to i32). The i16 sums of several vectors are added before the widening
+//! while they cannot overflow: 4-bit weights (pairs at most 2 x 15 x 127) over all eight
+//! vectors of a block, 5-bit over four, 6-bit over two. Q8_0 takes the signed form
+//! (`|q| x sign(a, q)`, pairs at most 2 x 128 x 127), so its offset term is not applied.
+
+use super::{Act, QKind, QMatrix, G, PREFETCH, QK, WORD_PACKED, WORD_Q8};
+use std::arch::x86_64::*;
+
+/// Weight families of [`QMatrix::half_avx2`] (a constant, so its inner loop has no branch
+/// on the kind): 4-bit (Q4_0, Q4_1), Q5_0, Q6 and Q8_0.
+const Q4: u8 = 0;
+const Q5: u8 = 1;
+const Q6K: u8 = 2;
+const Q8: u8 = 3;
+
+/// Activations per pass over a group's blocks: `J` f32 and `J` i32 accumulators and the
+/// unpacked weights fit the 16 vector registers.
+pub(super) const TILE: usize = 4;
+
+/// Whether this CPU runs the AVX2 products (AVX2, FMA and F16C), and `LONGCTX_ISA` does not
+/// lower the choice below AVX2.
+pub(super) fn available() -> bool {
+    static A: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *A.get_or_init(|| {
+        std::env::var_os("LONGCTX_NO_AVX2_QUANT").is_none()
+            && crate::Isa::detect() >= crate::Isa::Avx2
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+/// Bytes `0xFF` where bit `k` of `m` is set, for the 32 bytes `k` of a vector.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn bytes_from_bits(m: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(m as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    // Every bit but bit k % 8 of byte k set: the byte is all ones exactly when that bit is.
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+}
+
+impl QMatrix {
+    /// [`QMatrix::rows_vnni`] on AVX2: rows `r0..r0 + len` (`r0` a group's first) times every
+    /// activation of `acts`, row `r0 + i`'s product with activation `j` to `y[j * stride + i]`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C present; `y` valid for writes at `j * stride + i` for every
+    /// `j < acts.len()`, `i < len`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows_avx2(
+        &self,
+        acts: &[&Act],
+        r0: usize,
+        len: usize,
+        y: *mut f32,
+        stride: usize,
+    ) {
+        debug_assert!(r0.is_multiple_of(G));
+        const PANEL: usize = 64;
+        for (p, panel) in acts.chunks(PANEL).enumerate() {
+            let mut i = 0;
+            while i < len {
+                let lanes = (len - i).min(G);
+                let g = (r0 + i) / G;
+                for (t, tile) in panel.chunks(TILE).enumerate() {
+                    let out = y.add((p * PANEL + t * TILE) * stride + i);
+                    for h in 0..lanes.div_ceil(8) {
+                        let n = (lanes - 8 * h).min(8);
+                        let o = out.add(8 * h);
+                        let f = match self.kind {
+                            QKind::Q4_0 | QKind::Q4_1 => Self::half_for::<Q4>,
+                            QKind::Q5_0 => Self::half_for::<Q5>,
+                            QKind::Q6 => Self::half_for::<Q6K>,
+                            QKind::Q8_0 => Self::half_for::<Q8>,
+                        };
+                        f(self, tile, g, h, o, stride, n);
+                    }
+                }
+                i += lanes;
+            }
+        }
+    }
+
+    /// [`QMatrix::half_avx2`] for 1 to [`TILE`] activations.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half_for<const K: u8>(
+        &self,
+        acts: &[&Act],
+        g: usize,
+        h: usize,
+        out: *mut f32,
+        stride: usize,
+        lanes: usize,
+    ) {
+        match acts.len() {
+            1 => self.half_avx2::<1, K>(acts, g, h, out, stride, lanes),
+            2 => self.half_avx2::<2, K>(acts, g, h, out, stride, lanes),
+            3 => self.half_avx2::<3, K>(acts, g, h, out, stride, lanes),
+            _ => self.half_avx2::<4, K>(acts, g, h, out, stride, lanes),
+        }
+    }
+
+    /// Rows `8h..8h + 8` of group `g` times `J` activations, weights of family `K`; the first
+    /// `lanes` rows stored, activation j's at `out + j * stride`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn half_avx2<const J: usize, const K: u8>(
+        &self,
+        acts: &[&Act],
+        g: usize,
+        h: usize,
+        out: *mut f32,
+        stride: usize,
+        lanes: usize,
+    ) {
+        let nb = self.nb();
+        let kind = self.kind;
+        let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
+        let (q4_1, q5, q8) = (kind == QKind::Q4_1, K == Q5, K == Q8);
+        #[allow(non_snake_case)]
+        let Q6 = K == Q6K;
+        let packed = !q8;
+        let words = if packed { WORD_PACKED } else { WORD_Q8 };
+        // Vectors whose i16 products are summed before widening (see the module docs).
+        let run = match K {
+            Q4 => 8,
+            Q5 => 4,
+            Q6K => 2,
+            _ => 1,
+        };
+        let low = _mm256_set1_epi8(0x0f);
+        let sixteen = _mm256_set1_epi8(0x10);
+        let pair_bits = _mm256_set1_epi8(0x30);
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        let offset = _mm256_set1_ps(kind.offset());
+        let mut acc = [_mm256_setzero_ps(); J];
+        let a: [*const i8; J] = std::array::from_fn(|j| acts[j].a.as_ptr());
+        let s: [*const f32; J] = std::array::from_fn(|j| acts[j].s.as_ptr());
+        let ss: [*const f32; J] = std::array::from_fn(|j| acts[j].ssum.as_ptr());
+        let hs: [*const i32; J] = std::array::from_fn(|j| acts[j].hsum.as_ptr());
+        let (qend, send) = (self.q.as_ptr_range().end, self.scales.as_ptr_range().end);
+        for b in 0..nb {
+            let blk = g * nb + b;
+            let wp = self.q.as_ptr().add(blk * qb);
+            let sp = self.scales.as_ptr().add(blk * per);
+            let ahead = wp.wrapping_add(PREFETCH);
+            if h == 0 && ahead < qend {
+                for l in 0..qb / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(64 * l).cast());
+                }
+                let sa = sp.wrapping_add(PREFETCH / qb * per);
+                if sa < send {
+                    _mm_prefetch::<_MM_HINT_T0>(sa.cast());
+                }
+            }
+            let mut w = [_mm256_setzero_si256(); 8];
+            if packed {
+                for c in 0..4 {
+                    let l = _mm256_loadu_si256(wp.add(64 * c + 32 * h).cast());
+                    w[2 * c] = _mm256_and_si256(l, low);
+                    w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(l), low);
+                }
+                if q5 {
+                    let hp = self.hi.as_ptr().add(blk * 8);
+                    for (t, wt) in w.iter_mut().enumerate() {
+                        let bits = (*hp.add(t) >> (32 * h)) as u32;
+                        let fifth = _mm256_and_si256(bytes_from_bits(bits), sixteen);
+                        *wt = _mm256_or_si256(*wt, fifth);
+                    }
+                }
+                if Q6 {
+                    let hp = self.hi2.as_ptr().add(blk * 128 + 32 * h);
+                    let hv = [
+                        _mm256_loadu_si256(hp.cast()),
+                        _mm256_loadu_si256(hp.add(64).cast()),
+                    ];
+                    for (t, wt) in w.iter_mut().enumerate() {
+                        let v = hv[t / 4];
+                        let at = match t % 4 {
+                            0 => _mm256_slli_epi16::<4>(v),
+                            1 => _mm256_slli_epi16::<2>(v),
+                            2 => v,
+                            _ => _mm256_srli_epi16::<2>(v),
+                        };
+                        *wt = _mm256_or_si256(*wt, _mm256_and_si256(at, pair_bits));
+                    }
+                }
+            } else {
+                for (c, wt) in w.iter_mut().enumerate() {
+                    // Signed q: the products take |q| and the activation's sign flipped.
+                    let l = _mm256_loadu_si256(wp.add(64 * c + 32 * h).cast());
+                    *wt = _mm256_xor_si256(l, flip);
+                }
+            }
+            let dv = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(8 * h).cast()));
+            let mv = if q4_1 || Q6 {
+                _mm256_cvtph_ps(_mm_loadu_si128(sp.add(G + 8 * h).cast()))
+            } else {
+                _mm256_mul_ps(dv, offset)
+            };
+            for j in 0..J {
+                let mut dot = [_mm256_setzero_si256(); 2];
+                let mut part = [_mm256_setzero_si256(); 2];
+                for t in 0..8 {
+                    let word = a[j]
+                        .add(b * QK + 4 * words[t])
+                        .cast::<i32>()
+                        .read_unaligned();
+                    let x = _mm256_set1_epi32(word);
+                    let prod = if q8 {
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(w[t]), _mm256_sign_epi8(x, w[t]))
+                    } else {
+                        _mm256_maddubs_epi16(w[t], x)
+                    };
+                    // Q6 keeps elements 0..16 (even vectors) and 16..32 (odd) apart.
+                    let k = if Q6 { t % 2 } else { 0 };
+                    let step = if Q6 { t / 2 } else { t };
+                    part[k] = if step % run == 0 {
+                        prod
+                    } else {
+                        _mm256_add_epi16(part[k], prod)
+                    };
+                    if (step + 1) % run == 0 {
+                        dot[k] = _mm256_add_epi32(dot[k], _mm256_madd_epi16(part[k], ones));
+                    }
+                }
+                let sv = _mm256_set1_ps(*s[j].add(b));
+                if Q6 {
+                    let off = |k: usize| _mm256_set1_epi32(32 * *hs[j].add(2 * b + k));
+                    let lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot[0], off(0)));
+                    let hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot[1], off(1)));
+                    acc[j] = _mm256_fmadd_ps(lo, _mm256_mul_ps(dv, sv), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(hi, _mm256_mul_ps(mv, sv), acc[j]);
+                    continue;
+                }
+                let ds = _mm256_mul_ps(dv, sv);
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0]), ds, acc[j]);
+                if !q8 {
+                    acc[j] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*ss[j].add(b)), acc[j]);
+                }
+            }
+        }
+        let mut tmp = [0f32; 8];
+        for (j, v) in acc.iter().enumerate() {
+            if lanes == 8 {
+                _mm256_storeu_ps(out.add(j * stride), *v);
+            } else {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), *v);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(j * stride), lanes);
+            }
+        }
+    }
+}
+
+/// [`Act::quantize`] 32 floats at a time on AVX2, to the scalar code's bits: the same scale
+/// and inverse, products rounded to nearest even (the conversion's default mode).
+///
+/// # Safety
+/// AVX2 present; `a` holds `x.len()` values, `s` and `ssum` `x.len() / 32`, `hsum` twice
+/// that.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize(
+    x: &[f32],
+    a: &mut [i8],
+    s: &mut [f32],
+    ssum: &mut [f32],
+    hsum: &mut [i32],
+) {
+    let sign = _mm256_set1_ps(-0.0);
+    let zero = _mm256_setzero_ps();
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (b, xb) in x.chunks_exact(QK).enumerate() {
+        let p = xb.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let abs = |u: __m256| _mm256_andnot_ps(sign, u);
+        let m = _mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+        // x - x is 0 for finite x, NaN for an infinity or a NaN.
+        let finite = v.iter().all(|u| {
+            _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_sub_ps(*u, *u), zero)) == 0xff
+        });
+        let scale = if finite { amax / 127.0 } else { f32::NAN };
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(packed, order);
+        _mm256_storeu_si256(a.as_mut_ptr().add(b * QK).cast(), bytes);
+        let hsum8 = |u: __m256i| {
+            let h = _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256::<1>(u));
+            let h = _mm_add_epi32(h, _mm_shuffle_epi32::<0b01_00_11_10>(h));
+            _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32::<0b10_11_00_01>(h)))
+        };
+        let (h0, h1) = (
+            hsum8(_mm256_add_epi32(q[0], q[1])),
+            hsum8(_mm256_add_epi32(q[2], q[3])),
+        );
+        (hsum[2 * b], hsum[2 * b + 1]) = (h0, h1);
+        s[b] = scale;
+        ssum[b] = scale * (h0 + h1) as f32;
+    }
+}
