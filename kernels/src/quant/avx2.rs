@@ -169,6 +169,8 @@ impl QMatrix {
                 }
             }
             let mut w = [_mm256_setzero_si256(); 8];
+            // Q8_0: w holds |q| (once per block, not per activation) and qs the signed q.
+            let mut qs = [_mm256_setzero_si256(); 8];
             if packed {
                 for c in 0..4 {
                     let l = _mm256_loadu_si256(wp.add(64 * c + 32 * h).cast());
@@ -201,10 +203,11 @@ impl QMatrix {
                     }
                 }
             } else {
-                for (c, wt) in w.iter_mut().enumerate() {
+                for (c, (wt, qt)) in w.iter_mut().zip(qs.iter_mut()).enumerate() {
                     // Signed q: the products take |q| and the activation's sign flipped.
                     let l = _mm256_loadu_si256(wp.add(64 * c + 32 * h).cast());
-                    *wt = _mm256_xor_si256(l, flip);
+                    *qt = _mm256_xor_si256(l, flip);
+                    *wt = _mm256_abs_epi8(*qt);
                 }
             }
             let dv = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(8 * h).cast()));
@@ -223,7 +226,7 @@ impl QMatrix {
                         .read_unaligned();
                     let x = _mm256_set1_epi32(word);
                     let prod = if q8 {
-                        _mm256_maddubs_epi16(_mm256_abs_epi8(w[t]), _mm256_sign_epi8(x, w[t]))
+                        _mm256_maddubs_epi16(w[t], _mm256_sign_epi8(x, qs[t]))
                     } else {
                         _mm256_maddubs_epi16(w[t], x)
                     };
