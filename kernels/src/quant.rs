@@ -1,8 +1,8 @@
 //! Block-quantised weights for products with few rows (decode steps, batched steps, prompt
 //! chunks up to a few hundred rows): 32-weight blocks as GGUF stores them (Q4_0, Q4_1, Q5_0,
 //! Q8_0), times activations quantised to int8 per block of 32, with integer dot products
-//! (AVX-512 VNNI `vpdpbusd`) and the scales applied per block: the scheme of llama.cpp's CPU
-//! backend. Decode streams ~0.6 (4-bit) or ~1.1 (8-bit) bytes per weight instead of 2 (bf16)
+//! (AVX-512 VNNI `vpdpbusd`; on AVX2 CPUs its `vpmaddubsw` emulation, `quant/avx2.rs`) and
+//! the scales applied per block: the scheme of llama.cpp's CPU backend. Decode streams ~0.6 (4-bit) or ~1.1 (8-bit) bytes per weight instead of 2 (bf16)
 //! or 4 (f32). Approximate by design (int8 activations).
 //!
 //! Every kind is held as `w = d * q + m` with `q` unsigned (0..15 packed two per byte, 0..31,
