@@ -125,17 +125,7 @@ unsafe fn exp2(x: __m256) -> __m256 {
     let x = _mm256_max_ps(x, _mm256_set1_ps(-127.0));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm256_sub_ps(x, n); // in [-0.5, 0.5]
-                                 // The Taylor series of AVX-512's exp2, degree 7: error below 1e-8 on [-0.5, 0.5].
-    const C: [f32; 8] = [
-        1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-        0.000_015_252_734,
-    ];
+    const C: [f32; 8] = super::EXP2_TAYLOR;
     let mut p = _mm256_set1_ps(C[7]);
     for &ci in C[..7].iter().rev() {
         p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ci));

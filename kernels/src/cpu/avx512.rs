@@ -139,17 +139,7 @@ unsafe fn exp2(x: __m512) -> __m512 {
     let x = _mm512_max_ps(x, _mm512_set1_ps(-200.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm512_sub_ps(x, n); // in [-0.5, 0.5]
-                                 // Taylor series of 2^f = e^(f ln 2) to degree 7: error below 1e-8 on [-0.5, 0.5].
-    const C: [f32; 8] = [
-        1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-        0.000_015_252_734,
-    ];
+    const C: [f32; 8] = super::EXP2_TAYLOR;
     let mut p = _mm512_set1_ps(C[7]);
     for &ci in C[..7].iter().rev() {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(ci));

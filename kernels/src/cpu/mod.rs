@@ -74,6 +74,20 @@ impl RowElem for u16 {
     }
 }
 
+/// The Taylor series of `2^f = e^(f ln 2)` to degree 7, the vector exp2's polynomial on
+/// `[-0.5, 0.5]` (error below 1e-8), lowest degree first.
+#[cfg(target_arch = "x86_64")]
+const EXP2_TAYLOR: [f32; 8] = [
+    1.0,
+    std::f32::consts::LN_2,
+    0.240_226_5,
+    0.055_504_11,
+    0.009_618_129,
+    0.001_333_355_8,
+    0.000_154_035_3,
+    0.000_015_252_734,
+];
+
 /// The inner loops for one instruction set, chosen once per kernel call.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ops {
