@@ -127,7 +127,7 @@ impl Ops {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => avx512::gemm(m, n, k, a, ars, aks, b, ldb, c, ldc, accumulate),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => gemm_avx2(m, n, k, a, ars, aks, b, ldb, c, ldc, accumulate),
+            Isa::Avx2 => avx2::gemm(m, n, k, a, ars, aks, b, ldb, c, ldc, accumulate),
             _ => portable::gemm(m, n, k, a, ars, aks, b, ldb, c, ldc, accumulate),
         }
     }
@@ -172,7 +172,9 @@ impl Ops {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { avx512::softmax_tile(st, kt, ncols, ld, m, l, alpha) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { softmax_tile_avx2(st, kt, ncols, ld, m, l, alpha) },
+            Isa::Avx2 if ncols.is_multiple_of(8) => unsafe {
+                avx2::softmax_tile(st, kt, ncols, ld, m, l, alpha)
+            },
             _ => portable::softmax_tile(st, kt, ncols, ld, m, l, alpha),
         }
     }
@@ -364,7 +366,7 @@ pub(crate) fn widen_bf16(src: &[u16], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::widen_bf16(src, dst) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { widen_bf16_avx2(src, dst) },
+        Isa::Avx2 => unsafe { avx2::widen_bf16(src, dst) },
         _ => portable::widen_bf16(src, dst),
     }
 }
@@ -382,48 +384,6 @@ unsafe fn scores_dot_avx2(
     ldst: usize,
 ) {
     portable::scores_dot(rows, kt, d, q, k, ldk, st, ldst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn widen_bf16_avx2(src: &[u16], dst: &mut [f32]) {
-    avx2::widen_bf16(src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gemm_avx2(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    ars: usize,
-    aks: usize,
-    b: *const f32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
-    avx2::gemm(m, n, k, a, ars, aks, b, ldb, c, ldc, accumulate)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_tile_avx2(
-    st: &mut [f32],
-    kt: usize,
-    ncols: usize,
-    ld: usize,
-    m: &mut [f32],
-    l: &mut [f32],
-    alpha: &mut [f32],
-) {
-    if ncols.is_multiple_of(8) {
-        avx2::softmax_tile(st, kt, ncols, ld, m, l, alpha)
-    } else {
-        portable::softmax_tile(st, kt, ncols, ld, m, l, alpha)
-    }
 }
 
 #[cfg(test)]
