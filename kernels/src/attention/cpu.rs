@@ -6,7 +6,10 @@
 //! `S^T[BK, rows] = K_tile . Q^T`, where `Q^T` is packed once per item (scaled by
 //! `scale * log2(e)`, so the softmax uses exp2) and K is read in place with no packing; the
 //! running max, the sum and the exp2 are then vertical vector operations across rows, and
-//! `O[rows, d] += P . V_tile` reads V rows in place. bf16/f16 tiles are widened to f32 first.
+//! `O[rows, d] += P . V_tile` reads V rows in place. bf16/f16 tiles are widened to f32 first,
+//! except blocks of more than 16 rows over a bf16 KV on a CPU with AVX512_BF16: both products
+//! then run on the bf16 dot product (`Ops::scores_bf16`, `Ops::pv_bf16`), K read in place, Q
+//! and V packed in pairs, P rounded to bf16 (2^-9 relative, as FlashAttention's on a GPU).
 //! Work items run on the rayon pool; the decode shape (few rows, long KV) splits the keys
 //! of each item across threads and merges the parts by their log-sum-exp. Decode over a
 //! bf16 KV takes whole unmasked 16-key tiles in one fused step where the CPU has bf16 dot
@@ -33,7 +36,7 @@ const NARROW_ROW_BYTES: usize = 512;
 /// prefetch: 3-5% faster on its f32 decode step than the wide rows' short tiles.
 const MID_ROW_BYTES: usize = 1024;
 /// Rows (queries x heads of a group) per work item, as a target.
-const ROWS: usize = 64;
+pub(super) const ROWS: usize = 64;
 
 /// How the work is divided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -118,6 +121,7 @@ pub fn attention_with<T: Element, O: Element>(
         params: *params,
         ops: Ops::new(opts.isa),
         scale2: params.scale * std::f32::consts::LOG2_E,
+        bf16_tiles: T::as_bf16_bits(k).is_some() && Ops::new(opts.isa).has_bf16_tiles(),
     };
     let g = shape.group();
     let bq = (ROWS / g).max(1);
@@ -274,6 +278,7 @@ fn split_kv<T: Element, O: Element>(
     let row = h_kv * d;
     let ops = Ops::new(opts.isa);
     let scale2 = params.scale * std::f32::consts::LOG2_E;
+    let bf16_tiles = segs.iter().all(|s| T::as_bf16_bits(s.k).is_some()) && ops.has_bf16_tiles();
     let engines: Vec<Engine<'_, T>> = segs
         .iter()
         .map(|s| Engine {
@@ -287,6 +292,7 @@ fn split_kv<T: Element, O: Element>(
             params: params.at(params.q_pos, s.pos),
             ops,
             scale2,
+            bf16_tiles,
         })
         .collect();
     // Key index at which each segment starts in the concatenation, and the total.
@@ -310,7 +316,8 @@ fn split_kv<T: Element, O: Element>(
         // registers); other cases are widened once per tile for all heads.
         let direct_bf16 = segs.iter().all(|s| T::as_bf16_bits(s.k).is_some())
             && n_q.min(bq) * shape.group() <= 16;
-        let staged = T::as_f32(segs[0].k).is_none() && !direct_bf16;
+        // bf16 tiles on the dot-product unit read K and V in place too.
+        let staged = T::as_f32(segs[0].k).is_none() && !direct_bf16 && !bf16_tiles;
         let row_bytes = row * std::mem::size_of::<T>();
         let (bk, tiles_ahead) = if row_bytes <= NARROW_ROW_BYTES {
             (SPLIT_BK, 2 * PREFETCH_TILES)
@@ -495,6 +502,12 @@ struct Scratch {
     /// Few rows of bf16 queries: `Q` `[rows, d]` as their bits, unscaled (the fused decode
     /// step's bf16 dot products); empty otherwise.
     qb: Vec<u16>,
+    /// Many rows over a bf16 KV on the bf16 dot product: `Q^T` as bf16 pairs along d,
+    /// `[d / 2, rows_pad]`, unscaled; empty otherwise.
+    qw: Vec<u32>,
+    /// That path's P and V tiles packed as bf16 pairs of consecutive keys.
+    pw: Vec<u32>,
+    vw: Vec<u32>,
     /// A K tile widened to f32: `[BK, d]`.
     kbuf: Vec<f32>,
     /// A V tile widened to f32: `[BK, d_pad]`.
@@ -566,6 +579,8 @@ struct Engine<'a, T> {
     params: AttnParams,
     ops: Ops,
     scale2: f32,
+    /// Whether tiles of many rows run on the bf16 dot product (a bf16 KV on a CPU with it).
+    bf16_tiles: bool,
 }
 
 impl<T: Element> Engine<'_, T> {
@@ -629,6 +644,23 @@ impl<T: Element> Engine<'_, T> {
         // GEMM over Q^T.
         let few = rp == 16;
         sc.qb.clear();
+        sc.qw.clear();
+        let tiles_bf16 = !few && rp <= 64 && self.bf16_tiles;
+        if let (true, Some(bits)) = (tiles_bf16, T::as_bf16_bits(self.q)) {
+            // Q^T as bf16 pairs along d, `[d / 2, rp]`, unscaled (the scores are scaled in
+            // f32); padding rows zero.
+            sc.qw.resize(d / 2 * rp, 0);
+            for i in 0..nq {
+                for gi in 0..g {
+                    let r = i * g + gi;
+                    let src = &bits[((q0 + i) * h_q + hk * g + gi) * d..][..d];
+                    for (p, pair) in src.chunks_exact(2).enumerate() {
+                        sc.qw[p * rp + r] = pair[0] as u32 | (pair[1] as u32) << 16;
+                    }
+                }
+            }
+            return self.retarget(sc, q0, q1, j0, j1);
+        }
         if let (true, Some(bits)) = (few, T::as_bf16_bits(self.q)) {
             for i in 0..nq {
                 sc.qb
@@ -686,6 +718,47 @@ impl<T: Element> Engine<'_, T> {
         let ld = h_kv * d;
         let (k32, v32) = (T::as_f32(self.k), T::as_f32(self.v));
         let base = (t * h_kv + hk) * d;
+        if let (false, None, Some(kb), Some(vb)) = (
+            sc.qw.is_empty(),
+            staged,
+            T::as_bf16_bits(self.k),
+            T::as_bf16_bits(self.v),
+        ) {
+            // Many rows over a bf16 KV: both products on the bf16 dot product, K and V read
+            // in place.
+            // SAFETY: qw is [d / 2, rp] with rp <= 64 (rows per item); kt rows of d at
+            // stride ld from `base` lie within k and v; st is [BK, rp], o [rows, dp].
+            unsafe {
+                self.ops.scores_bf16(
+                    rp,
+                    kt,
+                    d,
+                    sc.qw.as_ptr(),
+                    kb[base..].as_ptr(),
+                    ld,
+                    self.scale2,
+                    sc.st.as_mut_ptr(),
+                );
+            }
+            self.softmax_step(sc, nq, t, kt);
+            // SAFETY: as above.
+            unsafe {
+                self.ops.pv_bf16(
+                    rows,
+                    kt,
+                    d,
+                    sc.st.as_ptr(),
+                    rp,
+                    vb[base..].as_ptr(),
+                    ld,
+                    &mut sc.pw,
+                    &mut sc.vw,
+                    sc.o.as_mut_ptr(),
+                    dp,
+                );
+            }
+            return;
+        }
         let bits = match (staged, few) {
             (None, true) => T::as_bf16_bits(self.k).zip(T::as_bf16_bits(self.v)),
             _ => None,

@@ -5,6 +5,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16;
 mod isa;
 mod portable;
 
@@ -339,6 +341,75 @@ impl Ops {
                 _ => unreachable!("checked by has_decode_tile_bf16"),
             }
         }
+    }
+}
+
+impl Ops {
+    /// Whether the prefill tiles over a bf16 KV run on the bf16 dot product here
+    /// ([`Ops::scores_bf16`], [`Ops::pv_bf16`]); otherwise they are widened to f32.
+    pub fn has_bf16_tiles(&self) -> bool {
+        self.isa == Isa::Avx512 && bf16_dot_available()
+    }
+
+    /// `st[j * rp + r] = scale * q[r] . k[j]` for `j < kt`, `r < rp` (a multiple of 16 up to
+    /// 64), from `qw`, the queries packed `[d / 2, rp]` as bf16 pairs. The caller checks
+    /// [`Ops::has_bf16_tiles`] first.
+    ///
+    /// # Safety
+    /// `qw` holds `d / 2 * rp` pairs, `k` `kt` rows of `d` bf16 at stride `ldk`, `st` `kt * rp`
+    /// values.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn scores_bf16(
+        &self,
+        rp: usize,
+        kt: usize,
+        d: usize,
+        qw: *const u32,
+        k: *const u16,
+        ldk: usize,
+        scale: f32,
+        st: *mut f32,
+    ) {
+        debug_assert!(self.has_bf16_tiles() && rp.is_multiple_of(16) && rp <= 64);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512_bf16::scores as f;
+            match rp / 16 {
+                1 => f::<1>(kt, d, qw, k, ldk, scale, st),
+                2 => f::<2>(kt, d, qw, k, ldk, scale, st),
+                3 => f::<3>(kt, d, qw, k, ldk, scale, st),
+                _ => f::<4>(kt, d, qw, k, ldk, scale, st),
+            }
+        }
+    }
+
+    /// `o[r, 0..d] += sum_j p[j * ldp + r] * v[j, 0..d]` for `r < rows`, with P rounded to
+    /// bf16; `o` has rows of `d` rounded up to 16 at stride `ldo`, `pw` and `vw` are scratch.
+    /// The caller checks [`Ops::has_bf16_tiles`] first.
+    ///
+    /// # Safety
+    /// `p` holds `kt` rows of `ldp >= rows` (a multiple of 16) values, `v` `kt` rows of `d`
+    /// at stride `ldv`, `o` `rows` rows.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pv_bf16(
+        &self,
+        rows: usize,
+        kt: usize,
+        d: usize,
+        p: *const f32,
+        ldp: usize,
+        v: *const u16,
+        ldv: usize,
+        pw: &mut Vec<u32>,
+        vw: &mut Vec<u32>,
+        o: *mut f32,
+        ldo: usize,
+    ) {
+        debug_assert!(self.has_bf16_tiles() && ldp.is_multiple_of(16) && ldp >= rows);
+        #[cfg(target_arch = "x86_64")]
+        avx512_bf16::pv(rows, kt, d, p, ldp, v, ldv, pw, vw, o, ldo);
     }
 }
 

@@ -1,0 +1,259 @@
+//! The prefill attention tiles over a bf16 KV on the bf16 dot-product unit (`vdpbf16ps`:
+//! two bf16 products per f32 lane and instruction, twice the f32 FMA's rate).
+//!
+//! `vdpbf16ps` sums the products of adjacent bf16 pairs, so both operands are laid out in
+//! pairs along the reduced dimension:
+//! - scores `S^T[kt, rows] = K . Q^T` reduce over `d`: a K row is already pairs (read in
+//!   place, one 32-bit pair broadcast per key), `Q^T` is packed once per work item as
+//!   `[d / 2, rows]` pairs;
+//! - `O[rows, d] += P . V` reduces over keys: `P` (f32 after the softmax) is rounded to bf16
+//!   and packed `[kt / 2, rows]`, and each V tile `[kt / 2, d]`, pairs of consecutive keys.
+//!
+//! Rounding P to bf16 is the path's one extra error (2^-9 relative per probability, as
+//! FlashAttention's bf16 P on a GPU); scores, the softmax and the output stay f32.
+
+use std::arch::x86_64::*;
+
+/// Keys (score rows) per register block: `6 x NV` accumulators for `NV <= 4` row vectors.
+const JB: usize = 6;
+/// Output rows per register block of the `P V` product.
+const RB: usize = 6;
+
+/// `st[j * 16NV + r] = scale * sum_p K[j, 2p..2p + 2] . qw[p * 16NV + r]` for `j < kt` and
+/// `r < 16NV`, `p < d / 2`.
+///
+/// # Safety
+/// The CPU must have AVX-512F/BW/VL and AVX512_BF16; `qw` holds `d / 2` rows of `16NV`
+/// pairs; `k` `kt` rows of `d` bf16 at stride `ldk`; `st` `kt` rows of `16NV`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn scores<const NV: usize>(
+    kt: usize,
+    d: usize,
+    qw: *const u32,
+    k: *const u16,
+    ldk: usize,
+    scale: f32,
+    st: *mut f32,
+) {
+    let mut j = 0;
+    while j + JB <= kt {
+        score_keys::<JB, NV>(d, qw, k.add(j * ldk), ldk, scale, st.add(j * 16 * NV));
+        j += JB;
+    }
+    let (kr, sr) = (k.add(j * ldk), st.add(j * 16 * NV));
+    match kt - j {
+        0 => {}
+        1 => score_keys::<1, NV>(d, qw, kr, ldk, scale, sr),
+        2 => score_keys::<2, NV>(d, qw, kr, ldk, scale, sr),
+        3 => score_keys::<3, NV>(d, qw, kr, ldk, scale, sr),
+        4 => score_keys::<4, NV>(d, qw, kr, ldk, scale, sr),
+        _ => score_keys::<5, NV>(d, qw, kr, ldk, scale, sr),
+    }
+}
+
+/// `J` keys of [`scores`], their `J x NV` sums in registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+// Index loops over constant bounds: the form in which the accumulators stay in registers.
+#[allow(clippy::needless_range_loop)]
+unsafe fn score_keys<const J: usize, const NV: usize>(
+    d: usize,
+    qw: *const u32,
+    k: *const u16,
+    ldk: usize,
+    scale: f32,
+    st: *mut f32,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; J];
+    for p in 0..d / 2 {
+        let mut qv = [_mm512_setzero_si512(); NV];
+        for v in 0..NV {
+            qv[v] = _mm512_loadu_si512(qw.add(p * 16 * NV + 16 * v).cast());
+        }
+        for j in 0..J {
+            let pair = k.add(j * ldk + 2 * p).cast::<i32>().read_unaligned();
+            let kb: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+            for v in 0..NV {
+                acc[j][v] = _mm512_dpbf16_ps(
+                    acc[j][v],
+                    kb,
+                    std::mem::transmute::<__m512i, __m512bh>(qv[v]),
+                );
+            }
+        }
+    }
+    let s = _mm512_set1_ps(scale);
+    for j in 0..J {
+        for v in 0..NV {
+            _mm512_storeu_ps(st.add(j * 16 * NV + 16 * v), _mm512_mul_ps(acc[j][v], s));
+        }
+    }
+}
+
+/// Word `i` of the result of `cvtne2ps_pbh(hi, lo)` to move to word `i` of the pairs:
+/// `lo[m]` to word `2m`, `hi[m]` to word `2m + 1`.
+const PAIR_ONE: [u16; 32] = {
+    let mut a = [0u16; 32];
+    let mut m = 0;
+    while m < 16 {
+        a[2 * m] = m as u16;
+        a[2 * m + 1] = 16 + m as u16;
+        m += 1;
+    }
+    a
+};
+
+/// Interleave of two 32-word rows `a`, `b` (`permutex2var_epi16`): words `c0 + m` of each to
+/// the pair `m`, for the half starting at word `c0` (0 or 16).
+const fn pair_two(c0: u16) -> [u16; 32] {
+    let mut a = [0u16; 32];
+    let mut m = 0;
+    while m < 16 {
+        a[2 * m] = c0 + m as u16;
+        a[2 * m + 1] = 32 + c0 + m as u16;
+        m += 1;
+    }
+    a
+}
+const PAIR_LO: [u16; 32] = pair_two(0);
+const PAIR_HI: [u16; 32] = pair_two(16);
+
+/// `O[rows, 0..d] += P V` for a tile of `kt` keys: `st` holds P key-major (`kt` rows of
+/// `ldst` f32, `ldst` a multiple of 16 and at least `rows`), `v` the tile's `kt` rows of `d`
+/// bf16 at stride `ldv`, `o` `rows` rows of `dp` at stride `ldo` (`dp`, the next multiple of
+/// 16 of `d`, columns). `pw` and `vw` are scratch for the packed pairs.
+///
+/// # Safety
+/// The CPU must have AVX-512F/BW/VL and AVX512_BF16; the pointers valid for those sizes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn pv(
+    rows: usize,
+    kt: usize,
+    d: usize,
+    st: *const f32,
+    ldst: usize,
+    v: *const u16,
+    ldv: usize,
+    pw: &mut Vec<u32>,
+    vw: &mut Vec<u32>,
+    o: *mut f32,
+    ldo: usize,
+) {
+    let np = kt.div_ceil(2);
+    let dp = d.next_multiple_of(16);
+    if pw.len() < np * ldst {
+        pw.resize(np * ldst, 0);
+    }
+    if vw.len() < np * dp {
+        vw.resize(np * dp, 0);
+    }
+    // P to bf16 pairs of consecutive keys, `[np, ldst]`; a missing last key is zero.
+    let one = _mm512_loadu_si512(PAIR_ONE.as_ptr().cast());
+    let zero = _mm512_setzero_ps();
+    for p in 0..np {
+        let a = st.add(2 * p * ldst);
+        let b = (2 * p + 1 < kt).then(|| st.add((2 * p + 1) * ldst));
+        for c in (0..ldst).step_by(16) {
+            let lo = _mm512_loadu_ps(a.add(c));
+            let hi = b.map_or(zero, |b| _mm512_loadu_ps(b.add(c)));
+            let x: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(
+                pw.as_mut_ptr().add(p * ldst + c).cast(),
+                _mm512_permutexvar_epi16(one, x),
+            );
+        }
+    }
+    // V to pairs of consecutive keys, `[np, dp]`; columns past `d` and a missing key zero.
+    let (ilo, ihi) = (
+        _mm512_loadu_si512(PAIR_LO.as_ptr().cast()),
+        _mm512_loadu_si512(PAIR_HI.as_ptr().cast()),
+    );
+    for p in 0..np {
+        let a = v.add(2 * p * ldv);
+        let b = (2 * p + 1 < kt).then(|| v.add((2 * p + 1) * ldv));
+        for c in (0..dp).step_by(32) {
+            let n = (d - c).min(32);
+            let mask = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
+            let ra = _mm512_maskz_loadu_epi16(mask, a.add(c).cast());
+            let rb = b.map_or(_mm512_setzero_si512(), |b| {
+                _mm512_maskz_loadu_epi16(mask, b.add(c).cast())
+            });
+            let dst = vw.as_mut_ptr().add(p * dp + c);
+            _mm512_storeu_si512(dst.cast(), _mm512_permutex2var_epi16(ra, ilo, rb));
+            if c + 16 < dp {
+                _mm512_storeu_si512(dst.add(16).cast(), _mm512_permutex2var_epi16(ra, ihi, rb));
+            }
+        }
+    }
+    let (pw, vw) = (pw.as_ptr(), vw.as_ptr());
+    let mut r = 0;
+    while r < rows {
+        let n = (rows - r).min(RB);
+        let (pr, or) = (pw.add(r), o.add(r * ldo));
+        let mut c = 0;
+        while c < dp / 16 {
+            let w = (dp / 16 - c).min(4);
+            let (vc, oc) = (vw.add(c * 16), or.add(c * 16));
+            macro_rules! go {
+                ($($r:literal),*) => {
+                    match (n, w) {
+                        $(
+                            ($r, 4) => pv_block::<$r, 4>(np, pr, ldst, vc, dp, oc, ldo),
+                            ($r, 3) => pv_block::<$r, 3>(np, pr, ldst, vc, dp, oc, ldo),
+                            ($r, 2) => pv_block::<$r, 2>(np, pr, ldst, vc, dp, oc, ldo),
+                            ($r, _) => pv_block::<$r, 1>(np, pr, ldst, vc, dp, oc, ldo),
+                        )*
+                        _ => unreachable!("row blocks hold 1..=RB rows"),
+                    }
+                };
+            }
+            go!(1, 2, 3, 4, 5, 6);
+            c += w;
+        }
+        r += n;
+    }
+}
+
+/// `R` rows by `16W` columns of [`pv`]'s product, the accumulators in registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+#[allow(clippy::needless_range_loop)]
+unsafe fn pv_block<const R: usize, const W: usize>(
+    np: usize,
+    pw: *const u32,
+    ldp: usize,
+    vw: *const u32,
+    ldv: usize,
+    o: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); W]; R];
+    for r in 0..R {
+        for c in 0..W {
+            acc[r][c] = _mm512_loadu_ps(o.add(r * ldo + 16 * c));
+        }
+    }
+    for p in 0..np {
+        let mut vv = [_mm512_setzero_si512(); W];
+        for c in 0..W {
+            vv[c] = _mm512_loadu_si512(vw.add(p * ldv + 16 * c).cast());
+        }
+        for r in 0..R {
+            let pb: __m512bh = std::mem::transmute(_mm512_set1_epi32(*pw.add(p * ldp + r) as i32));
+            for c in 0..W {
+                acc[r][c] = _mm512_dpbf16_ps(
+                    acc[r][c],
+                    pb,
+                    std::mem::transmute::<__m512i, __m512bh>(vv[c]),
+                );
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..W {
+            _mm512_storeu_ps(o.add(r * ldo + 16 * c), acc[r][c]);
+        }
+    }
+}
