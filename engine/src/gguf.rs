@@ -452,10 +452,10 @@ impl Gguf {
                 .iter()
                 .map(|f| f.name())
                 .collect();
+            // By ggml's name, as llama.cpp's tools show it (once "GGML type 16", a number).
             EngineError::Unsupported(format!(
-                "tensor {name} is {} (GGML type {}); this build reads {}",
+                "tensor {name} is {}, which this build does not read; it reads {}",
                 GgmlType::name_of(info.type_id),
-                info.type_id,
                 known.join(", ")
             ))
         })?;

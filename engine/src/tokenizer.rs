@@ -78,8 +78,11 @@ impl Tokenizer {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             return Err(EngineError::Tokenizer(format!(
-                "{} is missing: a Hugging Face model directory needs its tokenizer.json",
-                path.display()
+                "{} is missing: a Hugging Face model directory needs its tokenizer.json; copy \
+                 it from the model's repository into {} (or give --model a .gguf file, which \
+                 carries its tokenizer)",
+                path.display(),
+                dir.display()
             )));
         }
         let inner = HfTokenizer::from_file(&path)

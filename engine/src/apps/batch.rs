@@ -32,6 +32,10 @@ pub struct Job {
     pub task: Task,
     pub max_tokens: Option<usize>,
     pub temperature: Option<f32>,
+    /// `"chat"`: wrap the job's text in the model's chat template. Absent, the command's
+    /// default applies (a prompt as `generate` takes it, without the template; a document
+    /// question with it, as `ask`).
+    pub chat: Option<bool>,
 }
 
 /// A line that is not a job: its id key (the given one, else `"line:N"`) and why.
@@ -121,11 +125,17 @@ pub fn parse_job(line: &str, line_no: usize, base: &Path) -> Result<Job, BadJob>
                 as f32,
         ),
     };
+    let chat = match obj.get("chat") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(v) => return Err(bad(format!("chat {v} is not true or false"))),
+    };
     Ok(Job {
         id,
         task,
         max_tokens,
         temperature,
+        chat,
     })
 }
 
@@ -227,6 +237,11 @@ mod tests {
         assert_eq!(s.id, "\"7\"");
         assert_eq!(id_value(&s.id), json!("7"));
         assert_eq!(j.task, Task::Prompt("hi".into()));
+        assert_eq!(j.chat, None);
+        let c = parse_job(r#"{"id": 1, "prompt": "hi", "chat": true}"#, 1, base).unwrap();
+        assert_eq!(c.chat, Some(true));
+        let e = parse_job(r#"{"id": 1, "prompt": "hi", "chat": "yes"}"#, 1, base).unwrap_err();
+        assert!(e.error.contains("not true or false"), "{}", e.error);
         assert_eq!(j.max_tokens, Some(5));
         let j = parse_job(r#"{"id": "a", "document": "D", "question": "Q?"}"#, 2, base).unwrap();
         assert!(matches!(j.task, Task::Document { .. }));
