@@ -19,6 +19,10 @@ struct Cli {
     /// cpu, or cuda (an error naming the reason when no GPU can be used).
     #[arg(long, global = true, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Threads the kernels compute with (the global rayon pool), at least 1. Default: all
+    /// cores (rayon's choice; RAYON_NUM_THREADS is honoured when the flag is absent).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,35 +36,44 @@ enum Device {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Measure parts of the runtime.
+    /// Measure parts of the runtime (kernels, KV store, ring, end to end, batching, GPU).
     Bench {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
     /// Download a model into the cache ($LONGCTX_HOME, default ~/.cache/longctx).
     FetchModel {
-        /// The model: smollm2.
+        /// The model to fetch: smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF, ~90 MB).
         name: String,
     },
-    /// Ask a question about a repository: its files are packed into the prompt, prefilled
-    /// once, and the KV kept for the next question.
+    /// Ask a question about a repository, answered from its files.
+    ///
+    /// Its files are packed into the prompt, prefilled once, and the KV kept for the next
+    /// question.
     Ask(commands::ask::Args),
-    /// Run JSONL jobs (prompts, or questions about documents) into a JSONL results file;
-    /// a rerun skips the ids already answered.
+    /// Run JSONL jobs (prompts, or questions about documents) into a JSONL results file.
+    ///
+    /// Jobs run concurrently through one scheduler; a rerun skips the ids already answered.
     Batch(commands::batch::Args),
-    /// Evaluations of long-context ability.
+    /// Chat with the model on its chat template, turn by turn.
+    ///
+    /// The history is kept and only new turns are computed; reads a terminal or, line by
+    /// line, a pipe.
+    Chat(commands::chat::Args),
+    /// Evaluations of long-context ability (passkey retrieval).
     Eval {
         #[command(subcommand)]
         what: commands::eval::EvalCommand,
     },
-    /// Generate text from a prompt.
+    /// Generate text from a prompt (or a file, or stdin).
     Generate(commands::generate::Args),
     /// Capacity planning: does a context fit a GPU configuration, and what to change if not.
     Plan(commands::plan::Args),
     /// Perplexity of a model on a text file.
     Perplexity(commands::perplexity::Args),
-    /// An OpenAI-compatible HTTP server (chat and completions, streaming), many requests
-    /// batched together.
+    /// An OpenAI-compatible HTTP server (chat and completions, streaming).
+    ///
+    /// Many requests are batched together in each forward step (continuous batching).
     Serve(serve::Args),
 }
 
@@ -103,6 +116,19 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
+/// `--threads N`: the size of the one rayon pool every kernel runs on, set before any of
+/// them starts (the pool can be built once per process).
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    let Some(n) = threads else {
+        return Ok(());
+    };
+    anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("--threads {n}: cannot set up the thread pool ({e})"))
+}
+
 /// Checks `--device` against the machine before a command runs. The model forward runs on
 /// the CPU backend; the CUDA kernels are run by `bench gpu`.
 fn check_device(device: Device, command: &Command) -> Result<()> {
@@ -142,16 +168,166 @@ fn check_device(device: Device, command: &Command) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    set_threads(cli.threads)?;
     check_device(cli.device, &cli.command)?;
     match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::FetchModel { name } => commands::fetch_model(&name),
         Command::Ask(args) => commands::ask::run(args),
         Command::Batch(args) => commands::batch::run(args),
+        Command::Chat(args) => commands::chat::run(args),
         Command::Eval { what } => commands::eval::run(what),
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Plan(args) => commands::plan::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of every command (auto help/version aside), as "longctx sub --flag".
+    fn arguments() -> Vec<(String, clap::Arg)> {
+        fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+            for a in cmd.get_arguments() {
+                if !matches!(a.get_id().as_str(), "help" | "version") {
+                    out.push((format!("{path} --{}", a.get_id()), a.clone()));
+                }
+            }
+            for s in cmd.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), out);
+            }
+        }
+        let mut out = vec![];
+        walk(&Cli::command(), "longctx", &mut out);
+        out
+    }
+
+    /// Every flag says what it is in more than a word, and an option that takes a value with
+    /// no default shown by clap says its default itself (several were blank or one word:
+    /// `generate --prompt`, `--model` of batch/perplexity/eval, `--rope-factor`, `--json`).
+    #[test]
+    fn every_argument_has_a_help_line_with_its_default() {
+        let mut bad = vec![];
+        for (name, a) in arguments() {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if help.split_whitespace().count() < 3 {
+                bad.push(format!("{name}: help {help:?} is blank or a word or two"));
+                continue;
+            }
+            let takes_value = a.get_num_args().is_some_and(|n| n.takes_values());
+            let says_default = help.to_lowercase().contains("default")
+                || help.contains("required")
+                || help.contains("Required");
+            if takes_value
+                && !a.is_positional()
+                && !a.is_required_set()
+                && a.get_default_values().is_empty()
+                && !says_default
+            {
+                bad.push(format!(
+                    "{name}: takes a value but says no default: {help:?}"
+                ));
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "arguments without a useful help:\n{}",
+            bad.join("\n")
+        );
+    }
+
+    /// `longctx --help` lists each command with one line, and README's command list names
+    /// every command `--help` lists (bench's and eval's subcommands included).
+    #[test]
+    fn commands_have_one_line_and_the_readme_lists_them() {
+        let readme = include_str!("../README.md");
+        let cli = Cli::command();
+        let mut missing = vec![];
+        for sub in cli.get_subcommands() {
+            let name = sub.get_name();
+            let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+            assert!(
+                !about.is_empty() && !about.contains('\n') && about.len() <= 100,
+                "{name}: its line in --help is {about:?}"
+            );
+            if !readme.contains(&format!("longctx {name}")) {
+                missing.push(format!("longctx {name}"));
+            }
+            for s in sub.get_subcommands() {
+                let about = s.get_about().map(|a| a.to_string()).unwrap_or_default();
+                assert!(
+                    !about.is_empty() && !about.contains('\n'),
+                    "{name} {}: {about:?}",
+                    s.get_name()
+                );
+                // `longctx bench kernels|kvstore|...` names several on one line.
+                let listed = readme.lines().any(|l| {
+                    l.contains(&format!("longctx {name} "))
+                        && l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                            .any(|w| w == s.get_name())
+                });
+                if !listed {
+                    missing.push(format!("longctx {name} {}", s.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "README.md does not list: {missing:?}");
+    }
+
+    /// `--threads` is one global flag (bench's own `--threads` once differed per command):
+    /// accepted before or after any command.
+    #[test]
+    fn threads_is_global() {
+        for args in [
+            &["longctx", "--threads", "3", "plan"][..],
+            &["longctx", "plan", "--threads", "3"][..],
+            &["longctx", "bench", "kernels", "--threads", "3"][..],
+            &["longctx", "generate", "--prompt", "x", "--threads", "3"][..],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(cli.threads, Some(3), "{args:?}");
+        }
+        let e = set_threads(Some(0)).unwrap_err().to_string();
+        assert_eq!(e, "--threads must be at least 1");
+    }
+
+    /// An I/O error says its OS cause once (it once read "I/O error reading /nonexistent: No
+    /// such file or directory (os error 2): No such file or directory (os error 2)").
+    #[test]
+    fn one_line_says_each_cause_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::from(longctx_engine::EngineError::Io {
+            op: "reading",
+            path: "/nonexistent".into(),
+            source: io(),
+        });
+        let line = one_line(&e);
+        assert_eq!(line.matches("not found").count(), 1, "{line}");
+        let e = anyhow::Error::from(io()).context("reading /nonexistent");
+        let line = one_line(&e.context("loading the model"));
+        assert_eq!(line.matches("not found").count(), 1, "{line}");
+        assert!(
+            line.starts_with("loading the model: reading /nonexistent"),
+            "{line}"
+        );
+    }
+
+    /// scripts/test.sh keeps only the last lines of cuda-check.sh's stdout: the one-time
+    /// 306 MB wheel download must report on stderr, in full (it was hidden behind `tail`).
+    #[test]
+    fn the_cuda_wheel_download_is_visible() {
+        let script = include_str!("../scripts/cuda-check.sh");
+        let pip = script
+            .lines()
+            .skip_while(|l| !l.contains("pip install"))
+            .take_while(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(!pip.is_empty(), "no pip install in cuda-check.sh");
+        assert!(!pip.contains("--quiet") && pip.contains(">&2"), "{pip}");
     }
 }

@@ -287,3 +287,75 @@ fn ids_duplicates_and_bad_lines_each_get_their_own_record() {
     assert_eq!(std::fs::read(&input).unwrap(), before);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A "prompt" job is read as `generate` reads its prompt: without the chat template unless
+/// the job says `"chat": true` (batch once wrapped every prompt, so the same prompt answered
+/// "Paris." in one and something else in the other). Compared by prompt tokens.
+#[test]
+fn prompt_jobs_take_the_chat_template_as_generate_does() {
+    let bin = env!("CARGO_BIN_EXE_longctx");
+    let prompt = "The capital of France is";
+    let generate_tokens = |chat: bool| -> u64 {
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "generate",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "1",
+            "--json",
+        ]);
+        if chat {
+            cmd.arg("--chat");
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+        v["prompt_tokens"].as_u64().unwrap()
+    };
+    let dir = std::env::temp_dir().join(format!("longctx-batch-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output) = (dir.join("jobs.jsonl"), dir.join("out.jsonl"));
+    let _ = std::fs::remove_file(&output);
+    let job = |id: &str, chat: &str| {
+        format!(r#"{{"id": "{id}", "prompt": "{prompt}", "max_tokens": 1{chat}}}"#)
+    };
+    std::fs::write(
+        &input,
+        [
+            job("plain", ""),
+            job("off", r#", "chat": false"#),
+            job("on", r#", "chat": true"#),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = Command::new(bin)
+        .args(["batch", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&output).unwrap();
+    let tokens = |id: &str| -> u64 {
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["id"] == id)
+            .unwrap_or_else(|| panic!("no {id} in {text}"))["prompt_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let (plain, chat) = (generate_tokens(false), generate_tokens(true));
+    assert!(chat > plain, "the template adds tokens: {chat} vs {plain}");
+    assert_eq!(tokens("plain"), plain, "{text}");
+    assert_eq!(tokens("off"), plain, "{text}");
+    assert_eq!(tokens("on"), chat, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

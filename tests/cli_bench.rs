@@ -176,6 +176,56 @@ fn plan_reproduces_scout_on_h100_and_h200() {
     assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
 }
 
+/// `plan`'s inputs and advice: a size without a unit is refused (`--gpu-mem 80` was once 80
+/// bytes, "8 x 0.0 GB GPUs"); the suggested `--host-mem` fits when rerun with it; where the
+/// weights alone exceed a GPU, host memory is not suggested (it once was, and did not fit).
+#[test]
+fn plan_needs_units_and_its_host_memory_advice_fits() {
+    let plan = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_longctx"))
+            .args(["plan", "--json"])
+            .args(args)
+            .output()
+            .expect("runs")
+    };
+    let bare = plan(&["--gpu-mem", "80"]);
+    let err = String::from_utf8_lossy(&bare.stderr);
+    assert!(!bare.status.success(), "{err}");
+    assert!(
+        err.contains("needs a unit") && err.contains("80GB"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let advice = |args: &[&str]| -> Vec<String> {
+        let out = plan(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["advice"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let a = advice(&["--context", "10m", "--gpu-mem", "80GB"]);
+    let host = a
+        .iter()
+        .find_map(|a| a.split("--host-mem ").nth(1))
+        .unwrap_or_else(|| panic!("no --host-mem advice in {a:?}"));
+    let host = host.split_whitespace().next().unwrap();
+    let out = plan(&["--context", "10m", "--gpu-mem", "80GB", "--host-mem", host]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["fits"], true, "--host-mem {host} was advised: {v}");
+    // Maverick's ~800 GB of bf16 weights on one 80 GB GPU: no host memory helps.
+    let a = advice(&["--model", "maverick", "--gpus", "1", "--gpu-mem", "80GB"]);
+    assert!(!a.iter().any(|a| a.contains("--host-mem ")), "{a:?}");
+    assert!(a.iter().any(|a| a.contains("weights alone")), "{a:?}");
+}
+
 #[test]
 fn no_gpu_is_one_clear_line() {
     if longctx_kernels::cuda::probe(0).is_ok() {

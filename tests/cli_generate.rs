@@ -71,3 +71,32 @@ fn the_fast_path_is_the_default_and_exact_switches() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("fast path"), "{err}");
 }
+
+/// `--json`: the closing statistics as one JSON object, stderr's last line; stdout keeps the
+/// text. The time to the first token is never below the prefill's, and the KV's bytes are
+/// given per tier.
+#[test]
+fn json_statistics_on_stderr() {
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(["generate", "--prompt", "The capital of France is"])
+        .args(["--max-tokens", "3", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    assert!(
+        f("prompt_tokens") >= 5.0 && f("cached_tokens") == 0.0,
+        "{v}"
+    );
+    assert!(
+        f("prefill_s") > 0.0 && f("first_token_s") >= f("prefill_s"),
+        "{v}"
+    );
+    assert!(f("prefill_tok_s") > 0.0 && f("setup_s") > 0.0, "{v}");
+    assert!(f("new_tokens") <= 3.0 && f("decode_tok_s") >= 0.0, "{v}");
+    assert!(v["kv_bytes"]["device"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["kv_bytes"]["disk"], 0, "{v}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("prompt_tokens"));
+}

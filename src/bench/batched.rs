@@ -5,7 +5,7 @@
 //! rate (`S_PP`), and the whole run's rate (all prompt and new tokens over the wall time).
 
 use super::kernels::machine;
-use super::timing::{random_tokens, set_threads};
+use super::timing::random_tokens;
 use crate::commands::DecodeOpts;
 use anyhow::Result;
 use longctx_engine::generate::Sampling;
@@ -31,10 +31,9 @@ pub struct Args {
     /// Rows per forward step.
     #[arg(long, default_value_t = 512)]
     step_tokens: usize,
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
     #[command(flatten)]
     decode: DecodeOpts,
+    /// Print one JSON object on stdout instead of a table. Default: off.
     #[arg(long)]
     json: bool,
 }
@@ -60,7 +59,6 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(
         args.prompt >= 1 && args.new >= 1,
         "--prompt and --new must be at least 1"
@@ -69,11 +67,16 @@ pub fn run(args: Args) -> Result<()> {
         args.concurrency.iter().all(|c| *c >= 1),
         "--concurrency values must be at least 1"
     );
-    set_threads(args.threads)?;
     let path = crate::commands::resolve_model(&args.model)?;
     let m = args.decode.open(&Some(path.clone()))?;
     let vocab = m.model.cfg.vocab as u32;
     let mut rows = vec![];
+    let steps: usize = args
+        .concurrency
+        .iter()
+        .map(|b| b * (args.prompt + args.new))
+        .sum();
+    let bar = crate::commands::Progress::new(steps as u64, "bench batched", "tokens");
     for (k, &b) in args.concurrency.iter().enumerate() {
         let store = m.model.kv_store(&args.decode.kv())?;
         let total = b * (args.prompt + args.new);
@@ -112,14 +115,17 @@ pub fn run(args: Args) -> Result<()> {
             {
                 anyhow::bail!("a sequence failed: {error}");
             }
-            if s.stats().prefill_tokens > before {
+            let new = ev
+                .iter()
+                .filter(|e| matches!(e, Event::Token { .. }))
+                .count() as u64;
+            let read = s.stats().prefill_tokens - before;
+            bar.inc(read + new);
+            if read > 0 {
                 pp_s += dt;
             } else {
                 tg_s += dt;
-                tg_tokens += ev
-                    .iter()
-                    .filter(|e| matches!(e, Event::Token { .. }))
-                    .count() as u64;
+                tg_tokens += new;
             }
         }
         let wall = t0.elapsed().as_secs_f64();
@@ -131,17 +137,18 @@ pub fn run(args: Args) -> Result<()> {
             wall_s: wall,
         };
         if !args.json {
-            println!(
+            bar.suspend(|| println!(
                 "B {:>3}: prefill {:>8.1} tok/s, decode {:>8.1} tok/s (S_TG), all {:>8.1} tok/s, {:.1} s",
                 row.sequences, row.prefill_tok_s, row.decode_tok_s, row.total_tok_s, row.wall_s
-            );
+            ));
         }
         rows.push(row);
     }
+    bar.finish_and_clear();
     if args.json {
         let r = Report {
             machine: machine(),
-            threads: args.threads,
+            threads: rayon::current_num_threads(),
             path: args.decode.describe(),
             model: path.display().to_string(),
             prompt: args.prompt,

@@ -1,7 +1,6 @@
 //! `longctx bench e2e`: the default model's prefill and decode speed at given context lengths.
 
 use super::kernels::machine;
-use super::timing::set_threads;
 use anyhow::Result;
 use longctx_engine::{KvOptions, Logits};
 use serde::Serialize;
@@ -13,7 +12,7 @@ pub struct Args {
     /// A .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Context lengths.
+    /// Context lengths in tokens, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [2048usize, 8192])]
     lengths: Vec<usize>,
     /// Tokens per prefill forward pass.
@@ -22,8 +21,6 @@ pub struct Args {
     /// Decode steps timed at each length.
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
     /// KV cache element type: f32 (exact) or bf16 (half the bytes per decode step).
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
@@ -31,6 +28,7 @@ pub struct Args {
     /// quant (the GGUF blocks, e.g. Q4_1, times int8 activations, as llama.cpp does).
     #[arg(long, default_value = "f32")]
     decode_weights: String,
+    /// Print one JSON object on stdout instead of a table. Default: off.
     #[arg(long)]
     json: bool,
 }
@@ -56,14 +54,12 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(args.chunk >= 1, "--chunk must be at least 1");
     let dtype = match args.kv_dtype.as_str() {
         "f32" => longctx_kernels::DType::F32,
         "bf16" => longctx_kernels::DType::BF16,
         d => anyhow::bail!("--kv-dtype {d}: expected f32 or bf16"),
     };
-    set_threads(args.threads)?;
     let path = crate::commands::resolve_model(&args.model)?;
     let t = Instant::now();
     let mut m = longctx_engine::load(&path)?;
@@ -95,6 +91,8 @@ pub fn run(args: Args) -> Result<()> {
             .forward(&[argmax(&l)], ids.len(), &store, seq, Logits::Last, None, 4)?;
     }
     let mut rows = vec![];
+    let steps: usize = args.lengths.iter().map(|l| l + args.decode_tokens).sum();
+    let bar = crate::commands::Progress::new(steps as u64, "bench e2e", "tokens");
     for &len in &args.lengths {
         // Deterministic token ids spread over the vocabulary (content does not change speed).
         let ids: Vec<u32> = (0..len as u64)
@@ -111,6 +109,7 @@ pub fn run(args: Args) -> Result<()> {
             logits = m
                 .model
                 .forward(part, i * args.chunk, &store, seq, Logits::Last, None, 4)?;
+            bar.inc(part.len() as u64);
         }
         let prefill = t.elapsed().as_secs_f64();
         let mut next = argmax(&logits);
@@ -120,6 +119,7 @@ pub fn run(args: Args) -> Result<()> {
                 .model
                 .forward(&[next], len + i, &store, seq, Logits::Last, None, 4)?;
             next = argmax(&l);
+            bar.inc(1);
         }
         let decode = t.elapsed().as_secs_f64();
         rows.push(Row {
@@ -129,9 +129,10 @@ pub fn run(args: Args) -> Result<()> {
             decode_tok_s: args.decode_tokens as f64 / decode,
         });
     }
+    bar.finish_and_clear();
     let r = Report {
         machine: machine(),
-        threads: args.threads,
+        threads: rayon::current_num_threads(),
         kv_dtype: args.kv_dtype.clone(),
         decode_weights: args.decode_weights.clone(),
         model: path.display().to_string(),

@@ -1,7 +1,8 @@
 //! `longctx bench kernels`: the attention cases of the foundation issue, with the machine's
 //! read bandwidth measured in the same run for the memory-bound decode case.
 
-use super::timing::{fill_random, median_secs, read_bandwidth_gbs, set_threads};
+use super::timing::{fill_random, median_secs, read_bandwidth_gbs};
+use crate::commands::Progress;
 use anyhow::Result;
 use half::bf16;
 use longctx_kernels::{
@@ -12,9 +13,6 @@ use serde::Serialize;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Threads the kernels use.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -88,6 +86,7 @@ fn cases(quick: bool) -> Vec<Case> {
         prefill("causal", 4096, 8, 64, Mask::Causal),
         prefill("causal", 4096, 8, 128, Mask::Causal),
         prefill("causal", 16384, 4, 64, Mask::Causal),
+        prefill("causal", 16384, 4, 128, Mask::Causal),
         prefill("full", 4096, 8, 64, Mask::None),
         decode,
         // SmolLM2's decode shape (GQA 3, d 64), over a KV larger than the L3.
@@ -138,8 +137,6 @@ fn time_case<T: Element>(c: &Case, reps: usize) -> Result<Row> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
-    set_threads(args.threads)?;
     let reps = if args.quick { 2 } else { args.reps };
     // A name that matches no case is a typo, not a request to run nothing.
     let known: Vec<&str> = cases(args.quick)
@@ -153,19 +150,32 @@ pub fn run(args: Args) -> Result<()> {
             known.join(", ")
         );
     }
+    let wanted = |c: &Case| args.only.is_empty() || args.only.iter().any(|o| o == c.name);
+    let named = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    // Rows to time: each attention case in f32 and bf16, rope, gemv, and gemm per batch.
+    let gemm_ms: &[usize] = if args.quick { &[4] } else { &[4, 16, 64, 160] };
+    let steps = 2 * cases(args.quick).iter().filter(|c| wanted(c)).count()
+        + usize::from(named("rope"))
+        + usize::from(named("gemv-q4"))
+        + if named("gemm-q4") { gemm_ms.len() } else { 0 };
+    let bar = Progress::new(steps as u64, "bench kernels", "rows");
     let bw = read_bandwidth_gbs(if args.quick { 256 << 20 } else { 1 << 30 });
     let mut rows = Vec::new();
-    let wanted = |c: &Case| args.only.is_empty() || args.only.iter().any(|o| o == c.name);
+    // Each row printed (table) and counted as it is timed.
+    let push = |row: Row, rows: &mut Vec<Row>| {
+        if !args.json {
+            bar.suspend(|| print_row(&row, rows.is_empty()));
+        }
+        rows.push(row);
+        bar.inc(1);
+    };
     for c in cases(args.quick).into_iter().filter(wanted) {
         for dt in [DType::F32, DType::BF16] {
             let row = match dt {
                 DType::BF16 => time_case::<bf16>(&c, reps)?,
                 _ => time_case::<f32>(&c, reps)?,
             };
-            if !args.json {
-                print_row(&row, rows.is_empty());
-            }
-            rows.push(row);
+            push(row, &mut rows);
         }
     }
     if wanted(&Case {
@@ -174,10 +184,7 @@ pub fn run(args: Args) -> Result<()> {
         mask: Mask::None,
     }) {
         let row = time_rope(if args.quick { 1024 } else { 8192 }, reps)?;
-        if !args.json {
-            print_row(&row, rows.is_empty());
-        }
-        rows.push(row);
+        push(row, &mut rows);
     }
     if wanted(&Case {
         name: "gemv-q4",
@@ -185,10 +192,7 @@ pub fn run(args: Args) -> Result<()> {
         mask: Mask::None,
     }) {
         let row = time_q4(if args.quick { 4096 } else { 49152 }, 2048, 1, reps)?;
-        if !args.json {
-            print_row(&row, rows.is_empty());
-        }
-        rows.push(row);
+        push(row, &mut rows);
     }
     if wanted(&Case {
         name: "gemm-q4",
@@ -197,18 +201,15 @@ pub fn run(args: Args) -> Result<()> {
     }) {
         // A batched decode step or a prompt chunk through one MLP projection (an expert's
         // gate|up of the Llama-4-shaped benchmark MoE: [2048, 1024]); the weights stay in L2.
-        let ms: &[usize] = if args.quick { &[4] } else { &[4, 16, 64, 160] };
-        for &m in ms {
+        for &m in gemm_ms {
             let row = time_q4(2048, 1024, m, reps)?;
-            if !args.json {
-                print_row(&row, rows.is_empty());
-            }
-            rows.push(row);
+            push(row, &mut rows);
         }
     }
+    bar.finish_and_clear();
     let report = Report {
         machine: machine(),
-        threads: args.threads,
+        threads: rayon::current_num_threads(),
         isa: Isa::detect().name(),
         read_bandwidth_gbs: bw,
         rows,

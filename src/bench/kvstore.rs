@@ -6,7 +6,7 @@
 //!    the rest on disk, for the keep-newest policy and LRU, beside the same KV all resident.
 
 use super::kernels::machine;
-use super::timing::{fill_random, set_threads};
+use super::timing::fill_random;
 use anyhow::{Context, Result};
 use half::bf16;
 use longctx_kernels::{AttnParams, AttnShape, DType, Mask};
@@ -20,9 +20,6 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Threads the attention kernel uses.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -206,6 +203,7 @@ fn bench_attention(args: &Args, dir: &Path) -> Result<(String, Vec<AttnRow>)> {
         ("keep-newest + prefetch", device, Policy::KeepNewest),
         ("LRU + prefetch", device, Policy::Lru),
     ];
+    let bar = crate::commands::Progress::new(configs.len() as u64, "bench kvstore", "configs");
     for (name, device, policy) in configs {
         let budgets = Budgets {
             device,
@@ -240,7 +238,9 @@ fn bench_attention(args: &Args, dir: &Path) -> Result<(String, Vec<AttnRow>)> {
             spill_writes: (after.spill_writes - before.spill_writes) / reps,
             promotions: (after.promotions - before.promotions) / reps,
         });
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let shape = format!(
         "{n_q} queries x {H_Q} heads over {n_kv} keys, {H_KV} KV heads, d {D}, bf16, causal; \
          device tier {:.0}% of {:.2} GiB, rest on disk",
@@ -251,7 +251,6 @@ fn bench_attention(args: &Args, dir: &Path) -> Result<(String, Vec<AttnRow>)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(
         args.stream_tokens >= 1 && args.attn_tokens >= 1,
         "--stream-tokens and --attn-tokens must be at least 1"
@@ -260,7 +259,6 @@ pub fn run(args: Args) -> Result<()> {
         (0.0..=1.0).contains(&args.device_fraction),
         "--device-fraction must be within 0..=1"
     );
-    set_threads(args.threads)?;
     let dir = args.dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("longctx-bench-kv-{}", std::process::id()))
     });
@@ -270,7 +268,7 @@ pub fn run(args: Args) -> Result<()> {
         let (attention_shape, attention) = bench_attention(&args, &dir)?;
         Ok(Report {
             machine: machine(),
-            threads: args.threads,
+            threads: rayon::current_num_threads(),
             block_tokens: BLOCK_TOKENS,
             prefetch: args.prefetch,
             stream,

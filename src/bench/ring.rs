@@ -7,7 +7,7 @@
 //! ring's time; balance is the largest rank's work over the mean.
 
 use super::kernels::machine;
-use super::timing::{fill_random, median_secs, set_threads};
+use super::timing::{fill_random, median_secs};
 use anyhow::Result;
 use half::bf16;
 use longctx_kernels::Mask;
@@ -22,16 +22,16 @@ pub struct Args {
     /// Ranks in the ring.
     #[arg(long, default_value_t = 8)]
     ranks: usize,
-    /// Sequence length.
+    /// Sequence length in tokens.
     #[arg(long, default_value_t = 16384)]
     seq: usize,
-    /// Query heads.
+    /// Query heads (each of --head-dim).
     #[arg(long, default_value_t = 8)]
     heads: usize,
-    /// KV heads.
+    /// KV heads (grouped-query attention).
     #[arg(long, default_value_t = 2)]
     kv_heads: usize,
-    /// Head dimension.
+    /// Head dimension (elements per head).
     #[arg(long, default_value_t = 128)]
     head_dim: usize,
     /// causal, none, or chunked (Llama 4's chunked-local, see --chunk).
@@ -46,9 +46,6 @@ pub struct Args {
     /// Link latency, microseconds.
     #[arg(long, default_value_t = 10.0)]
     latency: f64,
-    /// Threads each simulated device computes with.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -112,7 +109,6 @@ fn balance(v: &[f64]) -> f64 {
 
 pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.ranks >= 1, "--ranks must be at least 1");
-    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(args.seq >= args.ranks, "--seq must be at least --ranks");
     anyhow::ensure!(
         args.bandwidth > 0.0 && args.latency >= 0.0,
@@ -128,7 +124,6 @@ pub fn run(args: Args) -> Result<()> {
         "chunked" if args.chunk > 0 => Mask::ChunkedLocal { chunk: args.chunk },
         m => anyhow::bail!("--mask {m}: expected causal, none or chunked (with --chunk > 0)"),
     };
-    set_threads(args.threads)?;
     match args.transport.as_str() {
         "sim" => {}
         "threads" | "nccl" => return real_ring(&args, mask),
@@ -169,6 +164,8 @@ pub fn run(args: Args) -> Result<()> {
     let model = link(args.bandwidth, args.latency);
     let mut rows = vec![];
     let mut shard_mib: f64 = 0.0;
+    let bar =
+        crate::commands::Progress::new(Partition::ALL.len() as u64, "bench ring", "partitions");
     for partition in Partition::ALL {
         let lay = layout(partition, n, p);
         let steps = steps_needed(&lay, &spec)?;
@@ -248,10 +245,12 @@ pub fn run(args: Args) -> Result<()> {
             balance_time: balance(&per_rank),
             per_step,
         });
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let report = Report {
         machine: machine(),
-        threads: args.threads,
+        threads: rayon::current_num_threads(),
         ranks: p,
         seq: n,
         shape: format!("h_q {} h_kv {} d {} bf16", spec.h_q, spec.h_kv, spec.d),
@@ -272,7 +271,8 @@ pub fn run(args: Args) -> Result<()> {
     );
     println!(
         "single device (this CPU, {} threads): {:.1} ms",
-        args.threads, report.single_device_ms
+        rayon::current_num_threads(),
+        report.single_device_ms
     );
     println!(
         "{:<11} {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",

@@ -3,10 +3,9 @@
 //! quadratic growth at a glance.
 
 use super::kernels::machine;
-use super::timing::set_threads;
+use crate::commands::Progress;
 use crate::units;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
 use longctx_engine::config::rope_override;
 use longctx_engine::random::{random_model, tiny_llama4_config, tiny_llama4_local_config};
@@ -36,26 +35,29 @@ pub struct Args {
     /// KV store budgets per tier; what does not fit spills down, to disk last.
     #[arg(long, default_value = "64GiB")]
     kv_device: String,
+    /// KV host-tier budget, with a unit (0 for none).
     #[arg(long, default_value = "0")]
     kv_host: String,
+    /// KV disk-tier budget, with a unit.
     #[arg(long, default_value = "1TiB")]
     kv_disk: String,
     /// KV element type: f32 or bf16.
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
-    /// Where KV spill files go.
+    /// Where KV spill files go. Default: a folder in the system's temporary directory.
     #[arg(long)]
     spill_dir: Option<PathBuf>,
     /// RoPE scaling past the trained length: none, linear, ntk, dynamic, yarn.
     #[arg(long, default_value = "none")]
     rope_scaling: String,
+    /// Context extension factor of --rope-scaling (a multiple of the trained length).
     #[arg(long, default_value_t = 1.0)]
     rope_factor: f64,
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
+    /// Print one JSON object on stdout instead of a table. Default: off.
     #[arg(long)]
     json: bool,
-    /// Write a log-log plot of prefill time and ms/token against length (SVG).
+    /// Write a log-log plot of prefill time and ms/token against length to this SVG file.
+    /// Default: none.
     #[arg(long)]
     plot: Option<PathBuf>,
 }
@@ -101,7 +103,6 @@ fn reset_peak_rss() {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     let lengths = units::token_list(&args.lengths, 1)?;
     let budgets = Budgets {
         device: units::bytes(&args.kv_device)?,
@@ -114,7 +115,6 @@ pub fn run(args: Args) -> Result<()> {
         d => anyhow::bail!("--kv-dtype {d}: expected f32 or bf16"),
     };
     let activation = units::bytes(&args.activation_budget)?;
-    set_threads(args.threads)?;
     let (model, name): (Model, String) = match args.model.as_deref() {
         Some("tiny-llama4") => (
             random_model(tiny_llama4_config(), 1)?,
@@ -161,14 +161,7 @@ pub fn run(args: Args) -> Result<()> {
             chunking,
             checkpoints: None,
         };
-        let bar = ProgressBar::new(n as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta} {msg}",
-            )
-            .unwrap(),
-        );
-        bar.set_prefix(format!("{n} tokens"));
+        let bar = Progress::new(n as u64, &format!("prefill of {n}"), "tokens");
         reset_peak_rss();
         let done = prefill(
             &runner,
@@ -209,7 +202,7 @@ pub fn run(args: Args) -> Result<()> {
     let _ = std::fs::remove_dir_all(&spill_dir);
     let report = Report {
         machine: machine(),
-        threads: args.threads,
+        threads: rayon::current_num_threads(),
         model: name,
         rope: format!("{:?}", rope.scaling),
         rows,

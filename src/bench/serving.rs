@@ -5,7 +5,7 @@
 //!   token against the same prompt on an idle model, and the streams' inter-token latency
 //!   before and while it is read.
 
-use super::timing::{random_tokens, set_threads};
+use super::timing::random_tokens;
 use crate::commands::DecodeOpts;
 use anyhow::Result;
 use longctx_engine::generate::Sampling;
@@ -16,6 +16,8 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// A .gguf file, a Hugging Face model directory or hub name. Default: SmolLM2-135M-Instruct
+    /// (fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Document tokens for the prefix-reuse case.
@@ -30,8 +32,6 @@ pub struct Args {
     /// Rows per forward step.
     #[arg(long, default_value_t = 512)]
     step_tokens: usize,
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
     #[command(flatten)]
     decode: DecodeOpts,
 }
@@ -81,7 +81,6 @@ fn scheduler<'m>(m: &'m Model, a: &Args, context: usize, prefix: usize) -> Resul
 }
 
 pub fn run(a: Args) -> Result<()> {
-    set_threads(a.threads)?;
     let m = a.decode.open(&a.model)?;
     let vocab = m.model.cfg.vocab as u32;
     let ctx = m.model.cfg.max_position;
@@ -95,7 +94,7 @@ pub fn run(a: Args) -> Result<()> {
     );
     println!(
         "{} threads, {}, step {} rows",
-        a.threads,
+        rayon::current_num_threads(),
         a.decode.describe(),
         a.step_tokens
     );

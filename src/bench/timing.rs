@@ -1,7 +1,6 @@
-//! Timing helpers shared by the benchmarks: medians of repeated runs, the thread pool, and
-//! this machine's streaming read bandwidth (the ceiling of memory-bound kernels).
+//! Timing helpers shared by the benchmarks: medians of repeated runs and this machine's
+//! streaming read bandwidth (the ceiling of memory-bound kernels).
 
-use anyhow::{Context, Result};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -17,14 +16,6 @@ pub fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     t.sort_by(|a, b| a.total_cmp(b));
     t[t.len() / 2]
-}
-
-/// Sets the number of threads the kernels use (the global rayon pool).
-pub fn set_threads(threads: usize) -> Result<()> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .context("setting up the thread pool")
 }
 
 /// Streaming read bandwidth in GB/s: every thread sums its share of a `bytes`-sized buffer.

@@ -2,13 +2,16 @@
 
 use crate::commands::{progress_bar, StreamPrinter};
 use anyhow::{Context, Result};
-use longctx_chunked_prefill::{prefill, Checkpoints, Chunking, PrefillOptions};
-use longctx_engine::apps::ask::{collect_files, pack, snapshot_dir};
+use longctx_chunked_prefill::{prefill, Checkpoints, ChunkModel, Chunking, PrefillOptions};
+use longctx_engine::apps::ask::{
+    cached_packings, collect_files, common_prefix, pack, snapshot_dir, write_index, PackIndex,
+    Packed, PackedFile,
+};
 use longctx_engine::config::rope_override;
 use longctx_engine::generate::{generate, Sampler, Sampling};
 use longctx_engine::{fetch, KvOptions, Logits, Runner};
-use longctx_kvstore::SnapshotMeta;
-use std::path::PathBuf;
+use longctx_kvstore::{cache, KvStore, SeqId, SnapshotMeta};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,19 +44,33 @@ pub struct Args {
     /// RoPE scaling to run past the trained length: none, linear, ntk, dynamic, yarn.
     #[arg(long, default_value = "none")]
     rope_scaling: String,
+    /// Context extension factor of --rope-scaling (a multiple of the trained length).
     #[arg(long, default_value_t = 1.0)]
     rope_factor: f64,
     /// Neither read nor write the KV snapshot of the repository.
     #[arg(long)]
     no_cache: bool,
+    /// Disk the KV snapshots in $LONGCTX_HOME/kv may take, with a unit (4GiB, 500MB); past
+    /// it the least recently used go. Default: 4GiB.
+    #[arg(long, default_value = "4GiB", value_name = "SIZE")]
+    kv_cache_limit: String,
     #[command(flatten)]
     decode: super::DecodeOpts,
+    #[command(flatten)]
+    sampling: super::sampling::SamplingArgs,
+    #[command(flatten)]
+    stats: super::StatsOpts,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
     anyhow::ensure!(!args.question.trim().is_empty(), "the question is empty");
+    let cache_limit = crate::units::bytes(&args.kv_cache_limit)
+        .map_err(|e| anyhow::anyhow!("--kv-cache-limit: {e}"))?;
+    // A repetition penalty by default: SmolLM2-135M repeated one sentence to the token
+    // limit without it.
+    let sampling = args.sampling.resolve(&Sampling::answering())?;
     let m = args.decode.open(&args.model)?;
     let cfg = &m.model.cfg;
     let budget = args.max_context.unwrap_or(cfg.max_position);
@@ -79,38 +96,6 @@ pub fn run(args: Args) -> Result<()> {
         args.repo.display(),
         skipped.len()
     );
-    let packed = pack(
-        &m.tokenizer,
-        &files,
-        &args.question,
-        budget,
-        args.max_tokens,
-    )?;
-    eprintln!(
-        "{} files packed into {} prompt tokens ({} skipped as binary, huge or unreadable)",
-        packed.included.len(),
-        packed.prefix.len() + packed.suffix.len(),
-        skipped.len()
-    );
-    if !packed.left_out.is_empty() {
-        let shown: Vec<&str> = packed
-            .left_out
-            .iter()
-            .take(10)
-            .map(|s| s.as_str())
-            .collect();
-        eprintln!(
-            "left out for lack of room ({} files, least relevant last): {}{}",
-            packed.left_out.len(),
-            shown.join(", "),
-            if packed.left_out.len() > 10 {
-                ", ..."
-            } else {
-                ""
-            }
-        );
-    }
-
     let home = fetch::home();
     let store = m.model.kv_store(&KvOptions {
         spill_dir: home.join("spill"),
@@ -131,23 +116,54 @@ pub fn run(args: Args) -> Result<()> {
         "{}|{:?}|kv {:?} bt {}",
         m.fingerprint, rope, kvc.dtype, kvc.block_tokens
     );
+    let kv_root = home.join("kv");
+    // Earlier packings of this model whose KV is on disk: the packer may start with their
+    // files, so their KV serves this question too.
+    let priors = if args.no_cache {
+        vec![]
+    } else {
+        cached_packings(&kv_root, &fingerprint)
+    };
+    let prior_files: Vec<Vec<PackedFile>> = priors.iter().map(|(_, ix)| ix.files.clone()).collect();
+    let packed = pack(
+        &m.tokenizer,
+        &files,
+        &args.question,
+        budget,
+        args.max_tokens,
+        &prior_files,
+    )?;
+    report_packing(&packed, files.len(), skipped.len());
     let snap = snapshot_dir(&home, &fingerprint, &packed.prefix);
     let meta = SnapshotMeta {
         fingerprint: &fingerprint,
         tokens: &packed.prefix,
     };
-    let cached = if args.no_cache {
-        None
-    } else {
-        store.load_snapshot(&snap, &meta).ok()
-    };
+    // From here the time to the first token runs: the snapshot's load or the prefill, the
+    // question, the first token.
+    let mut clock = super::Clock::start_after(t0);
+    // The cached prompt sharing the longest prefix with this one.
+    let cached = priors
+        .iter()
+        .map(|(dir, ix)| (dir, ix, common_prefix(&ix.tokens, &packed.prefix)))
+        .filter(|(_, _, n)| *n >= MIN_REUSE || *n == packed.prefix.len())
+        .max_by_key(|(_, _, n)| *n)
+        .and_then(|(dir, ix, n)| {
+            load_prefix(&store, dir, &fingerprint, &ix.tokens, n).map(|seq| (seq, n, dir))
+        });
+    // Prompt tokens whose KV this run did not compute (a snapshot, an interrupted prefill).
+    let reused;
     let seq = match cached {
-        Some(seq) => {
+        Some((seq, n, dir)) => {
+            reused = n;
             eprintln!(
-                "reusing the prefilled KV of this repository ({} tokens) from {}",
+                "reusing {n} of {} prefix tokens from the KV cache ({})",
                 packed.prefix.len(),
-                snap.display()
+                dir.display()
             );
+            if n < packed.prefix.len() {
+                prefill_rest(&runner, &store, seq, &packed.prefix, n)?;
+            }
             seq
         }
         None => {
@@ -177,6 +193,7 @@ pub fn run(args: Args) -> Result<()> {
                 eprintln!("warning: prefill checkpoints are off ({e}); an interrupted prefill starts over");
             }
             let _ = std::fs::remove_dir_all(&partial);
+            reused = done.resumed_from;
             let computed = packed.prefix.len() - done.resumed_from;
             eprintln!(
                 "prefilled {computed} tokens in {:.1} s ({:.0} tok/s){}",
@@ -191,14 +208,14 @@ pub fn run(args: Args) -> Result<()> {
                     String::new()
                 }
             );
-            if !args.no_cache {
-                if let Err(e) = store.save_snapshot(done.seq, &snap, &meta) {
-                    eprintln!("warning: could not save the KV snapshot: {e}");
-                }
-            }
             done.seq
         }
     };
+    // The prefix's KV, kept (copy-on-write) while the question and answer extend `seq`, is
+    // saved after the answer: writing it first would delay the first token.
+    let to_save = (!args.no_cache && reused < packed.prefix.len())
+        .then(|| store.fork(seq))
+        .transpose()?;
     let pos = packed.prefix.len();
     let logits = m.model.forward(
         &packed.suffix,
@@ -209,9 +226,9 @@ pub fn run(args: Args) -> Result<()> {
         Some(&rope),
         4,
     )?;
-    let mut sampler = Sampler::new(Sampling::default());
+    clock.prefilled();
+    let mut sampler = Sampler::new(sampling);
     let mut printer = StreamPrinter::default();
-    let mut ttft = None;
     let out = generate(
         &m.model,
         &store,
@@ -224,16 +241,167 @@ pub fn run(args: Args) -> Result<()> {
         Some(&rope),
         4,
         |t| {
-            ttft.get_or_insert(t0.elapsed().as_secs_f64());
+            clock.token();
             printer.push(&m.tokenizer, t)
         },
     )?;
     printer.finish(&m.tokenizer.decode(&out.tokens)?);
-    eprintln!(
-        "time to first token {:.2} s; {} answer tokens at {:.1} tok/s",
-        ttft.unwrap_or(t0.elapsed().as_secs_f64()),
+    let prompt = packed.prefix.len() + packed.suffix.len();
+    let stats = clock.finish(
+        prompt - reused,
+        reused,
         out.tokens.len(),
-        out.tokens.len().saturating_sub(1) as f64 / out.decode_s.max(1e-9)
+        super::KvBytes::of(&store),
+    );
+    super::print_run_stats(&stats, args.stats.json);
+    if let Some(saved) = to_save {
+        let ix = PackIndex {
+            fingerprint: fingerprint.clone(),
+            files: packed.included.clone(),
+            tokens: packed.prefix.clone(),
+        };
+        let r = store
+            .save_snapshot(saved, &snap, &meta)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| Ok(write_index(&snap, &ix)?));
+        if let Err(e) = r {
+            eprintln!("warning: could not save the KV snapshot: {e}");
+        }
+        let _ = store.free(saved);
+    }
+    if !args.no_cache {
+        let _ = cache::touch(&snap);
+        evict(&kv_root, cache_limit, &snap);
+    }
+    Ok(())
+}
+
+/// A cached prefix shorter than this (and than the prompt's) is not worth reading a
+/// snapshot for.
+const MIN_REUSE: usize = 256;
+
+/// The first `n` tokens of the snapshot in `dir` (made from `tokens`) as a new sequence;
+/// `None`, with a warning, where it cannot be read.
+fn load_prefix(
+    store: &KvStore,
+    dir: &Path,
+    fingerprint: &str,
+    tokens: &[u32],
+    n: usize,
+) -> Option<SeqId> {
+    let meta = SnapshotMeta {
+        fingerprint,
+        tokens,
+    };
+    let seq = match store.load_snapshot(dir, &meta) {
+        Ok(seq) => seq,
+        Err(e) => {
+            eprintln!(
+                "warning: the cached KV in {} is unusable ({e}); prefilling",
+                dir.display()
+            );
+            return None;
+        }
+    };
+    if let Err(e) = store.truncate(seq, n) {
+        eprintln!("warning: could not cut the cached KV to {n} tokens ({e}); prefilling");
+        let _ = store.free(seq);
+        return None;
+    }
+    let _ = cache::touch(dir);
+    Some(seq)
+}
+
+/// Prefills `prefix[from..]` onto `seq`, which holds the first `from` tokens.
+fn prefill_rest(
+    runner: &Runner,
+    store: &KvStore,
+    seq: SeqId,
+    prefix: &[u32],
+    from: usize,
+) -> Result<()> {
+    let t = Instant::now();
+    let rest = prefix.len() - from;
+    let bar = progress_bar(rest as u64, "prefill");
+    let mut pos = from;
+    // Chunks of 1024, as the fresh prefill takes them.
+    for chunk in prefix[from..].chunks(1024) {
+        runner.forward_chunk(chunk, pos, store, seq)?;
+        pos += chunk.len();
+        bar.set_position((pos - from) as u64);
+    }
+    bar.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "prefilled the other {rest} tokens in {secs:.1} s ({:.0} tok/s)",
+        rest as f64 / secs.max(1e-9)
     );
     Ok(())
+}
+
+/// Which files went in (in prompt order, with their tokens) and which did not.
+fn report_packing(p: &Packed, files: usize, skipped: usize) {
+    let k = |n: usize| {
+        if n >= 1000 {
+            format!("{:.1}k", n as f64 / 1000.0)
+        } else {
+            n.to_string()
+        }
+    };
+    let how = if p.whole_repository {
+        "the whole repository, in path order".to_string()
+    } else if p.kept_from_cache > 0 {
+        format!(
+            "the first {} as a cached prompt had them, then by relevance to the question",
+            p.kept_from_cache
+        )
+    } else {
+        "by relevance to the question, most relevant last".to_string()
+    };
+    let list: Vec<String> = p
+        .included
+        .iter()
+        .map(|f| format!("{} {}", f.path, k(f.tokens)))
+        .collect();
+    eprintln!(
+        "packed {} of {files} files into {} prompt tokens ({how}; {skipped} skipped as binary, \
+         huge or unreadable): {}",
+        p.included.len(),
+        p.prefix.len() + p.suffix.len(),
+        list.join(", ")
+    );
+    if !p.left_out.is_empty() {
+        let shown: Vec<&str> = p.left_out.iter().take(10).map(|s| s.as_str()).collect();
+        eprintln!(
+            "left out ({} files, most relevant first): {}{}",
+            p.left_out.len(),
+            shown.join(", "),
+            if p.left_out.len() > 10 { ", ..." } else { "" }
+        );
+    }
+}
+
+/// Holds the snapshot cache under `limit` bytes, least recently used out, and says what went.
+fn evict(kv_root: &Path, limit: u64, in_use: &Path) {
+    let gone = cache::evict_lru(kv_root, limit, &[in_use]);
+    if gone.is_empty() {
+        return;
+    }
+    let bytes: u64 = gone.iter().map(|e| e.bytes).sum();
+    let names: Vec<String> = gone
+        .iter()
+        .map(|e| {
+            e.dir
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        })
+        .collect();
+    eprintln!(
+        "KV cache over its --kv-cache-limit of {:.2} GB: evicted {} least recently used \
+         snapshot(s), {:.2} GB ({})",
+        limit as f64 / 1e9,
+        gone.len(),
+        bytes as f64 / 1e9,
+        names.join(", ")
+    );
 }

@@ -13,19 +13,23 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Jobs, one JSON object per line: {"id", "prompt"} or {"id", "document" |
-    /// "document_path", "question"}, with optional "max_tokens" and "temperature".
+    /// Jobs file (JSONL), one object per line: {"id", "prompt"} or {"id", "document" |
+    /// "document_path", "question"}, optional "max_tokens", "temperature" and "chat" (true:
+    /// the model's chat template; default false for a prompt, as `generate`, true for a
+    /// document question, as `ask`).
     #[arg(long)]
     input: PathBuf,
-    /// Results, appended one line per job; ids already there are skipped.
+    /// Results file (JSONL), appended one line per job; ids already there are skipped.
     #[arg(long)]
     output: PathBuf,
+    /// A .gguf file, a Hugging Face model directory or hub name. Default: SmolLM2-135M-Instruct
+    /// (fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Prompt plus answer budget in tokens (default: the model's trained context).
+    /// Prompt plus answer budget in tokens. Default: the model's trained context.
     #[arg(long)]
     max_context: Option<usize>,
-    /// Answer length when a job does not say.
+    /// Answer length in tokens when a job does not say ("max_tokens").
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
     /// Jobs answered at once, batched in each forward step (continuous batching). Jobs on
@@ -34,6 +38,9 @@ pub struct Args {
     concurrency: usize,
     #[command(flatten)]
     decode: super::DecodeOpts,
+    /// Every job's sampling; a job's own "temperature" wins.
+    #[command(flatten)]
+    sampling: super::sampling::SamplingArgs,
 }
 
 /// A job made ready for the scheduler: its prompt tokens and request.
@@ -42,20 +49,33 @@ fn prepare(
     job: &Job,
     limit: usize,
     default_max: usize,
+    base: &Sampling,
 ) -> Result<Request, EngineError> {
+    // A prompt is taken as `generate` takes it: as written unless the job says "chat": true
+    // (batch once applied the template to every prompt, so the same prompt answered
+    // differently here and in `generate`). A document question is wrapped, as `ask` wraps
+    // it, unless "chat": false; a model without a template then gets plain text, which an
+    // explicit "chat": true refuses.
     let text = match &job.task {
-        Task::Prompt(p) => m
-            .tokenizer
-            .render_chat(&[("user", p)])
-            .or_else(|_| Ok::<_, EngineError>(p.clone()))?,
+        Task::Prompt(p) if job.chat == Some(true) => m.tokenizer.render_chat(&[("user", p)])?,
+        Task::Prompt(p) => p.clone(),
         Task::Document { document, question } => {
             let user = format!("Document:\n{document}\n\nQuestion: {question}");
-            m.tokenizer
-                .render_chat(&[
+            let plain = format!("{user}\nAnswer:");
+            match job.chat {
+                Some(false) => plain,
+                Some(true) => m.tokenizer.render_chat(&[
                     ("system", "Answer the question from the document."),
                     ("user", &user),
-                ])
-                .or_else(|_| Ok::<_, EngineError>(format!("{user}\nAnswer:")))?
+                ])?,
+                None => m
+                    .tokenizer
+                    .render_chat(&[
+                        ("system", "Answer the question from the document."),
+                        ("user", &user),
+                    ])
+                    .unwrap_or(plain),
+            }
         }
     };
     let ids = m.tokenizer.encode(&text)?;
@@ -76,8 +96,8 @@ fn prepare(
         prompt: ids,
         max_tokens,
         sampling: Sampling {
-            temperature: job.temperature.unwrap_or(0.0),
-            ..Sampling::default()
+            temperature: job.temperature.unwrap_or(base.temperature),
+            ..base.clone()
         },
         stop: m.stop_tokens(),
     })
@@ -92,6 +112,8 @@ struct InFlight {
 
 pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
+    // Every penalty off unless asked for, as in `generate`.
+    let sampling = args.sampling.resolve(&Sampling::default())?;
     anyhow::ensure!(
         !same_file(&args.input, &args.output),
         "--input and --output are the same file ({}): the results would be appended to the jobs",
@@ -178,7 +200,8 @@ pub fn run(args: Args) -> Result<()> {
             let (id, req) = match parsed {
                 Err(bad) => (bad.id, Err(format!("line {line_no}: {}", bad.error))),
                 Ok(job) => {
-                    let req = prepare(&m, &job, limit, args.max_tokens).map_err(|e| e.to_string());
+                    let req = prepare(&m, &job, limit, args.max_tokens, &sampling)
+                        .map_err(|e| e.to_string());
                     (job.id, req)
                 }
             };

@@ -18,25 +18,29 @@ pub enum EvalCommand {
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// A .gguf file, a Hugging Face model directory or hub name. Default: SmolLM2-135M-Instruct
+    /// (fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Prompt lengths in tokens (k = 1024).
+    /// Prompt lengths in tokens, comma-separated (k = 1024), each at least 64.
     #[arg(long, value_delimiter = ',', default_value = "1k,2k,4k,8k")]
     lengths: Vec<String>,
-    /// Depths of the key, in percent of the filler.
+    /// Depths of the key in percent of the filler (0 to 100), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0,25,50,75,100")]
     depths: Vec<usize>,
     /// RoPE scaling past the trained length: none, linear, ntk, dynamic, yarn.
     #[arg(long, default_value = "none")]
     rope_scaling: String,
+    /// Context extension factor of --rope-scaling (a multiple of the trained length).
     #[arg(long, default_value_t = 1.0)]
     rope_factor: f64,
     /// Seed of the keys.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Print the cells and accuracy as one JSON object on stdout. Default: off (a table).
     #[arg(long)]
     json: bool,
-    /// Write a heat map (SVG).
+    /// Write a heat map of the cells to this SVG file. Default: none.
     #[arg(long)]
     plot: Option<PathBuf>,
 }
@@ -69,6 +73,16 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     let path = super::resolve_model(&args.model)?;
     let m = longctx_engine::load(&path)?;
     let rope = rope_override(&m.model.cfg, &args.rope_scaling, args.rope_factor)?;
+    let trained = m.model.cfg.max_position;
+    if let Some(longest) = lengths.iter().copied().filter(|l| *l > trained).max() {
+        if args.rope_scaling == "none" {
+            eprintln!(
+                "warning: --lengths up to {longest} tokens pass the model's trained {trained}; \
+                 expect misses there, or add --rope-scaling dynamic --rope-factor {}",
+                longest.div_ceil(trained)
+            );
+        }
+    }
     let mut runner = Runner::new(&m.model);
     runner.rope = Some(rope.clone());
     let bar = progress_bar((lengths.len() * args.depths.len()) as u64, "passkey");

@@ -11,46 +11,48 @@ pub struct Args {
     /// A .gguf file or a Hugging Face model directory (default: SmolLM2-135M-Instruct).
     #[arg(long)]
     model: Option<PathBuf>,
-    #[arg(long)]
-    prompt: String,
-    /// Wrap the prompt in the model's chat template.
+    /// The prompt text; `-` reads it from stdin. One of --prompt and --file is required.
+    #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Read the prompt from this file (`-`: stdin) instead of --prompt.
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Wrap the prompt in the model's chat template. Default: off (the prompt as given).
     #[arg(long)]
     chat: bool,
+    /// A system message before the prompt; implies --chat. Default: none.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    /// New tokens to generate at most (fewer if the model ends its answer).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Print tokens as they come.
+    /// Print tokens as they come. Default: off (the whole text at the end).
     #[arg(long)]
     stream: bool,
-    /// Prompt plus new tokens allowed (default: the model's trained context).
+    /// Prompt plus new tokens allowed, in tokens. Default: the model's trained context.
     #[arg(long)]
     max_context: Option<usize>,
     #[command(flatten)]
     decode: super::DecodeOpts,
+    #[command(flatten)]
+    sampling: super::sampling::SamplingArgs,
+    #[command(flatten)]
+    stats: super::StatsOpts,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(
-        args.temperature >= 0.0,
-        "--temperature must not be negative"
-    );
-    anyhow::ensure!(
-        args.top_p > 0.0 && args.top_p <= 1.0,
-        "--top-p must be within (0, 1]"
-    );
+    let t0 = std::time::Instant::now();
+    // Every penalty off unless asked for: generate samples the model as it is.
+    let sampling = args.sampling.resolve(&Sampling::default())?;
+    // Read before the model loads: a missing file fails at once.
+    let prompt = super::input::prompt_text(args.prompt.as_deref(), args.file.as_deref())?;
     let m = args.decode.open(&args.model)?;
-    let text = if args.chat {
-        m.tokenizer.render_chat(&[("user", &args.prompt)])?
-    } else {
-        args.prompt.clone()
+    let text = match &args.system {
+        Some(sys) => m
+            .tokenizer
+            .render_chat(&[("system", sys), ("user", &prompt)])?,
+        None if args.chat => m.tokenizer.render_chat(&[("user", &prompt)])?,
+        None => prompt,
     };
     let ids = m.tokenizer.encode(&text)?;
     anyhow::ensure!(!ids.is_empty(), "the prompt is empty");
@@ -67,17 +69,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     let store = m.model.kv_store(&args.decode.kv())?;
     let seq = store.create_seq();
-    let t0 = std::time::Instant::now();
+    // The time to the first token counts the prefill (it once counted only the sampling).
+    let mut clock = super::Clock::start_after(t0);
     let logits = m
         .model
         .forward(&ids, 0, &store, seq, Logits::Last, None, 4)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut sampler = Sampler::new(Sampling {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    });
+    clock.prefilled();
+    let mut sampler = Sampler::new(sampling);
     let mut printer = StreamPrinter::default();
     let out = generate(
         &m.model,
@@ -91,6 +89,7 @@ pub fn run(args: Args) -> Result<()> {
         None,
         4,
         |t| {
+            clock.token();
             if args.stream {
                 printer.push(&m.tokenizer, t)?;
             }
@@ -98,16 +97,7 @@ pub fn run(args: Args) -> Result<()> {
         },
     )?;
     printer.finish(&m.tokenizer.decode(&out.tokens)?);
-    // The time to the first token counts the prefill (once it counted only the sampling).
-    eprintln!(
-        "{} prompt tokens, prefill {:.2} s ({:.1} tok/s); {} new; first token {:.2} s, decode \
-         {:.1} tok/s",
-        ids.len(),
-        prefill_s,
-        ids.len() as f64 / prefill_s.max(1e-9),
-        out.tokens.len(),
-        prefill_s + out.first_token_s,
-        out.tokens.len().saturating_sub(1) as f64 / out.decode_s.max(1e-9)
-    );
+    let stats = clock.finish(ids.len(), 0, out.tokens.len(), super::KvBytes::of(&store));
+    super::print_run_stats(&stats, args.stats.json);
     Ok(())
 }

@@ -2,21 +2,44 @@
 
 pub mod ask;
 pub mod batch;
+pub mod chat;
 pub mod eval;
 pub mod generate;
+pub mod input;
 pub mod perplexity;
 pub mod plan;
+pub mod progress;
+pub mod sampling;
+pub mod stats;
+
+// Every run over a few seconds reports progress through this (a bar on a terminal, plain
+// lines elsewhere).
+pub use progress::{progress_bar, Progress};
+// Every command that generates ends with `print_run_stats(&clock.finish(..), json)`: the
+// same timings (first token counting the prefill) and KV bytes per tier, `--json` included.
+pub use stats::{print_run_stats, Clock, KvBytes, StatsOpts};
 
 use anyhow::Result;
 use longctx_engine::{fetch, load, Loaded};
 use std::path::PathBuf;
 
-/// `--model`: a .gguf file or a Hugging Face directory; the default model when absent.
+/// `--model`: a .gguf file or a Hugging Face directory, else a hub name (`org/name`,
+/// `org/name:FILE`) found offline in the Hugging Face cache; the default model when absent.
+/// A path that exists wins over a hub name.
 pub fn resolve_model(model: &Option<PathBuf>) -> Result<PathBuf> {
+    use longctx_engine::hub;
     match model {
+        Some(p) if p.exists() => Ok(p.clone()),
         Some(p) => {
-            anyhow::ensure!(p.exists(), "model {} does not exist", p.display());
-            Ok(p.clone())
+            let root = hub::cache_root(|k| std::env::var_os(k));
+            match p.to_str().map(|s| hub::resolve(&root, s)) {
+                Some(Ok(Some(found))) => {
+                    eprintln!("model {}: {}", p.display(), found.display());
+                    Ok(found)
+                }
+                Some(Err(e)) => Err(e.into()),
+                _ => anyhow::bail!("model {} does not exist", p.display()),
+            }
         }
         None => Ok(fetch::smollm2(&mut |m| eprintln!("{m}"))?),
     }
@@ -41,10 +64,11 @@ pub fn open(model: &Option<PathBuf>) -> Result<Loaded> {
 /// (decode steps, prompt chunks) takes int8 activations, as llama.cpp's CPU backend does.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DecodeOpts {
-    /// The exact path: f32 decode weights and an f32 KV cache.
+    /// The exact path: f32 decode weights and an f32 KV cache. Default: off (the fast path).
     #[arg(long, conflicts_with = "fast")]
     pub exact: bool,
-    /// The fast path (the default): quantised decode weights and a bf16 KV cache.
+    /// The fast path: quantised decode weights and a bf16 KV cache. Default: on (it is the
+    /// default path; the flag only says so).
     #[arg(long)]
     pub fast: bool,
     /// KV cache element type, overriding the path's: f32 (exact) or bf16 (half the bytes a
@@ -134,19 +158,6 @@ pub fn fetch_model(name: &str) -> Result<()> {
     let p = fetch::smollm2(&mut |m| eprintln!("{m}"))?;
     println!("{}", p.display());
     Ok(())
-}
-
-/// A progress bar on stderr (drawn only on a terminal).
-pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
-        )
-        .expect("a valid template"),
-    );
-    bar.set_prefix(what.to_string());
-    bar
 }
 
 /// Prints generated tokens as they come, only whole characters (a multi-byte character may

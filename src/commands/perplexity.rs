@@ -9,17 +9,21 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// A .gguf file, a Hugging Face model directory or hub name. Default: SmolLM2-135M-Instruct
+    /// (fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The text to score.
+    /// The text file to score (UTF-8). Required.
     #[arg(long)]
     file: PathBuf,
-    /// Window length in tokens (default: the model's trained context).
+    /// Window length in tokens. Default: the model's trained context.
     #[arg(long)]
     ctx: Option<usize>,
     /// Tokens per forward pass inside a window (bounds activation memory).
     #[arg(long, default_value_t = 512)]
     chunk: usize,
+    /// Print the result as one JSON object on stdout (tokens, mean_nll, perplexity).
+    /// Default: off (three lines of text).
     #[arg(long)]
     json: bool,
 }
@@ -49,6 +53,8 @@ pub fn run(args: Args) -> Result<()> {
     let store = m.model.kv_store(&KvOptions::default())?;
     let (mut total, mut scored) = (0f64, 0usize);
     let vocab = m.model.cfg.vocab;
+    let bar = super::Progress::new(ids.len() as u64, "perplexity", "tokens");
+    let mut done = 0u64;
     for window in ids.chunks(ctx) {
         let seq = store.create_seq();
         let mut pos = 0;
@@ -63,9 +69,12 @@ pub fn run(args: Args) -> Result<()> {
                 }
             }
             pos += part.len();
+            done += part.len() as u64;
+            bar.set_position(done);
         }
         store.free(seq)?;
     }
+    bar.finish_and_clear();
     anyhow::ensure!(scored > 0, "no token to score");
     let mean = total / scored as f64;
     let r = Report {

@@ -2,28 +2,29 @@
 
 use crate::units;
 use anyhow::{Context, Result};
-use longctx_engine::apps::plan::{plan, preset, Hardware, KvLayout, ModelShape, GB};
+use longctx_engine::apps::plan::{plan, preset, Hardware, KvLayout, ModelShape, GB, GIB};
 use longctx_engine::ModelConfig;
 use serde_json::json;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// scout, maverick, or a Hugging Face config.json.
+    /// The model: scout, maverick, or the path of a Hugging Face config.json.
     #[arg(long, default_value = "scout")]
     model: String,
     /// Context in tokens (k = 1024, m = 1024^2: Scout's 10M is 10m).
     #[arg(long, default_value = "10m")]
     context: String,
+    /// GPUs in the job (tensor parallel for the weights, a ring for the KV).
     #[arg(long, default_value_t = 8)]
     gpus: usize,
-    /// Memory per GPU.
+    /// Memory per GPU, with a unit: 80GB (10^9 bytes), 80GiB (2^30), 512MiB.
     #[arg(long, default_value = "80GB")]
     gpu_mem: String,
     /// KV element type: bf16 or fp8.
     #[arg(long, default_value = "bf16")]
     kv_dtype: String,
-    /// Host memory the KV may spill to (all nodes together).
+    /// Host memory the KV may spill to (all nodes together), with a unit (512GiB); 0 for none.
     #[arg(long, default_value = "0")]
     host_mem: String,
     /// hybrid (local layers keep one chunk) or full (every layer keeps the context).
@@ -35,6 +36,7 @@ pub struct Args {
     /// GPU-to-GPU bandwidth, GB/s each way.
     #[arg(long, default_value_t = 450.0)]
     link_gbs: f64,
+    /// Print the plan as one JSON object on stdout. Default: off (a report in words).
     #[arg(long)]
     json: bool,
 }
@@ -87,11 +89,33 @@ pub fn run(args: Args) -> Result<()> {
         if layout == KvLayout::Full && plan(&shape, context, &hw, kv_bytes, KvLayout::Hybrid).fits {
             advice.push("the hybrid layout (local layers keep one chunk) fits".into());
         }
-        if p.kv_short > 0.0 {
+        // Host memory takes only the KV: suggested only when the weights and activations
+        // leave the GPUs room, and checked by planning again with it (once it was suggested
+        // where the weights alone exceeded a GPU, and did not fit).
+        let fixed = p.weights_per_gpu + p.activations_per_gpu + p.reserve_per_gpu;
+        if fixed >= hw.gpu_mem {
             advice.push(format!(
-                "host memory for the KV overflow: {} more (--host-mem)",
-                gb(p.kv_short)
+                "the weights alone ({} per GPU, with activations and reserve {}) exceed a GPU's \
+                 {}: more GPUs or more memory per GPU (host memory holds only the KV)",
+                gb(p.weights_per_gpu),
+                gb(fixed),
+                gb(hw.gpu_mem)
             ));
+        } else if p.kv_short > 0.0 {
+            // Rounded up to whole GiB, as a user types it.
+            let more = (p.kv_short / GIB).ceil() * GIB;
+            let host = hw.host_mem + more;
+            let with_host = Hardware {
+                host_mem: host,
+                ..hw.clone()
+            };
+            if plan(&shape, context, &with_host, kv_bytes, layout).fits {
+                advice.push(format!(
+                    "host memory for the KV overflow: --host-mem {:.0}GiB ({} more)",
+                    host / GIB,
+                    gb(p.kv_short)
+                ));
+            }
         }
         if let Some(g) = (args.gpus + 1..=1024).find(|g| {
             plan(

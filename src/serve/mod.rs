@@ -35,6 +35,7 @@ pub struct Args {
     /// Address to listen on; the default is this machine only.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// TCP port to listen on.
     #[arg(long, default_value_t = 8000)]
     port: u16,
     /// Require `Authorization: Bearer KEY` on /v1 requests (default: LONGCTX_API_KEY if set).
@@ -489,6 +490,11 @@ async fn start(
             top_k: p.top_k,
             top_p: p.top_p,
             seed,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            frequency_penalty: p.frequency_penalty,
+            presence_penalty: p.presence_penalty,
+            ..Sampling::default()
         },
         stop: app.stop_tokens.clone(),
     };
