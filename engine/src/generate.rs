@@ -7,23 +7,100 @@ use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
 use longctx_kvstore::{KvStore, SeqId};
 use longctx_rope::Rope;
 
-/// How the next token is picked. `temperature == 0` is greedy.
+/// How the next token is picked. `temperature == 0` is greedy (on the penalised logits).
+///
+/// Penalties look at the tokens this sampler has picked (the answer so far), not the prompt:
+/// `repetition_penalty` (llama.cpp's and transformers' rule: a logit of a token among the last
+/// `repeat_last_n` picked is divided by it when positive, multiplied when negative; 1 is
+/// off), `frequency_penalty` and `presence_penalty` (OpenAI's rule: `count * frequency +
+/// (count > 0) * presence` subtracted, counting every token picked; 0 is off). `min_p` drops
+/// the tokens less likely than `min_p` times the likeliest (after the temperature; 0 is off).
 #[derive(Clone, Debug)]
 pub struct Sampling {
     pub temperature: f32,
     pub top_k: usize,
     pub top_p: f32,
     pub seed: u64,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub repeat_last_n: usize,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
 }
 
 impl Default for Sampling {
+    /// Greedy with every penalty off.
     fn default() -> Self {
         Sampling {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
+    }
+}
+
+/// A value out of its range, named as the flag or request field that set it.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{field} must be {range}, got {value}")]
+pub struct BadSampling {
+    pub field: &'static str,
+    pub range: &'static str,
+    pub value: f64,
+}
+
+impl Sampling {
+    /// Greedy with a repetition penalty of 1.1 over the last 64 tokens: the defaults of
+    /// `ask` and `chat`, where SmolLM2-135M otherwise repeats one sentence until the token
+    /// limit.
+    pub fn answering() -> Sampling {
+        Sampling {
+            repetition_penalty: 1.1,
+            repeat_last_n: 64,
+            ..Sampling::default()
+        }
+    }
+
+    /// Checks every value's range (NaN fails every check).
+    pub fn validate(&self) -> std::result::Result<(), BadSampling> {
+        let check = |ok: bool, field, range, value: f32| {
+            if ok {
+                Ok(())
+            } else {
+                Err(BadSampling {
+                    field,
+                    range,
+                    value: value as f64,
+                })
+            }
+        };
+        let t = self.temperature;
+        check(t >= 0.0 && t.is_finite(), "temperature", "at least 0", t)?;
+        let p = self.top_p;
+        check(p > 0.0 && p <= 1.0, "top_p", "within (0, 1]", p)?;
+        let m = self.min_p;
+        check((0.0..=1.0).contains(&m), "min_p", "within [0, 1]", m)?;
+        let r = self.repetition_penalty;
+        check(r > 0.0 && r.is_finite(), "repetition_penalty", "above 0", r)?;
+        for (v, f) in [
+            (self.frequency_penalty, "frequency_penalty"),
+            (self.presence_penalty, "presence_penalty"),
+        ] {
+            // OpenAI's range.
+            check((-2.0..=2.0).contains(&v), f, "within [-2, 2]", v)?;
+        }
+        Ok(())
+    }
+
+    fn penalises(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
     }
 }
 
@@ -31,12 +108,21 @@ impl Default for Sampling {
 pub struct Sampler {
     cfg: Sampling,
     state: u64,
+    /// Every token picked, in order.
+    picked: Vec<u32>,
+    /// How often each token was picked.
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(cfg: Sampling) -> Sampler {
         let state = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        Sampler { cfg, state }
+        Sampler {
+            cfg,
+            state,
+            picked: vec![],
+            counts: Default::default(),
+        }
     }
 
     fn uniform(&mut self) -> f32 {
@@ -47,7 +133,50 @@ impl Sampler {
         (x >> 40) as f32 / (1u64 << 24) as f32
     }
 
+    /// `logits` with the repetition, frequency and presence penalties of the tokens picked so
+    /// far applied.
+    pub fn penalised(&self, logits: &[f32]) -> Vec<f32> {
+        let mut out = logits.to_vec();
+        let c = &self.cfg;
+        if c.repetition_penalty != 1.0 {
+            let from = self.picked.len().saturating_sub(c.repeat_last_n);
+            let mut recent: Vec<u32> = self.picked[from..].to_vec();
+            recent.sort_unstable();
+            recent.dedup();
+            for t in recent {
+                if let Some(x) = out.get_mut(t as usize) {
+                    *x = if *x > 0.0 {
+                        *x / c.repetition_penalty
+                    } else {
+                        *x * c.repetition_penalty
+                    };
+                }
+            }
+        }
+        if c.frequency_penalty != 0.0 || c.presence_penalty != 0.0 {
+            for (t, n) in &self.counts {
+                if let Some(x) = out.get_mut(*t as usize) {
+                    *x -= *n as f32 * c.frequency_penalty + c.presence_penalty;
+                }
+            }
+        }
+        out
+    }
+
+    /// Picks the next token and remembers it for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let t = if self.cfg.penalises() {
+            let p = self.penalised(logits);
+            self.pick(&p)
+        } else {
+            self.pick(logits)
+        };
+        self.picked.push(t);
+        *self.counts.entry(t).or_default() += 1;
+        t
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         let argmax = || {
             logits
                 .iter()
@@ -71,6 +200,12 @@ impl Sampler {
             .iter()
             .map(|i| ((logits[*i] - mx) / self.cfg.temperature).exp())
             .collect();
+        // p[0] is the likeliest (exp(0) = 1 before normalising): min-p keeps those at least
+        // min_p times as likely.
+        if self.cfg.min_p > 0.0 {
+            let keep = p.iter().take_while(|x| **x >= self.cfg.min_p).count();
+            p.truncate(keep.max(1));
+        }
         let total: f32 = p.iter().sum();
         p.iter_mut().for_each(|x| *x /= total);
         if self.cfg.top_p < 1.0 {
@@ -190,4 +325,144 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
             .sum::<f64>()
             .ln();
     lse - logits[target as usize] as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sampler that has picked `tokens` (each forced by a logit far above the rest).
+    fn after(cfg: Sampling, tokens: &[u32], vocab: usize) -> Sampler {
+        let mut s = Sampler::new(cfg);
+        for &t in tokens {
+            let mut l = vec![0.0; vocab];
+            l[t as usize] = 1000.0;
+            assert_eq!(s.sample(&l), t);
+        }
+        s
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits_of_recent_tokens() {
+        let cfg = Sampling {
+            repetition_penalty: 2.0,
+            ..Sampling::default()
+        };
+        let logits = [1.0, 4.0, -2.0, 3.0];
+        let s = after(cfg.clone(), &[1, 1, 2], 4);
+        // Token 1 (4 / 2) and token 2 (-2 * 2), once each however often picked.
+        assert_eq!(s.penalised(&logits), [1.0, 2.0, -4.0, 3.0]);
+        // Only the last repeat_last_n picks count.
+        let s = after(
+            Sampling {
+                repeat_last_n: 1,
+                ..cfg
+            },
+            &[1, 1, 2],
+            4,
+        );
+        assert_eq!(s.penalised(&logits), [1.0, 4.0, -4.0, 3.0]);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_subtract_as_openai_specifies() {
+        let cfg = Sampling {
+            frequency_penalty: 0.5,
+            presence_penalty: 1.0,
+            ..Sampling::default()
+        };
+        let s = after(cfg, &[1, 1, 2], 4);
+        // Token 1: 4 - (2 * 0.5 + 1); token 2: -2 - (1 * 0.5 + 1).
+        assert_eq!(s.penalised(&[1.0, 4.0, -2.0, 3.0]), [1.0, 2.0, -3.5, 3.0]);
+    }
+
+    /// Greedy stays deterministic and picks on the penalised logits: the loop "A B A B"
+    /// breaks, and with every penalty off the pick is the plain argmax as before.
+    #[test]
+    fn greedy_picks_the_argmax_of_the_penalised_logits() {
+        let logits = [0.0, 5.0, 4.9];
+        let mut plain = Sampler::new(Sampling::default());
+        assert_eq!([plain.sample(&logits), plain.sample(&logits)], [1, 1]);
+        let cfg = Sampling {
+            repetition_penalty: 1.1,
+            ..Sampling::default()
+        };
+        let run = || {
+            let mut s = Sampler::new(cfg.clone());
+            [s.sample(&logits), s.sample(&logits), s.sample(&logits)]
+        };
+        // 5 / 1.1 = 4.55 < 4.9; then both are penalised: 4.55 vs 4.45.
+        assert_eq!(run(), [1, 2, 1]);
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_a_fraction_of_the_likeliest() {
+        // Probabilities 0.5, 0.3, 0.15, 0.05 at temperature 1.
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let seen = |min_p: f32| {
+            let mut s = Sampler::new(Sampling {
+                temperature: 1.0,
+                min_p,
+                seed: 7,
+                ..Sampling::default()
+            });
+            let mut seen = [false; 4];
+            for _ in 0..2000 {
+                seen[s.sample(&logits) as usize] = true;
+            }
+            seen
+        };
+        // 0.35 * 0.5 = 0.175: tokens 0 and 1 stay.
+        assert_eq!(seen(0.35), [true, true, false, false]);
+        // 0.25 * 0.5 = 0.125: token 2 too.
+        assert_eq!(seen(0.25), [true, true, true, false]);
+        assert_eq!(seen(0.0), [true; 4]);
+        // A min-p above every other token leaves the likeliest alone.
+        assert_eq!(seen(1.0), [true, false, false, false]);
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        let bad = |s: Sampling| s.validate().unwrap_err().field;
+        let d = Sampling::default;
+        assert!(d().validate().is_ok());
+        assert_eq!(bad(Sampling { min_p: 1.5, ..d() }), "min_p");
+        assert_eq!(
+            bad(Sampling {
+                min_p: f32::NAN,
+                ..d()
+            }),
+            "min_p"
+        );
+        assert_eq!(
+            bad(Sampling {
+                repetition_penalty: 0.0,
+                ..d()
+            }),
+            "repetition_penalty"
+        );
+        assert_eq!(
+            bad(Sampling {
+                frequency_penalty: 2.5,
+                ..d()
+            }),
+            "frequency_penalty"
+        );
+        assert_eq!(
+            bad(Sampling {
+                presence_penalty: -3.0,
+                ..d()
+            }),
+            "presence_penalty"
+        );
+        assert_eq!(bad(Sampling { top_p: 0.0, ..d() }), "top_p");
+        assert_eq!(
+            bad(Sampling {
+                temperature: -1.0,
+                ..d()
+            }),
+            "temperature"
+        );
+    }
 }

@@ -20,6 +20,7 @@
 //! streams the older ones ahead of use instead.
 
 mod attend;
+pub mod cache;
 mod config;
 mod disk;
 mod error;

@@ -71,6 +71,12 @@ pub struct Params {
     pub top_p: f32,
     pub top_k: usize,
     pub seed: Option<u64>,
+    /// Sampler penalties and min-p (OpenAI's two penalties; `repetition_penalty` and
+    /// `min_p` as vLLM takes them); neutral when absent.
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -233,6 +239,36 @@ pub fn parse(body: &[u8], kind: Kind, served: &str) -> Result<Params, ApiError> 
         }
     };
     let seed = integer(&v, "seed")?.map(|s| s as u64);
+    let ranged = |name: &'static str, default: f64, ok: fn(f64) -> bool, range: &str| {
+        let x = number(&v, name)?.unwrap_or(default);
+        if ok(x) {
+            Ok(x as f32)
+        } else {
+            Err(ApiError::bad(
+                format!("'{name}' must be {range}"),
+                Some(name),
+            ))
+        }
+    };
+    let min_p = ranged("min_p", 0.0, |x| (0.0..=1.0).contains(&x), "within [0, 1]")?;
+    let repetition_penalty = ranged(
+        "repetition_penalty",
+        1.0,
+        |x| x > 0.0 && x <= 10.0,
+        "within (0, 10]",
+    )?;
+    let frequency_penalty = ranged(
+        "frequency_penalty",
+        0.0,
+        |x| (-2.0..=2.0).contains(&x),
+        "within [-2, 2]",
+    )?;
+    let presence_penalty = ranged(
+        "presence_penalty",
+        0.0,
+        |x| (-2.0..=2.0).contains(&x),
+        "within [-2, 2]",
+    )?;
     if let Some(n) = integer(&v, "n")? {
         if n != 1 {
             return Err(ApiError::bad("only 'n' = 1 is supported", Some("n")));
@@ -277,6 +313,10 @@ pub fn parse(body: &[u8], kind: Kind, served: &str) -> Result<Params, ApiError> 
         top_p: top_p as f32,
         top_k,
         seed,
+        min_p,
+        repetition_penalty,
+        frequency_penalty,
+        presence_penalty,
         stop,
         stream,
         include_usage,
@@ -373,6 +413,33 @@ mod tests {
             (p.temperature, p.top_p, p.top_k, p.stream),
             (1.0, 1.0, 0, false)
         );
+        // Every penalty neutral unless asked for.
+        assert_eq!(
+            (
+                p.min_p,
+                p.repetition_penalty,
+                p.frequency_penalty,
+                p.presence_penalty
+            ),
+            (0.0, 1.0, 0.0, 0.0)
+        );
+        let p = parse(
+            r#"{"model": "m", "prompt": "hi", "min_p": 0.05, "repetition_penalty": 1.1,
+                "frequency_penalty": 0.5, "presence_penalty": -0.5}"#
+                .as_bytes(),
+            Kind::Completion,
+            "m",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                p.min_p,
+                p.repetition_penalty,
+                p.frequency_penalty,
+                p.presence_penalty
+            ),
+            (0.05, 1.1, 0.5, -0.5)
+        );
         assert!(bad("{").contains("not valid JSON"));
         assert!(bad("[1]").contains("JSON object"));
         assert!(bad(r#"{"model": "x", "messages": []}"#).contains("does not exist"));
@@ -394,6 +461,15 @@ mod tests {
             (r#""stop": [""]"#, "empty"),
             (r#""stream": "yes""#, "boolean"),
             (r#""stream_options": 1"#, "object"),
+            (r#""min_p": 1.5"#, "'min_p' must be within [0, 1]"),
+            (r#""min_p": "x""#, "'min_p' must be a number"),
+            (r#""repetition_penalty": 0"#, "'repetition_penalty' must be"),
+            (
+                r#""repetition_penalty": -1.1"#,
+                "'repetition_penalty' must be",
+            ),
+            (r#""frequency_penalty": 2.5"#, "'frequency_penalty' must be"),
+            (r#""presence_penalty": -3"#, "'presence_penalty' must be"),
         ] {
             let m = bad(&with(field));
             assert!(m.contains(want), "{field}: {m}");

@@ -8,6 +8,7 @@
 
 use crate::tokenizer::Tokenizer;
 use crate::{EngineError, Result};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
@@ -155,33 +156,29 @@ pub fn collect_files(
     Ok((files, skipped))
 }
 
-/// Words too common in questions to say anything about a file.
-const STOP: &[&str] = &[
-    "the", "and", "for", "with", "how", "does", "what", "which", "where", "when", "why", "who",
-    "are", "this", "that", "from", "into", "its", "can", "you", "use", "used", "work", "works",
-];
-
-fn words(s: &str) -> impl Iterator<Item = String> + '_ {
-    s.split(|c: char| !c.is_alphanumeric() && c != '_')
-        .filter(|w| w.len() > 2)
-        .map(|w| w.to_lowercase())
-        .filter(|w| !STOP.contains(&w.as_str()))
+/// A file as packed into a prompt: its path, a hash of its text, and the tokens of its
+/// block (counted alone; in the prompt a boundary may merge differently).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PackedFile {
+    pub path: String,
+    pub hash: String,
+    pub tokens: usize,
 }
 
-/// How relevant a file looks to a question: question words found in its path count most,
-/// then in its text (per occurrence, dampened), over the log of its size.
-pub fn relevance(question: &str, file: &RepoFile) -> f64 {
-    let path = file.path.to_lowercase();
-    let text = file.text.to_lowercase();
-    let mut score = 0.0;
-    for w in words(question) {
-        if path.contains(&w) {
-            score += 5.0;
-        }
-        let hits = text.matches(&w).take(50).count();
-        score += (1.0 + hits as f64).ln();
-    }
-    score / (2.0 + (file.text.len() as f64).ln())
+/// What a snapshot of `ask` holds, saved beside it as [`INDEX_FILE`]: the fingerprint of the
+/// model and KV layout, the files in prompt order, and the prefix's tokens, so a later
+/// question finds the longest cached prefix of its own prompt.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PackIndex {
+    pub fingerprint: String,
+    pub files: Vec<PackedFile>,
+    pub tokens: Vec<u32>,
+}
+
+pub const INDEX_FILE: &str = "ask.json";
+
+fn text_hash(text: &str) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
 
 /// A packed prompt.
@@ -191,14 +188,24 @@ pub struct Packed {
     pub prefix: Vec<u32>,
     /// The question and the template's tail.
     pub suffix: Vec<u32>,
-    pub included: Vec<String>,
-    /// Files that did not fit, most relevant first.
+    /// The files in prompt order.
+    pub included: Vec<PackedFile>,
+    /// Files that did not fit or share no word with the question, most relevant first.
     pub left_out: Vec<String>,
+    /// Every file fits: the prefix is the same for every question.
+    pub whole_repository: bool,
+    /// Leading files taken from a cached prompt (0: a fresh packing).
+    pub kept_from_cache: usize,
 }
 
 const SYSTEM: &str = "You answer questions about a software repository. Its files follow, \
 each under a header with its path. Answer from the files; name the files you rely on.";
 const MARK: &str = "\u{1}QUESTION\u{1}";
+
+/// What prefilling a token costs against relevance when a cached prompt could be reused:
+/// 1000 tokens weigh as much as this fraction of the best file's relevance. At 0.1, the
+/// best file is worth recomputing 10K tokens, a file a tenth as relevant 1K.
+pub const PREFILL_COST_PER_1K: f64 = 0.1;
 
 fn file_block(f: &RepoFile) -> String {
     format!("### {}\n```\n{}\n```\n\n", f.path, f.text.trim_end())
@@ -227,18 +234,97 @@ fn render(tok: &Tokenizer, files: &[&RepoFile], question: &str) -> Result<(Vec<u
     Ok((prefix, suffix_tok))
 }
 
-/// Packs the files (most relevant first when they do not all fit) so that prompt plus
-/// `reserve` answer tokens fit `budget` tokens. Included files appear in path order, so the
-/// prefix of an unchanged repository is the same for every question that includes them all.
+/// A candidate packing: files in prompt order, and how many lead from a cached prompt.
+struct Plan {
+    order: Vec<usize>,
+    kept: usize,
+    utility: f64,
+}
+
+/// The best plan within `room` tokens: a fresh one (the most relevant files by `rel`, each
+/// costing `cost(i)` tokens) or one starting with the first files of a prior packing
+/// (`(file, tokens)` each, their KV cached) followed by the most relevant others; see [`pack`].
+fn choose(
+    rel: &[f64],
+    cost: &mut impl FnMut(usize) -> Result<usize>,
+    room: usize,
+    priors: &[Vec<(usize, usize)>],
+) -> Result<Plan> {
+    let mut by_rank: Vec<usize> = (0..rel.len()).collect();
+    by_rank.sort_by(|a, b| rel[*b].total_cmp(&rel[*a]).then(a.cmp(b)));
+    // The most relevant files not in `taken` within `left` tokens, least relevant first, with
+    // their relevance and tokens.
+    let mut fill = |taken: &[usize], left: usize| -> Result<(Vec<usize>, f64, usize)> {
+        let (mut out, mut value, mut used) = (vec![], 0.0, 0usize);
+        for &i in &by_rank {
+            if rel[i] <= 0.0 {
+                break;
+            }
+            if taken.contains(&i) {
+                continue;
+            }
+            let c = cost(i)?;
+            if c <= left - used {
+                used += c;
+                value += rel[i];
+                out.push(i);
+            }
+        }
+        out.reverse();
+        Ok((out, value, used))
+    };
+    let price = |tokens: usize| PREFILL_COST_PER_1K * tokens as f64 / 1000.0;
+    let (order, value, used) = fill(&[], room)?;
+    let mut plan = Plan {
+        order,
+        kept: 0,
+        utility: value - price(used),
+    };
+    for prior in priors {
+        let mut kept: Vec<usize> = vec![];
+        let (mut kept_tokens, mut kept_value) = (0usize, 0.0);
+        for &(i, tokens) in prior {
+            if kept_tokens + tokens > room {
+                break;
+            }
+            kept.push(i);
+            kept_tokens += tokens;
+            kept_value += rel[i];
+            let (more, value, used) = fill(&kept, room - kept_tokens)?;
+            let utility = kept_value + value - price(used);
+            // Ties go to the longer reuse.
+            if utility >= plan.utility {
+                plan = Plan {
+                    order: kept.iter().chain(&more).copied().collect(),
+                    kept: kept.len(),
+                    utility,
+                };
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Packs files so that prompt plus `reserve` answer tokens fit `budget` tokens.
+///
+/// Where every file fits, all go in path order: the prefix is the same for every question and
+/// its KV serves them all. Otherwise files are ranked by BM25 ([`super::rank`]) and the
+/// packing weighs relevance against prefill: each prompt in `cached` (file lists of earlier
+/// packings whose KV is on disk, in their order) may lend its first files, unchanged, as a
+/// prefix whose KV is reused, followed by the most relevant files not among them; a fresh
+/// packing takes the most relevant files. The plan with the most relevance, less
+/// [`PREFILL_COST_PER_1K`] per thousand tokens to compute, wins. New files go in increasing
+/// relevance, the most relevant last, nearest the question.
 pub fn pack(
     tok: &Tokenizer,
     files: &[RepoFile],
     question: &str,
     budget: usize,
     reserve: usize,
+    cached: &[Vec<PackedFile>],
 ) -> Result<Packed> {
-    let (_, q_only) = render(tok, &[], question)?;
-    let empty = render(tok, &[], question)?.0.len() + q_only.len();
+    let (empty_prefix, q_only) = render(tok, &[], question)?;
+    let empty = empty_prefix.len() + q_only.len();
     // Saturating: a reserve near usize::MAX must not wrap past the check (then every sum
     // below is at most the budget).
     if empty.saturating_add(reserve) > budget {
@@ -248,46 +334,133 @@ pub fn pack(
             limit: budget,
         });
     }
-    let mut order: Vec<usize> = (0..files.len()).collect();
-    let scores: Vec<f64> = files.iter().map(|f| relevance(question, f)).collect();
-    order.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b)));
-    // Greedy by estimated size, then checked on the real prompt.
-    let mut chosen: Vec<usize> = vec![];
-    let mut used = empty + reserve;
-    let mut left_out = vec![];
-    for &i in &order {
-        // No tokenizer makes tokens of more than 64 bytes on average: a file longer than
-        // that many bytes per token left cannot fit, and is not tokenized (a 200 MB file once
-        // took 13 GB to tokenize for an 8K-token budget).
-        if files[i].text.len() as u64 > 64 * budget.saturating_sub(used) as u64 {
-            left_out.push(files[i].path.clone());
-            continue;
+    let room = budget - empty - reserve;
+    let hashes: Vec<String> = files.iter().map(|f| text_hash(&f.text)).collect();
+    let mut costs: Vec<Option<usize>> = vec![None; files.len()];
+    // No tokenizer makes tokens of more than 64 bytes on average: a file longer than that
+    // many bytes per token of room cannot fit, and is not tokenized (a 200 MB file once took
+    // 13 GB to tokenize for an 8K-token budget).
+    let mut cost = |i: usize| -> Result<usize> {
+        if files[i].text.len() as u64 > 64 * room as u64 {
+            return Ok(usize::MAX);
         }
-        let cost = tok.encode(&file_block(&files[i]))?.len();
-        if used + cost <= budget {
-            used += cost;
-            chosen.push(i);
-        } else {
-            left_out.push(files[i].path.clone());
+        if costs[i].is_none() {
+            costs[i] = Some(tok.encode(&file_block(&files[i]))?.len());
         }
+        Ok(costs[i].expect("set above"))
+    };
+
+    // Code and prose rarely average more than 16 bytes a token: past that the repository
+    // cannot fit, and is not tokenized whole.
+    let total_bytes: u64 = files.iter().map(|f| f.text.len() as u64).sum();
+    let mut whole = total_bytes <= 16 * room as u64;
+    if whole {
+        let mut sum = 0usize;
+        for i in 0..files.len() {
+            sum = sum.saturating_add(cost(i)?);
+        }
+        whole = sum <= room;
     }
+    let scores = super::rank::Index::new(files).scores(question);
+    let best = scores.iter().cloned().fold(0.0, f64::max);
+    // A question sharing no word with any file takes files in path order.
+    let rel: Vec<f64> = scores
+        .iter()
+        .map(|s| if best > 0.0 { s / best } else { 1e-6 })
+        .collect();
+
+    let plan = if whole {
+        Plan {
+            order: (0..files.len()).collect(),
+            kept: 0,
+            utility: 0.0,
+        }
+    } else {
+        let by_path: std::collections::HashMap<&str, usize> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.path.as_str(), i))
+            .collect();
+        // Each cached prompt's leading files still in the repository, unchanged.
+        let priors: Vec<Vec<(usize, usize)>> = cached
+            .iter()
+            .map(|prior| {
+                prior
+                    .iter()
+                    .map_while(|pf| {
+                        let i = *by_path.get(pf.path.as_str())?;
+                        (hashes[i] == pf.hash).then_some((i, pf.tokens))
+                    })
+                    .collect()
+            })
+            .collect();
+        choose(&rel, &mut cost, room, &priors)?
+    };
+    let mut order = plan.order;
+    let mut by_rank: Vec<usize> = (0..files.len()).filter(|i| !order.contains(i)).collect();
+    by_rank.sort_by(|a, b| rel[*b].total_cmp(&rel[*a]).then(a.cmp(b)));
+    let mut left_out: Vec<String> = by_rank.iter().map(|i| files[*i].path.clone()).collect();
     loop {
-        let mut by_path = chosen.clone();
-        by_path.sort();
-        let refs: Vec<&RepoFile> = by_path.iter().map(|i| &files[*i]).collect();
+        let refs: Vec<&RepoFile> = order.iter().map(|i| &files[*i]).collect();
         let (prefix, suffix) = render(tok, &refs, question)?;
-        if prefix.len() + suffix.len() + reserve <= budget || chosen.is_empty() {
+        if prefix.len() + suffix.len() + reserve <= budget || order.is_empty() {
+            let mut included = vec![];
+            for &i in &order {
+                included.push(PackedFile {
+                    path: files[i].path.clone(),
+                    hash: hashes[i].clone(),
+                    tokens: cost(i)?,
+                });
+            }
             return Ok(Packed {
                 prefix,
                 suffix,
-                included: refs.iter().map(|f| f.path.clone()).collect(),
+                included,
                 left_out,
+                whole_repository: whole && order.len() == files.len(),
+                kept_from_cache: plan.kept.min(order.len()),
             });
         }
-        // Token boundaries between blocks moved the total: drop the least relevant.
-        let dropped = chosen.pop().expect("not empty");
+        // Token boundaries between blocks moved the total: drop the least relevant new file
+        // (the first after the kept ones), else the last kept one.
+        let at = if order.len() > plan.kept {
+            plan.kept
+        } else {
+            order.len() - 1
+        };
+        let dropped = order.remove(at);
         left_out.insert(0, files[dropped].path.clone());
     }
+}
+
+/// The longest run of leading tokens `a` and `b` share.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The cached packings under `kv_root` made for `fingerprint`, with their folders.
+pub fn cached_packings(kv_root: &Path, fingerprint: &str) -> Vec<(PathBuf, PackIndex)> {
+    let Ok(rd) = std::fs::read_dir(kv_root) else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let dir = e.path();
+            let bytes = std::fs::read(dir.join(INDEX_FILE)).ok()?;
+            let ix: PackIndex = serde_json::from_slice(&bytes).ok()?;
+            (ix.fingerprint == fingerprint && dir.join(longctx_kvstore::SNAPSHOT_FILE).exists())
+                .then_some((dir, ix))
+        })
+        .collect()
+}
+
+/// Writes `ix` beside the snapshot in `dir` (under a temporary name, then renamed).
+pub fn write_index(dir: &Path, ix: &PackIndex) -> Result<()> {
+    let tmp = dir.join(format!("{INDEX_FILE}.tmp-{}", std::process::id()));
+    let path = dir.join(INDEX_FILE);
+    let json = serde_json::to_vec(ix).map_err(|e| EngineError::Config(e.to_string()))?;
+    std::fs::write(&tmp, json).map_err(|e| EngineError::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| EngineError::io("writing", &path, e))
 }
 
 /// Where the KV of a packed prefix is kept: `$LONGCTX_HOME/kv/<sha256 of model and tokens>`.
@@ -376,17 +549,57 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    fn plan(
+        rel: &[f64],
+        costs: &[usize],
+        room: usize,
+        priors: &[Vec<usize>],
+    ) -> (Vec<usize>, usize) {
+        let priors: Vec<Vec<(usize, usize)>> = priors
+            .iter()
+            .map(|p| p.iter().map(|i| (*i, costs[*i])).collect())
+            .collect();
+        let p = choose(rel, &mut |i| Ok(costs[i]), room, &priors).unwrap();
+        (p.order, p.kept)
+    }
+
+    /// Fresh: the most relevant files that fit, the most relevant last; files sharing no
+    /// word with the question stay out.
     #[test]
-    fn relevance_prefers_files_that_mention_the_question() {
-        let a = RepoFile {
-            path: "src/ring.rs".into(),
-            text: "merge partial results by lse".into(),
-        };
-        let b = RepoFile {
-            path: "src/kv.rs".into(),
-            text: "block table".into(),
-        };
-        let q = "How does ring attention merge partial results?";
-        assert!(relevance(q, &a) > relevance(q, &b));
+    fn a_fresh_packing_takes_the_most_relevant_files_most_relevant_last() {
+        let rel = [0.2, 1.0, 0.0, 0.6, 0.5];
+        let costs = [100, 400, 50, 300, 350];
+        assert_eq!(plan(&rel, &costs, 1000, &[]), (vec![0, 3, 1], 0));
+        assert_eq!(plan(&rel, &costs, 10_000, &[]), (vec![0, 4, 3, 1], 0));
+    }
+
+    /// A cached prompt is reused whole when its files serve the new question; where the new
+    /// question's best file is missing, the cached prompt is cut to make room for it, not
+    /// thrown away; and a cache of unrelated files that costs little to replace is dropped.
+    #[test]
+    fn a_cached_prompt_lends_its_prefix_while_relevance_allows() {
+        let costs = [1000, 1000, 1000, 1000, 1000, 1000];
+        // The earlier question packed 0, 1, 2 (in that order). The new one likes 1 and 2
+        // most, 0 a little: the whole cached prompt is kept.
+        let rel = [0.1, 0.9, 1.0, 0.0, 0.0, 0.0];
+        assert_eq!(
+            plan(&rel, &costs, 3000, &[vec![0, 1, 2]]),
+            (vec![0, 1, 2], 3)
+        );
+        // The new question's best file (5) is not cached: keep 0 and 1, then 5.
+        let rel = [0.1, 0.3, 0.0, 0.0, 0.0, 1.0];
+        assert_eq!(
+            plan(&rel, &costs, 3000, &[vec![0, 1, 2]]),
+            (vec![0, 1, 5], 2)
+        );
+        // Two cached prompts: the one sharing more with the question wins.
+        let rel = [0.0, 0.0, 0.0, 1.0, 0.8, 0.0];
+        assert_eq!(
+            plan(&rel, &costs, 2000, &[vec![0, 1], vec![3, 4]]),
+            (vec![3, 4], 2)
+        );
+        // Nothing cached shares a word with the question: a fresh packing.
+        let rel = [0.0, 0.0, 0.0, 1.0, 0.8, 0.0];
+        assert_eq!(plan(&rel, &costs, 2000, &[vec![0, 1]]), (vec![4, 3], 0));
     }
 }

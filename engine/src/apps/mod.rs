@@ -5,3 +5,4 @@ pub mod ask;
 pub mod batch;
 pub mod passkey;
 pub mod plan;
+pub mod rank;

@@ -112,6 +112,7 @@ fn batched_requests_answer_as_each_alone() {
                     top_k: 40,
                     top_p: 0.9,
                     seed: 5,
+                    ..Sampling::default()
                 };
             }
             reqs.push(r);
