@@ -52,6 +52,9 @@ pub enum EngineError {
          config are broken"
     )]
     NonFinite { at: String, pos: usize },
+    /// A caller's callback asked generation to stop (Ctrl-C in `chat`): not a failure.
+    #[error("stopped")]
+    Stopped,
     #[error(transparent)]
     Kernel(#[from] longctx_kernels::KernelError),
     #[error(transparent)]

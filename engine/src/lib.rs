@@ -15,6 +15,7 @@ mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod load;
 pub mod model;
 pub mod ops;

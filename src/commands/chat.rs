@@ -1,0 +1,387 @@
+//! `longctx chat`: a conversation on the model's chat template, typed in a terminal or read
+//! line by line from a pipe.
+//!
+//! The conversation's KV is kept between turns: each turn renders the whole history with the
+//! template and computes only the tokens past those the KV already holds. A template's
+//! rendering of a history is usually a prefix of the next turn's; where it is not (a template
+//! that dates its system message, an answer whose text tokenises otherwise than it was
+//! generated, an answer cut short by Ctrl-C), the KV is cut back to the tokens both share,
+//! as the server's prefix cache does.
+//!
+//! Ctrl-C during an answer stops that answer (what was said stays in the history). At the
+//! prompt, Ctrl-C drops the line being typed (the terminal discards it) and a second Ctrl-C
+//! in a row quits, as Node's REPL does; so do Ctrl-D (end of input) and `/exit`.
+
+use crate::commands::StreamPrinter;
+use anyhow::{Context, Result};
+use longctx_engine::generate::{generate, Sampler, Sampling};
+use longctx_engine::{EngineError, Loaded, Logits};
+use longctx_kvstore::{KvStore, SeqId};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .gguf file, a Hugging Face model directory, or a hub name (org/name[:FILE]) in the
+    /// local Hugging Face cache. Default: SmolLM2-135M-Instruct, fetched on first use.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The system message (`/system TEXT` changes it). Default: none (the template's own
+    /// default, where it has one).
+    #[arg(long)]
+    system: Option<String>,
+    /// Longest answer per turn, in tokens. Default: 512.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// History plus answer allowed, in tokens; the oldest exchanges are left out past it.
+    /// Default: the model's trained context.
+    #[arg(long)]
+    max_context: Option<usize>,
+    #[command(flatten)]
+    sampling: super::sampling::SamplingArgs,
+    #[command(flatten)]
+    decode: super::DecodeOpts,
+}
+
+/// Prompt tokens computed per forward call: Ctrl-C is noticed between two, and a pasted
+/// document's activations stay small.
+const PREFILL_CHUNK: usize = 256;
+
+/// What the Ctrl-C handler and the loop share.
+#[derive(Default)]
+struct Interrupts {
+    /// An answer (its prefill or decode) is running: Ctrl-C stops it.
+    answering: AtomicBool,
+    /// Ctrl-C asked the running answer to stop.
+    stop: AtomicBool,
+    /// Ctrl-C presses at the prompt since the last line: the second quits.
+    at_prompt: AtomicUsize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
+    // A repetition penalty by default: SmolLM2-135M otherwise repeats a sentence to the limit.
+    let sampling = args.sampling.resolve(&Sampling::answering())?;
+    let m = args.decode.open(&args.model)?;
+    // Fails early, before the first question, on a model without a template.
+    m.tokenizer
+        .render_chat(&[("user", "hi")])
+        .context("chat needs the model's chat template")?;
+    let limit = args.max_context.unwrap_or(m.model.cfg.max_position);
+    let store = m.model.kv_store(&args.decode.kv())?;
+    let mut chat = Chat {
+        seq: store.create_seq(),
+        store,
+        m: &m,
+        kv: vec![],
+        system: args.system.clone(),
+        history: vec![],
+        sampling,
+        turns: 0,
+        limit,
+        max_tokens: args.max_tokens,
+    };
+    let interactive = std::io::stdin().is_terminal();
+    let irq = Arc::new(Interrupts::default());
+    let handler = irq.clone();
+    if let Err(e) = ctrlc::set_handler(move || on_ctrl_c(&handler, interactive)) {
+        eprintln!("warning: Ctrl-C will end the chat, not only an answer ({e})");
+    }
+    if interactive {
+        eprintln!(
+            "chat: type a message; /reset clears the history, /system TEXT sets the system \
+             message, /exit or Ctrl-D quits; Ctrl-C stops an answer"
+        );
+    }
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    loop {
+        if interactive {
+            prompt();
+        }
+        let Some(line) = read_message(&mut input, interactive)? else {
+            break;
+        };
+        irq.at_prompt.store(0, Ordering::SeqCst);
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, rest) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
+            match name {
+                "exit" | "quit" => break,
+                "reset" => {
+                    chat.reset()?;
+                    eprintln!("history cleared");
+                }
+                "system" => {
+                    let text = rest.trim();
+                    chat.system = (!text.is_empty()).then(|| text.to_string());
+                    chat.reset()?;
+                    eprintln!(
+                        "{}; history cleared",
+                        if text.is_empty() {
+                            "system message removed"
+                        } else {
+                            "system message set"
+                        }
+                    );
+                }
+                "help" => eprintln!(
+                    "/reset clears the history and its KV; /system TEXT sets the system message \
+                     (and resets; /system alone removes it); /exit quits; Ctrl-C stops an answer"
+                ),
+                _ => eprintln!("unknown command /{name} (/help lists them)"),
+            }
+            continue;
+        }
+        irq.stop.store(false, Ordering::SeqCst);
+        irq.answering.store(true, Ordering::SeqCst);
+        let done = chat.turn(line, &irq.stop);
+        irq.answering.store(false, Ordering::SeqCst);
+        if let Err(e) = done {
+            // One failed turn (a message too long for the context) does not end the chat.
+            eprintln!("error: {}", crate::one_line(&e));
+        }
+    }
+    if interactive {
+        eprintln!();
+    }
+    Ok(())
+}
+
+/// Ctrl-C: stops the running answer; at the prompt, the second press in a row quits.
+fn on_ctrl_c(irq: &Interrupts, interactive: bool) {
+    if irq.answering.load(Ordering::SeqCst) {
+        irq.stop.store(true, Ordering::SeqCst);
+    } else if interactive && irq.at_prompt.fetch_add(1, Ordering::SeqCst) == 0 {
+        eprintln!("\n(Ctrl-C again, Ctrl-D or /exit quits)");
+        prompt();
+    } else {
+        eprintln!();
+        std::process::exit(130);
+    }
+}
+
+fn prompt() {
+    print!("> ");
+    let _ = std::io::stdout().flush();
+}
+
+/// The next message: a line, or lines joined while one ends in `\`. `None` at end of input.
+fn read_message(input: &mut impl BufRead, interactive: bool) -> Result<Option<String>> {
+    let mut msg = String::new();
+    loop {
+        let mut raw = vec![];
+        if input.read_until(b'\n', &mut raw).context("reading stdin")? == 0 {
+            return Ok((!msg.is_empty()).then_some(msg));
+        }
+        let line = String::from_utf8_lossy(&raw);
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.strip_suffix('\\') {
+            Some(head) => {
+                msg.push_str(head);
+                msg.push('\n');
+                if interactive {
+                    print!(". ");
+                    let _ = std::io::stdout().flush();
+                }
+            }
+            None => {
+                msg.push_str(line);
+                return Ok(Some(msg));
+            }
+        }
+    }
+}
+
+/// A conversation and the KV of its tokens.
+struct Chat<'a> {
+    m: &'a Loaded,
+    store: KvStore,
+    seq: SeqId,
+    /// The tokens whose KV `seq` holds, in order.
+    kv: Vec<u32>,
+    system: Option<String>,
+    /// (role, content) of the user's and assistant's turns so far.
+    history: Vec<(&'static str, String)>,
+    sampling: Sampling,
+    /// Turns answered, which varies the sampler's seed from turn to turn.
+    turns: u64,
+    limit: usize,
+    max_tokens: usize,
+}
+
+impl Chat<'_> {
+    /// Forgets the history and frees its KV.
+    fn reset(&mut self) -> Result<()> {
+        self.history.clear();
+        self.fresh_seq()
+    }
+
+    fn fresh_seq(&mut self) -> Result<()> {
+        self.store.free(self.seq)?;
+        self.seq = self.store.create_seq();
+        self.kv.clear();
+        Ok(())
+    }
+
+    /// The token ids of the history with the user's `msg` last and the assistant's turn
+    /// opened. The oldest exchanges are left out until the answer fits the context.
+    fn render(&mut self, msg: &str) -> Result<Vec<u32>> {
+        let tok = &self.m.tokenizer;
+        let mut left_out = 0;
+        loop {
+            let mut msgs: Vec<(&str, &str)> = vec![];
+            if let Some(s) = &self.system {
+                msgs.push(("system", s));
+            }
+            msgs.extend(self.history.iter().map(|(r, c)| (*r, c.as_str())));
+            msgs.push(("user", msg));
+            let ids = tok.encode(&tok.render_chat(&msgs)?)?;
+            // Room for the answer, but never more than half the context (a --max-tokens as
+            // large as the context would leave out every earlier message).
+            let room = self.max_tokens.min(self.limit / 2);
+            if ids.len() + room <= self.limit || self.history.is_empty() {
+                if left_out > 0 {
+                    eprintln!(
+                        "(the {left_out} oldest messages are left out: the history no longer \
+                         fits {} tokens)",
+                        self.limit
+                    );
+                }
+                anyhow::ensure!(
+                    ids.len() < self.limit,
+                    "a message of {} tokens (with the template) leaves no room for an answer \
+                     within {} tokens; raise --max-context or shorten it",
+                    ids.len(),
+                    self.limit
+                );
+                return Ok(ids);
+            }
+            let n = self.history.len().min(2);
+            self.history.drain(..n);
+            left_out += n;
+        }
+    }
+
+    /// One turn: the user's `msg`, the answer streamed to stdout, stats on stderr.
+    fn turn(&mut self, msg: &str, stop: &AtomicBool) -> Result<()> {
+        let m = self.m;
+        let ids = self.render(msg)?;
+        let budget = self.max_tokens.min(self.limit - ids.len());
+        // Reuse the KV of the tokens this rendering shares with the last; at least the last
+        // prompt token is computed, for its logits.
+        let shared = self
+            .kv
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
+        if shared < self.kv.len() {
+            // Fails where a chunked-local layer has already let those blocks go: start over.
+            if self.store.truncate(self.seq, shared).is_ok() {
+                self.kv.truncate(shared);
+            } else {
+                self.fresh_seq()?;
+            }
+        }
+        let reused = self.kv.len();
+        let t0 = Instant::now();
+        let result = self.answer(&ids, budget, stop, t0);
+        // The KV now holds a prefix of the prompt and answer; a failure leaves it unknown.
+        let (answer, prefill_s, stopped) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.fresh_seq()?;
+                return Err(e);
+            }
+        };
+        let held = self.store.len(self.seq, 0)?;
+        self.kv = ids.iter().chain(&answer).copied().take(held).collect();
+        let text = m.tokenizer.decode(&answer)?;
+        if stopped {
+            eprintln!("[stopped]");
+        }
+        // An answer stopped before its first token leaves the question unanswered: not kept.
+        if !answer.is_empty() || !stopped {
+            self.history.push(("user", msg.to_string()));
+            self.history.push(("assistant", text));
+        }
+        let new = ids.len() - reused;
+        let total = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "[prompt {} tokens: {reused} reused, {new} new, {:.0} tok/s; answer {} tokens, \
+             {:.1} tok/s]",
+            ids.len(),
+            new as f64 / prefill_s.max(1e-9),
+            answer.len(),
+            answer.len() as f64 / (total - prefill_s).max(1e-9),
+        );
+        Ok(())
+    }
+
+    /// Computes `ids` past the KV held, then streams up to `budget` answer tokens. Returns
+    /// the answer's tokens, the prefill's seconds and whether Ctrl-C stopped it.
+    fn answer(
+        &mut self,
+        ids: &[u32],
+        budget: usize,
+        stop: &AtomicBool,
+        t0: Instant,
+    ) -> Result<(Vec<u32>, f64, bool)> {
+        let m = self.m;
+        let mut logits = vec![];
+        let mut pos = self.kv.len();
+        for chunk in ids[pos..].chunks(PREFILL_CHUNK) {
+            if stop.load(Ordering::SeqCst) {
+                println!();
+                return Ok((vec![], t0.elapsed().as_secs_f64(), true));
+            }
+            logits = m
+                .model
+                .forward(chunk, pos, &self.store, self.seq, Logits::Last, None, 4)?;
+            pos += chunk.len();
+        }
+        let prefill_s = t0.elapsed().as_secs_f64();
+        // A sampler per answer: its penalties look at this answer's tokens only.
+        self.turns += 1;
+        let mut sampler = Sampler::new(Sampling {
+            seed: self.sampling.seed.wrapping_add(self.turns - 1),
+            ..self.sampling.clone()
+        });
+        let mut printer = StreamPrinter::default();
+        let mut answer = vec![];
+        let done = generate(
+            &m.model,
+            &self.store,
+            self.seq,
+            ids.len(),
+            &logits,
+            budget,
+            &mut sampler,
+            &m.stop_tokens(),
+            None,
+            4,
+            |t| {
+                if stop.load(Ordering::SeqCst) {
+                    return Err(EngineError::Stopped);
+                }
+                answer.push(t);
+                printer.push(&m.tokenizer, t)
+            },
+        );
+        let stopped = match done {
+            Ok(_) => false,
+            Err(EngineError::Stopped) => true,
+            Err(e) => return Err(e.into()),
+        };
+        printer.finish(&m.tokenizer.decode(&answer)?);
+        Ok((answer, prefill_s, stopped))
+    }
+}
