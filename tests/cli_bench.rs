@@ -302,3 +302,82 @@ fn bench_ring_over_threads_matches_one_device() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("RANK is not set"), "{err}");
 }
+
+/// `bench scaling --peer llama.cpp=PATH`: the peer's `llama-bench` runs at each length (a
+/// stand-in script here, which answers the test its arguments ask for), both sides land in
+/// the JSON and in the side-by-side plot; a peer that fails or answers another test is an
+/// error, not a silent zero.
+#[test]
+fn bench_scaling_runs_the_peer_beside_us() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("longctx-scaling-peer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    };
+    // Echoes the asked test with avg_ts 100 + depth, so each row's figure is checkable.
+    let good = script(
+        "llama-bench",
+        r#"p=0; n=0; d=0
+while [ $# -gt 0 ]; do case "$1" in -p) p=$2; shift;; -n) n=$2; shift;; -d) d=$2; shift;; esac; shift; done
+echo "{\"n_prompt\": $p, \"n_gen\": $n, \"n_depth\": $d, \"avg_ts\": $((100 + d)), \"samples_ts\": []}""#,
+    );
+    let model = longctx_engine::fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    let model = model.to_str().unwrap();
+    let svg = dir.join("scaling.svg");
+    let run = |peer: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_longctx"))
+            .args(["bench", "scaling", "--model", model, "--lengths", "32,64"])
+            .args(["--decode-tokens", "2", "--json", "--plot"])
+            .arg(&svg)
+            .arg("--peer")
+            .arg(format!("llama.cpp={}", peer.display()))
+            .output()
+            .unwrap()
+    };
+    let out = run(&good);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, n) in rows.iter().zip([32.0, 64.0]) {
+        assert_eq!(row["tokens"].as_f64(), Some(n));
+        assert!(row["decode_tok_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(row["peer"]["prefill_tok_s"].as_f64(), Some(100.0));
+        assert_eq!(row["peer"]["decode_tok_s"].as_f64(), Some(100.0 + n));
+    }
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    for label in [
+        "prefill tok/s",
+        "decode tok/s",
+        "peak RSS MiB",
+        "longctx",
+        "llama.cpp",
+    ] {
+        assert!(plot.contains(label), "the plot has no {label:?}");
+    }
+    for (name, body, says) in [
+        (
+            "failing",
+            "echo 'model not found' >&2; exit 3",
+            "model not found",
+        ),
+        (
+            "other-test",
+            r#"echo '{"n_prompt": 7, "n_gen": 0, "n_depth": 0, "avg_ts": 1}'"#,
+            "no result",
+        ),
+    ] {
+        let out = run(&script(name, body));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{name}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -166,7 +166,7 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn argmax(x: &[f32]) -> u32 {
+pub(super) fn argmax(x: &[f32]) -> u32 {
     x.iter()
         .enumerate()
         .fold(

@@ -5,6 +5,7 @@ mod e2e;
 mod gpu;
 mod kernels;
 mod kvstore;
+mod peer;
 mod ring;
 mod scaling;
 mod serving;
@@ -31,7 +32,7 @@ pub enum BenchCommand {
     /// The CUDA kernels: self-test against the CPU kernel, and flash-attention timings.
     Gpu(gpu::Args),
     /// Chunked prefill at growing context lengths: time, tokens/s, peak RSS, KV per tier.
-    Scaling(scaling::Args),
+    Scaling(Box<scaling::Args>),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -42,7 +43,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::E2e(args) => e2e::run(args),
         BenchCommand::Batched(args) => batched::run(args),
         BenchCommand::Serving(args) => serving::run(args),
-        BenchCommand::Scaling(args) => scaling::run(args),
+        BenchCommand::Scaling(args) => scaling::run(*args),
         BenchCommand::Gpu(args) => gpu::run(args),
     }
 }
