@@ -12,7 +12,7 @@
 //! prompt, Ctrl-C drops the line being typed (the terminal discards it) and a second Ctrl-C
 //! in a row quits, as Node's REPL does; so do Ctrl-D (end of input) and `/exit`.
 
-use crate::commands::StreamPrinter;
+use crate::commands::{print_run_stats, Clock, KvBytes, StreamPrinter};
 use anyhow::{Context, Result};
 use longctx_engine::generate::{generate, Sampler, Sampling};
 use longctx_engine::{EngineError, Loaded, Logits};
@@ -21,7 +21,6 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,6 +43,8 @@ pub struct Args {
     sampling: super::sampling::SamplingArgs,
     #[command(flatten)]
     decode: super::DecodeOpts,
+    #[command(flatten)]
+    stats: super::StatsOpts,
 }
 
 /// Prompt tokens computed per forward call: Ctrl-C is noticed between two, and a pasted
@@ -83,6 +84,7 @@ pub fn run(args: Args) -> Result<()> {
         turns: 0,
         limit,
         max_tokens: args.max_tokens,
+        json: args.stats.json,
     };
     let interactive = std::io::stdin().is_terminal();
     let irq = Arc::new(Interrupts::default());
@@ -214,6 +216,8 @@ struct Chat<'a> {
     turns: u64,
     limit: usize,
     max_tokens: usize,
+    /// Each turn's statistics as a JSON line instead of words (`--json`).
+    json: bool,
 }
 
 impl Chat<'_> {
@@ -292,10 +296,10 @@ impl Chat<'_> {
             }
         }
         let reused = self.kv.len();
-        let t0 = Instant::now();
-        let result = self.answer(&ids, budget, stop, t0);
+        let mut clock = Clock::start();
+        let result = self.answer(&ids, budget, stop, &mut clock);
         // The KV now holds a prefix of the prompt and answer; a failure leaves it unknown.
-        let (answer, prefill_s, stopped) = match result {
+        let (answer, stopped) = match result {
             Ok(r) => r,
             Err(e) => {
                 self.fresh_seq()?;
@@ -313,42 +317,53 @@ impl Chat<'_> {
             self.history.push(("user", msg.to_string()));
             self.history.push(("assistant", text));
         }
-        let new = ids.len() - reused;
-        let total = t0.elapsed().as_secs_f64();
-        eprintln!(
-            "[prompt {} tokens: {reused} reused, {new} new, {:.0} tok/s; answer {} tokens, \
-             {:.1} tok/s]",
-            ids.len(),
-            new as f64 / prefill_s.max(1e-9),
+        let st = clock.finish(
+            ids.len() - reused,
+            reused,
             answer.len(),
-            answer.len() as f64 / (total - prefill_s).max(1e-9),
+            KvBytes::of(&self.store),
         );
+        if self.json {
+            print_run_stats(&st, true);
+        } else {
+            eprintln!(
+                "[prompt {} tokens: {reused} reused, {} new, {:.0} tok/s; answer {} tokens, first \
+                 after {:.2} s, {:.1} tok/s; KV {:.1} MiB]",
+                ids.len(),
+                st.prompt_tokens,
+                st.prefill_tok_s,
+                st.new_tokens,
+                st.first_token_s,
+                st.decode_tok_s,
+                st.kv_bytes.device as f64 / 1048576.0,
+            );
+        }
         Ok(())
     }
 
     /// Computes `ids` past the KV held, then streams up to `budget` answer tokens. Returns
-    /// the answer's tokens, the prefill's seconds and whether Ctrl-C stopped it.
+    /// the answer's tokens and whether Ctrl-C stopped it.
     fn answer(
         &mut self,
         ids: &[u32],
         budget: usize,
         stop: &AtomicBool,
-        t0: Instant,
-    ) -> Result<(Vec<u32>, f64, bool)> {
+        clock: &mut Clock,
+    ) -> Result<(Vec<u32>, bool)> {
         let m = self.m;
         let mut logits = vec![];
         let mut pos = self.kv.len();
         for chunk in ids[pos..].chunks(PREFILL_CHUNK) {
             if stop.load(Ordering::SeqCst) {
                 println!();
-                return Ok((vec![], t0.elapsed().as_secs_f64(), true));
+                return Ok((vec![], true));
             }
             logits = m
                 .model
                 .forward(chunk, pos, &self.store, self.seq, Logits::Last, None, 4)?;
             pos += chunk.len();
         }
-        let prefill_s = t0.elapsed().as_secs_f64();
+        clock.prefilled();
         // A sampler per answer: its penalties look at this answer's tokens only.
         self.turns += 1;
         let mut sampler = Sampler::new(Sampling {
@@ -372,6 +387,7 @@ impl Chat<'_> {
                 if stop.load(Ordering::SeqCst) {
                     return Err(EngineError::Stopped);
                 }
+                clock.token();
                 answer.push(t);
                 printer.push(&m.tokenizer, t)
             },
@@ -382,6 +398,6 @@ impl Chat<'_> {
             Err(e) => return Err(e.into()),
         };
         printer.finish(&m.tokenizer.decode(&answer)?);
-        Ok((answer, prefill_s, stopped))
+        Ok((answer, stopped))
     }
 }
