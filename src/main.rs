@@ -321,12 +321,14 @@ mod tests {
     #[test]
     fn the_cuda_wheel_download_is_visible() {
         let script = include_str!("../scripts/cuda-check.sh");
-        let pip = script
-            .lines()
-            .skip_while(|l| !l.contains("pip install"))
-            .take_while(|l| !l.trim().is_empty())
-            .collect::<Vec<_>>()
-            .join("\n");
+        // The pip command: from its first line through its continuation lines.
+        let mut pip = String::new();
+        for l in script.lines().skip_while(|l| !l.contains("pip install")) {
+            pip.push_str(l);
+            if !l.ends_with('\\') {
+                break;
+            }
+        }
         assert!(!pip.is_empty(), "no pip install in cuda-check.sh");
         assert!(!pip.contains("--quiet") && pip.contains(">&2"), "{pip}");
     }

@@ -21,7 +21,7 @@ pub struct Args {
     /// The repository to read.
     #[arg(long)]
     repo: PathBuf,
-    /// The question.
+    /// The question to answer from the repository's files (required; quote it).
     question: String,
     /// A .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct).
     #[arg(long)]
