@@ -99,6 +99,9 @@ pub fn run(a: Args) -> Result<()> {
         a.step_tokens
     );
 
+    // Five phases, each a few seconds to minutes: two questions, a long prompt alone, the
+    // streams starting, the long prompt under load.
+    let bar = crate::commands::Progress::new(5, "bench serving", "phases");
     // Prefix reuse: a document, then two questions on it.
     let mut s = scheduler(&m.model, &a, ctx, 16)?;
     let doc = random_tokens(a.document, 1, vocab);
@@ -106,20 +109,24 @@ pub fn run(a: Args) -> Result<()> {
     let first = s.submit(request(q(1), 8))?;
     let t1 = first_token(&mut s, first)?;
     drain(&mut s);
+    bar.inc(1);
     let second = s.submit(request(q(2), 8))?;
     let t2 = first_token(&mut s, second)?;
     drain(&mut s);
+    bar.inc(1);
     let st = s.stats();
-    println!(
-        "prefix reuse, {}-token document: first question {:.3} s to its first token, second \
+    bar.suspend(|| {
+        println!(
+            "prefix reuse, {}-token document: first question {:.3} s to its first token, second \
          {:.3} s ({:.1}% of the first), {} of its {} prompt tokens from the cache",
-        a.document,
-        t1,
-        t2,
-        100.0 * t2 / t1,
-        st.cached_tokens,
-        a.document + 20
-    );
+            a.document,
+            t1,
+            t2,
+            100.0 * t2 / t1,
+            st.cached_tokens,
+            a.document + 20
+        )
+    });
 
     // Latency under load.
     let long = random_tokens(a.long_prompt, 7, vocab);
@@ -127,6 +134,7 @@ pub fn run(a: Args) -> Result<()> {
     let alone = s.submit(request(long.clone(), 1))?;
     let idle_ttft = first_token(&mut s, alone)?;
     drain(&mut s);
+    bar.inc(1);
     let mut s = scheduler(&m.model, &a, ctx, 0)?;
     for i in 0..a.streams {
         s.submit(request(
@@ -143,6 +151,7 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     }
+    bar.inc(1);
     let t = Instant::now();
     let n = 10;
     for _ in 0..n {
@@ -165,6 +174,8 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let during = (t.elapsed().as_secs_f64()) / steps as f64;
+    bar.inc(1);
+    bar.finish_and_clear();
     println!(
         "latency under load, {} streams decoding, a {}-token prompt arrives: its first token \
          after {:.2} s ({:.2}x its {:.2} s on an idle model); the streams' inter-token latency \
