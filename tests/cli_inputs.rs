@@ -198,3 +198,35 @@ fn generate_takes_a_system_message() {
     assert_ne!(system, chat, "--system changed nothing");
     assert!(system > bare, "{bare} {system}");
 }
+
+/// `batch --input -` reads the jobs from stdin.
+#[test]
+fn batch_reads_jobs_from_stdin() {
+    let dir = scratch("batch");
+    let output = dir.join("results.jsonl");
+    let jobs = "{\"id\": \"a\", \"prompt\": \"Hello\", \"max_tokens\": 2}\n\
+                {\"id\": \"b\", \"prompt\": \"The sky is\", \"max_tokens\": 2}\n";
+    let out = run(
+        &[
+            "batch",
+            "--input",
+            "-",
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        &[],
+        Some(jobs),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&output).unwrap();
+    let mut ids: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["a", "b"], "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Jobs file (JSONL), one object per line: {"id", "prompt"} or {"id", "document" |
+    /// Jobs file (JSONL; `-` reads stdin), one object per line: {"id", "prompt"} or {"id", "document" |
     /// "document_path", "question"}, optional "max_tokens", "temperature" and "chat" (true:
     /// the model's chat template; default false for a prompt, as `generate`, true for a
     /// document question, as `ask`).
@@ -119,8 +119,13 @@ pub fn run(args: Args) -> Result<()> {
         "--input and --output are the same file ({}): the results would be appended to the jobs",
         args.input.display()
     );
-    let bytes =
-        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let bytes = if args.input == std::path::Path::new("-") {
+        let mut b = vec![];
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).context("reading stdin")?;
+        b
+    } else {
+        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?
+    };
     // Line by line: one line that is not UTF-8 is that line's error record, not the file's.
     let lines: Vec<Result<&str, String>> = bytes
         .split(|b| *b == b'\n')
