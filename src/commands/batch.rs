@@ -13,10 +13,10 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Jobs file (JSONL; `-` reads stdin), one object per line: {"id", "prompt"} or {"id", "document" |
-    /// "document_path", "question"}, optional "max_tokens", "temperature" and "chat" (true:
-    /// the model's chat template; default false for a prompt, as `generate`, true for a
-    /// document question, as `ask`).
+    /// Jobs file (JSONL; `-` reads stdin), one object per line: {"id", "prompt"} or {"id",
+    /// "document" | "document_path", "question"}, optional "max_tokens", "temperature" and
+    /// "chat" (true: the model's chat template; default false for a prompt, as `generate`,
+    /// true for a document question, as `ask`).
     #[arg(long)]
     input: PathBuf,
     /// Results file (JSONL), appended one line per job; ids already there are skipped.
