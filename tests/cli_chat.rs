@@ -41,6 +41,8 @@ struct Tmux {
 impl Tmux {
     fn cmd(&self, args: &[&str]) -> Output {
         Command::new("tmux")
+            // Run from inside tmux, the test still starts its own server.
+            .env_remove("TMUX")
             .args(["-L", &self.socket, "-f", "/dev/null"])
             .args(args)
             .output()
@@ -183,6 +185,12 @@ fn chat_in_a_terminal_keeps_history_stops_on_ctrl_c_and_resets() {
     assert_eq!(stats[4].1, 0, "{stats:?}\n{pane}");
     assert!(stats[4].0 < stats[3].0, "{stats:?}\n{pane}");
 
+    // Ctrl-C at the prompt: a hint, not the end (the second in a row would quit).
+    t.keys(&["C-c"]);
+    t.wait("the hint", 30, |p| {
+        p.contains("(Ctrl-C again, Ctrl-D or /exit quits)")
+    });
+    assert!(!t.dead());
     t.type_line("/exit");
     t.wait("the chat to end", 30, |_| t.dead());
 }
@@ -282,4 +290,10 @@ fn chat_json_stats_per_turn() {
     assert!(turns[1]["cached_tokens"].as_u64().unwrap() > 0, "{err}");
     assert!(turns[1]["prompt_tokens"].as_u64().unwrap() > 0, "{err}");
     assert!(turn_stats(&err).is_empty(), "words and JSON both: {err}");
+    assert!(err.contains("fast path"), "{err}");
+    let (_, err) = piped(&["--max-tokens", "2", "--exact"], "Hi\n");
+    assert!(
+        err.contains("exact path") && turn_stats(&err).len() == 1,
+        "{err}"
+    );
 }
