@@ -278,24 +278,7 @@ impl Chat<'_> {
         let m = self.m;
         let ids = self.render(msg)?;
         let budget = self.max_tokens.min(self.limit - ids.len());
-        // Reuse the KV of the tokens this rendering shares with the last; at least the last
-        // prompt token is computed, for its logits.
-        let shared = self
-            .kv
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(ids.len() - 1);
-        if shared < self.kv.len() {
-            // Fails where a chunked-local layer has already let those blocks go: start over.
-            if self.store.truncate(self.seq, shared).is_ok() {
-                self.kv.truncate(shared);
-            } else {
-                self.fresh_seq()?;
-            }
-        }
-        let reused = self.kv.len();
+        let reused = keep_shared_prefix(&self.store, &mut self.seq, &mut self.kv, &ids)?;
         let mut clock = Clock::start();
         let result = self.answer(&ids, budget, stop, &mut clock);
         // The KV now holds a prefix of the prompt and answer; a failure leaves it unknown.
@@ -399,5 +382,119 @@ impl Chat<'_> {
         };
         printer.finish(&m.tokenizer.decode(&answer)?);
         Ok((answer, stopped))
+    }
+}
+
+/// Cuts `seq`, whose KV holds `kv`, back to the longest prefix it shares with `ids`, never
+/// all of `ids` (the last prompt token is computed again, for its logits). Where a
+/// chunked-local layer has already let go of the blocks before the cut (Llama 4), starts a
+/// fresh sequence instead. Returns how many tokens of `ids` the KV holds.
+fn keep_shared_prefix(
+    store: &KvStore,
+    seq: &mut SeqId,
+    kv: &mut Vec<u32>,
+    ids: &[u32],
+) -> Result<usize> {
+    let shared = kv
+        .iter()
+        .zip(ids)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(ids.len().saturating_sub(1));
+    if shared < kv.len() {
+        if store.truncate(*seq, shared).is_ok() {
+            kv.truncate(shared);
+        } else {
+            store.free(*seq)?;
+            *seq = store.create_seq();
+            kv.clear();
+        }
+    }
+    Ok(kv.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use longctx_kvstore::{Budgets, KvConfig, Policy, Retention};
+
+    /// A store of two layers, one global and one chunked-local (chunk 4, blocks of 2), the
+    /// sequence filled with `tokens` in appends of `steps` tokens.
+    fn filled(tag: &str, tokens: &[u32], steps: usize) -> (KvStore, SeqId) {
+        let dir = std::env::temp_dir().join(format!("longctx-chat-{tag}-{}", std::process::id()));
+        let store = KvStore::new(KvConfig {
+            block_tokens: 2,
+            h_kv: 1,
+            d: 4,
+            dtype: longctx_kernels::DType::F32,
+            layers: vec![Retention::Full, Retention::ChunkedLocal { chunk: 4 }],
+            budgets: Budgets {
+                device: 1 << 20,
+                host: 0,
+                disk: 0,
+            },
+            policy: Policy::KeepNewest,
+            spill_dir: dir,
+        })
+        .unwrap();
+        let seq = store.create_seq();
+        for part in tokens.chunks(steps) {
+            let kv: Vec<f32> = part.iter().flat_map(|t| [*t as f32; 4]).collect();
+            for layer in 0..2 {
+                store.append(seq, layer, &kv, &kv).unwrap();
+            }
+        }
+        (store, seq)
+    }
+
+    #[test]
+    fn the_kv_is_cut_back_to_the_shared_prefix() {
+        let history: Vec<u32> = (0..10).collect();
+        let (store, mut seq) = filled("cut", &history, 10);
+        let mut kv = history.clone();
+        // The next turn extends the history: all of it is kept.
+        let next: Vec<u32> = (0..14).collect();
+        assert_eq!(
+            keep_shared_prefix(&store, &mut seq, &mut kv, &next).unwrap(),
+            10
+        );
+        // A rendering that differs at token 6 (an answer tokenised otherwise): cut to 6.
+        let other: Vec<u32> = (0..6).chain([99, 100]).collect();
+        assert_eq!(
+            keep_shared_prefix(&store, &mut seq, &mut kv, &other).unwrap(),
+            6
+        );
+        assert_eq!(store.len(seq, 0).unwrap(), 6);
+        assert_eq!(kv, (0..6).collect::<Vec<u32>>());
+        // The whole prompt already held: its last token is computed again, for its logits.
+        let same: Vec<u32> = (0..6).collect();
+        assert_eq!(
+            keep_shared_prefix(&store, &mut seq, &mut kv, &same).unwrap(),
+            5
+        );
+        assert_eq!(store.len(seq, 1).unwrap(), 5);
+    }
+
+    /// A chunked-local layer has let go of the blocks before the last append's chunk: a cut
+    /// before them starts over rather than failing the turn.
+    #[test]
+    fn a_cut_into_retired_blocks_starts_a_fresh_sequence() {
+        let history: Vec<u32> = (0..10).collect();
+        let (store, mut seq) = filled("retired", &history, 4);
+        assert!(store.held_from(seq, 1).unwrap() > 2);
+        let first = seq;
+        let mut kv = history.clone();
+        let other: Vec<u32> = (0..2).chain([99]).collect();
+        assert_eq!(
+            keep_shared_prefix(&store, &mut seq, &mut kv, &other).unwrap(),
+            0
+        );
+        assert!(kv.is_empty() && seq != first);
+        assert_eq!(store.len(seq, 0).unwrap(), 0);
+        assert_eq!(
+            store.usage().bytes.iter().sum::<u64>(),
+            0,
+            "the old blocks are freed"
+        );
     }
 }
