@@ -1,6 +1,5 @@
 //! `longctx eval passkey`: passkey retrieval over context lengths and depths.
 
-use crate::commands::progress_bar;
 use crate::units;
 use anyhow::Result;
 use longctx_engine::apps::passkey::{correct, key_for, prompt};
@@ -85,7 +84,11 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     }
     let mut runner = Runner::new(&m.model);
     runner.rope = Some(rope.clone());
-    let bar = progress_bar((lengths.len() * args.depths.len()) as u64, "passkey");
+    let bar = super::Progress::new(
+        (lengths.len() * args.depths.len()) as u64,
+        "passkey",
+        "cells",
+    );
     let mut cells = vec![];
     for &length in &lengths {
         for &depth in &args.depths {
