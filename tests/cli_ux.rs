@@ -98,11 +98,15 @@ fn progress_lines_without_a_terminal() {
     assert!(lines.last().unwrap().contains(" tokens (100%)"), "{err}");
     let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
         .args(["bench", "kernels", "--quick", "--json", "--only", "rope"])
+        // The global --threads sizes the pool the kernels run on, after the subcommand too.
+        .args(["--threads", "1"])
         .env("LONGCTX_PROGRESS_SECS", "0")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("bench kernels: 1/1 rows (100%)"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["threads"], 1, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
