@@ -235,7 +235,8 @@ impl Sampler {
 /// What a generation produced.
 pub struct Generated {
     pub tokens: Vec<u32>,
-    /// Seconds to the first new token (prefill included) and for the rest.
+    /// Seconds from this call to the first new token (its sampling only: the caller's prefill
+    /// is not in it; the commands' closing line adds it) and for the rest.
     pub first_token_s: f64,
     pub decode_s: f64,
 }
