@@ -230,3 +230,28 @@ fn batch_reads_jobs_from_stdin() {
     assert_eq!(ids, ["a", "b"], "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ask ... -` reads the question from stdin.
+#[test]
+fn ask_reads_the_question_from_stdin() {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/rope_scaling/src");
+    let ask = [
+        "ask",
+        "--repo",
+        src,
+        "--include",
+        "lib.rs",
+        "--no-cache",
+        "--max-tokens",
+        "1",
+        "-",
+    ];
+    let out = run(&ask, &[], Some("What does this crate do?\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&ask, &[], Some("  \n"));
+    assert!(
+        error_line(&out).contains("the question is empty"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -16,7 +16,8 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct).
+    /// A .gguf file, a Hugging Face model directory or hub name (org/name[:FILE], from the
+    /// local Hugging Face cache). Default: SmolLM2-135M-Instruct (fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Concurrent sequences, one run each.

@@ -21,9 +21,11 @@ pub struct Args {
     /// The repository to read.
     #[arg(long)]
     repo: PathBuf,
-    /// The question to answer from the repository's files (required; quote it).
+    /// The question to answer from the repository's files (required; quote it; `-` reads it
+    /// from stdin).
     question: String,
-    /// A .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct).
+    /// A .gguf file, a Hugging Face model directory or hub name (org/name[:FILE], from the
+    /// local Hugging Face cache). Default: SmolLM2-135M-Instruct (fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Prompt plus answer budget in tokens (default: the model's trained context).
@@ -62,8 +64,11 @@ pub struct Args {
     stats: super::StatsOpts,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
     let t0 = Instant::now();
+    if args.question == "-" {
+        args.question = super::input::prompt_text(Some("-"), None)?;
+    }
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
     anyhow::ensure!(!args.question.trim().is_empty(), "the question is empty");
     let cache_limit = crate::units::bytes(&args.kv_cache_limit)

@@ -29,7 +29,8 @@ use worker::{Cmd, Worker};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A .gguf file or a Hugging Face model directory (default: SmolLM2-135M-Instruct).
+    /// A .gguf file, a Hugging Face model directory or hub name (org/name[:FILE], from the
+    /// local Hugging Face cache). Default: SmolLM2-135M-Instruct (fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Address to listen on; the default is this machine only.
