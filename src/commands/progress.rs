@@ -82,10 +82,19 @@ impl Progress {
             .map_or(EVERY, Duration::from_secs_f64);
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(len);
+            // The unit is part of the template (indicatif has no field for it); braces in it
+            // would be template syntax, so they are dropped.
+            let unit: String = unit.chars().filter(|c| !matches!(c, '{' | '}')).collect();
+            let unit = if unit.is_empty() {
+                unit
+            } else {
+                format!(" {unit}")
+            };
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
-                )
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{prefix}} [{{bar:30}}] {{pos}}/{{len}}{unit} ({{percent}}%), \
+                     {{elapsed}}, eta {{eta}} {{msg}}"
+                ))
                 .expect("a valid template"),
             );
             bar.set_prefix(what.to_string());
