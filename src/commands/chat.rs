@@ -135,7 +135,8 @@ pub fn run(args: Args) -> Result<()> {
                 }
                 "help" => eprintln!(
                     "/reset clears the history and its KV; /system TEXT sets the system message \
-                     (and resets; /system alone removes it); /exit quits; Ctrl-C stops an answer"
+                     (and resets; /system alone removes it); /exit quits; a line ending in \\ \
+                     continues on the next; Ctrl-C stops an answer, twice at the prompt quits"
                 ),
                 _ => eprintln!("unknown command /{name} (/help lists them)"),
             }
@@ -170,8 +171,10 @@ fn on_ctrl_c(irq: &Interrupts, interactive: bool) {
 }
 
 fn prompt() {
-    print!("> ");
-    let _ = std::io::stdout().flush();
+    // On stderr, with the banner and statistics: stdout holds the answers only, also when
+    // it is redirected to a file.
+    eprint!("> ");
+    let _ = std::io::stderr().flush();
 }
 
 /// The next message: a line, or lines joined while one ends in `\`. `None` at end of input.
@@ -189,8 +192,8 @@ fn read_message(input: &mut impl BufRead, interactive: bool) -> Result<Option<St
                 msg.push_str(head);
                 msg.push('\n');
                 if interactive {
-                    print!(". ");
-                    let _ = std::io::stdout().flush();
+                    eprint!(". ");
+                    let _ = std::io::stderr().flush();
                 }
             }
             None => {
