@@ -274,6 +274,17 @@ fn chat_system_flag_unknown_commands_and_a_too_long_message() {
     );
     assert!(err.contains("error: a message of"), "{err}");
     assert_eq!(turn_stats(&err).len(), 1, "the chat went on: {err}");
+
+    // A history past the context: the oldest exchanges are left out, every turn answered.
+    let turns: String = ["cats", "dogs", "birds", "fish", "cows", "ants"]
+        .iter()
+        .map(|a| format!("Tell me about {a}.\n"))
+        .collect();
+    let (_, err) = piped(&["--max-tokens", "8", "--max-context", "120"], &turns);
+    let stats = turn_stats(&err);
+    assert_eq!(stats.len(), 6, "{err}");
+    assert!(err.contains("oldest messages are left out"), "{err}");
+    assert!(stats.iter().all(|s| s.0 + 8 <= 120), "{err}");
 }
 
 /// `--json`: each turn's statistics as one JSON object on stderr, the reused history in
