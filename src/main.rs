@@ -201,8 +201,12 @@ mod tests {
                 walk(s, &format!("{path} {}", s.get_name()), out);
             }
         }
+        // Built, so each argument's action and value count are final (a `Vec` option takes
+        // values only once built).
+        let mut cli = Cli::command();
+        cli.build();
         let mut out = vec![];
-        walk(&Cli::command(), "longctx", &mut out);
+        walk(&cli, "longctx", &mut out);
         out
     }
 

@@ -22,8 +22,9 @@ pub struct Args {
     /// Only the smaller cases, with fewer repetitions (a smoke run).
     #[arg(long)]
     quick: bool,
-    /// Only the cases whose name is one of these (causal, full, decode, decode-smol, rope,
-    /// gemv-q4).
+    /// Only the cases whose name is one of these, comma-separated or repeated (causal, full,
+    /// decode, decode-smol, rope, gemv-q4, gemm-q4); a name that matches none is an error.
+    /// Default: every case.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }

@@ -75,6 +75,7 @@ pub struct Args {
     /// The peer measured beside us, `llama.cpp=PATH` (PATH: the llama-bench binary or a
     /// llama.cpp folder with build/bin/llama-bench): `llama-bench -fa 1 -r 1` prefill at each
     /// length and decode at each depth on the same GGUF (--model must be one), in this run.
+    /// Default: none (ours only).
     #[arg(long)]
     peer: Option<String>,
 }

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The repository to read.
+    /// The repository to read: a directory whose text files answer the question (required).
     #[arg(long)]
     repo: PathBuf,
     /// The question to answer from the repository's files (required; quote it; `-` reads it
@@ -34,13 +34,15 @@ pub struct Args {
     /// Longest answer in tokens.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
-    /// Only files matching these globs (gitignore syntax).
+    /// Only files matching these globs (gitignore syntax; repeat the flag for more).
+    /// Default: every text file not ignored by the repository's .gitignore.
     #[arg(long)]
     include: Vec<String>,
-    /// Leave out files matching these globs.
+    /// Leave out files matching these globs (gitignore syntax; repeat the flag for more).
+    /// Default: none beyond .gitignore, binaries and --max-file-bytes.
     #[arg(long)]
     exclude: Vec<String>,
-    /// Files larger than this are skipped.
+    /// Files larger than this, in bytes, are skipped.
     #[arg(long, default_value_t = 256 * 1024)]
     max_file_bytes: u64,
     /// RoPE scaling to run past the trained length: none, linear, ntk, dynamic, yarn.

@@ -15,7 +15,7 @@ pub struct Args {
     /// The prompt text; `-` reads it from stdin. One of --prompt and --file is required.
     #[arg(long, required_unless_present = "file", conflicts_with = "file")]
     prompt: Option<String>,
-    /// Read the prompt from this file (`-`: stdin) instead of --prompt.
+    /// Read the prompt from this file (`-`: stdin) instead of --prompt. Default: none.
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
     /// Wrap the prompt in the model's chat template. Default: off (the prompt as given).
