@@ -170,7 +170,7 @@ fn bad_input_is_one_clear_line_and_a_failure() {
             "16",
         ],
         // The prompt and the new tokens said apart (once "prompt of 17 tokens").
-        "tokens plus 16 new tokens exceeds the limit of 8",
+        "plus 16 new tokens exceeds the limit of 8",
     );
     // The largest --max-tokens: once wrapped past the limit check and streamed until killed.
     let max = u64::MAX.to_string();

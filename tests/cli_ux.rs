@@ -64,10 +64,7 @@ fn token_limits_say_prompt_and_new_tokens_apart() {
         &["generate", "--prompt", "Hi", "--max-tokens", "9000"],
         "plus 9000 new tokens exceeds the limit of 8192",
     );
-    assert!(
-        last.contains("a prompt of ") && !last.contains("9001"),
-        "{last}"
-    );
+    assert!(last.contains("a prompt of 1 token plus"), "{last}");
 }
 
 /// Without a terminal, a long run prints plain progress lines (perplexity once ran silent);

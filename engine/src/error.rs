@@ -38,8 +38,10 @@ pub enum EngineError {
     Batch(String),
     /// The prompt and the new tokens asked for do not fit the context limit.
     #[error(
-        "a prompt of {prompt} tokens plus {new} new tokens exceeds the limit of {limit}; raise \
-         --max-context, lower --max-tokens or shorten the prompt"
+        "a prompt of {} plus {} exceeds the limit of {limit}; raise --max-context, lower \
+         --max-tokens or shorten the prompt",
+        count(.prompt, "token"),
+        count(.new, "new token")
     )]
     PromptTooLong {
         prompt: usize,
@@ -73,6 +75,11 @@ impl EngineError {
             source,
         }
     }
+}
+
+/// `1 token`, `9000 new tokens`.
+fn count(n: &usize, what: &str) -> String {
+    format!("{n} {what}{}", if *n == 1 { "" } else { "s" })
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
