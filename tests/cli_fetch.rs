@@ -14,7 +14,8 @@ fn a_killed_fetch_leaves_no_child_and_no_download() {
     let fake = dir.join("python");
     std::fs::write(
         &fake,
-        // pip's -d folder is its 8th argument: `-m pip download --no-deps --quiet -d DIR PKG`.
+        // pip's -d folder is its 7th argument:
+        // `-m pip download --no-deps --disable-pip-version-check -d DIR --progress-bar on PKG`.
         format!(
             "#!/bin/sh\nmkdir -p \"$7\"\necho $$ > {}\nexec sleep 60\n",
             pidfile.display()

