@@ -1,7 +1,7 @@
 //! Inputs as people give them: `--model org/name` from the local Hugging Face cache,
 //! `--prompt -` (stdin) and `--file PATH`, `--system`.
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -104,6 +104,27 @@ fn a_hub_name_resolves_from_the_huggingface_cache_offline() {
         None,
     );
     assert!(out.status.success(), "{}", stderr(&out));
+
+    // `serve` answers to the hub name, as vLLM does.
+    let mut server = Command::new(BIN)
+        .args(["serve", "--port", "0", "--model", name])
+        .env("HF_HUB_CACHE", &root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let serving = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("serving "));
+    let _ = server.kill();
+    let _ = server.wait();
+    let serving = serving.expect("a serving line");
+    assert!(
+        serving.starts_with(&format!("serving {name} on ")),
+        "{serving}"
+    );
 
     // Nothing there: one line saying where it looked.
     let out = run(

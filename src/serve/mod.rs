@@ -42,7 +42,8 @@ pub struct Args {
     /// Require `Authorization: Bearer KEY` on /v1 requests (default: LONGCTX_API_KEY if set).
     #[arg(long)]
     api_key: Option<String>,
-    /// The model's name in the API (default: the file or directory name).
+    /// The model's name in the API. Default: the hub name given to --model, else the file or
+    /// directory name.
     #[arg(long)]
     served_model_name: Option<String>,
     /// Requests decoding at once.
@@ -99,9 +100,11 @@ pub fn run(args: Args) -> Result<()> {
         anyhow::ensure!(v >= 1, "{name} must be at least 1");
     }
     let path = crate::commands::resolve_model(&args.model)?;
-    let served = match &args.served_model_name {
-        Some(n) => n.clone(),
-        None => path
+    let served = match (&args.served_model_name, &args.model) {
+        (Some(n), _) => n.clone(),
+        // A hub name (`org/name`) is what clients ask for, as vLLM serves it.
+        (None, Some(typed)) if !typed.exists() => typed.display().to_string(),
+        (None, _) => path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into()),
