@@ -67,3 +67,81 @@ fn a_snapshot_is_never_reused_for_other_weights() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ask` on this repository, with its own LONGCTX_HOME; returns (answer, stderr).
+fn ask_here(model: &Path, home: &Path, question: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .env("LONGCTX_HOME", home)
+        .arg("ask")
+        .arg("--model")
+        .arg(model)
+        .arg("--repo")
+        .arg(env!("CARGO_MANIFEST_DIR"))
+        .arg(question)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    (String::from_utf8_lossy(&out.stdout).to_string(), err)
+}
+
+/// The sentences of `text` of four words or more that occur twice.
+fn repeated_sentences(text: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    text.split(['.', '!', '?', '\n'])
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|s| s.split(' ').count() >= 4)
+        .filter(|s| !seen.insert(s.clone()))
+        .collect()
+}
+
+/// The README's own question once packed five files of 151, none of `ring/`, and answered
+/// with one sentence repeated to the token limit; a second question prefilled everything
+/// again. Now the packing (named on stderr) holds the ring attention and LSE merge code, the
+/// answer repeats no sentence, and another question on the same repository reuses the
+/// cached prefix.
+#[test]
+fn the_readme_question_packs_the_ring_and_merge_code_and_a_second_question_reuses_the_kv() {
+    let model = longctx_engine::fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    let home = std::env::temp_dir().join(format!("longctx-ask-readme-{}", std::process::id()));
+    let (answer, err) = ask_here(
+        &model,
+        &home,
+        "How does ring attention merge partial results?",
+    );
+    let packed = err
+        .lines()
+        .find(|l| l.starts_with("packed "))
+        .unwrap_or_else(|| panic!("no file list on stderr: {err}"));
+    assert!(
+        packed.contains("kernels/src/attention/merge.rs ")
+            && (packed.contains("ring/src/attend.rs ") || packed.contains("ring/src/prefill.rs ")),
+        "{packed}"
+    );
+    assert!(!answer.trim().is_empty(), "{err}");
+    let again = repeated_sentences(&answer);
+    assert!(again.is_empty(), "repeated {again:?} in {answer}");
+
+    let (_, err) = ask_here(
+        &model,
+        &home,
+        "What happens in merge_into when neither part saw a key?",
+    );
+    let reused: usize = err
+        .lines()
+        .find_map(|l| l.strip_prefix("reusing "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the second question reused nothing: {err}"));
+    assert!(reused >= 256, "{err}");
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+#[test]
+fn repeated_sentences_are_found() {
+    assert_eq!(
+        repeated_sentences("It merges by lse. It is exact.\nIt merges by lse. Ok. Ok."),
+        ["It merges by lse"]
+    );
+    assert!(repeated_sentences("One two three four. One two three five.").is_empty());
+}

@@ -55,13 +55,14 @@ pub struct BadSampling {
 }
 
 impl Sampling {
-    /// Greedy with a repetition penalty of 1.1 over the last 64 tokens: the defaults of
+    /// Greedy with a repetition penalty of 1.1 over the last 256 tokens: the defaults of
     /// `ask` and `chat`, where SmolLM2-135M otherwise repeats one sentence until the token
-    /// limit.
+    /// limit (over the last 64, as llama.cpp's default, it still repeated a paragraph of
+    /// ~100 tokens).
     pub fn answering() -> Sampling {
         Sampling {
             repetition_penalty: 1.1,
-            repeat_last_n: 64,
+            repeat_last_n: 256,
             ..Sampling::default()
         }
     }

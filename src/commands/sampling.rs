@@ -28,7 +28,8 @@ pub struct SamplingArgs {
     /// for ask and chat, 1 for generate and batch.
     #[arg(long, value_name = "X")]
     pub repetition_penalty: Option<f32>,
-    /// Generated tokens the repetition penalty looks back over. Default: 64.
+    /// Generated tokens the repetition penalty looks back over. Default: 256 for ask and
+    /// chat, 64 for generate and batch.
     #[arg(long, value_name = "N")]
     pub repeat_last_n: Option<usize>,
     /// Subtract this times a token's count in the answer so far from its logit (OpenAI's
@@ -90,7 +91,7 @@ mod tests {
     fn flags_override_the_command_s_defaults_and_bad_values_name_the_flag() {
         let answering = Sampling::answering();
         let s = parse(&[], &answering).unwrap();
-        assert_eq!((s.repetition_penalty, s.repeat_last_n), (1.1, 64));
+        assert_eq!((s.repetition_penalty, s.repeat_last_n), (1.1, 256));
         let s = parse(&["--repetition-penalty", "1"], &answering).unwrap();
         assert_eq!(s.repetition_penalty, 1.0);
         let s = parse(&[], &Sampling::default()).unwrap();

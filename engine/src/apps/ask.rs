@@ -203,9 +203,13 @@ each under a header with its path. Answer from the files; name the files you rel
 const MARK: &str = "\u{1}QUESTION\u{1}";
 
 /// What prefilling a token costs against relevance when a cached prompt could be reused:
-/// 1000 tokens weigh as much as this fraction of the best file's relevance. At 0.1, the
-/// best file is worth recomputing 10K tokens, a file a tenth as relevant 1K.
+/// 1000 tokens weigh as much as this fraction of the best file's worth ([`worth`]). At
+/// 0.1, the best file is worth recomputing 10K tokens, a file half as relevant 2.5K.
 pub const PREFILL_COST_PER_1K: f64 = 0.1;
+
+/// Files less relevant than this fraction of the best one are left out even where they fit:
+/// they lengthen the prefill and distract a small model.
+pub const MIN_RELEVANCE: f64 = 0.1;
 
 fn file_block(f: &RepoFile) -> String {
     format!("### {}\n```\n{}\n```\n\n", f.path, f.text.trim_end())
@@ -241,6 +245,13 @@ struct Plan {
     utility: f64,
 }
 
+/// What a file of relevance `r` (1 for the best) adds to a packing: its square, so one
+/// file that answers the question outweighs several that share a word with it (as a sum of
+/// relevance, a cached prompt holding the answer was once cut for four files of 0.3 each).
+fn worth(r: f64) -> f64 {
+    r * r
+}
+
 /// The best plan within `room` tokens: a fresh one (the most relevant files by `rel`, each
 /// costing `cost(i)` tokens) or one starting with the first files of a prior packing
 /// (`(file, tokens)` each, their KV cached) followed by the most relevant others; see [`pack`].
@@ -257,7 +268,7 @@ fn choose(
     let mut fill = |taken: &[usize], left: usize| -> Result<(Vec<usize>, f64, usize)> {
         let (mut out, mut value, mut used) = (vec![], 0.0, 0usize);
         for &i in &by_rank {
-            if rel[i] <= 0.0 {
+            if rel[i] < MIN_RELEVANCE {
                 break;
             }
             if taken.contains(&i) {
@@ -266,7 +277,7 @@ fn choose(
             let c = cost(i)?;
             if c <= left - used {
                 used += c;
-                value += rel[i];
+                value += worth(rel[i]);
                 out.push(i);
             }
         }
@@ -289,7 +300,7 @@ fn choose(
             }
             kept.push(i);
             kept_tokens += tokens;
-            kept_value += rel[i];
+            kept_value += worth(rel[i]);
             let (more, value, used) = fill(&kept, room - kept_tokens)?;
             let utility = kept_value + value - price(used);
             // Ties go to the longer reuse.
@@ -312,8 +323,9 @@ fn choose(
 /// packing weighs relevance against prefill: each prompt in `cached` (file lists of earlier
 /// packings whose KV is on disk, in their order) may lend its first files, unchanged, as a
 /// prefix whose KV is reused, followed by the most relevant files not among them; a fresh
-/// packing takes the most relevant files. The plan with the most relevance, less
-/// [`PREFILL_COST_PER_1K`] per thousand tokens to compute, wins. New files go in increasing
+/// packing takes the most relevant files. The plan with the most worth (the sum of its
+/// files' squared relevance), less [`PREFILL_COST_PER_1K`] per thousand tokens to compute,
+/// wins. New files go in increasing
 /// relevance, the most relevant last, nearest the question.
 pub fn pack(
     tok: &Tokenizer,
@@ -366,7 +378,7 @@ pub fn pack(
     // A question sharing no word with any file takes files in path order.
     let rel: Vec<f64> = scores
         .iter()
-        .map(|s| if best > 0.0 { s / best } else { 1e-6 })
+        .map(|s| if best > 0.0 { s / best } else { MIN_RELEVANCE })
         .collect();
 
     let plan = if whole {
@@ -563,11 +575,11 @@ mod tests {
         (p.order, p.kept)
     }
 
-    /// Fresh: the most relevant files that fit, the most relevant last; files sharing no
-    /// word with the question stay out.
+    /// Fresh: the most relevant files that fit, the most relevant last; files sharing
+    /// (almost) no word with the question stay out.
     #[test]
     fn a_fresh_packing_takes_the_most_relevant_files_most_relevant_last() {
-        let rel = [0.2, 1.0, 0.0, 0.6, 0.5];
+        let rel = [0.2, 1.0, 0.05, 0.6, 0.5];
         let costs = [100, 400, 50, 300, 350];
         assert_eq!(plan(&rel, &costs, 1000, &[]), (vec![0, 3, 1], 0));
         assert_eq!(plan(&rel, &costs, 10_000, &[]), (vec![0, 4, 3, 1], 0));
@@ -592,6 +604,16 @@ mod tests {
             plan(&rel, &costs, 3000, &[vec![0, 1, 2]]),
             (vec![0, 1, 5], 2)
         );
+        // A cached prompt holding the best file is not cut for several files that merely
+        // share words with the question (as a sum of relevance it was: 0.5 + 1 + 2 x 0.45
+        // beats 0.5 + 0.5 + 1).
+        let rel = [0.5, 0.5, 1.0, 0.45, 0.45, 0.45, 0.45];
+        let costs = [1000, 1000, 1000, 500, 500, 500, 500];
+        assert_eq!(
+            plan(&rel, &costs, 3000, &[vec![0, 1, 2]]),
+            (vec![0, 1, 2], 3)
+        );
+        let costs = [1000, 1000, 1000, 1000, 1000, 1000];
         // Two cached prompts: the one sharing more with the question wins.
         let rel = [0.0, 0.0, 0.0, 1.0, 0.8, 0.0];
         assert_eq!(

@@ -5,9 +5,13 @@
 //! or a definition says more than one in passing, so those fields count [`PATH_WEIGHT`] and
 //! [`SYMBOL_WEIGHT`] times a word of text.
 //!
-//! Words are identifiers split as programmers write them (`merge_into` is `merge_into`,
-//! `merge` and `into`; `RingAttention` is `ringattention`, `ring` and `attention`), lower
-//! case, with a plural `s` dropped, so "results" finds `result`.
+//! Words are identifiers split as programmers write them (`load_snapshot` is
+//! `load_snapshot`, `load` and `snapshot`; `KvStore` is `kvstore`, `kv` and `store`), lower
+//! case, with a plural `s` dropped, so "snapshots" finds `snapshot`.
+//!
+//! A question asks how the code works, which the code answers better than its tests: a Rust
+//! file's `#[cfg(test)]` part is not indexed, and test files (under `tests/`, `tests.rs`,
+//! `*_test.*`, `test_*.py`) score [`TEST_FILE_WEIGHT`] of what they would.
 
 use super::ask::RepoFile;
 use std::collections::HashMap;
@@ -16,6 +20,8 @@ use std::collections::HashMap;
 pub const PATH_WEIGHT: f64 = 4.0;
 /// How much a defined name counts beside a word of text.
 pub const SYMBOL_WEIGHT: f64 = 3.0;
+/// What a test file's score counts.
+pub const TEST_FILE_WEIGHT: f64 = 0.5;
 /// BM25's term-frequency saturation and length normalisation (the usual values).
 const K1: f64 = 1.2;
 const B: f64 = 0.75;
@@ -142,6 +148,22 @@ fn symbols(text: &str) -> Vec<&str> {
 struct Doc {
     tf: HashMap<String, f64>,
     len: f64,
+    weight: f64,
+}
+
+/// Whether a path names a test file.
+pub fn is_test_path(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    path.starts_with("tests/")
+        || path.contains("/tests/")
+        || name == "tests.rs"
+        || name.contains("_test.")
+        || (name.starts_with("test_") && name.ends_with(".py"))
+}
+
+/// The text before a Rust file's `#[cfg(test)]` (all of it where there is none).
+fn without_tests(text: &str) -> &str {
+    text.find("#[cfg(test)]").map_or(text, |at| &text[..at])
 }
 
 /// A BM25F index over a repository's files.
@@ -164,11 +186,21 @@ impl Index {
                     len += weight;
                 };
                 for_each_word(&f.path.replace(['/', '.'], " "), |w| add(w, PATH_WEIGHT));
-                for s in symbols(&f.text) {
+                let text = if f.path.ends_with(".rs") {
+                    without_tests(&f.text)
+                } else {
+                    &f.text
+                };
+                for s in symbols(text) {
                     for_each_word(s, |w| add(w, SYMBOL_WEIGHT));
                 }
-                for_each_word(&f.text, |w| add(w, 1.0));
-                Doc { tf, len }
+                for_each_word(text, |w| add(w, 1.0));
+                let weight = if is_test_path(&f.path) {
+                    TEST_FILE_WEIGHT
+                } else {
+                    1.0
+                };
+                Doc { tf, len, weight }
             })
             .collect();
         let mut df: HashMap<String, usize> = HashMap::new();
@@ -202,14 +234,15 @@ impl Index {
             .iter()
             .map(|d| {
                 let norm = K1 * (1.0 - B + B * d.len / self.avg_len);
-                words
+                let s: f64 = words
                     .iter()
                     .zip(&idf)
                     .map(|(w, idf)| {
                         let tf = *d.tf.get(w).unwrap_or(&0.0);
                         idf * tf * (K1 + 1.0) / (tf + norm)
                     })
-                    .sum()
+                    .sum();
+                s * d.weight
             })
             .collect()
     }
@@ -298,6 +331,20 @@ mod tests {
         ];
         let s = Index::new(&files).scores("snapshot");
         assert!(s[1] > s[0], "{s:?}");
+        // Tests count less than the code they test, in their own files or a test module.
+        let files = vec![
+            file("ring/src/tests.rs", "fn merges() { merge(); merge(); }"),
+            file(
+                "ring/src/merge.rs",
+                "fn merge() {}\n#[cfg(test)]\nmod t { fn c() { lse(); } }",
+            ),
+        ];
+        let index = Index::new(&files);
+        let s = index.scores("merge");
+        assert!(s[1] > s[0], "{s:?}");
+        assert_eq!(index.scores("lse")[1], 0.0);
+        assert!(is_test_path("tests/cli_ask.rs") && is_test_path("a/b_test.go"));
+        assert!(!is_test_path("src/attest.rs"));
         // And more in a path.
         let files = vec![
             file("src/x.rs", "the snapshot is saved"),
