@@ -1,6 +1,5 @@
 //! `longctx batch`: JSONL jobs in, one JSONL result line per job out, resumable.
 
-use crate::commands::progress_bar;
 use anyhow::{Context, Result};
 use longctx_engine::apps::batch::{error_record, id_value, line_id, parse_job, Job, Results, Task};
 use longctx_engine::generate::Sampling;
@@ -153,7 +152,7 @@ pub fn run(args: Args) -> Result<()> {
     let kv = args.decode.kv();
     let limit = args.max_context.unwrap_or(m.model.cfg.max_position);
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
-    let bar = progress_bar(jobs.len() as u64, "jobs");
+    let bar = super::Progress::new(jobs.len() as u64, "batch", "jobs");
     let (mut ok, mut failed, mut skipped) = (0, 0, 0);
     let store = m.model.kv_store(&kv)?;
     let mut sched = Scheduler::new(
