@@ -185,14 +185,16 @@ fn chat_in_a_terminal_keeps_history_stops_on_ctrl_c_and_resets() {
     assert_eq!(stats[4].1, 0, "{stats:?}\n{pane}");
     assert!(stats[4].0 < stats[3].0, "{stats:?}\n{pane}");
 
-    // Ctrl-C at the prompt: a hint, not the end (the second in a row would quit).
+    // Ctrl-C at the prompt: a hint, not the end; the second in a row quits.
     t.keys(&["C-c"]);
     t.wait("the hint", 30, |p| {
         p.contains("(Ctrl-C again, Ctrl-D or /exit quits)")
     });
     assert!(!t.dead());
-    t.type_line("/exit");
+    t.keys(&["C-c"]);
     t.wait("the chat to end", 30, |_| t.dead());
+    let status = t.cmd(&["display-message", "-p", "-t", "chat", "#{pane_dead_status}"]);
+    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "130");
 }
 
 /// Run with stdin a pipe: each line a turn, the answers on stdout, the stats on stderr.
@@ -224,7 +226,8 @@ fn piped(args: &[&str], input: &str) -> (String, String) {
 fn chat_reads_turns_from_a_pipe() {
     let (stdout, stderr) = piped(
         &["--max-tokens", "24"],
-        "What is the capital of France?\nAnd of Italy?\n\n/reset\n/system You are a pirate.\nHello\n",
+        "What is the capital of France?\nAnd of Italy?\n\n/reset\n/system You are a pirate.\nHello\n\
+         /exit\nNever answered\n",
     );
     let stats = turn_stats(&stderr);
     assert_eq!(stats.len(), 3, "{stderr}");
