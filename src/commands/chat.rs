@@ -238,29 +238,23 @@ impl Chat<'_> {
     }
 
     /// The token ids of the history with the user's `msg` last and the assistant's turn
-    /// opened. The oldest exchanges are left out until the answer fits the context.
+    /// opened. The oldest exchanges are left out until the answer fits the context; a message
+    /// that does not fit even alone is an error and leaves the history as it was.
     fn render(&mut self, msg: &str) -> Result<Vec<u32>> {
         let tok = &self.m.tokenizer;
-        let mut left_out = 0;
+        // Room for the answer, but never more than half the context (a --max-tokens as large
+        // as the context would leave out every earlier message).
+        let room = self.max_tokens.min(self.limit / 2);
+        let mut first = 0;
         loop {
             let mut msgs: Vec<(&str, &str)> = vec![];
             if let Some(s) = &self.system {
                 msgs.push(("system", s));
             }
-            msgs.extend(self.history.iter().map(|(r, c)| (*r, c.as_str())));
+            msgs.extend(self.history[first..].iter().map(|(r, c)| (*r, c.as_str())));
             msgs.push(("user", msg));
             let ids = tok.encode(&tok.render_chat(&msgs)?)?;
-            // Room for the answer, but never more than half the context (a --max-tokens as
-            // large as the context would leave out every earlier message).
-            let room = self.max_tokens.min(self.limit / 2);
-            if ids.len() + room <= self.limit || self.history.is_empty() {
-                if left_out > 0 {
-                    eprintln!(
-                        "(the {left_out} oldest messages are left out: the history no longer \
-                         fits {} tokens)",
-                        self.limit
-                    );
-                }
+            if ids.len() + room <= self.limit || first == self.history.len() {
                 anyhow::ensure!(
                     ids.len() < self.limit,
                     "a message of {} tokens (with the template) leaves no room for an answer \
@@ -268,11 +262,18 @@ impl Chat<'_> {
                     ids.len(),
                     self.limit
                 );
+                if first > 0 {
+                    eprintln!(
+                        "(the {first} oldest messages are left out: the history no longer fits \
+                         {} tokens)",
+                        self.limit
+                    );
+                    self.history.drain(..first);
+                }
                 return Ok(ids);
             }
-            let n = self.history.len().min(2);
-            self.history.drain(..n);
-            left_out += n;
+            // A user message and its answer at a time.
+            first = (first + 2).min(self.history.len());
         }
     }
 
