@@ -252,7 +252,7 @@ fn batch_reads_jobs_from_stdin() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `ask ... -` reads the question from stdin.
+/// `ask ... -` reads the question from stdin; `ask --system` adds instructions.
 #[test]
 fn ask_reads_the_question_from_stdin() {
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/rope_scaling/src");
@@ -269,6 +269,17 @@ fn ask_reads_the_question_from_stdin() {
     ];
     let out = run(&ask, &[], Some("What does this crate do?\n"));
     assert!(out.status.success(), "{}", stderr(&out));
+    // --system adds to ask's own system message: a longer prompt.
+    let tokens = |extra: &[&str]| -> u64 {
+        let args = [&ask[..ask.len() - 1], extra, &["--json", "What is this?"]].concat();
+        let out = run(&args, &[], None);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        let v: serde_json::Value = serde_json::from_str(err.trim().lines().last().unwrap())
+            .unwrap_or_else(|_| panic!("{err}"));
+        v["prompt_tokens"].as_u64().unwrap() + v["cached_tokens"].as_u64().unwrap()
+    };
+    assert!(tokens(&["--system", "Answer in one short sentence."]) > tokens(&[]));
     let out = run(&ask, &[], Some("  \n"));
     assert!(
         error_line(&out).contains("the question is empty"),

@@ -24,6 +24,10 @@ pub struct Args {
     /// The question to answer from the repository's files (required; quote it; `-` reads it
     /// from stdin).
     question: String,
+    /// More instructions for the model, after ask's own system message (which says how the
+    /// files are laid out). Default: none.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
     /// A .gguf file, a Hugging Face model directory or hub name (org/name[:FILE], from the
     /// local Hugging Face cache). Default: SmolLM2-135M-Instruct (fetched on first use).
     #[arg(long)]
@@ -139,6 +143,7 @@ pub fn run(mut args: Args) -> Result<()> {
         budget,
         args.max_tokens,
         &prior_files,
+        args.system.as_deref(),
     )?;
     report_packing(&packed, files.len(), skipped.len());
     let snap = snapshot_dir(&home, &fingerprint, &packed.prefix);

@@ -215,7 +215,18 @@ fn file_block(f: &RepoFile) -> String {
     format!("### {}\n```\n{}\n```\n\n", f.path, f.text.trim_end())
 }
 
-fn render(tok: &Tokenizer, files: &[&RepoFile], question: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+/// The prompt around `files`, cut at the question: (prefix, question and the rest). `system`
+/// (`ask --system`) follows ask's own system message, which says how the files are laid out.
+fn render(
+    tok: &Tokenizer,
+    files: &[&RepoFile],
+    question: &str,
+    system: Option<&str>,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let system = match system {
+        Some(s) => format!("{SYSTEM}\n\n{s}"),
+        None => SYSTEM.to_string(),
+    };
     let mut body = String::from("Repository files:\n\n");
     for f in files {
         body.push_str(&file_block(f));
@@ -223,8 +234,8 @@ fn render(tok: &Tokenizer, files: &[&RepoFile], question: &str) -> Result<(Vec<u
     body.push_str("Question: ");
     body.push_str(MARK);
     let text = match tok.chat_template {
-        Some(_) => tok.render_chat(&[("system", SYSTEM), ("user", &body)])?,
-        None => format!("{SYSTEM}\n\n{body}\n\nAnswer:"),
+        Some(_) => tok.render_chat(&[("system", &system), ("user", &body)])?,
+        None => format!("{system}\n\n{body}\n\nAnswer:"),
     };
     let (pre, post) = text
         .split_once(MARK)
@@ -326,7 +337,8 @@ fn choose(
 /// packing takes the most relevant files. The plan with the most worth (the sum of its
 /// files' squared relevance), less [`PREFILL_COST_PER_1K`] per thousand tokens to compute,
 /// wins. New files go in increasing
-/// relevance, the most relevant last, nearest the question.
+/// relevance, the most relevant last, nearest the question. `system` is added to ask's
+/// own system message.
 pub fn pack(
     tok: &Tokenizer,
     files: &[RepoFile],
@@ -334,8 +346,9 @@ pub fn pack(
     budget: usize,
     reserve: usize,
     cached: &[Vec<PackedFile>],
+    system: Option<&str>,
 ) -> Result<Packed> {
-    let (empty_prefix, q_only) = render(tok, &[], question)?;
+    let (empty_prefix, q_only) = render(tok, &[], question, system)?;
     let empty = empty_prefix.len() + q_only.len();
     // Saturating: a reserve near usize::MAX must not wrap past the check (then every sum
     // below is at most the budget).
@@ -414,7 +427,7 @@ pub fn pack(
     let mut left_out: Vec<String> = by_rank.iter().map(|i| files[*i].path.clone()).collect();
     loop {
         let refs: Vec<&RepoFile> = order.iter().map(|i| &files[*i]).collect();
-        let (prefix, suffix) = render(tok, &refs, question)?;
+        let (prefix, suffix) = render(tok, &refs, question, system)?;
         if prefix.len() + suffix.len() + reserve <= budget || order.is_empty() {
             let mut included = vec![];
             for &i in &order {
