@@ -69,10 +69,11 @@ fn a_snapshot_is_never_reused_for_other_weights() {
 }
 
 /// `ask` on this repository, with its own LONGCTX_HOME; returns (answer, stderr).
-fn ask_here(model: &Path, home: &Path, question: &str) -> (String, String) {
+fn ask_here(model: &Path, home: &Path, question: &str, extra: &[&str]) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
         .env("LONGCTX_HOME", home)
         .arg("ask")
+        .args(extra)
         .arg("--model")
         .arg(model)
         .arg("--repo")
@@ -108,6 +109,7 @@ fn the_readme_question_packs_the_ring_and_merge_code_and_a_second_question_reuse
         &model,
         &home,
         "How does ring attention merge partial results?",
+        &[],
     );
     let packed = err
         .lines()
@@ -126,6 +128,8 @@ fn the_readme_question_packs_the_ring_and_merge_code_and_a_second_question_reuse
         &model,
         &home,
         "What happens in merge_into when neither part saw a key?",
+        // Only the reuse is checked here: a short answer.
+        &["--max-tokens", "16"],
     );
     let reused: usize = err
         .lines()
@@ -144,4 +148,51 @@ fn repeated_sentences_are_found() {
         ["It merges by lse"]
     );
     assert!(repeated_sentences("One two three four. One two three five.").is_empty());
+}
+
+/// Every question once left a ~350 MB snapshot that nothing capped (four questions: 1.4 GB).
+/// Under `--kv-cache-limit` the least recently used go, and stderr says so; a limit without
+/// a unit is refused.
+#[test]
+fn the_snapshot_cache_is_capped_least_recently_used_first() {
+    let model = longctx_engine::fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    let dir = std::env::temp_dir().join(format!("longctx-ask-cap-{}", std::process::id()));
+    let home = dir.join("home");
+    let run = |text: &str, limit: &str| {
+        let repo = dir.join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::write(repo.join("notes.txt"), text).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_longctx"))
+            .env("LONGCTX_HOME", &home)
+            .args(["ask", "--max-tokens", "2", "--max-context", "1024"])
+            .args(["--kv-cache-limit", limit, "--model"])
+            .arg(&model)
+            .arg("--repo")
+            .arg(&repo)
+            .arg("What does this file say?")
+            .output()
+            .unwrap()
+    };
+    let nonce: u64 = rand::random();
+    let snapshots = || std::fs::read_dir(home.join("kv")).unwrap().count();
+    let first = run(&format!("The first secret is {nonce}.\n"), "1GB");
+    assert!(first.status.success());
+    assert_eq!(snapshots(), 1);
+    // A second repository text under a cap that holds one snapshot: the first goes.
+    let second = run(&format!("The second secret is {nonce}, another.\n"), "1MB");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    assert!(
+        err.contains("evicted 1 least recently used snapshot"),
+        "{err}"
+    );
+    assert_eq!(snapshots(), 1);
+    let bad = run("x\n", "4");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        err.contains("--kv-cache-limit") && err.contains("needs a unit"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
