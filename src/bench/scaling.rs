@@ -395,6 +395,22 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// `512`, `4K`, `1.5K`, `128K`, `1M`: context lengths as people write them.
+fn tokens_label(x: f64) -> String {
+    let (v, unit) = if x >= 1048576.0 {
+        (x / 1048576.0, "M")
+    } else if x >= 1024.0 {
+        (x / 1024.0, "K")
+    } else {
+        (x, "")
+    };
+    if (v - v.round()).abs() < 0.05 {
+        format!("{v:.0}{unit}")
+    } else {
+        format!("{v:.1}{unit}")
+    }
+}
+
 fn opt_ts(x: Option<f64>) -> String {
     x.map_or("-".into(), |x| format!("{x:.1}"))
 }
@@ -437,7 +453,13 @@ fn plot_side_by_side(r: &Report, path: &std::path::Path) -> Result<()> {
     let root = root.titled(
         &format!(
             "{} vs {peer_name}, {} ({} threads, KV {}, weights {})",
-            "longctx", r.model, r.threads, r.kv_dtype, r.decode_weights
+            "longctx",
+            std::path::Path::new(&r.model)
+                .file_name()
+                .map_or(r.model.clone(), |f| f.to_string_lossy().into_owned()),
+            r.threads,
+            r.kv_dtype,
+            r.decode_weights
         ),
         ("sans-serif", 16),
     )?;
@@ -461,11 +483,20 @@ fn plot_side_by_side(r: &Report, path: &std::path::Path) -> Result<()> {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(56)
-            .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())?;
+            // Base 2 on x: the lengths are powers of two, so each gets its own tick.
+            .build_cartesian_2d((x0..x1).log_scale().base(2.0), (y0..y1).log_scale())?;
         chart
             .configure_mesh()
             .x_desc("context tokens")
             .y_desc(title)
+            .x_label_formatter(&|x| tokens_label(*x))
+            .y_label_formatter(&|y| {
+                if *y >= 10.0 {
+                    format!("{y:.0}")
+                } else {
+                    format!("{y:.1}")
+                }
+            })
             .draw()?;
         for (pts, color, name) in [(&a, BLUE, "longctx"), (&b, RED, peer_name.as_str())] {
             chart
