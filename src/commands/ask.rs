@@ -59,7 +59,7 @@ pub struct Args {
     #[arg(long)]
     no_cache: bool,
     /// Disk the KV snapshots in $LONGCTX_HOME/kv may take, with a unit (4GiB, 500MB); past
-    /// it the least recently used go. Default: 4GiB.
+    /// it the least recently used go.
     #[arg(long, default_value = "4GiB", value_name = "SIZE")]
     kv_cache_limit: String,
     #[command(flatten)]
