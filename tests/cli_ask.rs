@@ -196,3 +196,55 @@ fn the_snapshot_cache_is_capped_least_recently_used_first() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A repository that fits goes in whole, in path order, whatever the question: a different
+/// question reuses all of the first one's prefix.
+#[test]
+fn a_repository_that_fits_is_one_prefix_for_every_question() {
+    let model = longctx_engine::fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    let dir = std::env::temp_dir().join(format!("longctx-ask-whole-{}", std::process::id()));
+    let (repo, home) = (dir.join("repo"), dir.join("home"));
+    std::fs::create_dir_all(repo.join("src")).unwrap();
+    let nonce: u64 = rand::random();
+    std::fs::write(repo.join("README.md"), format!("Project {nonce}.\n")).unwrap();
+    std::fs::write(repo.join("src/ring.rs"), "fn ring_attention() {}\n").unwrap();
+    std::fs::write(repo.join("src/store.rs"), "struct KvStore;\n").unwrap();
+    let ask = |q: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+            .env("LONGCTX_HOME", &home)
+            .args([
+                "ask",
+                "--max-tokens",
+                "2",
+                "--max-context",
+                "1024",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--repo")
+            .arg(&repo)
+            .arg(q)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let first = ask("What does ring_attention do?");
+    assert!(
+        first.contains("packed 3 of 3 files")
+            && first.contains("the whole repository, in path order")
+            && first.contains("README.md")
+            && first.contains("src/store.rs"),
+        "{first}"
+    );
+    let second = ask("Where is the KvStore?");
+    let line = second
+        .lines()
+        .find(|l| l.starts_with("reusing "))
+        .unwrap_or_else(|| panic!("no reuse: {second}"));
+    let n: Vec<&str> = line.split(' ').collect();
+    // "reusing N of N prefix tokens ..."
+    assert_eq!(n[1], n[3], "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
