@@ -336,9 +336,8 @@ fn choose(
 /// prefix whose KV is reused, followed by the most relevant files not among them; a fresh
 /// packing takes the most relevant files. The plan with the most worth (the sum of its
 /// files' squared relevance), less [`PREFILL_COST_PER_1K`] per thousand tokens to compute,
-/// wins. New files go in increasing
-/// relevance, the most relevant last, nearest the question. `system` is added to ask's
-/// own system message.
+/// wins. New files go in increasing relevance, the most relevant last, nearest the question.
+/// `system` is added to ask's own system message.
 pub fn pack(
     tok: &Tokenizer,
     files: &[RepoFile],
