@@ -1086,7 +1086,16 @@ mod tests {
                     w.gemv(&x, &mut y).unwrap();
                     for (r, got) in y.iter().enumerate() {
                         let want: f64 = (0..cols).map(|c| w.get(r, c) as f64 * sign as f64).sum();
-                        let scale: f64 = (0..cols).map(|c| w.get(r, c).abs() as f64).sum();
+                        // Relative to what the kernels add up, not only to the weights: a
+                        // stored offset (Q8_0's 0x80 fill is a row of zeros held as 128 - 128)
+                        // cancels in f32 to a residual of ~1e-7 of 128 |d| per weight. An
+                        // overflow of a 16-bit partial sum is ~2^16 |d| a block, far above it.
+                        let scale: f64 = (0..cols)
+                            .map(|c| {
+                                let (d, m) = w.dm(&w.row_block(r, c / QK));
+                                (w.get(r, c).abs() + 128.0 * d.abs() + m.abs()) as f64
+                            })
+                            .sum();
                         assert!(
                             (*got as f64 - want).abs() <= 1e-4 * scale + 1e-6,
                             "{kind:?} fill {fill:#x} sign {sign} row {r}: {got} vs {want}"

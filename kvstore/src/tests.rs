@@ -4,6 +4,7 @@
 use super::*;
 use half::bf16;
 use longctx_kernels::attention::reference::{errors, inputs, reference, Inputs, TestRng};
+use longctx_kernels::attention::rounds_p_to_bf16;
 use longctx_kernels::{AttnParams, AttnShape, DType, Mask};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -640,13 +641,17 @@ fn attend_over_tiered_blocks_matches_the_f64_reference() {
                     &mut lse,
                 )
                 .unwrap();
-                // bf16 inputs, f32 outputs: exact products, so f32's bound.
+                // bf16 inputs, f32 outputs: exact products, so f32's bound, unless the
+                // kernel's bf16 dot-product tiles round P (2^-9 of |P||V|, ~2e-3 at worst).
                 let e = errors(&out, &lse, &want);
-                worst = (
-                    worst.0.max(e.out.max(e.row_out)),
-                    worst.1.max(e.lse.max(e.row_lse)),
-                );
-                assert!(e.worst() < 1e-5, "bt {bt} d {d} {mask:?} {kind:?}: {e:?}");
+                let tol = if rounds_p_to_bf16(&shape) { 3e-3 } else { 1e-5 };
+                if tol == 1e-5 {
+                    worst = (
+                        worst.0.max(e.out.max(e.row_out)),
+                        worst.1.max(e.lse.max(e.row_lse)),
+                    );
+                }
+                assert!(e.worst() < tol, "bt {bt} d {d} {mask:?} {kind:?}: {e:?}");
             }
         }
     }

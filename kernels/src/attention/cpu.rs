@@ -68,6 +68,17 @@ impl Default for CpuOptions {
     }
 }
 
+/// Whether attention over bf16 inputs of this shape rounds P to bf16 on this CPU with the
+/// default options: query blocks of more than 16 rows run on the bf16 dot-product tiles where
+/// the CPU has AVX512_BF16. The outputs then carry up to 2^-9 of `|P| |V|` (FlashAttention's
+/// bf16 P on a GPU does the same); otherwise bf16 inputs give f32-exact products. For callers'
+/// error bounds.
+pub fn rounds_p_to_bf16(shape: &AttnShape) -> bool {
+    let g = shape.group();
+    let rows = shape.n_q.min((ROWS / g).max(1)) * g;
+    rows > 16 && Ops::new(Isa::detect()).has_bf16_tiles()
+}
+
 /// Flash-attention forward on the CPU with the default options. See the module docs of
 /// [`crate::attention`] for layouts; `out` may be of another element type than the inputs
 /// (f32 partial results for a later merge, say).

@@ -15,7 +15,10 @@ mod cpu;
 mod merge;
 pub mod reference;
 
-pub use cpu::{attention, attention_segments, attention_with, CpuOptions, KvSegment, Strategy};
+pub use cpu::{
+    attention, attention_segments, attention_with, rounds_p_to_bf16, CpuOptions, KvSegment,
+    Strategy,
+};
 pub use merge::{merge, merge_into};
 
 use crate::KernelError;

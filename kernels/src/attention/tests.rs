@@ -20,13 +20,10 @@ const TOL_BF16: f64 = 1e-2;
 const TOL_P_BF16: f64 = 3e-3;
 
 /// The tolerance for bf16 inputs with f32 outputs: f32 arithmetic alone unless this CPU runs
-/// the block's tiles on the bf16 dot product (see `cpu::Engine::begin`: a query block of
-/// `ROWS / g` queries, more than 16 rows, an even head dim), which rounds P.
+/// the shape's tiles on the bf16 dot product ([`cpu::rounds_p_to_bf16`]), which rounds P.
 fn tol_bf16_inputs(isa: Isa, shape: &AttnShape) -> f64 {
-    let g = shape.group();
-    let rows = shape.n_q.min((cpu::ROWS / g).max(1)) * g;
-    let tiles = crate::cpu::Ops::new(isa).has_bf16_tiles() && rows > 16;
-    if tiles {
+    // Only the detected ISA has the bf16 tiles (a lowered one widens to f32).
+    if isa == Isa::detect() && cpu::rounds_p_to_bf16(shape) {
         TOL_P_BF16
     } else {
         TOL_F32
