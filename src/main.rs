@@ -80,9 +80,24 @@ enum Command {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_closed_stdout();
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
+    }
+}
+
+/// `longctx generate ... | head` closes our stdout early: Rust ignores SIGPIPE, so the next
+/// `print!` would panic ("failed printing to stdout"). As other Unix filters do, the command
+/// ends quietly instead (SIGPIPE's default action). Not for `serve`, whose sockets report a
+/// closed peer as an error of that request.
+fn quiet_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restores a signal's default disposition before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -107,3 +107,41 @@ fn progress_lines_without_a_terminal() {
     assert_eq!(v["threads"], 1, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A reader that stops early (`longctx generate ... | head -c 1`) ends the command quietly, as
+/// any Unix filter: no panic about a broken pipe on stderr.
+#[test]
+fn a_closed_stdout_ends_the_command_without_a_panic() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args([
+            "generate",
+            "--stream",
+            "--prompt",
+            "Count: 1, 2, 3,",
+            "--max-tokens",
+            "200",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    // Killed by SIGPIPE (no exit code) or, had it finished first, a clean exit.
+    assert!(
+        status.code().is_none() || status.success(),
+        "{status}: {err}"
+    );
+}
