@@ -29,7 +29,7 @@ pub struct Args {
     /// New tokens per sequence.
     #[arg(long, default_value_t = 128)]
     new: usize,
-    /// Rows per forward step.
+    /// Rows (tokens) per forward step: decode rows first, then prompt chunks.
     #[arg(long, default_value_t = 512)]
     step_tokens: usize,
     #[command(flatten)]

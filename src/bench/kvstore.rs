@@ -32,7 +32,7 @@ pub struct Args {
     /// Queries in the attention case's prefill chunk (40 query heads, Scout's).
     #[arg(long, default_value_t = 64)]
     queries: usize,
-    /// Share of the attention KV that fits the device tier.
+    /// Share of the attention KV that fits the device tier, 0 to 1 (the rest is on disk).
     #[arg(long, default_value_t = 0.25)]
     device_fraction: f64,
     /// Blocks read ahead of use.

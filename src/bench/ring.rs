@@ -37,7 +37,7 @@ pub struct Args {
     /// causal, none, or chunked (Llama 4's chunked-local, see --chunk).
     #[arg(long, default_value = "causal")]
     mask: String,
-    /// Chunk of the chunked mask.
+    /// Chunk of the chunked mask, in tokens.
     #[arg(long, default_value_t = 8192)]
     chunk: usize,
     /// Link bandwidth, GB/s, each direction.

@@ -37,7 +37,7 @@ pub struct Args {
     /// Activation memory the chunk planner may use.
     #[arg(long, default_value = "256MiB")]
     activation_budget: String,
-    /// KV store budgets per tier; what does not fit spills down, to disk last.
+    /// KV device-tier budget, with a unit; what does not fit spills down a tier, to disk last.
     #[arg(long, default_value = "64GiB")]
     kv_device: String,
     /// KV host-tier budget, with a unit (0 for none).

@@ -26,10 +26,10 @@ pub struct Args {
     /// Streams decoding in the latency case.
     #[arg(long, default_value_t = 16)]
     streams: usize,
-    /// The prompt that arrives while they decode.
+    /// Tokens of the prompt that arrives while they decode.
     #[arg(long, default_value_t = 4096)]
     long_prompt: usize,
-    /// Rows per forward step.
+    /// Rows (tokens) per forward step: decode rows first, then prompt chunks.
     #[arg(long, default_value_t = 512)]
     step_tokens: usize,
     #[command(flatten)]
