@@ -287,8 +287,21 @@ fn bench_ring_over_threads_matches_one_device() {
     assert_eq!(rows.len(), 3);
     let total: u64 = rows.iter().map(|r| r["tokens"].as_u64().unwrap()).sum();
     assert_eq!(total, 301);
+    // f32's bound, or the P rounding's where this CPU runs bf16 tiles on its dot product.
+    let shape = longctx_kernels::AttnShape {
+        n_q: 301,
+        n_kv: 301,
+        h_q: 8,
+        h_kv: 2,
+        d: 64,
+    };
+    let bound = if longctx_kernels::attention::rounds_p_to_bf16(&shape) {
+        5e-3
+    } else {
+        1e-5
+    };
     for r in rows {
-        assert!(r["max_rel_err"].as_f64().unwrap() <= 1e-5, "{r}");
+        assert!(r["max_rel_err"].as_f64().unwrap() <= bound, "{r}");
         assert_eq!(r["steps"], 3);
     }
     // NCCL outside a torchrun group: one clear line.

@@ -443,9 +443,24 @@ fn real_ring(args: &Args, mask: Mask) -> Result<()> {
             );
         }
     }
+    // bf16 inputs: exact products, so f32's bound, unless the kernel's bf16 dot-product tiles
+    // round P (2^-9 of |P||V| with |V| < 1, on either side: ring and single device cut the
+    // keys into other tiles, so their roundings differ).
+    let shape = longctx_kernels::AttnShape {
+        n_q: n,
+        n_kv: n,
+        h_q: spec.h_q,
+        h_kv: spec.h_kv,
+        d,
+    };
+    let bound = if longctx_kernels::attention::rounds_p_to_bf16(&shape) {
+        5e-3
+    } else {
+        1e-5
+    };
     anyhow::ensure!(
-        worst <= 1e-5,
-        "ring output differs from the single device by {worst:.2e}"
+        worst <= bound,
+        "ring output differs from the single device by {worst:.2e} (bound {bound:.0e})"
     );
     Ok(())
 }
