@@ -15,7 +15,10 @@ mod cpu;
 mod merge;
 pub mod reference;
 
-pub use cpu::{attention, attention_segments, attention_with, CpuOptions, KvSegment, Strategy};
+pub use cpu::{
+    attention, attention_segments, attention_segments_q8, attention_with, CpuOptions, KvSegment,
+    KvSegmentQ8, Strategy,
+};
 pub use merge::{merge, merge_into};
 
 use crate::KernelError;

@@ -425,6 +425,26 @@ pub unsafe fn widen_bf16(src: &[u16], dst: &mut [f32]) {
     super::portable::widen_bf16(&src[i..n], &mut dst[i..n]);
 }
 
+/// Same contract as [`super::portable::dequant_q8`]: each block's 32 bytes sign-extended
+/// (`vpmovsxbd`), converted (`vcvtdq2ps`) and multiplied by the broadcast scale.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dequant_q8(src: &[crate::kvq8::BlockQ8], dst: &mut [f32]) {
+    let whole = src.len().min(dst.len() / 32);
+    let d = dst.as_mut_ptr();
+    for (i, b) in src[..whole].iter().enumerate() {
+        let s = _mm512_set1_ps(b.scale);
+        let p = b.qs.as_ptr() as *const __m128i;
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(1))));
+        _mm512_storeu_ps(d.add(i * 32), _mm512_mul_ps(lo, s));
+        _mm512_storeu_ps(d.add(i * 32 + 16), _mm512_mul_ps(hi, s));
+    }
+    super::portable::dequant_q8(&src[whole..], &mut dst[whole * 32..]);
+}
+
 /// `y[0..n] += sum_r x[r] * B[r, 0..n]` over `x.len()` rows of `B` (row stride `ld`, elements
 /// widened to f32 as they are loaded), four rows at a time so `y` is loaded and stored once per
 /// four rows of `B` streamed; the last `n % 16` columns are done in scalar code.

@@ -104,6 +104,11 @@ impl Ops {
         Ops { isa }
     }
 
+    /// The instruction set these loops run on.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
     /// `c[m, n] (+)= sum_k a[i*ars + k*aks] * b[k*ldb + j]`; columns of `c` from `n` up to
     /// the next multiple of 16 are written too (as zeros when not accumulating).
     ///
@@ -439,6 +444,16 @@ pub(crate) fn widen_bf16(src: &[u16], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::widen_bf16(src, dst) },
         _ => portable::widen_bf16(src, dst),
+    }
+}
+
+/// Widens q8 blocks to f32 (`scale * q`) with `isa` (the portable loop where it is missing).
+pub(crate) fn dequant_q8(isa: Isa, src: &[crate::kvq8::BlockQ8], dst: &mut [f32]) {
+    match isa {
+        // SAFETY: the CPU has AVX-512F when `available` says so.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.available() => unsafe { avx512::dequant_q8(src, dst) },
+        _ => portable::dequant_q8(src, dst),
     }
 }
 
