@@ -6,8 +6,8 @@ use crate::commands::Progress;
 use anyhow::Result;
 use half::bf16;
 use longctx_kernels::{
-    attention, attention_segments_q8, quantize_q8_vec, AttnParams, AttnShape, DType, Element,
-    Isa, KvSegmentQ8, Mask, QKind, QMatrix,
+    attention, attention_segments_q8, quantize_q8_vec, AttnParams, AttnShape, DType, Element, Isa,
+    KvSegmentQ8, Mask, QKind, QMatrix,
 };
 use longctx_rope::{apply_table, Layout, Rope, RopeTable, Scaling};
 use serde::Serialize;
