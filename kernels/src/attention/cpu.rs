@@ -481,6 +481,8 @@ fn split_run<T: Element, O: Element>(
                     while t < span.1 {
                         let kt = bk.min(span.1 - t);
                         let ahead = t + tiles_ahead * bk;
+                        // A q8 tile of whole unmasked 16-key steps runs fused, unstaged.
+                        let staged = staged && !e.q8_fused(&st.scratch[0], q1 - q0, t, kt);
                         if staged {
                             e.stage(st, t, kt);
                         }
@@ -841,6 +843,32 @@ impl<T: Element> Engine<'_, T> {
         let ld = h_kv * d;
         let (k32, v32) = (T::as_f32(self.k), T::as_f32(self.v));
         let base = (t * h_kv + hk) * d;
+        if let (Some((k, v)), None) = (self.q8, staged) {
+            // The caller checked `q8_fused`: whole unmasked 16-key steps, fused.
+            let (nb, step) = (d / Q8_BLOCK, Ops::DECODE_TILE);
+            for s in (0..kt).step_by(step) {
+                let at = ((t + s) * h_kv + hk) * nb;
+                // SAFETY: qt holds the rows row-major, scaled (so scale 1); 16 keys of nb
+                // blocks at stride h_kv * nb from `at` lie within k and v (t + kt <= n_kv);
+                // m, l hold rp >= rows values, o rows rows of dp >= d.
+                unsafe {
+                    self.ops.decode_tile_q8(
+                        rows,
+                        d,
+                        sc.qt.as_ptr(),
+                        1.0,
+                        k[at..].as_ptr(),
+                        v[at..].as_ptr(),
+                        h_kv * nb,
+                        sc.m.as_mut_ptr(),
+                        sc.l.as_mut_ptr(),
+                        sc.o.as_mut_ptr(),
+                        dp,
+                    )
+                };
+            }
+            return;
+        }
         if let (false, None, Some(kb), Some(vb)) = (
             sc.qw.is_empty(),
             staged,
@@ -1017,6 +1045,18 @@ impl<T: Element> Engine<'_, T> {
                 true,
             )
         };
+    }
+
+    /// Whether the q8 tile of keys `t..t + kt` runs on [`Ops::decode_tile_q8`]: few rows
+    /// (`sc` as [`Engine::begin`] packed them, queries row-major), whole 16-key steps, no
+    /// query masked in it.
+    fn q8_fused(&self, sc: &Scratch, nq: usize, t: usize, kt: usize) -> bool {
+        let rows = nq * self.shape.group();
+        self.q8.is_some()
+            && rows.next_multiple_of(16) == 16
+            && kt.is_multiple_of(Ops::DECODE_TILE)
+            && self.ops.has_decode_tile_q8(rows, self.shape.d)
+            && (0..nq).all(|i| sc.lo[i] <= t && sc.hi[i] >= t + kt)
     }
 
     /// Masks the score tile of keys `t..t + kt`, takes the online-softmax step and rescales

@@ -350,6 +350,51 @@ impl Ops {
 }
 
 impl Ops {
+    /// Whether [`Ops::decode_tile_q8`] takes `rows` rows of `d` dims here.
+    pub fn has_decode_tile_q8(&self, rows: usize, d: usize) -> bool {
+        self.isa == Isa::Avx512 && (1..=6).contains(&rows) && d.is_multiple_of(32)
+    }
+
+    /// One fused decode step over [`Ops::DECODE_TILE`] keys of a q8 KV, f32 queries; see
+    /// `avx512::decode_tile_q8`. The caller checks [`Ops::has_decode_tile_q8`] first.
+    ///
+    /// # Safety
+    /// `q` holds `rows` rows of `d` f32; `k` and `v` 16 rows of `d / 32` blocks at stride
+    /// `ld` blocks; `m` and `l` `rows` values; `o` `rows` rows of `d` at stride `ldo`.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode_tile_q8(
+        &self,
+        rows: usize,
+        d: usize,
+        q: *const f32,
+        scale2: f32,
+        k: *const crate::BlockQ8,
+        v: *const crate::BlockQ8,
+        ld: usize,
+        m: *mut f32,
+        l: *mut f32,
+        o: *mut f32,
+        ldo: usize,
+    ) {
+        debug_assert!(self.has_decode_tile_q8(rows, d));
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512::decode_tile_q8 as f;
+            match rows {
+                1 => f::<1, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                2 => f::<2, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                3 => f::<3, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                4 => f::<4, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                5 => f::<5, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                6 => f::<6, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                _ => unreachable!("checked by has_decode_tile_q8"),
+            }
+        }
+    }
+}
+
+impl Ops {
     /// Whether the prefill tiles over a bf16 KV run on the bf16 dot product here
     /// ([`Ops::scores_bf16`], [`Ops::pv_bf16`]); otherwise they are widened to f32.
     pub fn has_bf16_tiles(&self) -> bool {
