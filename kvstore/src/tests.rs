@@ -640,13 +640,16 @@ fn attend_over_tiered_blocks_matches_the_f64_reference() {
                     &mut lse,
                 )
                 .unwrap();
-                // bf16 inputs, f32 outputs: exact products, so f32's bound.
+                // bf16 inputs, f32 outputs: exact products, so f32's bound; but more than 16
+                // rows run on the bf16 dot-product tiles where the CPU has them, which round P
+                // to bf16 (2^-9 of each product, as the kernels' own tests allow).
+                let tol = if n_q * group > 16 { 3e-3 } else { 1e-5 };
                 let e = errors(&out, &lse, &want);
                 worst = (
                     worst.0.max(e.out.max(e.row_out)),
                     worst.1.max(e.lse.max(e.row_lse)),
                 );
-                assert!(e.worst() < 1e-5, "bt {bt} d {d} {mask:?} {kind:?}: {e:?}");
+                assert!(e.worst() < tol, "bt {bt} d {d} {mask:?} {kind:?}: {e:?}");
             }
         }
     }
