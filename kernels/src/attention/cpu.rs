@@ -440,7 +440,12 @@ fn split_run<T: Element, O: Element>(
     {
         let po_ptr = SyncPtr(part_o.as_mut_ptr());
         let pl_ptr = SyncPtr(part_l.as_mut_ptr());
-        let (bk, tiles_ahead) = if row_bytes <= NARROW_ROW_BYTES {
+        // A q8 KV under many rows (a prefill chunk) is staged, and the GEMMs on staged f32
+        // tiles want long ones; 16-key tiles made its prefill slower than bf16's.
+        let q8_many = engines[0].q8.is_some() && n_q.min(bq) * shape.group() > 16;
+        let (bk, tiles_ahead) = if q8_many {
+            (BK, 0)
+        } else if row_bytes <= NARROW_ROW_BYTES {
             (SPLIT_BK, 2 * PREFETCH_TILES)
         } else if row_bytes <= MID_ROW_BYTES {
             (BK, 0)
