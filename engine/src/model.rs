@@ -10,7 +10,7 @@ use crate::weights::{Tensor, Weights};
 use crate::{EngineError, Result};
 use longctx_kernels::{AttnParams, DType, Mask, QMatrix};
 use longctx_kvstore::{
-    attend, Budgets, KvConfig, KvStore, Policy, Retention, SeqId, StreamOptions,
+    attend, attend_q8, Budgets, KvConfig, KvStore, Policy, Retention, SeqId, StreamOptions,
 };
 use longctx_rope::Rope;
 use std::path::PathBuf;
@@ -624,6 +624,10 @@ fn append_kv(store: &KvStore, seq: SeqId, l: usize, k: &[f32], v: &[f32]) -> Res
             let c = |x: &[f32]| x.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>();
             store.append(seq, l, &c(k), &c(v))?
         }
+        DType::Q8_0 => {
+            use longctx_kernels::quantize_q8_vec;
+            store.append(seq, l, &quantize_q8_vec(k)?, &quantize_q8_vec(v)?)?
+        }
     }
     Ok(())
 }
@@ -652,6 +656,8 @@ fn attend_typed(
             let qb: Vec<f16> = q.iter().map(|v| f16::from_f32(*v)).collect();
             attend(store, seq, l, &qb, h_q, params, opts, out, lse)?
         }
+        // f32 queries: the tiles are dequantised to f32, where the products run.
+        DType::Q8_0 => attend_q8(store, seq, l, q, h_q, params, opts, out, lse)?,
     }
     Ok(())
 }

@@ -8,13 +8,27 @@ pub enum DType {
     F32,
     BF16,
     F16,
+    /// llama.cpp's q8_0 (see [`crate::kvq8`]): a KV cache type, not an [`Element`].
+    Q8_0,
 }
 
 impl DType {
+    /// Bytes of one value; for [`DType::Q8_0`] its byte without the block's scale (sizes of
+    /// buffers are [`DType::row_bytes`]).
     pub fn size_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
+            DType::Q8_0 => 1,
+        }
+    }
+
+    /// Bytes of `n` values stored contiguously (for [`DType::Q8_0`], `n` a multiple of 32:
+    /// 36 bytes a block of 32).
+    pub fn row_bytes(self, n: usize) -> usize {
+        match self {
+            DType::Q8_0 => n / crate::Q8_BLOCK * std::mem::size_of::<crate::BlockQ8>(),
+            t => n * t.size_bytes(),
         }
     }
 
@@ -23,8 +37,24 @@ impl DType {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
             DType::F16 => "f16",
+            DType::Q8_0 => "q8_0",
         }
     }
+}
+
+/// What a KV cache holds its values as: an [`Element`] (one value a unit), or a q8 block
+/// ([`crate::BlockQ8`], 32 values a unit). Byte-copyable, so a store can keep, spill and
+/// snapshot any of them as bytes.
+pub trait KvUnit: bytemuck::Pod + Send + Sync + 'static {
+    const KV_DTYPE: DType;
+}
+
+impl<T: Element + bytemuck::Pod> KvUnit for T {
+    const KV_DTYPE: DType = <T as Element>::DTYPE;
+}
+
+impl KvUnit for crate::BlockQ8 {
+    const KV_DTYPE: DType = DType::Q8_0;
 }
 
 /// A storage element: converted to f32 on load, rounded from f32 on store.

@@ -14,17 +14,19 @@ pub mod cuda;
 mod element;
 mod error;
 pub mod formats;
+pub mod kvq8;
 pub mod matmul;
 pub mod quant;
 pub mod testing;
 
 pub use attention::{
-    attention, attention_segments, attention_with, merge, merge_into, AttnParams, AttnShape,
-    CpuOptions, KvSegment, Mask, Strategy,
+    attention, attention_segments, attention_segments_q8, attention_with, merge, merge_into,
+    AttnParams, AttnShape, CpuOptions, KvSegment, KvSegmentQ8, Mask, Strategy,
 };
 pub use cpu::Isa;
-pub use element::{DType, Element};
+pub use element::{DType, Element, KvUnit};
 pub use error::KernelError;
 pub use formats::{Blob, Format, StoredRows};
+pub use kvq8::{dequantize_q8, quantize_q8, quantize_q8_vec, BlockQ8, Q8_BLOCK};
 pub use matmul::{matmul, matmul_stored, matvec_bf16, Weight};
 pub use quant::{QKind, QMatrix};

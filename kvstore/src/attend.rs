@@ -13,9 +13,9 @@
 //!   and the groups merged in order.
 
 use crate::{Block, KvStore, Result, SeqId, StreamOptions};
-use bytemuck::Pod;
 use longctx_kernels::{
-    attention, attention_segments, merge_into, AttnParams, AttnShape, Element, KvSegment,
+    attention, attention_segments, attention_segments_q8, merge_into, AttnParams, AttnShape,
+    BlockQ8, Element, KvSegment, KvSegmentQ8, KvUnit,
 };
 
 /// Tokens per contiguous segment on the prefill path.
@@ -29,7 +29,7 @@ const FEW_ROWS: usize = 64;
 /// held key of `layer`; `params.k_pos` is ignored (blocks carry their positions). Writes
 /// `out` `[n_q, h_q, d]` and `lse` `[n_q, h_q]` as [`longctx_kernels::attention`] does.
 #[allow(clippy::too_many_arguments)]
-pub fn attend<T: Element + Pod>(
+pub fn attend<T: Element + KvUnit>(
     store: &KvStore,
     seq: SeqId,
     layer: usize,
@@ -128,4 +128,73 @@ pub fn attend<T: Element + Pod>(
         v.extend_from_slice(b.v());
     }
     flush(&mut k, &mut v, seg_pos)
+}
+
+/// [`attend`] over a q8 KV (`f32` queries): every row count takes the in-place path, up to
+/// [`GROUP`] blocks a kernel call (each tile dequantised into the kernel's small staging),
+/// since a contiguous copy would be the dequantised KV this type exists to avoid.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_q8(
+    store: &KvStore,
+    seq: SeqId,
+    layer: usize,
+    q: &[f32],
+    h_q: usize,
+    params: &AttnParams,
+    opts: StreamOptions,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    let cfg = store.config();
+    let (h_kv, d) = (cfg.h_kv, cfg.d);
+    let n_q = q.len() / (h_q * d).max(1);
+    out.fill(0.0);
+    lse.fill(f32::NEG_INFINITY);
+    if n_q == 0 {
+        return Ok(());
+    }
+    let lo = params.mask.visible(params.q_pos).0;
+    let hi = params.mask.visible(params.q_pos + n_q - 1).1;
+    let shape = |n_kv| AttnShape {
+        n_q,
+        n_kv,
+        h_q,
+        h_kv,
+        d,
+    };
+    let mut part_out = vec![0f32; out.len()];
+    let mut part_lse = vec![0f32; lse.len()];
+    let mut stream = store.stream::<BlockQ8>(seq, layer, opts)?;
+    let mut first = true;
+    loop {
+        let mut group = Vec::with_capacity(GROUP);
+        for b in stream.by_ref() {
+            let b = b?;
+            if b.pos + b.len > lo && b.pos < hi {
+                group.push(b);
+                if group.len() == GROUP {
+                    break;
+                }
+            }
+        }
+        if group.is_empty() {
+            return Ok(());
+        }
+        let segs: Vec<KvSegmentQ8<'_>> = group
+            .iter()
+            .map(|b| KvSegmentQ8 {
+                k: b.k(),
+                v: b.v(),
+                pos: b.pos,
+            })
+            .collect();
+        let n_kv = group.iter().map(|b| b.len).sum();
+        if first {
+            attention_segments_q8(q, &segs, shape(n_kv), params, out, lse)?;
+            first = false;
+        } else {
+            attention_segments_q8(q, &segs, shape(n_kv), params, &mut part_out, &mut part_lse)?;
+            merge_into(out, lse, &part_out, &part_lse, d)?;
+        }
+    }
 }

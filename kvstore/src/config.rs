@@ -103,7 +103,7 @@ pub struct KvConfig {
 impl KvConfig {
     /// Bytes of one token's K (or V) in one layer.
     pub fn token_bytes(&self) -> usize {
-        self.h_kv * self.d * self.dtype.size_bytes()
+        self.dtype.row_bytes(self.h_kv * self.d)
     }
 
     /// Bytes of one block: K `[block_tokens, h_kv, d]` followed by V of the same shape.
@@ -117,6 +117,14 @@ impl KvConfig {
             return bad(format!(
                 "block_tokens ({}), h_kv ({}) and d ({}) must be non-zero",
                 self.block_tokens, self.h_kv, self.d
+            ));
+        }
+        if self.dtype == DType::Q8_0 && !self.d.is_multiple_of(longctx_kernels::Q8_BLOCK) {
+            return bad(format!(
+                "a q8_0 KV needs a head dim that is a multiple of {} (this model's is {}): \
+                 use another KV type",
+                longctx_kernels::Q8_BLOCK,
+                self.d
             ));
         }
         if self.layers.is_empty() {

@@ -12,8 +12,7 @@ use crate::disk::SpillFile;
 use crate::page::PageBuf;
 use crate::table::{BlockId, LayerTable, Pool};
 use crate::{KvConfig, KvError, Policy, Result, Retention, SeqId, Tier};
-use bytemuck::Pod;
-use longctx_kernels::Element;
+use longctx_kernels::KvUnit;
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -135,16 +134,11 @@ impl KvStore {
 
     /// Appends tokens to one layer: `k` and `v` are `[n, h_kv, d]`. All or nothing: on an
     /// error the layer is as it was (bar blocks its retention had retired anyway).
-    pub fn append<T: Element + Pod>(
-        &self,
-        seq: SeqId,
-        layer: usize,
-        k: &[T],
-        v: &[T],
-    ) -> Result<()> {
+    pub fn append<T: KvUnit>(&self, seq: SeqId, layer: usize, k: &[T], v: &[T]) -> Result<()> {
         let cfg = &self.shared.cfg;
         check_dtype::<T>(cfg, "append")?;
-        let row = cfg.h_kv * cfg.d;
+        // Units of one token (values, or q8 blocks of 32).
+        let row = cfg.token_bytes() / std::mem::size_of::<T>();
         if k.len() != v.len() || !k.len().is_multiple_of(row) {
             return Err(KvError::Shape {
                 op: "append",
@@ -160,7 +154,7 @@ impl KvStore {
     }
 
     /// Copies tokens `range` of one layer out: `(k, v)`, each `[range.len(), h_kv, d]`.
-    pub fn read<T: Element + Pod>(
+    pub fn read<T: KvUnit>(
         &self,
         seq: SeqId,
         layer: usize,
@@ -168,7 +162,8 @@ impl KvStore {
     ) -> Result<(Vec<T>, Vec<T>)> {
         let cfg = &self.shared.cfg;
         check_dtype::<T>(cfg, "read")?;
-        let n = range.end.saturating_sub(range.start) * cfg.h_kv * cfg.d;
+        let n =
+            range.end.saturating_sub(range.start) * cfg.token_bytes() / std::mem::size_of::<T>();
         let mut k = vec![T::zeroed(); n];
         let mut v = vec![T::zeroed(); n];
         let mut st = self.lock();
@@ -267,14 +262,14 @@ impl KvStore {
     }
 }
 
-pub(crate) fn check_dtype<T: Element>(cfg: &KvConfig, op: &'static str) -> Result<()> {
-    if T::DTYPE != cfg.dtype {
+pub(crate) fn check_dtype<T: KvUnit>(cfg: &KvConfig, op: &'static str) -> Result<()> {
+    if T::KV_DTYPE != cfg.dtype {
         return Err(KvError::Shape {
             op,
             reason: format!(
                 "the store holds {} but {} was given",
                 cfg.dtype.name(),
-                T::DTYPE.name()
+                T::KV_DTYPE.name()
             ),
         });
     }

@@ -11,7 +11,7 @@ use crate::store::{check_dtype, KvStore, Shared};
 use crate::table::BlockId;
 use crate::{Policy, Result, SeqId};
 use bytemuck::Pod;
-use longctx_kernels::Element;
+use longctx_kernels::KvUnit;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -178,7 +178,7 @@ impl Shared {
 
 impl KvStore {
     /// Streams the held blocks of `layer` of `seq` in order, as they are now.
-    pub fn stream<T: Element + Pod>(
+    pub fn stream<T: KvUnit>(
         &self,
         seq: SeqId,
         layer: usize,
@@ -233,8 +233,8 @@ impl KvStore {
             source,
             home: self.shared.clone(),
             block_bytes: cfg.block_bytes(),
-            row: cfg.h_kv * cfg.d,
-            v0: bt * cfg.h_kv * cfg.d,
+            row: cfg.token_bytes() / std::mem::size_of::<T>(),
+            v0: bt * cfg.token_bytes() / std::mem::size_of::<T>(),
             _t: PhantomData,
         })
     }

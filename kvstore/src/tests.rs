@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(tag: &str) -> TempDir {
+    pub(crate) fn new(tag: &str) -> TempDir {
         let p = std::env::temp_dir().join(format!(
             "longctx-kv-{tag}-{}-{}",
             std::process::id(),
@@ -32,7 +32,7 @@ impl Drop for TempDir {
     }
 }
 
-fn seeded(name: &str) -> StdRng {
+pub(crate) fn seeded(name: &str) -> StdRng {
     let seed: u64 = rand::random();
     eprintln!("{name}: seed {seed}");
     StdRng::seed_from_u64(seed)

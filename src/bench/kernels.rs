@@ -6,7 +6,8 @@ use crate::commands::Progress;
 use anyhow::Result;
 use half::bf16;
 use longctx_kernels::{
-    attention, AttnParams, AttnShape, DType, Element, Isa, Mask, QKind, QMatrix,
+    attention, attention_segments_q8, quantize_q8_vec, AttnParams, AttnShape, DType, Element, Isa,
+    KvSegmentQ8, Mask, QKind, QMatrix,
 };
 use longctx_rope::{apply_table, Layout, Rope, RopeTable, Scaling};
 use serde::Serialize;
@@ -137,6 +138,46 @@ fn time_case<T: Element>(c: &Case, reps: usize) -> Result<Row> {
     })
 }
 
+/// A decode case over a q8_0 KV (llama.cpp's 8-bit blocks, read in place), f32 queries.
+fn time_case_q8(c: &Case, reps: usize) -> Result<Row> {
+    let s = c.shape;
+    let q: Vec<f32> = fill_random(s.n_q * s.h_q * s.d, 1);
+    let k = quantize_q8_vec(&fill_random::<f32>(s.n_kv * s.h_kv * s.d, 2))?;
+    let v = quantize_q8_vec(&fill_random::<f32>(s.n_kv * s.h_kv * s.d, 3))?;
+    let mut out = vec![0f32; q.len()];
+    let mut lse = vec![0f32; s.n_q * s.h_q];
+    let params = AttnParams::new(&s, c.mask);
+    let seg = [KvSegmentQ8 {
+        k: &k,
+        v: &v,
+        pos: 0,
+    }];
+    let mut result = Ok(());
+    let secs = median_secs(reps, || {
+        if let Err(e) = attention_segments_q8(&q, &seg, s, &params, &mut out, &mut lse) {
+            result = Err(e);
+        }
+    });
+    result?;
+    let kv_bytes = 2 * DType::Q8_0.row_bytes(s.n_kv * s.h_kv * s.d);
+    Ok(Row {
+        case: c.name.to_string(),
+        dtype: DType::Q8_0.name(),
+        shape: format!(
+            "n_q={} n_kv={} h_q={} h_kv={} d={}",
+            s.n_q, s.n_kv, s.h_q, s.h_kv, s.d
+        ),
+        median_ms: secs * 1e3,
+        gflops: None,
+        gbs: Some(kv_bytes as f64 / secs / 1e9),
+    })
+}
+
+/// Decode cases (one query) also run over a q8_0 KV.
+fn has_q8_row(c: &Case) -> bool {
+    c.shape.n_q == 1 && c.shape.d.is_multiple_of(32)
+}
+
 pub fn run(args: Args) -> Result<()> {
     let reps = if args.quick { 2 } else { args.reps };
     // A name that matches no case is a typo, not a request to run nothing.
@@ -161,7 +202,11 @@ pub fn run(args: Args) -> Result<()> {
     let named = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     // Rows to time: each attention case in f32 and bf16, rope, gemv, and gemm per batch.
     let gemm_ms: &[usize] = if args.quick { &[4] } else { &[4, 16, 64, 160] };
-    let steps = 2 * cases(args.quick).iter().filter(|c| wanted(c)).count()
+    let steps = cases(args.quick)
+        .iter()
+        .filter(|c| wanted(c))
+        .map(|c| 2 + usize::from(has_q8_row(c)))
+        .sum::<usize>()
         + usize::from(named("rope"))
         + usize::from(named("gemv-q4"))
         + if named("gemm-q4") { gemm_ms.len() } else { 0 };
@@ -183,6 +228,9 @@ pub fn run(args: Args) -> Result<()> {
                 _ => time_case::<f32>(&c, reps)?,
             };
             push(row, &mut rows);
+        }
+        if has_q8_row(&c) {
+            push(time_case_q8(&c, reps)?, &mut rows);
         }
     }
     if wanted(&Case {

@@ -14,7 +14,6 @@ use longctx_chunked_prefill::{prefill, Chunking, PrefillOptions};
 use longctx_engine::config::rope_override;
 use longctx_engine::random::{random_model, tiny_llama4_config, tiny_llama4_local_config};
 use longctx_engine::{KvOptions, Logits, Model, Runner};
-use longctx_kernels::DType;
 use longctx_kvstore::{Budgets, Policy};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -46,7 +45,7 @@ pub struct Args {
     /// KV disk-tier budget, with a unit.
     #[arg(long, default_value = "1TiB")]
     kv_disk: String,
-    /// KV element type: f32 or bf16.
+    /// KV element type: f32, bf16 or q8 (llama.cpp's q8_0).
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
     /// Where KV spill files go. Default: a folder in the system's temporary directory.
@@ -143,11 +142,7 @@ pub fn run(args: Args) -> Result<()> {
         host: units::bytes(&args.kv_host)?,
         disk: units::bytes(&args.kv_disk)?,
     };
-    let dtype = match args.kv_dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        d => anyhow::bail!("--kv-dtype {d}: expected f32 or bf16"),
-    };
+    let dtype = crate::commands::KvDtype::parse(&args.kv_dtype)?;
     let activation = units::bytes(&args.activation_budget)?;
     let peer = args.peer.as_deref().map(Peer::parse).transpose()?;
     // The peer runs with as many threads as our pool (the global --threads).

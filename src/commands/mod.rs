@@ -71,8 +71,9 @@ pub struct DecodeOpts {
     /// default path; the flag only says so).
     #[arg(long)]
     pub fast: bool,
-    /// KV cache element type, overriding the path's: f32 (exact) or bf16 (half the bytes a
-    /// decode step reads). Default: bf16, f32 with --exact.
+    /// KV cache element type, overriding the path's: f32 (exact), bf16 (half the bytes a
+    /// decode step reads) or q8 (llama.cpp's q8_0: 8-bit values with a scale per 32, 56% of
+    /// bf16's bytes; head dims a multiple of 32). Default: bf16, f32 with --exact.
     #[arg(long, value_enum)]
     pub kv_dtype: Option<KvDtype>,
     /// Weights one-token products read, overriding the path's: f32 (exact), bf16 (rounded,
@@ -87,6 +88,26 @@ pub struct DecodeOpts {
 pub enum KvDtype {
     F32,
     Bf16,
+    Q8,
+}
+
+impl KvDtype {
+    /// The KV store's element type.
+    pub fn dtype(self) -> longctx_kernels::DType {
+        match self {
+            KvDtype::F32 => longctx_kernels::DType::F32,
+            KvDtype::Bf16 => longctx_kernels::DType::BF16,
+            KvDtype::Q8 => longctx_kernels::DType::Q8_0,
+        }
+    }
+
+    /// `--kv-dtype` as the benchmarks take it (a string, kept in their JSON).
+    pub fn parse(s: &str) -> Result<longctx_kernels::DType> {
+        use clap::ValueEnum;
+        KvDtype::from_str(s, true)
+            .map(KvDtype::dtype)
+            .map_err(|_| anyhow::anyhow!("--kv-dtype {s}: expected f32, bf16 or q8"))
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,10 +161,7 @@ impl DecodeOpts {
     /// The KV store options of the path.
     pub fn kv(&self) -> longctx_engine::KvOptions {
         longctx_engine::KvOptions {
-            dtype: match self.path().1 {
-                KvDtype::F32 => longctx_kernels::DType::F32,
-                KvDtype::Bf16 => longctx_kernels::DType::BF16,
-            },
+            dtype: self.path().1.dtype(),
             ..longctx_engine::KvOptions::default()
         }
     }

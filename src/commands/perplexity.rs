@@ -22,6 +22,10 @@ pub struct Args {
     /// Tokens per forward pass inside a window (bounds activation memory).
     #[arg(long, default_value_t = 512)]
     chunk: usize,
+    /// KV cache element type: f32 (exact), bf16 or q8 (llama.cpp's q8_0), to measure what a
+    /// smaller KV costs in accuracy (the weights stay f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_dtype: super::KvDtype,
     /// Print the result as one JSON object on stdout (tokens, mean_nll, perplexity).
     /// Default: off (three lines of text).
     #[arg(long)]
@@ -50,7 +54,10 @@ pub fn run(args: Args) -> Result<()> {
     );
     let ctx = args.ctx.unwrap_or(m.model.cfg.max_position);
     anyhow::ensure!(ctx >= 2, "--ctx must be at least 2");
-    let store = m.model.kv_store(&KvOptions::default())?;
+    let store = m.model.kv_store(&KvOptions {
+        dtype: args.kv_dtype.dtype(),
+        ..KvOptions::default()
+    })?;
     let (mut total, mut scored) = (0f64, 0usize);
     let vocab = m.model.cfg.vocab;
     let bar = super::Progress::new(ids.len() as u64, "perplexity", "tokens");

@@ -18,7 +18,7 @@
 
 use super::{check_len, merge_into, AttnParams, AttnShape};
 use crate::cpu::{Isa, Ops};
-use crate::{Element, KernelError};
+use crate::{BlockQ8, Element, KernelError, Q8_BLOCK};
 use rayon::prelude::*;
 
 /// Keys per tile.
@@ -133,6 +133,7 @@ pub fn attention_with<T: Element, O: Element>(
         ops: Ops::new(opts.isa),
         scale2: params.scale * std::f32::consts::LOG2_E,
         bf16_tiles: T::as_bf16_bits(k).is_some() && Ops::new(opts.isa).has_bf16_tiles(),
+        q8: None,
     };
     let g = shape.group();
     let bq = (ROWS / g).max(1);
@@ -268,6 +269,109 @@ pub(crate) fn segments_split<T: Element, O: Element>(
     Ok(())
 }
 
+/// One stretch of a q8 KV (a paged cache's block): K and V blocks `[len, h_kv, d / 32]`
+/// (see [`crate::kvq8`]), the first key at absolute position `pos`.
+#[derive(Clone, Copy, Debug)]
+pub struct KvSegmentQ8<'a> {
+    pub k: &'a [BlockQ8],
+    pub v: &'a [BlockQ8],
+    pub pos: usize,
+}
+
+/// [`attention_segments`] over a q8 KV, read in place: each tile of keys (all heads) is
+/// dequantised into the thread's small f32 staging, then the f32 micro-kernels run on it,
+/// so no dequantised copy of the KV is ever made. Queries are f32; `d` must be a multiple
+/// of 32.
+pub fn attention_segments_q8<O: Element>(
+    q: &[f32],
+    segments: &[KvSegmentQ8<'_>],
+    shape: AttnShape,
+    params: &AttnParams,
+    out: &mut [O],
+    lse: &mut [f32],
+) -> Result<(), KernelError> {
+    segments_split_q8(q, segments, shape, params, None, out, lse)
+}
+
+/// [`attention_segments_q8`] cut into `splits` key ranges (`None`: as suits the threads).
+pub(crate) fn segments_split_q8<O: Element>(
+    q: &[f32],
+    segments: &[KvSegmentQ8<'_>],
+    shape: AttnShape,
+    params: &AttnParams,
+    splits: Option<usize>,
+    out: &mut [O],
+    lse: &mut [f32],
+) -> Result<(), KernelError> {
+    const OP: &str = "attention_segments_q8";
+    shape.check(OP)?;
+    params.check(OP)?;
+    let AttnShape {
+        n_q, h_q, h_kv, d, ..
+    } = shape;
+    if !d.is_multiple_of(Q8_BLOCK) {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            reason: format!("head_dim {d} is not a multiple of the q8 block of {Q8_BLOCK}"),
+        });
+    }
+    let row = h_kv * d / Q8_BLOCK;
+    let mut total = 0;
+    for s in segments {
+        check_len(OP, "v", s.k.len(), s.v.len())?;
+        if !s.k.len().is_multiple_of(row) {
+            return Err(KernelError::ShapeMismatch {
+                op: OP,
+                buffer: "k",
+                expected: s.k.len().next_multiple_of(row),
+                got: s.k.len(),
+            });
+        }
+        total += s.k.len();
+    }
+    check_len(OP, "k", shape.n_kv * row, total)?;
+    check_len(OP, "q", n_q * h_q * d, q.len())?;
+    check_len(OP, "out", n_q * h_q * d, out.len())?;
+    check_len(OP, "lse", n_q * h_q, lse.len())?;
+    if n_q == 0 {
+        return Ok(());
+    }
+    let segments: Vec<KvSegmentQ8<'_>> = segments
+        .iter()
+        .copied()
+        .filter(|s| !s.k.is_empty())
+        .collect();
+    if segments.is_empty() {
+        out.iter_mut().for_each(|x| *x = O::from_f32(0.0));
+        lse.fill(f32::NEG_INFINITY);
+        return Ok(());
+    }
+    let splits = splits
+        .unwrap_or_else(|| auto_splits(&shape, rayon::current_num_threads()))
+        .max(1);
+    let ops = Ops::new(CpuOptions::default().isa);
+    let engines: Vec<Engine<'_, f32>> = segments
+        .iter()
+        .map(|s| Engine {
+            q,
+            k: &[],
+            v: &[],
+            shape: AttnShape {
+                n_kv: s.k.len() / row,
+                ..shape
+            },
+            params: params.at(params.q_pos, s.pos),
+            ops,
+            scale2: params.scale * std::f32::consts::LOG2_E,
+            bf16_tiles: false,
+            q8: Some((s.k, s.v)),
+        })
+        .collect();
+    let row_bytes = row * std::mem::size_of::<BlockQ8>();
+    split_run(&engines, shape, splits, true, row_bytes, out, lse);
+    Ok(())
+}
+
 /// Split-KV (flash-decoding): the keys (the concatenation of `segs`) cut into `splits`
 /// ranges; an item is one query block over one key range for every KV head, heads innermost
 /// so that the item streams a contiguous stretch of K and V. Parts are f32 and merged per
@@ -283,9 +387,7 @@ fn split_kv<T: Element, O: Element>(
     out: &mut [O],
     lse: &mut [f32],
 ) {
-    let AttnShape {
-        n_q, h_q, h_kv, d, ..
-    } = shape;
+    let AttnShape { n_q, h_kv, d, .. } = shape;
     let row = h_kv * d;
     let ops = Ops::new(opts.isa);
     let scale2 = params.scale * std::f32::consts::LOG2_E;
@@ -304,12 +406,38 @@ fn split_kv<T: Element, O: Element>(
             ops,
             scale2,
             bf16_tiles,
+            q8: None,
         })
         .collect();
+    let bq = (ROWS / shape.group()).max(1);
+    // f32 tiles are read in place, and so are bf16 ones for few rows (decode: widened in
+    // registers); other cases are widened once per tile for all heads.
+    let direct_bf16 =
+        segs.iter().all(|s| T::as_bf16_bits(s.k).is_some()) && n_q.min(bq) * shape.group() <= 16;
+    // bf16 tiles on the dot-product unit read K and V in place too.
+    let staged = T::as_f32(segs[0].k).is_none() && !direct_bf16 && !bf16_tiles;
+    let row_bytes = row * std::mem::size_of::<T>();
+    split_run(&engines, shape, splits, staged, row_bytes, out, lse);
+}
+
+/// The split-KV loop over `engines`, one a segment (see [`split_kv`]); `staged` widens each
+/// tile of every head into the thread's staging first; `row_bytes` is one key's K bytes.
+fn split_run<T: Element, O: Element>(
+    engines: &[Engine<'_, T>],
+    shape: AttnShape,
+    splits: usize,
+    staged: bool,
+    row_bytes: usize,
+    out: &mut [O],
+    lse: &mut [f32],
+) {
+    let AttnShape {
+        n_q, h_q, h_kv, d, ..
+    } = shape;
     // Key index at which each segment starts in the concatenation, and the total.
-    let mut starts = Vec::with_capacity(segs.len() + 1);
+    let mut starts = Vec::with_capacity(engines.len() + 1);
     starts.push(0);
-    for e in &engines {
+    for e in engines {
         starts.push(starts.last().unwrap() + e.shape.n_kv);
     }
     let n_kv = *starts.last().unwrap();
@@ -323,14 +451,12 @@ fn split_kv<T: Element, O: Element>(
     {
         let po_ptr = SyncPtr(part_o.as_mut_ptr());
         let pl_ptr = SyncPtr(part_l.as_mut_ptr());
-        // f32 tiles are read in place, and so are bf16 ones for few rows (decode: widened in
-        // registers); other cases are widened once per tile for all heads.
-        let direct_bf16 = segs.iter().all(|s| T::as_bf16_bits(s.k).is_some())
-            && n_q.min(bq) * shape.group() <= 16;
-        // bf16 tiles on the dot-product unit read K and V in place too.
-        let staged = T::as_f32(segs[0].k).is_none() && !direct_bf16 && !bf16_tiles;
-        let row_bytes = row * std::mem::size_of::<T>();
-        let (bk, tiles_ahead) = if row_bytes <= NARROW_ROW_BYTES {
+        // A q8 KV under many rows (a prefill chunk) is staged, and the GEMMs on staged f32
+        // tiles want long ones; 16-key tiles made its prefill slower than bf16's.
+        let q8_many = engines[0].q8.is_some() && n_q.min(bq) * shape.group() > 16;
+        let (bk, tiles_ahead) = if q8_many {
+            (BK, 0)
+        } else if row_bytes <= NARROW_ROW_BYTES {
             (SPLIT_BK, 2 * PREFETCH_TILES)
         } else if row_bytes <= MID_ROW_BYTES {
             (BK, 0)
@@ -371,6 +497,8 @@ fn split_kv<T: Element, O: Element>(
                     while t < span.1 {
                         let kt = bk.min(span.1 - t);
                         let ahead = t + tiles_ahead * bk;
+                        // A q8 tile of whole unmasked 16-key steps runs fused, unstaged.
+                        let staged = staged && !e.q8_fused(&st.scratch[0], q1 - q0, t, kt);
                         if staged {
                             e.stage(st, t, kt);
                         }
@@ -592,6 +720,8 @@ struct Engine<'a, T> {
     scale2: f32,
     /// Whether tiles of many rows run on the bf16 dot product (a bf16 KV on a CPU with it).
     bf16_tiles: bool,
+    /// A q8 KV (`k` and `v` then empty): K and V blocks `[n_kv, h_kv, d / 32]`, always staged.
+    q8: Option<(&'a [BlockQ8], &'a [BlockQ8])>,
 }
 
 impl<T: Element> Engine<'_, T> {
@@ -729,6 +859,32 @@ impl<T: Element> Engine<'_, T> {
         let ld = h_kv * d;
         let (k32, v32) = (T::as_f32(self.k), T::as_f32(self.v));
         let base = (t * h_kv + hk) * d;
+        if let (Some((k, v)), None) = (self.q8, staged) {
+            // The caller checked `q8_fused`: whole unmasked 16-key steps, fused.
+            let (nb, step) = (d / Q8_BLOCK, Ops::DECODE_TILE);
+            for s in (0..kt).step_by(step) {
+                let at = ((t + s) * h_kv + hk) * nb;
+                // SAFETY: qt holds the rows row-major, scaled (so scale 1); 16 keys of nb
+                // blocks at stride h_kv * nb from `at` lie within k and v (t + kt <= n_kv);
+                // m, l hold rp >= rows values, o rows rows of dp >= d.
+                unsafe {
+                    self.ops.decode_tile_q8(
+                        rows,
+                        d,
+                        sc.qt.as_ptr(),
+                        1.0,
+                        k[at..].as_ptr(),
+                        v[at..].as_ptr(),
+                        h_kv * nb,
+                        sc.m.as_mut_ptr(),
+                        sc.l.as_mut_ptr(),
+                        sc.o.as_mut_ptr(),
+                        dp,
+                    )
+                };
+            }
+            return;
+        }
         if let (false, None, Some(kb), Some(vb)) = (
             sc.qw.is_empty(),
             staged,
@@ -907,6 +1063,18 @@ impl<T: Element> Engine<'_, T> {
         };
     }
 
+    /// Whether the q8 tile of keys `t..t + kt` runs on [`Ops::decode_tile_q8`]: few rows
+    /// (`sc` as [`Engine::begin`] packed them, queries row-major), whole 16-key steps, no
+    /// query masked in it.
+    fn q8_fused(&self, sc: &Scratch, nq: usize, t: usize, kt: usize) -> bool {
+        let rows = nq * self.shape.group();
+        self.q8.is_some()
+            && rows.next_multiple_of(16) == 16
+            && kt.is_multiple_of(Ops::DECODE_TILE)
+            && self.ops.has_decode_tile_q8(rows, self.shape.d)
+            && (0..nq).all(|i| sc.lo[i] <= t && sc.hi[i] >= t + kt)
+    }
+
     /// Masks the score tile of keys `t..t + kt`, takes the online-softmax step and rescales
     /// the output rows.
     fn softmax_step(&self, sc: &mut Scratch, nq: usize, t: usize, kt: usize) {
@@ -941,6 +1109,12 @@ impl<T: Element> Engine<'_, T> {
         let (a, b) = (t.min(n_kv) * h_kv * d, (t + kt).min(n_kv) * h_kv * d);
         let share = (b - a).div_ceil(h_kv);
         let (lo, hi) = ((a + hk * share).min(b), (a + (hk + 1) * share).min(b));
+        if let Some((k, v)) = self.q8 {
+            let (lo, hi) = (lo / Q8_BLOCK, hi.div_ceil(Q8_BLOCK));
+            crate::cpu::prefetch(&k[lo..hi]);
+            crate::cpu::prefetch(&v[lo..hi]);
+            return;
+        }
         crate::cpu::prefetch(&self.k[lo..hi]);
         crate::cpu::prefetch(&self.v[lo..hi]);
     }
@@ -951,6 +1125,19 @@ impl<T: Element> Engine<'_, T> {
         let dp = d.next_multiple_of(16);
         st.k.resize(h_kv * BK * d, 0.0);
         st.v.resize(h_kv * BK * dp, 0.0);
+        if let Some((k, v)) = self.q8 {
+            let nb = d / Q8_BLOCK;
+            let isa = self.ops.isa();
+            for j in 0..kt {
+                for hk in 0..h_kv {
+                    let src = ((t + j) * h_kv + hk) * nb;
+                    let (ks, vs) = (&k[src..src + nb], &v[src..src + nb]);
+                    crate::cpu::dequant_q8(isa, ks, &mut st.k[(hk * BK + j) * d..][..d]);
+                    crate::cpu::dequant_q8(isa, vs, &mut st.v[(hk * BK + j) * dp..][..d]);
+                }
+            }
+            return;
+        }
         for j in 0..kt {
             for hk in 0..h_kv {
                 let src = ((t + j) * h_kv + hk) * d;

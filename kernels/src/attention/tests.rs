@@ -527,3 +527,101 @@ fn calls_from_parallel_tasks_are_exact() {
         );
     });
 }
+
+/// A q8 KV (quantised, cut into segments in any order, read in place) gives what the f64
+/// reference gives on its dequantised keys and values, to f32 arithmetic: the kernel's only
+/// rounding beyond f32 is the quantisation itself, which the reference sees too. Decode and
+/// prefill row counts, GQA 1/4/8, every mask, lengths of 1 and off the tile.
+#[test]
+fn q8_segments_equal_the_reference_on_the_dequantised_kv() {
+    use crate::{quantize_q8_vec, BlockQ8, Q8_BLOCK};
+    use rand::seq::{IndexedRandom, SliceRandom};
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for mask in MASKS {
+        for ratio in [1, 4, 8] {
+            for n_q in [1, 3, 40] {
+                for d in [32, 64, 128] {
+                    let n_kv = *[1, 7, 65, 300, 1301].choose(&mut rng).unwrap();
+                    let mut c = case(n_q, n_kv, 2, ratio, d, mask);
+                    let base = rng.random_range(0..100);
+                    c.params = c.params.at(base + n_kv.saturating_sub(n_q), base);
+                    let kind = *INPUTS.choose(&mut rng).unwrap();
+                    let inner = rng.random();
+                    let (q, k, v) =
+                        inputs::<f32>(&mut TestRng::new(inner), &c.shape, &c.params, kind);
+                    let (kq, vq) = (quantize_q8_vec(&k).unwrap(), quantize_q8_vec(&v).unwrap());
+                    let deq = |b: &[BlockQ8]| -> Vec<f32> {
+                        b.iter()
+                            .flat_map(|b| b.qs.iter().map(move |x| b.scale * *x as f32))
+                            .collect()
+                    };
+                    let (kd, vd) = (deq(&kq), deq(&vq));
+                    let row = 2 * d / Q8_BLOCK;
+                    let mut cuts: Vec<usize> = (0..rng.random_range(0..6))
+                        .map(|_| rng.random_range(0..=n_kv))
+                        .chain([0, n_kv, n_kv.min(1)])
+                        .collect();
+                    cuts.sort();
+                    let mut segs: Vec<KvSegmentQ8<'_>> = cuts
+                        .windows(2)
+                        .map(|w| KvSegmentQ8 {
+                            k: &kq[w[0] * row..w[1] * row],
+                            v: &vq[w[0] * row..w[1] * row],
+                            pos: c.params.k_pos + w[0],
+                        })
+                        .collect();
+                    segs.shuffle(&mut rng);
+                    let splits = *[None, Some(1), Some(2), Some(3)].choose(&mut rng).unwrap();
+                    let mut out = vec![0f32; q.len()];
+                    let mut lse = vec![0f32; q.len() / d];
+                    cpu::segments_split_q8(
+                        &q, &segs, c.shape, &c.params, splits, &mut out, &mut lse,
+                    )
+                    .unwrap();
+                    let want = reference(&q, &kd, &vd, c.shape, &c.params);
+                    assert_close(&out, &lse, &want, TOL_F32, &|| {
+                        format!(
+                            "{:?} {:?} {kind:?} cuts {cuts:?} splits {splits:?} (seed {seed}, {inner})",
+                            c.shape, c.params
+                        )
+                    });
+                }
+            }
+        }
+    }
+    print_worst("q8_segments_equal_the_reference_on_the_dequantised_kv");
+}
+
+#[test]
+fn q8_segments_of_a_bad_shape_are_errors() {
+    use crate::BlockQ8;
+    let shape = AttnShape {
+        n_q: 1,
+        n_kv: 2,
+        h_q: 2,
+        h_kv: 1,
+        d: 72,
+    };
+    let p = AttnParams::new(&shape, Mask::None);
+    let (q, mut out, mut lse) = (vec![0f32; 144], vec![0f32; 144], vec![0f32; 2]);
+    let kv = vec![BlockQ8::default(); 4];
+    let seg = [KvSegmentQ8 {
+        k: &kv,
+        v: &kv,
+        pos: 0,
+    }];
+    // d = 72 is not whole q8 blocks.
+    let e = attention_segments_q8(&q, &seg, shape, &p, &mut out, &mut lse).unwrap_err();
+    assert!(matches!(e, KernelError::Unsupported { .. }), "{e}");
+    // d = 64 with 3 blocks where 2 keys need 4.
+    let shape = AttnShape { d: 64, ..shape };
+    let (q, mut out) = (vec![0f32; 128], vec![0f32; 128]);
+    let seg = [KvSegmentQ8 {
+        k: &kv[..3],
+        v: &kv[..3],
+        pos: 0,
+    }];
+    let e = attention_segments_q8(&q, &seg, shape, &p, &mut out, &mut lse).unwrap_err();
+    assert!(matches!(e, KernelError::ShapeMismatch { .. }), "{e}");
+}

@@ -425,6 +425,26 @@ pub unsafe fn widen_bf16(src: &[u16], dst: &mut [f32]) {
     super::portable::widen_bf16(&src[i..n], &mut dst[i..n]);
 }
 
+/// Same contract as [`super::portable::dequant_q8`]: each block's 32 bytes sign-extended
+/// (`vpmovsxbd`), converted (`vcvtdq2ps`) and multiplied by the broadcast scale.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dequant_q8(src: &[crate::kvq8::BlockQ8], dst: &mut [f32]) {
+    let whole = src.len().min(dst.len() / 32);
+    let d = dst.as_mut_ptr();
+    for (i, b) in src[..whole].iter().enumerate() {
+        let s = _mm512_set1_ps(b.scale);
+        let p = b.qs.as_ptr() as *const __m128i;
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(1))));
+        _mm512_storeu_ps(d.add(i * 32), _mm512_mul_ps(lo, s));
+        _mm512_storeu_ps(d.add(i * 32 + 16), _mm512_mul_ps(hi, s));
+    }
+    super::portable::dequant_q8(&src[whole..], &mut dst[whole * 32..]);
+}
+
 /// `y[0..n] += sum_r x[r] * B[r, 0..n]` over `x.len()` rows of `B` (row stride `ld`, elements
 /// widened to f32 as they are loaded), four rows at a time so `y` is loaded and stored once per
 /// four rows of `B` streamed; the last `n % 16` columns are done in scalar code.
@@ -542,6 +562,36 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
             };
         }
     }
+    let (p, alpha) = softmax16::<R, J>(&u, scale2, m, l);
+    // O = alpha O + P V, 64 dims a pass (32 for a last quarter of 128).
+    let nvec = d / 16;
+    let mut c0 = 0;
+    while c0 < nvec {
+        if nvec - c0 >= 4 {
+            pv_pass::<R, 4>(c0, &p, &alpha, v, ld, o, ldo);
+            c0 += 4;
+        } else {
+            pv_pass::<R, 2>(c0, &p, &alpha, v, ld, o, ldo);
+            c0 += 2;
+        }
+    }
+}
+
+/// The online-softmax step of a fused 16-key decode tile: the scores of row `r` are `u[..][r]`
+/// as the butterfly of `J` keys left them (see [`decode_tile_bf16`]), times `scale2`; updates
+/// `m` and `l`, returns the probabilities (keys in order) and each row's rescale factor.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `m` and `l` hold `R` values.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn softmax16<const R: usize, const J: usize>(
+    u: &[[__m512; R]; 4],
+    scale2: f32,
+    m: *mut f32,
+    l: *mut f32,
+) -> ([[f32; DECODE_TILE]; R], [f32; R]) {
+    const G: usize = DECODE_TILE;
     let scale = _mm512_set1_ps(scale2);
     let mut p = [[0f32; G]; R];
     let mut alpha = [1f32; R];
@@ -569,18 +619,7 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
         *l.add(r) = *l.add(r) * alpha[r] + _mm512_reduce_add_ps(e);
         *m.add(r) = m_new;
     }
-    // O = alpha O + P V, 64 dims a pass (32 for a last quarter of 128).
-    let nvec = d / 16;
-    let mut c0 = 0;
-    while c0 < nvec {
-        if nvec - c0 >= 4 {
-            pv_pass::<R, 4>(c0, &p, &alpha, v, ld, o, ldo);
-            c0 += 4;
-        } else {
-            pv_pass::<R, 2>(c0, &p, &alpha, v, ld, o, ldo);
-            c0 += 2;
-        }
-    }
+    (p, alpha)
 }
 
 /// Columns `c0 * 16 .. (c0 + W) * 16` of [`decode_tile_bf16`]'s `O = alpha O + P V`, the
@@ -621,6 +660,126 @@ unsafe fn pv_pass<const R: usize, const W: usize>(
     for r in 0..R {
         for c in 0..W {
             _mm512_storeu_ps(o.add(r * ldo + (c0 + c) * 16), acc[r][c]);
+        }
+    }
+}
+
+/// [`decode_tile_bf16`] over a q8 KV ([`crate::BlockQ8`], scale per 32 values) with f32
+/// queries: each key block is widened in registers (`vpmovsxbd`, `vcvtdq2ps`, times its
+/// scale) and meets the queries by FMA; the online softmax and `O = alpha O + P V` as there,
+/// V widened the same way. Reads 36 bytes per 32 values and writes nothing but the state.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `q` holds `R` rows of `d` f32 (`d` a multiple of 32), `k` and
+/// `v` 16 rows of `d / 32` blocks at stride `ld` blocks; `m` and `l` `R` values; `o` `R` rows
+/// of `d` at stride `ldo`.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn decode_tile_q8<const R: usize, const J: usize>(
+    d: usize,
+    q: *const f32,
+    scale2: f32,
+    k: *const crate::BlockQ8,
+    v: *const crate::BlockQ8,
+    ld: usize,
+    m: *mut f32,
+    l: *mut f32,
+    o: *mut f32,
+    ldo: usize,
+) {
+    const G: usize = DECODE_TILE;
+    let nb = d / 32;
+    let mut u = [[_mm512_setzero_ps(); R]; 4];
+    for (g, ug) in u.iter_mut().enumerate().take(G / J) {
+        let mut acc = [[_mm512_setzero_ps(); J]; R];
+        for c in 0..nb {
+            let mut qv = [[_mm512_setzero_ps(); 2]; R];
+            for (r, x) in qv.iter_mut().enumerate() {
+                x[0] = _mm512_loadu_ps(q.add(r * d + c * 32));
+                x[1] = _mm512_loadu_ps(q.add(r * d + c * 32 + 16));
+            }
+            for j in 0..J {
+                let (lo, hi) = widen_q8(&*k.add((g * J + j) * ld + c));
+                for (a, qr) in acc.iter_mut().zip(&qv) {
+                    a[j] = _mm512_fmadd_ps(qr[0], lo, a[j]);
+                    a[j] = _mm512_fmadd_ps(qr[1], hi, a[j]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            ug[r] = match J {
+                8 => reduce8_lanes(a[..].try_into().expect("J is 8")),
+                _ => reduce4_lanes(a[..].try_into().expect("J is 4")),
+            };
+        }
+    }
+    let (p, alpha) = softmax16::<R, J>(&u, scale2, m, l);
+    let mut c0 = 0;
+    while c0 < nb {
+        if nb - c0 >= 2 {
+            pv_pass_q8::<R, 2>(c0, &p, &alpha, v, ld, o, ldo);
+            c0 += 2;
+        } else {
+            pv_pass_q8::<R, 1>(c0, &p, &alpha, v, ld, o, ldo);
+            c0 += 1;
+        }
+    }
+}
+
+/// One q8 block as two f32 vectors, scaled.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn widen_q8(b: &crate::BlockQ8) -> (__m512, __m512) {
+    let s = _mm512_set1_ps(b.scale);
+    let p = b.qs.as_ptr() as *const __m128i;
+    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(1))));
+    (_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s))
+}
+
+/// Blocks `c0 .. c0 + W` (columns `c0 * 32 ..`) of [`decode_tile_q8`]'s `O = alpha O + P V`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::needless_range_loop)]
+unsafe fn pv_pass_q8<const R: usize, const W: usize>(
+    c0: usize,
+    p: &[[f32; DECODE_TILE]; R],
+    alpha: &[f32; R],
+    v: *const crate::BlockQ8,
+    ld: usize,
+    o: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[[_mm512_setzero_ps(); 2]; W]; R];
+    for r in 0..R {
+        let ar = _mm512_set1_ps(alpha[r]);
+        for c in 0..W {
+            for h in 0..2 {
+                let at = o.add(r * ldo + (c0 + c) * 32 + h * 16);
+                acc[r][c][h] = _mm512_mul_ps(_mm512_loadu_ps(at), ar);
+            }
+        }
+    }
+    for j in 0..DECODE_TILE {
+        let mut vv = [[_mm512_setzero_ps(); 2]; W];
+        for c in 0..W {
+            let (lo, hi) = widen_q8(&*v.add(j * ld + c0 + c));
+            vv[c] = [lo, hi];
+        }
+        for r in 0..R {
+            let pr = _mm512_set1_ps(p[r][j]);
+            for c in 0..W {
+                for h in 0..2 {
+                    acc[r][c][h] = _mm512_fmadd_ps(pr, vv[c][h], acc[r][c][h]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..W {
+            for h in 0..2 {
+                _mm512_storeu_ps(o.add(r * ldo + (c0 + c) * 32 + h * 16), acc[r][c][h]);
+            }
         }
     }
 }

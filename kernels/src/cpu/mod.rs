@@ -104,6 +104,11 @@ impl Ops {
         Ops { isa }
     }
 
+    /// The instruction set these loops run on.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
     /// `c[m, n] (+)= sum_k a[i*ars + k*aks] * b[k*ldb + j]`; columns of `c` from `n` up to
     /// the next multiple of 16 are written too (as zeros when not accumulating).
     ///
@@ -345,6 +350,51 @@ impl Ops {
 }
 
 impl Ops {
+    /// Whether [`Ops::decode_tile_q8`] takes `rows` rows of `d` dims here.
+    pub fn has_decode_tile_q8(&self, rows: usize, d: usize) -> bool {
+        self.isa == Isa::Avx512 && (1..=6).contains(&rows) && d.is_multiple_of(32)
+    }
+
+    /// One fused decode step over [`Ops::DECODE_TILE`] keys of a q8 KV, f32 queries; see
+    /// `avx512::decode_tile_q8`. The caller checks [`Ops::has_decode_tile_q8`] first.
+    ///
+    /// # Safety
+    /// `q` holds `rows` rows of `d` f32; `k` and `v` 16 rows of `d / 32` blocks at stride
+    /// `ld` blocks; `m` and `l` `rows` values; `o` `rows` rows of `d` at stride `ldo`.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode_tile_q8(
+        &self,
+        rows: usize,
+        d: usize,
+        q: *const f32,
+        scale2: f32,
+        k: *const crate::BlockQ8,
+        v: *const crate::BlockQ8,
+        ld: usize,
+        m: *mut f32,
+        l: *mut f32,
+        o: *mut f32,
+        ldo: usize,
+    ) {
+        debug_assert!(self.has_decode_tile_q8(rows, d));
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512::decode_tile_q8 as f;
+            match rows {
+                1 => f::<1, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                2 => f::<2, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                3 => f::<3, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                4 => f::<4, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                5 => f::<5, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                6 => f::<6, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                _ => unreachable!("checked by has_decode_tile_q8"),
+            }
+        }
+    }
+}
+
+impl Ops {
     /// Whether the prefill tiles over a bf16 KV run on the bf16 dot product here
     /// ([`Ops::scores_bf16`], [`Ops::pv_bf16`]); otherwise they are widened to f32.
     pub fn has_bf16_tiles(&self) -> bool {
@@ -439,6 +489,16 @@ pub(crate) fn widen_bf16(src: &[u16], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::widen_bf16(src, dst) },
         _ => portable::widen_bf16(src, dst),
+    }
+}
+
+/// Widens q8 blocks to f32 (`scale * q`) with `isa` (the portable loop where it is missing).
+pub(crate) fn dequant_q8(isa: Isa, src: &[crate::kvq8::BlockQ8], dst: &mut [f32]) {
+    match isa {
+        // SAFETY: the CPU has AVX-512F when `available` says so.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.available() => unsafe { avx512::dequant_q8(src, dst) },
+        _ => portable::dequant_q8(src, dst),
     }
 }
 

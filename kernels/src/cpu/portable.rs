@@ -165,6 +165,15 @@ pub fn widen_bf16(src: &[u16], dst: &mut [f32]) {
     }
 }
 
+/// q8 blocks widened to f32, `scale * q`, 32 values a block (as far as `dst` goes).
+pub fn dequant_q8(src: &[crate::kvq8::BlockQ8], dst: &mut [f32]) {
+    for (b, out) in src.iter().zip(dst.chunks_mut(32)) {
+        for (o, q) in out.iter_mut().zip(&b.qs) {
+            *o = b.scale * *q as f32;
+        }
+    }
+}
+
 /// Same contract as [`super::avx512::axpy_rows`], any CPU.
 ///
 /// # Safety
