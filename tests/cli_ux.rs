@@ -38,16 +38,21 @@ fn errors_name_the_file_and_say_each_cause_once() {
     let empty = std::env::temp_dir().join(format!("longctx-ux-empty-{}", std::process::id()));
     std::fs::create_dir_all(&empty).unwrap();
     let empty = empty.to_str().unwrap();
-    one_error(
+    // A model that is nowhere: what to give instead is said.
+    let missing = one_error(
         &["generate", "--model", "/nonexistent", "--prompt", "hi"],
         "/nonexistent",
     );
+    assert!(missing.contains("give a .gguf file"), "{missing}");
     one_error(&["perplexity", "--file", "/nonexistent"], "/nonexistent");
     one_error(
         &["batch", "--input", "/nonexistent", "--output", "/tmp/x"],
         "/nonexistent",
     );
     one_error(&["ask", "--repo", "/nonexistent", "q?"], "/nonexistent");
+    // A file given as the repository: said so, not blamed on the model's config.
+    let file = one_error(&["ask", "--repo", "Cargo.toml", "q?"], "is not a directory");
+    assert!(!file.contains("model config"), "{file}");
     // A directory that is not a model: the file it lacks is named.
     one_error(
         &["generate", "--model", empty, "--prompt", "hi"],

@@ -26,6 +26,10 @@ pub enum EngineError {
     /// A config that is inconsistent or lacks a field.
     #[error("model config: {0}")]
     Config(String),
+    /// A user's input that cannot be used as given (a repository that is not a directory, a
+    /// bad glob); the message says what and why.
+    #[error("{0}")]
+    Input(String),
     #[error("weight {name}: {reason}")]
     Weight { name: String, reason: String },
     #[error("tokenizer: {0}")]

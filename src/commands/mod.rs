@@ -38,7 +38,13 @@ pub fn resolve_model(model: &Option<PathBuf>) -> Result<PathBuf> {
                     Ok(found)
                 }
                 Some(Err(e)) => Err(e.into()),
-                _ => anyhow::bail!("model {} does not exist", p.display()),
+                _ => anyhow::bail!(
+                    "model {} does not exist: give a .gguf file, a Hugging Face model directory, \
+                     or org/name of a model in the Hugging Face cache ({}); without --model the \
+                     default model is fetched",
+                    p.display(),
+                    root.display()
+                ),
             }
         }
         None => Ok(fetch::smollm2(&mut |m| eprintln!("{m}"))?),

@@ -53,13 +53,13 @@ pub fn collect_files(
         .canonicalize()
         .map_err(|e| EngineError::io("reading", root, e))?;
     if is_pseudo(&canonical) {
-        return Err(EngineError::Config(format!(
+        return Err(EngineError::Input(format!(
             "{} is a pseudo-filesystem (/proc, /sys, /dev), not a repository",
             root.display()
         )));
     }
     if !meta.is_dir() {
-        return Err(EngineError::Config(format!(
+        return Err(EngineError::Input(format!(
             "{} is not a directory",
             root.display()
         )));
@@ -67,15 +67,15 @@ pub fn collect_files(
     let mut ov = ignore::overrides::OverrideBuilder::new(root);
     for g in include {
         ov.add(g)
-            .map_err(|e| EngineError::Config(format!("--include {g}: {e}")))?;
+            .map_err(|e| EngineError::Input(format!("--include {g}: {e}")))?;
     }
     for g in exclude {
         ov.add(&format!("!{g}"))
-            .map_err(|e| EngineError::Config(format!("--exclude {g}: {e}")))?;
+            .map_err(|e| EngineError::Input(format!("--exclude {g}: {e}")))?;
     }
     let ov = ov
         .build()
-        .map_err(|e| EngineError::Config(format!("globs: {e}")))?;
+        .map_err(|e| EngineError::Input(format!("globs: {e}")))?;
     let walk = ignore::WalkBuilder::new(root)
         .overrides(ov)
         .require_git(false)
