@@ -80,7 +80,7 @@ enum Command {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve(_)) {
+    if !matches!(cli.command, Command::Serve(_) | Command::Chat(_)) {
         quiet_on_closed_stdout();
     }
     if let Err(e) = run(cli) {
@@ -92,7 +92,9 @@ fn main() {
 /// `longctx generate ... | head` closes our stdout early: Rust ignores SIGPIPE, so the next
 /// `print!` would panic ("failed printing to stdout"). As other Unix filters do, the command
 /// ends quietly instead (SIGPIPE's default action). Not for `serve`, whose sockets report a
-/// closed peer as an error of that request.
+/// closed peer as an error of that request, nor `chat`, whose Ctrl-C handling (the ctrlc
+/// crate's wake-up pipe, written from the signal handler) exits from its own thread: a pipe
+/// closed at exit must not turn into a kill by SIGPIPE instead of the exit status 130.
 fn quiet_on_closed_stdout() {
     #[cfg(unix)]
     // SAFETY: restores a signal's default disposition before any other thread exists.

@@ -193,8 +193,21 @@ fn chat_in_a_terminal_keeps_history_stops_on_ctrl_c_and_resets() {
     assert!(!t.dead());
     t.keys(&["C-c"]);
     t.wait("the chat to end", 30, |_| t.dead());
-    let status = t.cmd(&["display-message", "-p", "-t", "chat", "#{pane_dead_status}"]);
-    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "130");
+    // tmux marks a pane dead when its terminal closes, which can come before it has reaped
+    // the process: its exit status (or the signal that ended it) is read once it is known.
+    let field = |f: &str| {
+        let out = t.cmd(&["display-message", "-p", "-t", "chat", f]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let t0 = Instant::now();
+    let (status, signal) = loop {
+        let (status, signal) = (field("#{pane_dead_status}"), field("#{pane_dead_signal}"));
+        if !status.is_empty() || !signal.is_empty() || t0.elapsed().as_secs() >= 10 {
+            break (status, signal);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status, "130", "exit status (signal {signal:?})");
 }
 
 /// Run with stdin a pipe: each line a turn, the answers on stdout, the stats on stderr.
