@@ -227,27 +227,10 @@ pub(crate) fn segments_split<T: Element, O: Element>(
     const OP: &str = "attention_segments";
     shape.check(OP)?;
     params.check(OP)?;
-    let AttnShape {
-        n_q, h_q, h_kv, d, ..
-    } = shape;
+    let AttnShape { n_q, h_kv, d, .. } = shape;
     let row = h_kv * d;
-    let mut total = 0;
-    for s in segments {
-        check_len(OP, "v", s.k.len(), s.v.len())?;
-        if !s.k.len().is_multiple_of(row) {
-            return Err(KernelError::ShapeMismatch {
-                op: OP,
-                buffer: "k",
-                expected: s.k.len().next_multiple_of(row),
-                got: s.k.len(),
-            });
-        }
-        total += s.k.len();
-    }
-    check_len(OP, "k", shape.n_kv * row, total)?;
-    check_len(OP, "q", n_q * h_q * d, q.len())?;
-    check_len(OP, "out", n_q * h_q * d, out.len())?;
-    check_len(OP, "lse", n_q * h_q, lse.len())?;
+    let lens = segments.iter().map(|s| (s.k.len(), s.v.len()));
+    check_segments(OP, lens, row, shape, (q.len(), out.len(), lse.len()))?;
     if n_q == 0 {
         return Ok(());
     }
@@ -293,6 +276,35 @@ pub fn attention_segments_q8<O: Element>(
     segments_split_q8(q, segments, shape, params, None, out, lse)
 }
 
+/// The lengths of a segmented call: each segment's K and V of whole key rows of `row` units
+/// (values, or q8 blocks), `n_kv` rows in all, and the q / out / lse lengths of `shape`.
+fn check_segments(
+    op: &'static str,
+    lens: impl Iterator<Item = (usize, usize)>,
+    row: usize,
+    shape: AttnShape,
+    (q, out, lse): (usize, usize, usize),
+) -> Result<(), KernelError> {
+    let mut total = 0;
+    for (k, v) in lens {
+        check_len(op, "v", k, v)?;
+        if !k.is_multiple_of(row) {
+            return Err(KernelError::ShapeMismatch {
+                op,
+                buffer: "k",
+                expected: k.next_multiple_of(row),
+                got: k,
+            });
+        }
+        total += k;
+    }
+    let AttnShape { n_q, h_q, d, .. } = shape;
+    check_len(op, "k", shape.n_kv * row, total)?;
+    check_len(op, "q", n_q * h_q * d, q)?;
+    check_len(op, "out", n_q * h_q * d, out)?;
+    check_len(op, "lse", n_q * h_q, lse)
+}
+
 /// [`attention_segments_q8`] cut into `splits` key ranges (`None`: as suits the threads).
 pub(crate) fn segments_split_q8<O: Element>(
     q: &[f32],
@@ -306,9 +318,7 @@ pub(crate) fn segments_split_q8<O: Element>(
     const OP: &str = "attention_segments_q8";
     shape.check(OP)?;
     params.check(OP)?;
-    let AttnShape {
-        n_q, h_q, h_kv, d, ..
-    } = shape;
+    let AttnShape { n_q, h_kv, d, .. } = shape;
     if !d.is_multiple_of(Q8_BLOCK) {
         return Err(KernelError::Unsupported {
             op: OP,
@@ -316,23 +326,8 @@ pub(crate) fn segments_split_q8<O: Element>(
         });
     }
     let row = h_kv * d / Q8_BLOCK;
-    let mut total = 0;
-    for s in segments {
-        check_len(OP, "v", s.k.len(), s.v.len())?;
-        if !s.k.len().is_multiple_of(row) {
-            return Err(KernelError::ShapeMismatch {
-                op: OP,
-                buffer: "k",
-                expected: s.k.len().next_multiple_of(row),
-                got: s.k.len(),
-            });
-        }
-        total += s.k.len();
-    }
-    check_len(OP, "k", shape.n_kv * row, total)?;
-    check_len(OP, "q", n_q * h_q * d, q.len())?;
-    check_len(OP, "out", n_q * h_q * d, out.len())?;
-    check_len(OP, "lse", n_q * h_q, lse.len())?;
+    let lens = segments.iter().map(|s| (s.k.len(), s.v.len()));
+    check_segments(OP, lens, row, shape, (q.len(), out.len(), lse.len()))?;
     if n_q == 0 {
         return Ok(());
     }
