@@ -59,6 +59,18 @@ impl Blob {
     /// pages in from the file again.
     pub fn release_pages(&self) {
         #[cfg(unix)]
+        self.advise(libc::MADV_DONTNEED);
+    }
+
+    /// Asks the kernel to start reading this blob's pages from the file now (a no-op for
+    /// owned bytes): a read-ahead that costs this thread nothing, for bytes needed soon.
+    pub fn will_need(&self) {
+        #[cfg(unix)]
+        self.advise(libc::MADV_WILLNEED);
+    }
+
+    #[cfg(unix)]
+    fn advise(&self, advice: libc::c_int) {
         if self.mapped {
             const PAGE: usize = 4096;
             let base = self.bytes().as_ptr() as usize;
@@ -66,8 +78,9 @@ impl Blob {
             if hi > lo {
                 // SAFETY: lo..hi lies within a read-only private file map that stays mapped
                 // (this blob holds it); MADV_DONTNEED on such a map only drops pages, which
-                // later reads fault in from the file with the same contents.
-                unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_DONTNEED) };
+                // later reads fault in from the file with the same contents, and
+                // MADV_WILLNEED only starts reading them.
+                unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, advice) };
             }
         }
     }
