@@ -12,6 +12,7 @@ pub mod apps;
 pub mod batch;
 pub mod config;
 mod error;
+pub mod experts;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;

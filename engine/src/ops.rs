@@ -5,6 +5,19 @@ use crate::weights::Tensor;
 use crate::Result;
 use longctx_kernels::{matmul, matmul_stored, matvec_bf16, QMatrix, StoredRows, Weight};
 
+/// Which copies of its weights a model's products read (`Model::enable_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copies {
+    /// The stored blocks, dequantised in tiles as they are multiplied.
+    Stored,
+    /// f32 copies, input-major: the exact path.
+    F32,
+    /// bf16 copies for one-row products, the stored blocks for prompts.
+    Bf16Decode,
+    /// Block-quantised copies times int8 activations: the fast path.
+    Quant,
+}
+
 /// A linear layer without bias: its `[out, in]` weight as the file stores it (borrowing the
 /// mapped file, in the file's format), multiplied straight from there, and optionally a bf16
 /// or a block-quantised copy that one-token (decode) products stream instead.
@@ -31,6 +44,35 @@ impl Linear {
             inp,
             out,
         })
+    }
+
+    /// The weight as the file stores it.
+    pub fn stored(&self) -> &Tensor {
+        &self.w
+    }
+
+    /// A new layer over the same stored bytes, with none of this one's copies.
+    pub fn stored_copy(&self) -> Result<Linear> {
+        Linear::from_out_in(self.w.clone())
+    }
+
+    /// Bytes of the copies this layer keeps beside the stored weight (f32, bf16, quantised).
+    pub fn copy_bytes(&self) -> u64 {
+        let f = self.wt.as_ref().map_or(0, |w| 4 * w.len());
+        let b = self.wt_bf16.as_ref().map_or(0, |w| 2 * w.len());
+        let q = self.wt_q.as_ref().map_or(0, |q| q.bytes());
+        (f + b + q) as u64
+    }
+
+    /// Prepares the copies that `copies` asks for (the compact quantised layout aside: the
+    /// LM head's alone).
+    pub fn prepare(&mut self, copies: Copies) -> Result<()> {
+        match copies {
+            Copies::Stored => Ok(()),
+            Copies::F32 => self.enable_f32(),
+            Copies::Bf16Decode => self.enable_bf16_decode(),
+            Copies::Quant => self.enable_quant_decode(),
+        }
     }
 
     fn rows(&self) -> StoredRows<'_> {

@@ -5,6 +5,7 @@
 use crate::gguf::Gguf;
 use crate::{EngineError, Result};
 use longctx_kernels::{Blob, Format, StoredRows};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -184,37 +185,112 @@ fn split_gguf_experts(
     Ok(())
 }
 
-/// Columns `c0..c0 + cols` of the row-major `[rows, stride]` matrix at element `off` of a
-/// float tensor, transposed to `[cols, rows]` in the same element type (no rounding).
+/// One routed expert's weights as the file keeps them.
+pub enum ExpertWeights {
+    /// `[gate, up, down]`, each `[out, in]`.
+    OutIn([Tensor; 3]),
+    /// Its slices of a transformers checkpoint's fused experts.
+    Fused(FusedExpert),
+}
+
+/// One expert's slices of transformers' fused `gate_up_proj` (`[h, 2I]`) and `down_proj`
+/// (`[I, h]`), input-major, borrowing the mapped file.
+pub struct FusedExpert {
+    pub gate_up: Tensor,
+    pub down: Tensor,
+    h: usize,
+    inter: usize,
+}
+
+impl FusedExpert {
+    /// `[gate, up, down]` as `[out, in]` copies in the stored element type (no rounding).
+    pub fn split(&self) -> Result<[Tensor; 3]> {
+        let (h, i) = (self.h, self.inter);
+        Ok([
+            transpose_float(&self.gate_up, h, 2 * i, 0, i)?,
+            transpose_float(&self.gate_up, h, 2 * i, i, i)?,
+            transpose_float(&self.down, i, h, 0, h)?,
+        ])
+    }
+}
+
+/// Bytes of a fused expert tensor's element: they are split by copying elements, so only
+/// unblocked float types can be.
+fn float_size(name: &str, t: &Tensor) -> Result<usize> {
+    match t.format {
+        Format::F32 => Ok(4),
+        Format::F16 | Format::BF16 => Ok(2),
+        f => Err(EngineError::Weight {
+            name: name.into(),
+            reason: format!("fused experts stored as {f}; they are read as f32, f16 or bf16"),
+        }),
+    }
+}
+
+/// Columns `c0..c0 + cols` of the row-major `[rows, stride]` float matrix `t`, transposed
+/// to `[cols, rows]` in the same element type (no rounding).
 fn transpose_float(
-    name: &str,
     t: &Tensor,
-    off: usize,
     rows: usize,
     stride: usize,
     c0: usize,
     cols: usize,
 ) -> Result<Tensor> {
-    let size = match t.format {
-        Format::F32 => 4,
-        Format::F16 | Format::BF16 => 2,
-        f => {
-            return Err(EngineError::Weight {
-                name: name.into(),
-                reason: format!("fused experts stored as {f}; they are read as f32, f16 or bf16"),
-            })
-        }
-    };
+    let size = float_size("fused expert", t)?;
     let src = t.data.bytes();
     let mut dst = vec![0u8; rows * cols * size];
-    for r in 0..rows {
-        let row = &src[(off + r * stride + c0) * size..(off + r * stride + c0 + cols) * size];
-        for (c, v) in row.chunks_exact(size).enumerate() {
-            dst[(c * rows + r) * size..(c * rows + r + 1) * size].copy_from_slice(v);
-        }
+    match size {
+        2 => transpose_elems::<2>(src, &mut dst, rows, stride, c0),
+        _ => transpose_elems::<4>(src, &mut dst, rows, stride, c0),
     }
-    Tensor::stored(name, vec![cols, rows], t.format, Blob::from_vec(dst))
+    Tensor::stored(
+        "fused expert",
+        vec![cols, rows],
+        t.format,
+        Blob::from_vec(dst),
+    )
 }
+
+/// [`transpose_float`] into `dst` (`[cols, rows]`) for elements of `N` bytes, in tiles of 32 x
+/// 32 elements so that reads and writes both stay within a few cache lines (a routed expert
+/// is split on every miss under an expert budget).
+fn transpose_elems<const N: usize>(
+    src: &[u8],
+    dst: &mut [u8],
+    rows: usize,
+    stride: usize,
+    c0: usize,
+) {
+    const T: usize = 32;
+    if rows == 0 {
+        return;
+    }
+    // Tiles of T output rows (T input columns) in parallel; each T x T block goes through a
+    // small buffer so that both the reads and the writes are whole row segments.
+    dst.par_chunks_mut(T * rows * N)
+        .enumerate()
+        .for_each(|(tile, out)| {
+            let cb = tile * T;
+            let n = out.len() / (rows * N);
+            let mut buf = [[[0u8; N]; T]; T];
+            for r0 in (0..rows).step_by(T) {
+                let m = T.min(rows - r0);
+                for (i, b) in buf.iter_mut().enumerate().take(m) {
+                    let s = ((r0 + i) * stride + c0 + cb) * N;
+                    for (c, e) in src[s..s + n * N].chunks_exact(N).enumerate() {
+                        b[c].copy_from_slice(e);
+                    }
+                }
+                for c in 0..n {
+                    let o = &mut out[(c * rows + r0) * N..(c * rows + r0 + m) * N];
+                    for (i, e) in o.chunks_exact_mut(N).enumerate() {
+                        e.copy_from_slice(&buf[i][c]);
+                    }
+                }
+            }
+        });
+}
+
 /// Prefixes that wrap a text model's names in multimodal checkpoints.
 fn strip_prefix(name: &str) -> &str {
     for p in ["language_model.", "model.language_model."] {
@@ -322,17 +398,17 @@ impl Weights {
         Ok(t)
     }
 
-    /// Takes layer `f`'s `e` routed experts out, each as `[gate, up, down]` weights
-    /// `[out, in]`: from a GGUF file's per-expert slices, or split from transformers' fused
-    /// `gate_up_proj [E, h, 2I]` and `down_proj [E, I, h]` (input-major, so each expert is
-    /// transposed once into an owned copy in the stored element type).
+    /// Takes layer `f`'s `e` routed experts out as the file keeps them: a GGUF's (or
+    /// per-expert safetensors') `[out, in]` weights, or each expert's slices of transformers'
+    /// fused `gate_up_proj [E, h, 2I]` and `down_proj [E, I, h]` (input-major: split into
+    /// `[out, in]` copies by [`FusedExpert::split`], when and if the expert is used).
     pub fn take_experts(
         &mut self,
         f: &str,
         e: usize,
         h: usize,
         inter: usize,
-    ) -> Result<Vec<[Tensor; 3]>> {
+    ) -> Result<Vec<ExpertWeights>> {
         let (gu_name, d_name) = (
             format!("{f}.experts.gate_up_proj"),
             format!("{f}.experts.down_proj"),
@@ -340,24 +416,33 @@ impl Weights {
         if !self.contains(&gu_name) {
             return (0..e)
                 .map(|x| {
-                    Ok([
+                    Ok(ExpertWeights::OutIn([
                         self.take(&expert_name(f, x, "gate_proj"), &[inter, h])?,
                         self.take(&expert_name(f, x, "up_proj"), &[inter, h])?,
                         self.take(&expert_name(f, x, "down_proj"), &[h, inter])?,
-                    ])
+                    ]))
                 })
                 .collect();
         }
         let gu = self.take(&gu_name, &[e, h, 2 * inter])?;
         let dn = self.take(&d_name, &[e, inter, h])?;
+        for (name, t) in [(&gu_name, &gu), (&d_name, &dn)] {
+            float_size(name, t)?;
+        }
+        // Each expert's rows are contiguous: a slice of the mapped tensor, nothing copied.
+        let slice = |name: &str, t: &Tensor, x: usize, rows: usize, cols: usize| {
+            let size = float_size(name, t)?;
+            let n = rows * cols * size;
+            Tensor::stored(name, vec![rows, cols], t.format, t.data.slice(x * n, n)?)
+        };
         (0..e)
             .map(|x| {
-                let (g0, d0) = (x * h * 2 * inter, x * inter * h);
-                Ok([
-                    transpose_float(&gu_name, &gu, g0, h, 2 * inter, 0, inter)?,
-                    transpose_float(&gu_name, &gu, g0, h, 2 * inter, inter, inter)?,
-                    transpose_float(&d_name, &dn, d0, inter, h, 0, h)?,
-                ])
+                Ok(ExpertWeights::Fused(FusedExpert {
+                    gate_up: slice(&gu_name, &gu, x, h, 2 * inter)?,
+                    down: slice(&d_name, &dn, x, inter, h)?,
+                    h,
+                    inter,
+                }))
             })
             .collect()
     }
@@ -434,8 +519,9 @@ mod tests {
     #[test]
     fn fused_experts_split_into_each_experts_out_in_weights_in_their_own_type() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
-        // Awkward sizes: 3 experts, hidden 5, intermediate 7.
-        let (e, h, i) = (3, 5, 7);
+        // Awkward sizes: 3 experts, hidden 37, intermediate 45 (past one 32-wide tile of the
+        // transpose, not a multiple of it).
+        let (e, h, i) = (3, 37, 45);
         let gu: Vec<f32> = (0..e * h * 2 * i)
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
@@ -456,7 +542,11 @@ mod tests {
         let experts = w.take_experts(f, e, h, i).unwrap();
         assert_eq!(experts.len(), e);
         let r = |v: f32| bf16::from_f32(v).to_f32();
-        for (x, [g, u, d]) in experts.iter().enumerate() {
+        for (x, ex) in experts.iter().enumerate() {
+            let ExpertWeights::Fused(fused) = ex else {
+                panic!("kept fused until used")
+            };
+            let [g, u, d] = &fused.split().unwrap();
             for t in [g, u, d] {
                 assert_eq!(t.format, Format::BF16, "kept in the stored type");
             }
@@ -503,6 +593,7 @@ mod tests {
         );
         let err = Weights::from_map(map)
             .take_experts(f, 1, 32, 32)
+            .map(|_| ())
             .unwrap_err();
         assert!(err.to_string().contains("fused experts stored as"), "{err}");
     }
