@@ -30,6 +30,10 @@ pub struct Args {
     /// quant (the GGUF blocks, e.g. Q4_1, times int8 activations, as llama.cpp does).
     #[arg(long, default_value = "f32")]
     decode_weights: String,
+    /// Keep at most this many bytes of routed experts in memory (as `generate
+    /// --expert-budget`); the report adds the bytes read, hit rate and resident peak.
+    #[arg(long, value_parser = crate::units::bytes)]
+    expert_budget: Option<u64>,
     /// Print one JSON object on stdout instead of a table. Default: off.
     #[arg(long)]
     json: bool,
@@ -53,6 +57,8 @@ struct Report {
     load_s: f64,
     prepare_s: f64,
     rows: Vec<Row>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    experts: Option<longctx_engine::experts::ExpertStats>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -62,6 +68,11 @@ pub fn run(args: Args) -> Result<()> {
     let t = Instant::now();
     let mut m = longctx_engine::load(&path)?;
     let load_s = t.elapsed().as_secs_f64();
+    if let Some(b) = args.expert_budget {
+        m.model
+            .set_expert_budget(b)
+            .map_err(|e| anyhow::anyhow!("--expert-budget: {e}"))?;
+    }
     let t = Instant::now();
     match args.decode_weights.as_str() {
         "f32" => m.model.enable_f32_weights()?,
@@ -137,6 +148,7 @@ pub fn run(args: Args) -> Result<()> {
         load_s,
         prepare_s,
         rows,
+        experts: m.model.expert_stats(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -160,6 +172,9 @@ pub fn run(args: Args) -> Result<()> {
             "{:>8} {:>10.2} {:>14.1} {:>13.1}",
             x.context, x.prefill_s, x.prefill_tok_s, x.decode_tok_s
         );
+    }
+    if let Some(e) = &r.experts {
+        println!("{}", e.sentence());
     }
     Ok(())
 }

@@ -259,12 +259,13 @@ pub fn run(mut args: Args) -> Result<()> {
     )?;
     printer.finish(&m.tokenizer.decode(&out.tokens)?);
     let prompt = packed.prefix.len() + packed.suffix.len();
-    let stats = clock.finish(
+    let mut stats = clock.finish(
         prompt - reused,
         reused,
         out.tokens.len(),
         super::KvBytes::of(&store),
     );
+    stats.experts = m.model.expert_stats();
     super::print_run_stats(&stats, args.stats.json);
     if let Some(saved) = to_save {
         let ix = PackIndex {

@@ -98,7 +98,8 @@ pub fn run(args: Args) -> Result<()> {
         },
     )?;
     printer.finish(&m.tokenizer.decode(&out.tokens)?);
-    let stats = clock.finish(ids.len(), 0, out.tokens.len(), super::KvBytes::of(&store));
+    let mut stats = clock.finish(ids.len(), 0, out.tokens.len(), super::KvBytes::of(&store));
+    stats.experts = m.model.expert_stats();
     super::print_run_stats(&stats, args.stats.json);
     Ok(())
 }

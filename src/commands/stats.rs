@@ -55,6 +55,9 @@ pub struct RunStats {
     /// start. Absent where the clock has no command start (a chat turn).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub setup_s: Option<f64>,
+    /// Under `--expert-budget`: expert bytes read, hits and misses, resident peak.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<longctx_engine::experts::ExpertStats>,
 }
 
 /// Clocks a generation: `start` before the prefill, `prefilled` after it, `first_token` at the
@@ -127,6 +130,7 @@ impl Clock {
             decode_tok_s: rate(new_tokens.saturating_sub(1), decode_s),
             kv_bytes: kv,
             setup_s: self.setup_s,
+            experts: None,
         }
     }
 }
@@ -159,9 +163,13 @@ impl RunStats {
             ),
             None => String::new(),
         };
+        let experts = match &self.experts {
+            Some(e) => format!("; {}", e.sentence()),
+            None => String::new(),
+        };
         format!(
             "{} prompt tokens{cached}, prefill {:.2} s ({:.1} tok/s); first token {:.2} s after \
-             the prefill began{since_start}; {} new tokens, decode {:.1} tok/s; KV {} device, {} host, {} disk",
+             the prefill began{since_start}; {} new tokens, decode {:.1} tok/s; KV {} device, {} host, {} disk{experts}",
             self.prompt_tokens,
             self.prefill_s,
             self.prefill_tok_s,
