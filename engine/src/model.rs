@@ -1094,15 +1094,25 @@ mod tests {
     /// The mapped reference Llama 4, or for the quantised copies (whose blocks need widths
     /// of whole 32s, which the reference's 48 is not) a random one of the same layer and
     /// expert counts, held in memory.
-    fn llama4_for(copies: Copies, fused: bool) -> Model {
-        match (copies, fused) {
-            (Copies::Quant, true) => random_model(crate::random::tiny_llama4_config(), 11).unwrap(),
-            (Copies::Quant, false) => {
+    /// The test Llama 4s: random with transformers' fused experts (widths whole blocks of
+    /// 32), the same with GGUF-like per-expert tensors, or the committed mapped one (hidden
+    /// 48: its fast path keeps bf16 copies where rows are not whole blocks).
+    #[derive(Clone, Copy, Debug)]
+    enum Layout {
+        Fused,
+        Split,
+        Mapped,
+    }
+
+    fn llama4_for(layout: Layout) -> Model {
+        match layout {
+            Layout::Fused => random_model(crate::random::tiny_llama4_config(), 11).unwrap(),
+            Layout::Split => {
                 let cfg = crate::random::tiny_llama4_config();
                 let map = random_tensors(&cfg, 11);
                 Model::new(cfg, Weights::from_map(split_experts(map))).unwrap()
             }
-            _ => mapped_llama4(),
+            Layout::Mapped => mapped_llama4(),
         }
     }
 
@@ -1182,14 +1192,15 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
         let prompt: Vec<u32> = (0..37).map(|_| rng.random_range(3..300)).collect();
         // transformers' fused experts (split when used) and GGUF-like per-expert tensors.
-        for (copies, kv, fused) in [
-            (Copies::Quant, DType::BF16, true),
-            (Copies::Quant, DType::BF16, false),
-            (Copies::F32, DType::F32, true),
-            (Copies::Bf16Decode, DType::F32, true),
-            (Copies::Stored, DType::F32, true),
+        for (copies, kv, layout) in [
+            (Copies::Quant, DType::BF16, Layout::Fused),
+            (Copies::Quant, DType::BF16, Layout::Split),
+            (Copies::Quant, DType::BF16, Layout::Mapped),
+            (Copies::F32, DType::F32, Layout::Mapped),
+            (Copies::Bf16Decode, DType::F32, Layout::Mapped),
+            (Copies::Stored, DType::F32, Layout::Mapped),
         ] {
-            let mut all = llama4_for(copies, fused);
+            let mut all = llama4_for(layout);
             all.prepare(copies).unwrap();
             let want = run_greedy(&all, &prompt, 6, kv);
             assert!(all.expert_stats().is_none());
@@ -1201,16 +1212,22 @@ mod tests {
                 e.routed[0].prepared_copy(copies).unwrap().resident_bytes
             };
             for budget in [0, 2 * one, 64 * one] {
-                let mut m = llama4_for(copies, fused);
+                let mut m = llama4_for(layout);
                 m.set_expert_budget(budget).unwrap();
                 m.prepare(copies).unwrap();
                 let got = run_greedy(&m, &prompt, 6, kv);
-                assert!(got == want, "{copies:?} budget {budget}: logits differ");
+                assert!(
+                    got == want,
+                    "{copies:?} {layout:?} budget {budget}: logits differ"
+                );
                 let s = m.expert_stats().unwrap();
                 let uses = s.hits + s.misses;
                 // 4 layers x (the prompt's experts + one a decode step).
-                assert!(uses >= 4 * 7, "{copies:?} {s:?}");
-                assert!(s.resident_peak_bytes <= budget.max(one), "{copies:?} {s:?}");
+                assert!(uses >= 4 * 7, "{copies:?} {layout:?} {s:?}");
+                assert!(
+                    s.resident_peak_bytes <= budget.max(one),
+                    "{copies:?} {layout:?} {s:?}"
+                );
                 assert!(s.bytes_read > 0 && s.read_ahead_used <= s.read_ahead);
                 match budget {
                     0 => assert_eq!(s.hits, 0, "nothing kept: {s:?}"),

@@ -75,13 +75,24 @@ impl Linear {
         }
     }
 
+    /// A float weight whose rows cannot be cut into the 8-bit blocks of 32 (a block format's
+    /// rows always can: the file stores them so).
+    fn unblockable(&self) -> bool {
+        self.w.format.is_float() && !self.inp.is_multiple_of(32)
+    }
+
     fn rows(&self) -> StoredRows<'_> {
         self.w.rows().expect("checked in from_out_in")
     }
 
     /// Keeps a block-quantised copy for one-row products ([`QMatrix::from_stored`]: the
     /// file's own blocks where the kernel reads them, else the nearest layout it does).
+    /// A float weight whose rows are not whole blocks of 32 (a small model's odd width) keeps
+    /// bf16 copies for one-row products instead, as the fast path's other bf16 products.
     pub fn enable_quant_decode(&mut self) -> Result<()> {
+        if self.unblockable() {
+            return self.enable_bf16_decode();
+        }
         self.wt_q = Some(Box::new(QMatrix::from_stored(self.rows())?));
         // The fast path reads the repacked copy only: the file's pages need not stay too.
         self.w.data.release_pages();
@@ -91,6 +102,9 @@ impl Linear {
     /// [`Linear::enable_quant_decode`] in the fewest bytes ([`QMatrix::from_stored_compact`]):
     /// for the LM head, multiplied by one row per sequence a step.
     pub fn enable_quant_decode_compact(&mut self) -> Result<()> {
+        if self.unblockable() {
+            return self.enable_bf16_decode();
+        }
         self.wt_q = Some(Box::new(QMatrix::from_stored_compact(self.rows())?));
         self.w.data.release_pages();
         Ok(())

@@ -1,0 +1,111 @@
+//! `--expert-budget` from the command line: a Llama 4 run with routed experts left in the file
+//! answers exactly as the unbudgeted run and reports what the cache did; a model without
+//! routed experts is one clear error.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The committed random Llama 4 (4 experts, fused as transformers saves them) with a
+/// word-level tokenizer over its 300 ids, in a directory of its own.
+fn tiny_llama4_with_tokenizer(tag: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama4_tiny_a");
+    let dir = std::env::temp_dir().join(format!("longctx-experts-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut vocab = vec![
+        "\"<unk>\":0".to_string(),
+        "\"<s>\":1".into(),
+        "\"</s>\":2".into(),
+    ];
+    vocab.extend((3..300).map(|k| format!("\"w{k}\":{k}")));
+    let tok = format!(
+        r#"{{"version":"1.0","added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{{"type":"WhitespaceSplit"}},"post_processor":null,"decoder":null,
+            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"<unk>"}}}}"#,
+        vocab.join(",")
+    );
+    std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token":"<s>","eos_token":"</s>","add_bos_token":true}"#,
+    )
+    .unwrap();
+    dir
+}
+
+fn generate(model: &Path, extra: &[&str]) -> (bool, String, String) {
+    let prompt: Vec<String> = (0..40).map(|i| format!("w{}", 3 + i * 37 % 290)).collect();
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--prompt".into(),
+        prompt.join(" "),
+        "--max-tokens".into(),
+        "12".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(&args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn a_budgeted_run_answers_as_the_unbudgeted_one_and_reports_its_experts() {
+    let dir = tiny_llama4_with_tokenizer("same");
+    for path in [&[][..], &["--exact"][..]] {
+        let (ok, reference, err) = generate(&dir, path);
+        assert!(ok, "{err}");
+        assert!(!reference.trim().is_empty(), "{err}");
+        assert!(
+            !err.contains("experts:"),
+            "no budget, no expert line: {err}"
+        );
+        // Smaller than one expert, and room for half of them.
+        for budget in ["0", "40KiB"] {
+            let mut args = path.to_vec();
+            args.extend(["--expert-budget", budget]);
+            let (ok, out, err) = generate(&dir, &args);
+            assert!(ok, "{err}");
+            assert_eq!(out, reference, "{path:?} --expert-budget {budget}");
+            let line = err.lines().last().unwrap();
+            assert!(line.contains("experts: budget"), "{line}");
+            assert!(
+                line.contains("MiB read") && line.contains("hit rate"),
+                "{line}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_expert_budget_needs_routed_experts_and_a_size() {
+    let dir = tiny_llama4_with_tokenizer("bad");
+    let (ok, _, err) = generate(&dir, &["--expert-budget", "lots"]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("--expert-budget"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+    // The default model (SmolLM2) is dense.
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(["generate", "--prompt", "Hi", "--max-tokens", "1"])
+        .args(["--expert-budget", "1GiB"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("--expert-budget") && last.contains("routed experts"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
