@@ -3,8 +3,9 @@
 //! (`input_layernorm`, `q_proj`, ...), and `../shared/LLAMA4.md` lists the Llama 4 rules
 //! followed here.
 
+use crate::arch::{self, Role};
 use crate::batch::{Batch, Entry};
-use crate::config::{Arch, ModelConfig};
+use crate::config::ModelConfig;
 use crate::experts::{ExpertCache, ExpertStats, Made, Resident};
 use crate::ops::{rms_norm, rms_norm_in_place, silu_mul, silu_mul_into, Copies, Linear};
 use crate::weights::{ExpertWeights, FusedExpert, Tensor, Weights};
@@ -105,14 +106,25 @@ impl Default for KvOptions {
     }
 }
 
-fn mlp(w: &mut Weights, p: &str, hidden: usize, inter: usize) -> Result<Mlp> {
-    let mut lin = |n: &str, shape: &[usize]| -> Result<Linear> {
-        Linear::from_out_in(w.take(&format!("{p}.{n}.weight"), shape)?)
-    };
+/// Takes the tensor of `role` in layer `layer` (None: outside the layers) by the
+/// architecture's table: its Hugging Face name and shape.
+fn take(w: &mut Weights, cfg: &ModelConfig, layer: Option<usize>, role: Role) -> Result<Tensor> {
+    let t = arch::tensor(cfg, layer, role).ok_or_else(|| {
+        EngineError::Config(format!("a {:?} model has no {role:?} tensor", cfg.arch))
+    })?;
+    w.take(t.name(), &t.shape)
+}
+
+fn linear(w: &mut Weights, cfg: &ModelConfig, layer: usize, role: Role) -> Result<Linear> {
+    Linear::from_out_in(take(w, cfg, Some(layer), role)?)
+}
+
+/// A layer's dense feed-forward or shared expert, by the roles of its three projections.
+fn mlp(w: &mut Weights, cfg: &ModelConfig, layer: usize, roles: [Role; 3]) -> Result<Mlp> {
     Ok(Mlp {
-        gate: lin("gate_proj", &[inter, hidden])?,
-        up: lin("up_proj", &[inter, hidden])?,
-        down: lin("down_proj", &[hidden, inter])?,
+        gate: linear(w, cfg, layer, roles[0])?,
+        up: linear(w, cfg, layer, roles[1])?,
+        down: linear(w, cfg, layer, roles[2])?,
         gate_up_q: None,
     })
 }
@@ -298,77 +310,54 @@ impl Layer {
 
 impl Model {
     pub fn new(cfg: ModelConfig, mut w: Weights) -> Result<Model> {
-        let (h, hd) = (cfg.hidden, cfg.head_dim);
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
-            let p = format!("model.layers.{l}");
-            let ffn = match cfg.arch {
-                Arch::Llama => Ffn::Dense(mlp(&mut w, &format!("{p}.mlp"), h, cfg.intermediate)?),
-                Arch::Llama4 if cfg.is_moe_layer(l) => {
-                    let m = cfg.moe.as_ref().expect("a Llama 4 config has MoE");
-                    let f = format!("{p}.feed_forward");
-                    let routed = w
-                        .take_experts(&f, m.experts, h, m.intermediate)?
+            let kind = arch::layer_kind(&cfg, l);
+            let ffn = match &cfg.moe {
+                Some(m) if kind.moe => Ffn::Moe(Experts {
+                    router: linear(&mut w, &cfg, l, Role::Router)?,
+                    routed: w
+                        .take_experts(l, m.experts, cfg.hidden, m.intermediate)?
                         .into_iter()
                         .map(Expert::new)
-                        .collect::<Result<Vec<Expert>>>()?;
-                    Ffn::Moe(Experts {
-                        router: Linear::from_out_in(
-                            w.take(&format!("{f}.router.weight"), &[m.experts, h])?,
-                        )?,
-                        routed,
-                        shared: mlp(&mut w, &format!("{f}.shared_expert"), h, m.intermediate)?,
-                    })
-                }
-                Arch::Llama4 => Ffn::Dense(mlp(
-                    &mut w,
-                    &format!("{p}.feed_forward"),
-                    h,
-                    cfg.intermediate,
-                )?),
+                        .collect::<Result<Vec<Expert>>>()?,
+                    shared: mlp(
+                        &mut w,
+                        &cfg,
+                        l,
+                        [Role::SharedGate, Role::SharedUp, Role::SharedDown],
+                    )?,
+                }),
+                _ => Ffn::Dense(mlp(&mut w, &cfg, l, [Role::Gate, Role::Up, Role::Down])?),
             };
             layers.push(Layer {
-                input_layernorm: w
-                    .take(&format!("{p}.input_layernorm.weight"), &[h])?
-                    .to_f32()?,
-                q_proj: Linear::from_out_in(w.take(
-                    &format!("{p}.self_attn.q_proj.weight"),
-                    &[cfg.heads * hd, h],
-                )?)?,
-                k_proj: Linear::from_out_in(w.take(
-                    &format!("{p}.self_attn.k_proj.weight"),
-                    &[cfg.kv_heads * hd, h],
-                )?)?,
-                v_proj: Linear::from_out_in(w.take(
-                    &format!("{p}.self_attn.v_proj.weight"),
-                    &[cfg.kv_heads * hd, h],
-                )?)?,
-                o_proj: Linear::from_out_in(w.take(
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    &[h, cfg.heads * hd],
-                )?)?,
-                post_attention_layernorm: w
-                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?
-                    .to_f32()?,
+                input_layernorm: take(&mut w, &cfg, Some(l), Role::AttnNorm)?.to_f32()?,
+                q_proj: linear(&mut w, &cfg, l, Role::Q)?,
+                k_proj: linear(&mut w, &cfg, l, Role::K)?,
+                v_proj: linear(&mut w, &cfg, l, Role::V)?,
+                o_proj: linear(&mut w, &cfg, l, Role::O)?,
+                post_attention_layernorm: take(&mut w, &cfg, Some(l), Role::FfnNorm)?.to_f32()?,
                 ffn,
-                rope: cfg.llama4.as_ref().is_none_or(|l4| l4.rope_layers[l]),
+                rope: kind.rope,
                 qkv_q: None,
             });
         }
-        let embed = w.take("model.embed_tokens.weight", &[cfg.vocab, h])?;
-        let norm = w.take("model.norm.weight", &[h])?.to_f32()?;
+        let embed = take(&mut w, &cfg, None, Role::Embed)?;
+        let norm = take(&mut w, &cfg, None, Role::FinalNorm)?.to_f32()?;
         // Token lookups dequantise one row: rows must be whole blocks.
         embed.rows()?;
-        let lm_head = if w.contains("lm_head.weight") && !cfg.tie_embeddings {
-            Linear::from_out_in(w.take("lm_head.weight", &[cfg.vocab, h])?)?
-        } else if cfg.tie_embeddings {
+        let lm_head = if cfg.tie_embeddings {
             // Shares the embedding's stored bytes.
             Linear::from_out_in(embed.clone())?
         } else {
-            return Err(EngineError::Weight {
-                name: "lm_head.weight".into(),
-                reason: "missing, and the config does not tie it to the embeddings".into(),
-            });
+            let head = arch::tensor(&cfg, None, Role::LmHead).expect("every model has one");
+            if !w.contains(head.name()) {
+                return Err(EngineError::Weight {
+                    name: head.name().into(),
+                    reason: "missing, and the config does not tie it to the embeddings".into(),
+                });
+            }
+            Linear::from_out_in(w.take(head.name(), &head.shape)?)?
         };
         Ok(Model {
             cfg,
@@ -1119,22 +1108,19 @@ mod tests {
     /// The fused experts of transformers' layout as GGUF-like per-expert `[out, in]`
     /// tensors.
     fn split_experts(mut map: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
-        let fused: Vec<String> = map
-            .keys()
-            .filter_map(|k| k.strip_suffix(".experts.gate_up_proj"))
-            .map(String::from)
-            .collect();
-        for f in fused {
-            let (gu, dn) = (
-                map.remove(&format!("{f}.experts.gate_up_proj")).unwrap(),
-                map.remove(&format!("{f}.experts.down_proj")).unwrap(),
-            );
+        let cfg = crate::random::tiny_llama4_config();
+        for l in 0..cfg.layers {
+            let name = |role| {
+                crate::arch::tensor(&cfg, Some(l), role)
+                    .unwrap()
+                    .hf
+                    .unwrap()
+            };
+            let (gu_name, dn_name) = (name(Role::ExpertsGateUp), name(Role::ExpertsDown));
+            let (gu, dn) = (map.remove(&gu_name).unwrap(), map.remove(&dn_name).unwrap());
             let (e, h, i) = (gu.shape[0], gu.shape[1], gu.shape[2] / 2);
-            let mut w = Weights::from_map(BTreeMap::from([
-                (format!("{f}.experts.gate_up_proj"), gu),
-                (format!("{f}.experts.down_proj"), dn),
-            ]));
-            for (x, ex) in w.take_experts(&f, e, h, i).unwrap().into_iter().enumerate() {
+            let mut w = Weights::from_map(BTreeMap::from([(gu_name, gu), (dn_name, dn)]));
+            for (x, ex) in w.take_experts(l, e, h, i).unwrap().into_iter().enumerate() {
                 let ExpertWeights::Fused(ex) = ex else {
                     panic!("fused")
                 };
@@ -1144,7 +1130,7 @@ mod tests {
                         .into_iter()
                         .zip(["gate_proj", "up_proj", "down_proj"])
                 {
-                    map.insert(crate::weights::expert_name(&f, x, proj), t);
+                    map.insert(crate::weights::expert_name(l, x, proj), t);
                 }
             }
         }

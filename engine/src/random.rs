@@ -2,10 +2,11 @@
 //! matter (a real checkpoint of Llama 4 does not fit this machine): `tiny-llama4` has Llama 4's
 //! architecture at a small width.
 
+use crate::arch::Role;
 use crate::config::ModelConfig;
 use crate::model::Model;
 use crate::weights::{Tensor, Weights};
-use crate::{Arch, Result};
+use crate::Result;
 use std::collections::BTreeMap;
 
 /// Dense Llama at hidden 64 (vocabulary 300, head dim 64 / heads), for tests of the pass.
@@ -85,65 +86,20 @@ pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> BTreeMap<String, Tensor> 
             })
             .collect()
     };
+    let w = 1.0 / (cfg.hidden as f32).sqrt();
     let mut map = BTreeMap::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f32| {
-        let n = shape.iter().product();
-        map.insert(name, Tensor::new(shape, rnd(n, scale)));
-    };
-    let (h, hd) = (cfg.hidden, cfg.head_dim);
-    let w = 1.0 / (h as f32).sqrt();
-    put("model.embed_tokens.weight".into(), vec![cfg.vocab, h], 1.0);
-    put("lm_head.weight".into(), vec![cfg.vocab, h], w);
-    put("model.norm.weight".into(), vec![h], 1.0);
-    for l in 0..cfg.layers {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), vec![h], 1.0);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![h], 1.0);
-        put(
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![cfg.heads * hd, h],
-            w,
-        );
-        put(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![cfg.kv_heads * hd, h],
-            w,
-        );
-        put(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![cfg.kv_heads * hd, h],
-            w,
-        );
-        put(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![h, cfg.heads * hd],
-            w,
-        );
-        let mlp = |put: &mut dyn FnMut(String, Vec<usize>, f32), p: &str, inter: usize| {
-            put(format!("{p}.gate_proj.weight"), vec![inter, h], w);
-            put(format!("{p}.up_proj.weight"), vec![inter, h], w);
-            put(format!("{p}.down_proj.weight"), vec![h, inter], w);
+    // Every tensor of the architecture's table in its Hugging Face layout (llama.cpp's
+    // stacked experts are the GGUF form of the fused ones), in the table's order, and an LM
+    // head even when tied (unread then; it keeps each seed's weights as they always were).
+    for t in crate::arch::with_head(cfg, true) {
+        let Some(name) = t.hf else { continue };
+        let n = t.shape.iter().product();
+        // Embeddings and norms of order one; products scaled by 1/sqrt(hidden).
+        let scale = match t.role {
+            Role::Embed | Role::AttnNorm | Role::FfnNorm | Role::FinalNorm => 1.0,
+            _ => w,
         };
-        match (&cfg.arch, cfg.is_moe_layer(l)) {
-            (Arch::Llama4, true) => {
-                let m = cfg.moe.as_ref().expect("MoE config");
-                let f = format!("{p}.feed_forward");
-                put(format!("{f}.router.weight"), vec![m.experts, h], w);
-                put(
-                    format!("{f}.experts.gate_up_proj"),
-                    vec![m.experts, h, 2 * m.intermediate],
-                    w,
-                );
-                put(
-                    format!("{f}.experts.down_proj"),
-                    vec![m.experts, m.intermediate, h],
-                    w,
-                );
-                mlp(&mut put, &format!("{f}.shared_expert"), m.intermediate);
-            }
-            (Arch::Llama4, false) => mlp(&mut put, &format!("{p}.feed_forward"), cfg.intermediate),
-            (Arch::Llama, _) => mlp(&mut put, &format!("{p}.mlp"), cfg.intermediate),
-        }
+        map.insert(name, Tensor::new(t.shape, rnd(n, scale)));
     }
     map
 }

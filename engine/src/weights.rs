@@ -2,6 +2,8 @@
 //! file, or shards listed in `model.safetensors.index.json`), kept as the file stores them:
 //! loading maps the file and checks every tensor's size, it converts nothing.
 
+use crate::arch::{self, Role};
+use crate::config::Arch;
 use crate::gguf::Gguf;
 use crate::{EngineError, Result};
 use longctx_kernels::{Blob, Format, StoredRows};
@@ -83,65 +85,32 @@ pub struct Weights {
     map: BTreeMap<String, Tensor>,
 }
 
-/// llama.cpp's tensor names, as Hugging Face's (`llama4`: `convert_hf_to_gguf.py`'s names
-/// for Llama 4's feed-forward, under `feed_forward.` as transformers names it).
-fn hf_name(gguf: &str, llama4: bool) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, name) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match name {
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" if !llama4 => "mlp.gate_proj.weight",
-        "ffn_up.weight" if !llama4 => "mlp.up_proj.weight",
-        "ffn_down.weight" if !llama4 => "mlp.down_proj.weight",
-        "ffn_gate.weight" => "feed_forward.gate_proj.weight",
-        "ffn_up.weight" => "feed_forward.up_proj.weight",
-        "ffn_down.weight" => "feed_forward.down_proj.weight",
-        "ffn_gate_inp.weight" => "feed_forward.router.weight",
-        "ffn_gate_shexp.weight" => "feed_forward.shared_expert.gate_proj.weight",
-        "ffn_up_shexp.weight" => "feed_forward.shared_expert.up_proj.weight",
-        "ffn_down_shexp.weight" => "feed_forward.shared_expert.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
-}
-
-/// The name one routed expert's projection has once loaded: `{f}.experts.{x}.{proj}.weight`
-/// with `f` the layer's `model.layers.L.feed_forward`, each `[out, in]` as a dense MLP's.
-pub fn expert_name(f: &str, x: usize, proj: &str) -> String {
+/// The name one routed expert's projection has once loaded, each `[out, in]` as a dense
+/// MLP's: the fused tensor's name (`model.layers.L.feed_forward.experts.gate_up_proj`, from
+/// the architecture's table) with `experts.{x}.{proj}.weight` in place of its last parts.
+pub fn expert_name(layer: usize, x: usize, proj: &str) -> String {
+    let fused = arch::names(Arch::Llama4, Some(layer), Role::ExpertsGateUp)
+        .0
+        .expect("a Hugging Face name");
+    let f = fused
+        .strip_suffix(".experts.gate_up_proj")
+        .expect("the table's fused name");
     format!("{f}.experts.{x}.{proj}.weight")
 }
 
 /// A layer's routed experts from llama.cpp's three `[E, out, in]` tensors
 /// (`ffn_{gate,up,down}_exps`): each expert's rows are one contiguous run of whole blocks, so
 /// each becomes its own `[out, in]` tensor borrowing the file, in the file's format.
-fn split_gguf_experts(
-    g: &Gguf,
-    p: &str,
-    f: &str,
-    map: &mut BTreeMap<String, Tensor>,
-) -> Result<()> {
+fn split_gguf_experts(g: &Gguf, layer: usize, map: &mut BTreeMap<String, Tensor>) -> Result<()> {
     let mut shapes = vec![];
-    for (gname, proj) in [
-        ("ffn_gate_exps", "gate_proj"),
-        ("ffn_up_exps", "up_proj"),
-        ("ffn_down_exps", "down_proj"),
+    for (role, proj) in [
+        (Role::GgufExpertsGate, "gate_proj"),
+        (Role::GgufExpertsUp, "up_proj"),
+        (Role::GgufExpertsDown, "down_proj"),
     ] {
-        let name = format!("{p}.{gname}.weight");
+        let name = arch::names(Arch::Llama4, Some(layer), role)
+            .1
+            .expect("a GGUF name");
         let info = g.tensors.get(&name).ok_or_else(|| EngineError::Weight {
             name: name.clone(),
             reason: "missing beside the layer's other experts".into(),
@@ -168,14 +137,14 @@ fn split_gguf_experts(
                 .slice(x * each, each)
                 .map_err(|e| bad(e.to_string()))?;
             let one = Tensor::stored(&name, vec![out, inp], t.format, data)?;
-            map.insert(expert_name(f, x, proj), one);
+            map.insert(expert_name(layer, x, proj), one);
         }
         shapes.push(dims);
     }
     let (e, inter, h) = (shapes[0][0], shapes[0][1], shapes[0][2]);
     if shapes[1] != shapes[0] || shapes[2] != [e, h, inter] {
         return Err(EngineError::Weight {
-            name: format!("{p}.ffn_*_exps.weight"),
+            name: format!("blk.{layer}.ffn_*_exps.weight"),
             reason: format!(
                 "shapes gate {:?}, up {:?}, down {:?} do not agree",
                 shapes[0], shapes[1], shapes[2]
@@ -309,20 +278,24 @@ impl Weights {
     }
 
     pub fn from_gguf(g: &Gguf) -> Result<Weights> {
-        let llama4 = g.get("general.architecture").and_then(|v| v.as_str()) == Some("llama4");
+        let kind = match g.get("general.architecture").and_then(|v| v.as_str()) {
+            Some("llama4") => Arch::Llama4,
+            _ => Arch::Llama,
+        };
         let mut map = BTreeMap::new();
         for (name, info) in &g.tensors {
             let shape: Vec<usize> = info.dims.iter().rev().map(|d| *d as usize).collect();
             if let Some(layer) = name
                 .strip_prefix("blk.")
                 .and_then(|r| r.strip_suffix(".ffn_gate_exps.weight"))
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|_| kind == Arch::Llama4)
             {
-                let f = format!("model.layers.{layer}.feed_forward");
-                split_gguf_experts(g, &format!("blk.{layer}"), &f, &mut map)?;
+                split_gguf_experts(g, layer, &mut map)?;
                 continue;
             }
             // rope_freqs is read by the config; up and down experts with the gate's.
-            let Some(hf) = hf_name(name, llama4) else {
+            let Some(hf) = arch::hf_name(kind, name) else {
                 continue;
             };
             map.insert(hf, g.tensor(name, shape)?);
@@ -404,22 +377,23 @@ impl Weights {
     /// `[out, in]` copies by [`FusedExpert::split`], when and if the expert is used).
     pub fn take_experts(
         &mut self,
-        f: &str,
+        layer: usize,
         e: usize,
         h: usize,
         inter: usize,
     ) -> Result<Vec<ExpertWeights>> {
+        let fused = |role| arch::names(Arch::Llama4, Some(layer), role).0;
         let (gu_name, d_name) = (
-            format!("{f}.experts.gate_up_proj"),
-            format!("{f}.experts.down_proj"),
+            fused(Role::ExpertsGateUp).expect("a Hugging Face name"),
+            fused(Role::ExpertsDown).expect("a Hugging Face name"),
         );
         if !self.contains(&gu_name) {
             return (0..e)
                 .map(|x| {
                     Ok(ExpertWeights::OutIn([
-                        self.take(&expert_name(f, x, "gate_proj"), &[inter, h])?,
-                        self.take(&expert_name(f, x, "up_proj"), &[inter, h])?,
-                        self.take(&expert_name(f, x, "down_proj"), &[h, inter])?,
+                        self.take(&expert_name(layer, x, "gate_proj"), &[inter, h])?,
+                        self.take(&expert_name(layer, x, "up_proj"), &[inter, h])?,
+                        self.take(&expert_name(layer, x, "down_proj"), &[h, inter])?,
                     ]))
                 })
                 .collect();
@@ -539,7 +513,7 @@ mod tests {
             bf16_tensor(vec![e, i, h], &dn),
         );
         let mut w = Weights::from_map(map);
-        let experts = w.take_experts(f, e, h, i).unwrap();
+        let experts = w.take_experts(0, e, h, i).unwrap();
         assert_eq!(experts.len(), e);
         let r = |v: f32| bf16::from_f32(v).to_f32();
         for (x, ex) in experts.iter().enumerate() {
@@ -592,7 +566,7 @@ mod tests {
             Tensor::new(vec![1, 32, 32], vec![0.0; 1024]),
         );
         let err = Weights::from_map(map)
-            .take_experts(f, 1, 32, 32)
+            .take_experts(0, 1, 32, 32)
             .map(|_| ())
             .unwrap_err();
         assert!(err.to_string().contains("fused experts stored as"), "{err}");

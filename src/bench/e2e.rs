@@ -32,6 +32,7 @@ pub struct Args {
     decode_weights: String,
     /// Keep at most this many bytes of routed experts in memory (as `generate
     /// --expert-budget`); the report adds the bytes read, hit rate and resident peak.
+    /// Default: every expert resident.
     #[arg(long, value_parser = crate::units::bytes)]
     expert_budget: Option<u64>,
     /// Print one JSON object on stdout instead of a table. Default: off.

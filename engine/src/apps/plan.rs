@@ -28,28 +28,9 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    /// From a config: parameter counts from the tensor shapes.
+    /// From a config: parameter counts from the architecture's tensor shapes.
     pub fn from_config(name: &str, c: &ModelConfig) -> ModelShape {
-        let (h, hd) = (c.hidden as f64, c.head_dim as f64);
-        let attn = h * (c.heads + 2 * c.kv_heads) as f64 * hd + c.heads as f64 * hd * h;
-        let embed = c.vocab as f64 * h * if c.tie_embeddings { 1.0 } else { 2.0 };
-        let (mut total, mut active) = (embed, c.vocab as f64 * h);
-        for l in 0..c.layers {
-            total += attn;
-            active += attn;
-            match &c.moe {
-                Some(m) if c.is_moe_layer(l) => {
-                    let expert = 3.0 * h * m.intermediate as f64;
-                    total += m.experts as f64 * expert + expert + m.experts as f64 * h;
-                    active += (m.top_k as f64 + 1.0) * expert;
-                }
-                _ => {
-                    let mlp = 3.0 * h * c.intermediate as f64;
-                    total += mlp;
-                    active += mlp;
-                }
-            }
-        }
+        let (total, active) = crate::arch::parameters(c);
         let (global, chunk) = match (&c.arch, &c.llama4) {
             (Arch::Llama4, Some(l4)) => (l4.rope_layers.iter().filter(|r| !**r).count(), l4.chunk),
             _ => (c.layers, c.max_position),
