@@ -316,8 +316,9 @@ impl TensorSpec {
         )
     }
 
-    fn elems(&self) -> usize {
-        self.shape.iter().product()
+    /// Its element count, in f64: a planner's hypothetical model may not fit a usize product.
+    fn elems(&self) -> f64 {
+        self.shape.iter().map(|&d| d as f64).product()
     }
 }
 
@@ -448,7 +449,7 @@ pub fn parameters(cfg: &ModelConfig) -> (f64, f64) {
         .map_or(0.0, |m| m.top_k as f64 / m.experts.max(1) as f64);
     let (mut total, mut active) = (0.0, 0.0);
     for t in tensors(cfg).iter().filter(|t| t.hf.is_some()) {
-        let n = t.elems() as f64;
+        let n = t.elems();
         total += n;
         active += match t.role {
             Role::Embed if !cfg.tie_embeddings => 0.0,
