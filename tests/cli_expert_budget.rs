@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The committed random Llama 4 (4 experts, fused as transformers saves them) with a
-/// word-level tokenizer over its 300 ids, in a directory of its own.
+/// word-level tokenizer over its 300 ids and a chat template, in a directory of its own.
 fn tiny_llama4_with_tokenizer(tag: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama4_tiny_a");
     let dir = std::env::temp_dir().join(format!("longctx-experts-{tag}-{}", std::process::id()));
@@ -29,7 +29,9 @@ fn tiny_llama4_with_tokenizer(tag: &str) -> PathBuf {
     std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
     std::fs::write(
         dir.join("tokenizer_config.json"),
-        r#"{"bos_token":"<s>","eos_token":"</s>","add_bos_token":true}"#,
+        // A chat template of the plainest kind: `chat` needs one.
+        r#"{"bos_token":"<s>","eos_token":"</s>","add_bos_token":true,
+            "chat_template":"{% for m in messages %}{{ m['content'] }} {% endfor %}"}"#,
     )
     .unwrap();
     dir
@@ -108,4 +110,51 @@ fn an_expert_budget_needs_routed_experts_and_a_size() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn batch_and_chat_report_the_expert_cache_too() {
+    let dir = tiny_llama4_with_tokenizer("batch");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(
+        &jobs,
+        "{\"id\": \"a\", \"prompt\": \"w5 w6 w7 w8\", \"max_tokens\": 4}\n\
+         {\"id\": \"b\", \"prompt\": \"w9 w10\", \"max_tokens\": 4}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .arg("batch")
+        .arg("--model")
+        .arg(&dir)
+        .arg("--input")
+        .arg(&jobs)
+        .arg("--output")
+        .arg(dir.join("out.jsonl"))
+        .args(["--expert-budget", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.starts_with("batch: 2 done") && last.contains("experts: budget"),
+        "{last}"
+    );
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .arg("chat")
+        .arg("--model")
+        .arg(&dir)
+        .args(["--max-tokens", "4", "--expert-budget", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    chat.stdin.take().unwrap().write_all(b"w5 w6 w7\n").unwrap();
+    let out = chat.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("experts: budget"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

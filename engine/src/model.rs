@@ -150,6 +150,27 @@ impl Mlp {
         })
     }
 
+    /// Whether a product reads the stored weights in place (the stacked gate|up copy, when
+    /// made, replaces the parts').
+    fn reads_stored(&self) -> bool {
+        let gate_up = match &self.gate_up_q {
+            Some(_) => false,
+            None => self.gate.reads_stored() || self.up.reads_stored(),
+        };
+        gate_up || self.down.reads_stored()
+    }
+
+    /// Frees the stored weights that no product reads (see [`Linear::drop_stored`]).
+    fn drop_unread_stored(&mut self) {
+        if self.gate_up_q.is_some() || !(self.gate.reads_stored() || self.up.reads_stored()) {
+            self.gate.drop_stored();
+            self.up.drop_stored();
+        }
+        if !self.down.reads_stored() {
+            self.down.drop_stored();
+        }
+    }
+
     fn linears(&mut self) -> [&mut Linear; 3] {
         [&mut self.gate, &mut self.up, &mut self.down]
     }
@@ -261,21 +282,26 @@ impl Expert {
         let mut m = self.fresh()?;
         m.prepare(copies)?;
         let read: u64 = self.file_bytes().iter().map(|b| b.len() as u64).sum();
+        // A split fused expert owns its `[out, in]` copy: freed where the copies made serve
+        // every product. Otherwise products that read the stored weights in place hold the
+        // file's pages while the expert is resident; where only copies are read, they go now.
+        let stored_read = m.reads_stored();
+        if self.fused.is_some() {
+            m.drop_unread_stored();
+        }
+        if self.fused.is_some() || !stored_read {
+            self.release_file();
+        }
         let copies_bytes: u64 = [&m.gate, &m.up, &m.down]
             .iter()
             .map(|l| l.copy_bytes())
             .sum::<u64>()
             + m.gate_up_q.as_ref().map_or(0, |q| q.bytes() as u64);
-        // A split fused expert holds its own `[out, in]` copy, and the file's pages go now.
-        // Otherwise products that read the stored blocks in place hold the file's pages while
-        // the expert is resident; the others read copies only, and the pages go now.
-        let resident_bytes = match (self.fused.is_some(), copies) {
-            (true, _) | (false, Copies::Stored | Copies::Bf16Decode) => copies_bytes + read,
-            (false, Copies::F32 | Copies::Quant) => copies_bytes,
+        let resident_bytes = if stored_read {
+            copies_bytes + read
+        } else {
+            copies_bytes
         };
-        if self.fused.is_some() || matches!(copies, Copies::F32 | Copies::Quant) {
-            self.release_file();
-        }
         Ok(Made {
             expert: m,
             resident_bytes,
@@ -454,6 +480,15 @@ impl Model {
             }
             for m in l.mlps(routed)? {
                 m.prepare(copies)?;
+            }
+            // A fused checkpoint's split experts own their `[out, in]` copies: freed where the
+            // copies just made serve every product.
+            if let Ffn::Moe(e) = &mut l.ffn {
+                for x in e.routed.iter_mut().filter(|x| x.fused.is_some()) {
+                    if let Some(m) = x.mlp.get_mut() {
+                        m.drop_unread_stored();
+                    }
+                }
             }
             // The router's products are small: f32 on the exact path, as stored otherwise.
             if let (Ffn::Moe(e), Copies::F32) = (&mut l.ffn, copies) {

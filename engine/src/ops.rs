@@ -3,7 +3,7 @@
 
 use crate::weights::Tensor;
 use crate::Result;
-use longctx_kernels::{matmul, matmul_stored, matvec_bf16, QMatrix, StoredRows, Weight};
+use longctx_kernels::{matmul, matmul_stored, matvec_bf16, Blob, QMatrix, StoredRows, Weight};
 
 /// Which copies of its weights a model's products read (`Model::enable_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +64,12 @@ impl Linear {
         (f + b + q) as u64
     }
 
+    /// Whether some product reads the stored weight itself (no f32 or quantised copy: the
+    /// bf16 copy serves one-row products only), so that its file pages stay in use.
+    pub fn reads_stored(&self) -> bool {
+        self.wt_q.is_none() && self.wt.is_none()
+    }
+
     /// Prepares the copies that `copies` asks for (the compact quantised layout aside: the
     /// LM head's alone).
     pub fn prepare(&mut self, copies: Copies) -> Result<()> {
@@ -81,8 +87,16 @@ impl Linear {
         self.w.format.is_float() && !self.inp.is_multiple_of(32)
     }
 
-    fn rows(&self) -> StoredRows<'_> {
-        self.w.rows().expect("checked in from_out_in")
+    /// The stored weight's rows (an error once [`Linear::drop_stored`] freed them).
+    fn rows(&self) -> Result<StoredRows<'_>> {
+        self.w.rows()
+    }
+
+    /// Frees the stored weight where it is owned memory no product reads any more (a routed
+    /// expert split from a fused checkpoint, once its quantised or f32 copies are made): a
+    /// product that would still read it is then an error, never a misread.
+    pub fn drop_stored(&mut self) {
+        self.w.data = Blob::from_vec(Vec::new());
     }
 
     /// Keeps a block-quantised copy for one-row products ([`QMatrix::from_stored`]: the
@@ -93,7 +107,7 @@ impl Linear {
         if self.unblockable() {
             return self.enable_bf16_decode();
         }
-        self.wt_q = Some(Box::new(QMatrix::from_stored(self.rows())?));
+        self.wt_q = Some(Box::new(QMatrix::from_stored(self.rows()?)?));
         // The fast path reads the repacked copy only: the file's pages need not stay too.
         self.w.data.release_pages();
         Ok(())
@@ -105,7 +119,7 @@ impl Linear {
         if self.unblockable() {
             return self.enable_bf16_decode();
         }
-        self.wt_q = Some(Box::new(QMatrix::from_stored_compact(self.rows())?));
+        self.wt_q = Some(Box::new(QMatrix::from_stored_compact(self.rows()?)?));
         self.w.data.release_pages();
         Ok(())
     }
@@ -165,7 +179,7 @@ impl Linear {
         if let Some(wt) = &self.wt {
             return Ok(matmul(x, m, Weight::new(wt, self.inp, self.out), y)?);
         }
-        Ok(matmul_stored(x, m, self.rows(), y)?)
+        Ok(matmul_stored(x, m, self.rows()?, y)?)
     }
 }
 

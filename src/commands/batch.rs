@@ -280,8 +280,13 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    let experts = m
+        .model
+        .expert_stats()
+        .map_or(String::new(), |e| format!("; {}", e.sentence()));
     eprintln!(
-        "batch: {ok} done, {failed} failed (error records), {skipped} skipped as already in {}",
+        "batch: {ok} done, {failed} failed (error records), {skipped} skipped as already in \
+         {}{experts}",
         args.output.display()
     );
     Ok(())

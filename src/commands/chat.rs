@@ -304,18 +304,20 @@ impl Chat<'_> {
             self.history.push(("user", msg.to_string()));
             self.history.push(("assistant", text));
         }
-        let st = clock.finish(
+        let mut st = clock.finish(
             ids.len() - reused,
             reused,
             answer.len(),
             KvBytes::of(&self.store),
         );
+        // Under --expert-budget: the totals so far (the cache lives as long as the chat).
+        st.experts = self.m.model.expert_stats();
         if self.json {
             print_run_stats(&st, true);
         } else {
             eprintln!(
                 "[prompt {} tokens: {reused} reused, {} new, {:.0} tok/s; answer {} tokens, first \
-                 after {:.2} s, {:.1} tok/s; KV {:.1} MiB]",
+                 after {:.2} s, {:.1} tok/s; KV {:.1} MiB{}]",
                 ids.len(),
                 st.prompt_tokens,
                 st.prefill_tok_s,
@@ -323,6 +325,8 @@ impl Chat<'_> {
                 st.first_token_s,
                 st.decode_tok_s,
                 st.kv_bytes.device as f64 / 1048576.0,
+                st.experts
+                    .map_or(String::new(), |e| format!("; {}", e.sentence())),
             );
         }
         Ok(())
