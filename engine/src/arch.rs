@@ -346,16 +346,20 @@ fn dims(cfg: &ModelConfig, d: Dims) -> Vec<usize> {
     }
 }
 
+/// A table name with its layer filled in.
+fn fill(name: Option<&str>, layer: Option<usize>) -> Option<String> {
+    match layer {
+        Some(l) => name.map(|n| n.replace("{L}", &l.to_string())),
+        None => name.map(String::from),
+    }
+}
+
 fn resolve(cfg: &ModelConfig, e: &Entry, layer: Option<usize>) -> TensorSpec {
-    let name = |n: Option<&str>| match layer {
-        Some(l) => n.map(|n| n.replace("{L}", &l.to_string())),
-        None => n.map(String::from),
-    };
     TensorSpec {
         role: e.role,
         layer,
-        hf: name(e.hf),
-        gguf: name(e.gguf),
+        hf: fill(e.hf, layer),
+        gguf: fill(e.gguf, layer),
         shape: dims(cfg, e.dims),
     }
 }
@@ -406,11 +410,7 @@ pub fn names(arch: Arch, layer: Option<usize>, role: Role) -> (Option<String>, O
     else {
         return (None, None);
     };
-    let name = |n: Option<&str>| match layer {
-        Some(l) => n.map(|n| n.replace("{L}", &l.to_string())),
-        None => n.map(String::from),
-    };
-    (name(e.hf), name(e.gguf))
+    (fill(e.hf, layer), fill(e.gguf, layer))
 }
 
 /// The Hugging Face name of a GGUF tensor of this architecture (None: not one of its
@@ -419,11 +419,11 @@ pub fn hf_name(arch: Arch, gguf: &str) -> Option<String> {
     let (layer, pattern) = match gguf.strip_prefix("blk.") {
         Some(rest) => {
             let (l, name) = rest.split_once('.')?;
-            // Digits only: `blk.+1.` is not layer 1.
-            if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) {
+            // Digits only: `blk.+1.` is not layer 1 (`blk.007.` is layer 7).
+            if !l.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
-            (Some(l), format!("blk.{{L}}.{name}"))
+            (Some(l.parse::<usize>().ok()?), format!("blk.{{L}}.{name}"))
         }
         None => (None, gguf.to_string()),
     };
@@ -431,11 +431,7 @@ pub fn hf_name(arch: Arch, gguf: &str) -> Option<String> {
         .iter()
         .flat_map(|t| t.iter())
         .find(|e| e.gguf == Some(pattern.as_str()))?;
-    let hf = e.hf?;
-    Some(match layer {
-        Some(l) => hf.replace("{L}", l),
-        None => hf.to_string(),
-    })
+    fill(Some(e.hf?), layer)
 }
 
 /// Parameters of a model of this config: all of them, and those one token computes with
@@ -497,6 +493,10 @@ mod tests {
         ] {
             assert_eq!(hf_name(Arch::Llama, bad), None, "{bad}");
         }
+        assert_eq!(
+            hf_name(Arch::Llama, "blk.007.attn_q.weight").as_deref(),
+            Some("model.layers.7.self_attn.q_proj.weight")
+        );
         assert_eq!(
             hf_name(Arch::Llama, "blk.3.ffn_gate.weight").as_deref(),
             Some("model.layers.3.mlp.gate_proj.weight")
