@@ -2,40 +2,11 @@
 //! answers exactly as the unbudgeted run and reports what the cache did; a model without
 //! routed experts is one clear error.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-/// The committed random Llama 4 (4 experts, fused as transformers saves them) with a
-/// word-level tokenizer over its 300 ids and a chat template, in a directory of its own.
-fn tiny_llama4_with_tokenizer(tag: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama4_tiny_a");
-    let dir = std::env::temp_dir().join(format!("longctx-experts-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
-    let mut vocab = vec![
-        "\"<unk>\":0".to_string(),
-        "\"<s>\":1".into(),
-        "\"</s>\":2".into(),
-    ];
-    vocab.extend((3..300).map(|k| format!("\"w{k}\":{k}")));
-    let tok = format!(
-        r#"{{"version":"1.0","added_tokens":[],"normalizer":null,
-            "pre_tokenizer":{{"type":"WhitespaceSplit"}},"post_processor":null,"decoder":null,
-            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"<unk>"}}}}"#,
-        vocab.join(",")
-    );
-    std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        // A chat template of the plainest kind: `chat` needs one.
-        r#"{"bos_token":"<s>","eos_token":"</s>","add_bos_token":true,
-            "chat_template":"{% for m in messages %}{{ m['content'] }} {% endfor %}"}"#,
-    )
-    .unwrap();
-    dir
-}
+use common::tiny_llama4_with_tokenizer;
+use std::path::Path;
+use std::process::Command;
 
 fn generate(model: &Path, extra: &[&str]) -> (bool, String, String) {
     let prompt: Vec<String> = (0..40).map(|i| format!("w{}", 3 + i * 37 % 290)).collect();

@@ -1,6 +1,8 @@
 //! `longctx serve` on the default model, over raw HTTP: the OpenAI shapes of answers
 //! (whole and streamed) and of errors, limits, authentication, and a client that leaves
-//! mid-stream freeing its KV blocks.
+//! mid-stream freeing its KV blocks; the expert cache's metrics on a Llama 4 model.
+
+mod common;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -375,4 +377,23 @@ fn a_client_that_leaves_frees_its_blocks_and_a_full_queue_is_429() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(metric(&s, "longctx_generation_tokens_total") < 4000.0);
+}
+
+/// Under `--expert-budget` (a Llama 4 model), `/metrics` shows what the expert cache did.
+#[test]
+fn metrics_show_the_expert_cache_under_a_budget() {
+    let dir = common::tiny_llama4_with_tokenizer("serve");
+    let model = dir.display().to_string();
+    let s = serve(&["--model", &model, "--expert-budget", "0"]);
+    let body = json!({"model": s.model, "prompt": "w5 w6 w7 w8", "max_tokens": 4,
+                      "temperature": 0});
+    let (st, v) = post(&s, "/v1/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(metric(&s, "longctx_expert_budget_bytes"), 0.0);
+    assert!(metric(&s, "longctx_expert_bytes_read_total") > 0.0);
+    // Nothing is kept under a budget of 0: every use reads its expert.
+    assert!(metric(&s, "longctx_expert_uses_total{result=\"miss\"}") > 0.0);
+    assert_eq!(metric(&s, "longctx_expert_uses_total{result=\"hit\"}"), 0.0);
+    drop(s);
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -296,6 +296,35 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "Forward steps run.",
         &one(s.steps as f64),
     );
+    if let Some(e) = m.experts {
+        put(
+            "expert_budget_bytes",
+            "gauge",
+            "Bytes of routed experts kept resident at most (--expert-budget).",
+            &one(e.budget_bytes as f64),
+        );
+        put(
+            "expert_resident_peak_bytes",
+            "gauge",
+            "The most bytes of prepared routed experts held at once.",
+            &one(e.resident_peak_bytes as f64),
+        );
+        put(
+            "expert_bytes_read_total",
+            "counter",
+            "Bytes of the model file read to bring routed experts in.",
+            &one(e.bytes_read as f64),
+        );
+        put(
+            "expert_uses_total",
+            "counter",
+            "Uses of routed experts, by whether the expert was resident.",
+            &[
+                ("{result=\"hit\"}".into(), e.hits as f64),
+                ("{result=\"miss\"}".into(), e.misses as f64),
+            ],
+        );
+    }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub generation_tps: f64,
     pub requests_done: u64,
     pub requests_failed: u64,
+    /// Under `--expert-budget`: the expert cache's totals.
+    pub experts: Option<longctx_engine::experts::ExpertStats>,
 }
 
 /// The handle the HTTP side holds.
@@ -135,5 +137,6 @@ fn run(
         m.stats = stats;
         m.requests_done = done;
         m.requests_failed = failed;
+        m.experts = model.expert_stats();
     }
 }
