@@ -433,19 +433,6 @@ impl Model {
         self.experts.as_ref().map(|c| c.stats())
     }
 
-    /// Bytes of the routed experts as stored (what an expert budget is measured against).
-    pub fn routed_expert_bytes(&self) -> u64 {
-        let mut n = 0;
-        for l in &self.layers {
-            if let Ffn::Moe(e) = &l.ffn {
-                for x in &e.routed {
-                    n += x.file_bytes().iter().map(|b| b.len() as u64).sum::<u64>();
-                }
-            }
-        }
-        n
-    }
-
     /// Every product reads f32 copies of the weights (input-major), made once: the exact
     /// path at full speed, 4 bytes a weight beside the mapped file.
     pub fn enable_f32_weights(&mut self) -> Result<()> {
@@ -781,17 +768,8 @@ impl Model {
             h,
             &mut normed,
         );
-        let experts = e.routed.len();
-        let mut logits = vec![0f32; n * experts];
-        e.router.forward(&normed, n, &mut logits)?;
-        let mut chosen = Vec::with_capacity(m.top_k);
-        let mut wanted = vec![false; experts];
-        for row in logits.chunks_exact(experts) {
-            top_k_of(row, m.top_k, &mut chosen);
-            for &ex in &chosen {
-                wanted[ex] = true;
-            }
-        }
+        let mut wanted = vec![false; e.routed.len()];
+        route(e, &normed, n, m.top_k, |_, ex, _| wanted[ex] = true)?;
         for (ex, _) in wanted.iter().enumerate().filter(|(_, w)| **w) {
             if !cache.contains((l, ex)) {
                 e.routed[ex].read_ahead();
@@ -973,20 +951,11 @@ fn moe(
     h: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    let experts = e.routed.len();
-    let mut logits = vec![0f32; n * experts];
-    e.router.forward(x, n, &mut logits)?;
     dense_mlp(&e.shared, x, n, out)?;
-    let mut groups: Vec<Vec<(usize, f32)>> = vec![vec![]; experts];
-    let mut chosen = Vec::with_capacity(top_k);
-    for t in 0..n {
-        let row = &logits[t * experts..(t + 1) * experts];
-        top_k_of(row, top_k, &mut chosen);
-        for &ex in &chosen {
-            let score = 1.0 / (1.0 + (-row[ex]).exp());
-            groups[ex].push((t, score));
-        }
-    }
+    let mut groups: Vec<Vec<(usize, f32)>> = vec![vec![]; e.routed.len()];
+    route(e, x, n, top_k, |t, ex, logit| {
+        groups[ex].push((t, 1.0 / (1.0 + (-logit).exp())))
+    })?;
     for (ex, toks) in groups.iter().enumerate() {
         if toks.is_empty() {
             continue;
@@ -1018,6 +987,28 @@ fn moe(
             {
                 *a += b;
             }
+        }
+    }
+    Ok(())
+}
+
+/// The router on each of the `n` rows of `x`: `chosen(row, expert, logit)` for each of the
+/// row's `top_k` experts (what the MoE computes, and what the read-ahead predicts).
+fn route(
+    e: &Experts,
+    x: &[f32],
+    n: usize,
+    top_k: usize,
+    mut chosen: impl FnMut(usize, usize, f32),
+) -> Result<()> {
+    let experts = e.routed.len();
+    let mut logits = vec![0f32; n * experts];
+    e.router.forward(x, n, &mut logits)?;
+    let mut top = Vec::with_capacity(top_k);
+    for (t, row) in logits.chunks_exact(experts).enumerate() {
+        top_k_of(row, top_k, &mut top);
+        for &ex in &top {
+            chosen(t, ex, row[ex]);
         }
     }
     Ok(())
