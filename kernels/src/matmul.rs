@@ -404,14 +404,17 @@ mod tests {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let mut y = vec![0f32; m * n];
                 matmul_stored(&x, m, rows, &mut y).unwrap();
+                // Relative to each product's sum of |terms|: f32 rounding scales with it, not
+                // with the result, which cancellation can make tiny (one 32-term product at
+                // 1x32x1 once erred 1.4e-5 of its result, a pass read as a failure).
                 let (mut num, mut den) = (0f64, 0f64);
                 for i in 0..m {
                     for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|t| x[i * k + t] as f64 * wf[j * k + t] as f64)
-                            .sum();
+                        let terms = (0..k).map(|t| x[i * k + t] as f64 * wf[j * k + t] as f64);
+                        let want: f64 = terms.clone().sum();
+                        let scale: f64 = terms.map(f64::abs).sum();
                         num += (y[i * n + j] as f64 - want).powi(2);
-                        den += want * want;
+                        den += scale * scale;
                     }
                 }
                 let e = (num / den.max(1e-300)).sqrt();
