@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent H100/H200 (device tool): every CUDA kernel against the CPU
 # kernel on fresh random inputs, then our flash-attention forward beside PyTorch's SDPA in
-# the same run, as one table. Under 5 minutes.
+# the same run, as one table; then compute-sanitizer (memcheck, racecheck, synccheck) on a
+# small case of every kernel. Under 8 minutes. LONGCTX_GPU_SEED=N reruns a draw.
 #
 #   scripts/gpu-check.sh --prepare   here: build the release binary into .gpu/ (carried)
-#   scripts/gpu-check.sh             there: run (builds with cargo when it is there)
+#   scripts/gpu-check.sh             there: run the carried binary (builds with cargo only
+#                                    when none was carried: minutes of device time)
 #
-# Device tool call: run(command="scripts/gpu-check.sh", carry=[".gpu"], timeout_s=420).
+# Device tool call: run(command="scripts/gpu-check.sh", carry=[".gpu"], timeout_s=560).
 # Results also land in $OUT (ours.json, sdpa.json, table.txt) when OUT is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ fi
 out="${OUT:-$(mktemp -d)}"
 mkdir -p "$out"
 bin=.gpu/longctx
-if command -v cargo >/dev/null 2>&1; then
+if [ ! -x "$bin" ] && command -v cargo >/dev/null 2>&1; then
     cargo build --release --locked --bin longctx && bin=target/release/longctx
 fi
 [ -x "$bin" ] || { echo "gpu-check: no binary: run scripts/gpu-check.sh --prepare and carry .gpu"; exit 2; }
@@ -49,14 +51,31 @@ export LD_LIBRARY_PATH="$libs:$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader 2>/dev/null
 
 start=$SECONDS
-timeout 240 "$bin" bench gpu --json >"$out/ours.json" 2>"$out/ours.err"
+timeout 240 "$bin" bench gpu --json ${LONGCTX_GPU_SEED:+--seed "$LONGCTX_GPU_SEED"} >"$out/ours.json" 2>"$out/ours.err"
 rc=$?
 if [ $rc -ne 0 ]; then
     echo "gpu-check: longctx bench gpu exited $rc"; cat "$out/ours.err"
     # Failing checks still print their JSON and go in the table; no JSON means no GPU run.
     [ -s "$out/ours.json" ] || exit 2
 fi
-timeout 120 python3 scripts/bench_sdpa.py >"$out/sdpa.json" 2>"$out/sdpa.err" || cat "$out/sdpa.err"
+timeout 100 python3 scripts/bench_sdpa.py >"$out/sdpa.json" 2>"$out/sdpa.err" || cat "$out/sdpa.err"
+# compute-sanitizer on the small case of every kernel (races, barriers, out-of-bounds
+# accesses): it runs kernels hundreds of times slower, hence --small.
+cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+san=0
+if [ -n "$cs" ]; then
+    for tool in memcheck racecheck synccheck; do
+        timeout 50 "$cs" --tool "$tool" --error-exitcode 9 "$bin" bench gpu --small --json \
+            >"$out/sanitize-$tool.json" 2>"$out/sanitize-$tool.err"
+        r=$?
+        summary=$(grep -h 'ERROR SUMMARY' "$out/sanitize-$tool.json" "$out/sanitize-$tool.err" | tail -1)
+        echo "compute-sanitizer $tool: exit $r ${summary:-(no summary)}" | tee -a "$out/sanitize.txt"
+        [ $r -eq 0 ] || san=1
+    done
+else
+    echo "compute-sanitizer: not found" | tee -a "$out/sanitize.txt"
+fi
 echo "gpu-check: $((SECONDS - start)) s"
 python3 scripts/gpu_table.py "$out/ours.json" "$out/sdpa.json" | tee "$out/table.txt"
-exit $(( rc != 0 || ${PIPESTATUS[0]} != 0 ))
+table=${PIPESTATUS[0]}
+exit $(( rc != 0 || table != 0 || san != 0 ))

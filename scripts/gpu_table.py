@@ -28,10 +28,19 @@ def main() -> int:
         print(f"SDPA: {sdpa['error']}")
     else:
         print(f"peer: torch {sdpa['torch']} scaled_dot_product_attention on {sdpa['device']}")
-    worst = max((c["rel_err"] for c in checks), default=float("nan"))
-    print(f"GPU checks: {len(checks) - len(failed)} of {len(checks)} within bound (worst rel err {worst:.2e})")
+    num = lambda x: "-" if x is None else f"{x:.2e}"
+    worst = max((c["rel_err"] for c in checks if c.get("rel_err") is not None), default=float("nan"))
+    worst_row = max((c["row_err"] for c in checks if c.get("row_err") is not None), default=float("nan"))
+    worst_lse = max((c["lse_abs"] for c in checks if c.get("lse_abs") is not None), default=float("nan"))
+    print(f"seed: {ours.get('seed')} (longctx bench gpu --seed N reruns the same inputs)")
+    print(f"GPU checks: {len(checks) - len(failed)} of {len(checks)} within bound "
+          f"(worst: rel err {worst:.2e}, row {worst_row:.2e}, lse abs {worst_lse:.2e})")
     for c in failed:
-        print(f"  FAIL {c['name']}: rel err {c['rel_err']:.2e} > {c['tol']:.0e}")
+        if c.get("error"):
+            print(f"  ERROR {c['name']}: {c['error']}")
+        else:
+            print(f"  FAIL {c['name']}: rel err {num(c.get('rel_err'))}, row {num(c.get('row_err'))} "
+                  f"(bound {c['tol']:.0e}), lse abs {num(c.get('lse_abs'))} (bound {c.get('lse_tol', 0):.0e})")
         status = 1
     peer = {(t["l"], t["d"], t["causal"]): t for t in sdpa.get("timings", [])}
     head = ("L", "batch", "heads", "D", "causal", "ours ms", "ours TFLOP/s", "SDPA ms", "SDPA TFLOP/s", "ours/SDPA")

@@ -3,7 +3,9 @@
 //! shapes `scripts/gpu-check.sh` also gives PyTorch's SDPA.
 
 use anyhow::{bail, Result};
-use longctx_kernels::cuda::{bench_attention, self_test, BenchCase, Gpu};
+use longctx_kernels::cuda::{
+    bench_attention, self_test, BenchCase, Gpu, Scope, CHECK_LSE_TOL, CHECK_TOL,
+};
 use serde::Serialize;
 
 #[derive(clap::Args)]
@@ -26,14 +28,29 @@ pub struct Args {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     ordinal: usize,
+    /// Only small bf16 checks of every kernel, no timings (for compute-sanitizer).
+    #[arg(long)]
+    small: bool,
+    /// Seed of the checks' random inputs (default: drawn from the clock; the run prints it,
+    /// so a failing draw can be rerun).
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 #[derive(Serialize)]
 struct Check {
     name: String,
-    rel_err: f64,
+    /// Norm-wise relative error (null when the case did not run).
+    rel_err: Option<f64>,
+    /// The worst row's relative error.
+    row_err: Option<f64>,
+    /// Attention: the largest absolute LSE error.
+    lse_abs: Option<f64>,
     tol: f64,
+    lse_tol: f64,
     pass: bool,
+    /// Why the case did not run or finish.
+    error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -50,6 +67,8 @@ struct Timing {
 #[derive(Serialize)]
 struct Report {
     device: String,
+    /// The checks' seed (`--seed` reruns the same inputs).
+    seed: Option<u64>,
     checks: Vec<Check>,
     timings: Vec<Timing>,
 }
@@ -111,9 +130,13 @@ fn nccl_check(ordinal: usize) -> Check {
     };
     Check {
         name,
-        rel_err: if ok { 0.0 } else { f64::INFINITY },
+        rel_err: None,
+        row_err: None,
+        lse_abs: None,
         tol: 0.0,
+        lse_tol: 0.0,
         pass: ok,
+        error: (!ok).then(|| "the exchange failed or returned other bytes".to_string()),
     }
 }
 
@@ -122,6 +145,7 @@ pub fn run(args: Args) -> Result<()> {
     let gpu = Gpu::new(args.ordinal, Some(cache))?;
     let mut report = Report {
         device: gpu.info.to_string(),
+        seed: None,
         checks: Vec::new(),
         timings: Vec::new(),
     };
@@ -129,27 +153,54 @@ pub fn run(args: Args) -> Result<()> {
         println!("{}", report.device);
     }
     if !args.bench_only {
-        for r in self_test(&gpu)? {
+        let scope = if args.small {
+            Scope::Small
+        } else {
+            Scope::Full
+        };
+        let t = self_test(&gpu, args.seed, scope);
+        report.seed = Some(t.seed);
+        let finite = |x: f64| x.is_finite().then_some(x);
+        for r in t.rows {
             report.checks.push(Check {
                 pass: r.pass(),
-                name: r.name,
-                rel_err: r.rel_err,
+                rel_err: finite(r.rel_err),
+                row_err: finite(r.row_err),
+                lse_abs: r.lse_abs.and_then(finite),
                 tol: r.tol,
+                lse_tol: r.lse_tol,
+                name: r.name,
+                error: r.error,
             });
         }
-        report.checks.push(nccl_check(args.ordinal));
+        if !args.small {
+            report.checks.push(nccl_check(args.ordinal));
+        }
         if !args.json {
-            println!("\n{:<72} {:>10} {:>8}  result", "check", "rel err", "bound");
+            println!("seed {} (--seed {} reruns these inputs)", t.seed, t.seed);
+            println!(
+                "\n{:<96} {:>9} {:>9} {:>9}  result",
+                "check", "rel err", "worst row", "lse abs"
+            );
+            let num = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2e}"));
             for c in &report.checks {
-                let verdict = if c.pass { "ok" } else { "FAIL" };
+                let verdict = match (&c.error, c.pass) {
+                    (Some(e), _) => format!("ERROR {e}"),
+                    (None, true) => "ok".into(),
+                    (None, false) => "FAIL".into(),
+                };
                 println!(
-                    "{:<72} {:>10.2e} {:>8.0e}  {verdict}",
-                    c.name, c.rel_err, c.tol
+                    "{:<96} {:>9} {:>9} {:>9}  {verdict}",
+                    c.name,
+                    num(c.rel_err),
+                    num(c.row_err),
+                    num(c.lse_abs)
                 );
             }
+            println!("bounds: rel err and worst row {CHECK_TOL:.0e}, lse abs {CHECK_LSE_TOL:.0e}");
         }
     }
-    if !args.check_only {
+    if !args.check_only && !args.small {
         for case in cases(args.quick) {
             let ms = bench_attention(&gpu, case, args.reps)?;
             report.timings.push(Timing {

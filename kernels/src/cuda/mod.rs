@@ -15,7 +15,10 @@ mod ops;
 pub mod source;
 
 pub use attention::KvLayout;
-pub use check::{bench_attention, self_test, BenchCase, CheckRow};
+pub use check::{
+    bench_attention, fresh_seed, self_test, BenchCase, CheckRow, Scope, SelfTest, CHECK_LSE_TOL,
+    CHECK_TOL,
+};
 pub use source::{Family, GpuDType, Variant, HEAD_DIMS};
 
 use crate::KernelError;
@@ -46,6 +49,49 @@ pub enum GpuError {
     Blas(String),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+}
+
+/// `what` (= `value`) is past `max`, the most the kernel's integer type holds.
+pub(crate) fn too_big(op: &'static str, what: &str, value: usize, max: u64) -> GpuError {
+    GpuError::Kernel(KernelError::Unsupported {
+        op,
+        reason: format!("{what} = {value} is more than the GPU kernels take ({max})"),
+    })
+}
+
+/// A size in a launch argument's integer type (`i32`, `u32`, `i64`), or `Unsupported`: a
+/// bare `as` would wrap a length of 2^31 or more into a negative or small one.
+pub(crate) fn narrow<T>(op: &'static str, what: &str, value: usize) -> Result<T, GpuError>
+where
+    T: TryFrom<usize> + num_max::Max,
+{
+    T::try_from(value).map_err(|_| too_big(op, what, value, T::MAX_U64))
+}
+
+/// A grid's x dimension, which CUDA caps at 2^31 - 1.
+pub(crate) fn grid_x(op: &'static str, what: &str, value: usize) -> Result<u32, GpuError> {
+    narrow::<i32>(op, what, value).map(|v| v as u32)
+}
+
+/// A grid's y dimension, which CUDA caps at 65,535.
+pub(crate) fn grid_y(op: &'static str, what: &str, value: usize) -> Result<u32, GpuError> {
+    if value > 65_535 {
+        return Err(too_big(op, what, value, 65_535));
+    }
+    Ok(value as u32)
+}
+
+mod num_max {
+    /// The largest value of a launch argument's integer type, for the error message.
+    pub trait Max {
+        const MAX_U64: u64;
+    }
+    impl Max for i32 {
+        const MAX_U64: u64 = i32::MAX as u64;
+    }
+    impl Max for i64 {
+        const MAX_U64: u64 = i64::MAX as u64;
+    }
 }
 
 impl From<cudarc::driver::DriverError> for GpuError {

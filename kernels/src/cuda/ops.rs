@@ -2,7 +2,7 @@
 //! the cuBLAS projections.
 
 use super::source::Variant;
-use super::{Gpu, GpuElem, GpuError};
+use super::{grid_x, narrow, Gpu, GpuElem, GpuError};
 use crate::attention::check_len;
 use crate::KernelError;
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
@@ -10,20 +10,26 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 const THREADS: u32 = 256;
 
-fn grid_for(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(THREADS as usize).max(1) as u32, 1, 1),
+/// One thread an element.
+fn grid_for(op: &'static str, n: usize) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            grid_x(op, "blocks", n.div_ceil(THREADS as usize).max(1))?,
+            1,
+            1,
+        ),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
-fn rows_cfg(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
+/// One block a row.
+fn rows_cfg(op: &'static str, rows: usize) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_x(op, "rows", rows)?, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
 impl Gpu {
@@ -53,7 +59,8 @@ impl Gpu {
             return Ok(());
         }
         let f = self.function(Variant::ops(T::DTYPE), "rms_norm")?;
-        let (n_i, null) = (n as i32, 0u64);
+        let (n_i, null): (i32, u64) = (narrow(OP, "n", n)?, 0);
+        let cfg = rows_cfg(OP, rows)?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(x);
         match w {
@@ -62,7 +69,7 @@ impl Gpu {
         };
         b.arg(y).arg(&n_i).arg(&eps);
         // SAFETY: matches rms_norm's signature; lengths checked.
-        unsafe { b.launch(rows_cfg(rows)) }?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -96,13 +103,14 @@ impl Gpu {
             return Ok(());
         }
         let f = self.function(Variant::ops(T::DTYPE), "rope_apply")?;
-        let (t_i, h_i, d_i, half_i, il) = (
-            tokens as i32,
-            heads as i32,
-            d as i32,
-            half as i32,
+        let (t_i, h_i, d_i, half_i, il): (i32, i32, i32, i32, i32) = (
+            narrow(OP, "tokens", tokens)?,
+            narrow(OP, "heads", heads)?,
+            narrow(OP, "head_dim", d)?,
+            narrow(OP, "rotary dim / 2", half)?,
             interleaved as i32,
         );
+        let cfg = grid_for(OP, total)?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(x).arg(positions).arg(inv_freq);
         b.arg(&t_i)
@@ -112,7 +120,7 @@ impl Gpu {
             .arg(&il)
             .arg(&factor);
         // SAFETY: matches rope_apply's signature; lengths checked.
-        unsafe { b.launch(grid_for(total)) }?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -133,26 +141,33 @@ impl Gpu {
         }
         let f = self.function(Variant::ops(T::DTYPE), "silu_mul")?;
         let up = gu.slice(n..);
-        let (r_i, n_i, ld) = (rows as i32, n as i32, 2 * n as i32);
+        let (r_i, n_i, ld): (i32, i32, i32) = (
+            narrow(OP, "rows", rows)?,
+            narrow(OP, "n", n)?,
+            narrow(OP, "2n", 2 * n)?,
+        );
+        let cfg = grid_for(OP, rows * n)?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(gu).arg(&up).arg(out).arg(&r_i).arg(&n_i).arg(&ld);
         // SAFETY: matches silu_mul's signature; the last up row ends at gu's end.
-        unsafe { b.launch(grid_for(rows * n)) }?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
     /// `y += x`.
     pub fn add<T: GpuElem>(&self, y: &mut CudaSlice<T>, x: &CudaSlice<T>) -> Result<(), GpuError> {
-        check_len("cuda add", "x", y.len(), x.len())?;
+        const OP: &str = "cuda add";
+        check_len(OP, "x", y.len(), x.len())?;
         if y.is_empty() {
             return Ok(());
         }
         let f = self.function(Variant::ops(T::DTYPE), "add_inplace")?;
-        let n = y.len() as i64;
+        let cfg = grid_for(OP, y.len())?;
+        let n: i64 = narrow(OP, "length", y.len())?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(y).arg(x).arg(&n);
         // SAFETY: matches add_inplace's signature.
-        unsafe { b.launch(grid_for(n as usize)) }?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -184,7 +199,8 @@ impl Gpu {
         let f = self.function(Variant::ops(T::DTYPE), "moe_gather")?;
         let rows_dev = self.stream.clone_htod(rows)?;
         let scale_dev = scale.map(|s| self.stream.clone_htod(s)).transpose()?;
-        let (n_i, null) = (n as i32, 0u64);
+        let (n_i, null): (i32, u64) = (narrow(OP, "n", n)?, 0);
+        let cfg = rows_cfg(OP, rows.len())?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(x).arg(&rows_dev);
         match &scale_dev {
@@ -193,7 +209,7 @@ impl Gpu {
         };
         b.arg(out).arg(&n_i);
         // SAFETY: matches moe_gather's signature; every row index checked.
-        unsafe { b.launch(rows_cfg(rows.len())) }?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -212,7 +228,7 @@ impl Gpu {
         check_len(OP, "slot", tokens * top_k, slot.len())?;
         check_len(OP, "w", tokens * top_k, w.len())?;
         let slots = e.len().checked_div(n).unwrap_or(0);
-        if let Some(s) = slot.iter().find(|&&s| s >= slots as i32) {
+        if let Some(s) = slot.iter().find(|&&s| s >= 0 && s as usize >= slots) {
             return Err(KernelError::Unsupported {
                 op: OP,
                 reason: format!("slot {s} outside the {slots} expert rows"),
@@ -225,7 +241,8 @@ impl Gpu {
         let f = self.function(Variant::ops(T::DTYPE), "moe_combine")?;
         let slot_dev = self.stream.clone_htod(slot)?;
         let w_dev = self.stream.clone_htod(w)?;
-        let (k_i, n_i) = (top_k as i32, n as i32);
+        let (k_i, n_i): (i32, i32) = (narrow(OP, "top_k", top_k)?, narrow(OP, "n", n)?);
+        let cfg = rows_cfg(OP, tokens)?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(e)
             .arg(&slot_dev)
@@ -234,7 +251,7 @@ impl Gpu {
             .arg(&k_i)
             .arg(&n_i);
         // SAFETY: matches moe_combine's signature; every slot checked.
-        unsafe { b.launch(rows_cfg(tokens)) }?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -259,17 +276,22 @@ impl Gpu {
         }
         // Row-major y = x w^T is column-major y^T = w^T' x^T': A = w (k x n, transposed),
         // B = x (k x m), C = y^T (n x m).
+        let (m_i, k_i, n_i): (i32, i32, i32) = (
+            narrow(OP, "m", m)?,
+            narrow(OP, "k", k)?,
+            narrow(OP, "n", n)?,
+        );
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
             transb: cublasOperation_t::CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
+            m: n_i,
+            n: m_i,
+            k: k_i,
             alpha: T::from_f32(1.0),
-            lda: k as i32,
-            ldb: k as i32,
+            lda: k_i,
+            ldb: k_i,
             beta: T::from_f32(0.0),
-            ldc: n as i32,
+            ldc: n_i,
         };
         // SAFETY: dimensions and lengths checked above.
         unsafe { self.blas()?.gemm(cfg, w, x, y) }.map_err(|e| GpuError::Blas(e.to_string()))

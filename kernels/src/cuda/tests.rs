@@ -98,10 +98,22 @@ fn gpu_self_test() {
             return;
         }
     };
-    let rows = self_test(&gpu).unwrap();
-    let bad: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
-    for r in &rows {
-        eprintln!("{:<70} {:.2e}", r.name, r.rel_err);
+    // LONGCTX_GPU_SEED reruns a failing draw.
+    let seed = std::env::var("LONGCTX_GPU_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let t = self_test(&gpu, seed, super::Scope::Full);
+    eprintln!("seed {} (LONGCTX_GPU_SEED={} reruns it)", t.seed, t.seed);
+    for r in &t.rows {
+        eprintln!(
+            "{:<90} {:.2e} {:.2e} {:?} {}",
+            r.name,
+            r.rel_err,
+            r.row_err,
+            r.lse_abs,
+            r.error.as_deref().unwrap_or("")
+        );
     }
-    assert!(bad.is_empty(), "failed: {bad:?}");
+    let bad: Vec<_> = t.rows.iter().filter(|r| !r.pass()).collect();
+    assert!(bad.is_empty(), "seed {}: failed: {bad:#?}", t.seed);
 }
