@@ -11,6 +11,7 @@
 
 pub mod apps;
 pub mod arch;
+pub mod backend;
 pub mod batch;
 pub mod config;
 mod error;

@@ -4,19 +4,18 @@
 //! followed here.
 
 use crate::arch::{self, Role};
-use crate::batch::{Batch, Entry};
+use crate::backend::{Backend, Cpu, FfnScratch, Widths, Workspace};
+use crate::batch::Batch;
 use crate::config::ModelConfig;
 use crate::experts::{ExpertCache, ExpertStats, Made, Resident};
-use crate::ops::{rms_norm, rms_norm_in_place, silu_mul, silu_mul_into, Copies, Linear};
+use crate::ops::{Copies, Linear};
 use crate::weights::{ExpertWeights, FusedExpert, Tensor, Weights};
 use crate::{EngineError, Result};
-use longctx_kernels::{AttnParams, DType, Mask, QMatrix};
-use longctx_kvstore::{
-    attend, attend_q8, Budgets, KvConfig, KvStore, Policy, Retention, SeqId, StreamOptions,
-};
+use longctx_kernels::{DType, Mask, QMatrix};
+use longctx_kvstore::{Budgets, KvConfig, KvStore, Policy, Retention, SeqId};
 use longctx_rope::Rope;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 struct Mlp {
     gate: Linear,
@@ -69,6 +68,8 @@ pub struct Model {
     copies: Copies,
     /// Under `--expert-budget`: the routed experts resident now (the others stay in the file).
     experts: Option<ExpertCache<Mlp>>,
+    /// The CPU steps' activations, kept between steps.
+    workspace: Mutex<Option<Workspace<Cpu>>>,
 }
 
 /// Which logits a forward pass returns.
@@ -393,6 +394,7 @@ impl Model {
             lm_head,
             copies: Copies::Stored,
             experts: None,
+            workspace: Mutex::new(None),
         })
     }
 
@@ -573,8 +575,52 @@ impl Model {
         }
     }
 
+    /// The widths this model's workspace is sized by.
+    fn widths(&self) -> Widths {
+        let c = &self.cfg;
+        Widths {
+            hidden: c.hidden,
+            q: c.heads * c.head_dim,
+            kv: c.kv_heads * c.head_dim,
+            heads: c.heads,
+            inter: c
+                .intermediate
+                .max(c.moe.as_ref().map_or(0, |m| m.intermediate)),
+            experts: c.moe.as_ref().map_or(0, |m| m.experts),
+            vocab: c.vocab,
+        }
+    }
+
+    /// The CPU step on the model's own workspace (made at the first step, grown for a larger
+    /// one; a concurrent step, which tests make, gets one of its own).
     fn forward_in_pool(
         &self,
+        batch: &Batch,
+        store: &KvStore,
+        rope: Option<&Rope>,
+        prefetch: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let n = batch.rows();
+        let mut held = self.workspace.try_lock().ok();
+        let mut own = None;
+        let slot: &mut Option<Workspace<Cpu>> = match held.as_deref_mut() {
+            Some(slot) => slot,
+            None => &mut own,
+        };
+        if slot.as_ref().is_none_or(|ws| ws.rows < n) {
+            *slot = None;
+            *slot = Some(Workspace::new(&Cpu, self.widths(), n)?);
+        }
+        let ws = slot.as_mut().expect("made above");
+        self.step(&Cpu, ws, batch, store, rope, prefetch)
+    }
+
+    /// One step of the forward pass on backend `be`, in `ws` (sized for at least the batch's
+    /// rows).
+    pub fn step<B: Backend>(
+        &self,
+        be: &B,
+        ws: &mut Workspace<B>,
         batch: &Batch,
         store: &KvStore,
         rope: Option<&Rope>,
@@ -585,49 +631,41 @@ impl Model {
         if n == 0 {
             return Ok(vec![vec![]; batch.entries.len()]);
         }
+        if ws.rows < n {
+            return Err(EngineError::Batch(format!(
+                "a step of {n} rows in a workspace for {}",
+                ws.rows
+            )));
+        }
         let offs = batch.offsets();
         let pos_of = |r: usize| batch.position(r);
         let (h, hd) = (c.hidden, c.head_dim);
         let (qd, kd) = (c.heads * hd, c.kv_heads * hd);
         let rope = rope.unwrap_or(&c.rope);
-        let mut x = vec![0f32; n * h];
-        let embed_rows = self.embed.rows()?;
-        let tokens = batch.entries.iter().flat_map(|e| e.tokens.iter());
-        for (row, t) in x.chunks_exact_mut(h).zip(tokens) {
-            let t = *t as usize;
-            if t >= c.vocab {
-                return Err(EngineError::Tokenizer(format!(
-                    "token id {t} outside the vocabulary of {}",
-                    c.vocab
-                )));
-            }
-            embed_rows.dequantize_row(t, row);
-        }
-        finite(&x, h, &pos_of, || "the token embedding".into())?;
-        let mut hbuf = vec![0f32; n * h];
-        let mut q = vec![0f32; n * qd];
-        let mut k = vec![0f32; n * kd];
-        let mut v = vec![0f32; n * kd];
-        let mut attn = vec![0f32; n * qd];
-        let mut lse = vec![0f32; n * c.heads];
-        let mut o = vec![0f32; n * h];
+        let tokens: Vec<u32> = batch
+            .entries
+            .iter()
+            .flat_map(|e| e.tokens.iter().copied())
+            .collect();
+        be.embed(&self.embed, &tokens, &mut ws.x)?;
+        finite(be, &ws.x, (n, h), &pos_of, || "the token embedding".into())?;
         for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, Some(&layer.input_layernorm), c.rms_eps, h, &mut hbuf);
+            be.rms_norm(
+                &ws.x,
+                Some(&layer.input_layernorm),
+                c.rms_eps,
+                (n, h),
+                &mut ws.normed,
+            )?;
             match &layer.qkv_q {
                 Some(w) => {
-                    let width = qd + 2 * kd;
-                    let mut qkv = vec![0f32; n * width];
-                    w.gemm(&hbuf, n, &mut qkv)?;
-                    for (r, row) in qkv.chunks_exact(width).enumerate() {
-                        q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
-                        k[r * kd..(r + 1) * kd].copy_from_slice(&row[qd..qd + kd]);
-                        v[r * kd..(r + 1) * kd].copy_from_slice(&row[qd + kd..]);
-                    }
+                    be.stacked(w, &ws.normed, n, &mut ws.qkv)?;
+                    be.split_qkv(&ws.qkv, n, (qd, kd), &mut ws.q, &mut ws.k, &mut ws.v)?;
                 }
                 _ => {
-                    layer.q_proj.forward(&hbuf, n, &mut q)?;
-                    layer.k_proj.forward(&hbuf, n, &mut k)?;
-                    layer.v_proj.forward(&hbuf, n, &mut v)?;
+                    be.linear(&layer.q_proj, &ws.normed, n, &mut ws.q)?;
+                    be.linear(&layer.k_proj, &ws.normed, n, &mut ws.k)?;
+                    be.linear(&layer.v_proj, &ws.normed, n, &mut ws.v)?;
                 }
             }
             let mut mask = Mask::Causal;
@@ -636,24 +674,29 @@ impl Model {
                 if r0 == r1 {
                     continue;
                 }
-                let ne = r1 - r0;
-                let (qe, ke) = (&mut q[r0 * qd..r1 * qd], &mut k[r0 * kd..r1 * kd]);
                 if layer.rope {
-                    let seq_len = e.pos0 + ne;
+                    let seq_len = e.pos0 + (r1 - r0);
                     let (pos0, lay) = (e.pos0, c.rope_layout);
-                    longctx_rope::apply(qe, (ne, c.heads, hd), pos0, rope, seq_len, lay)?;
-                    longctx_rope::apply(ke, (ne, c.kv_heads, hd), pos0, rope, seq_len, lay)?;
+                    be.rope(&mut ws.q, r0..r1, (c.heads, hd), pos0, rope, seq_len, lay)?;
+                    be.rope(
+                        &mut ws.k,
+                        r0..r1,
+                        (c.kv_heads, hd),
+                        pos0,
+                        rope,
+                        seq_len,
+                        lay,
+                    )?;
                 }
                 if let Some(l4) = &c.llama4 {
                     if !layer.rope && l4.temperature_tuning {
-                        for (j, row) in qe.chunks_exact_mut(qd).enumerate() {
+                        ws.scales.clear();
+                        ws.scales.extend((0..r1 - r0).map(|j| {
                             let pos = (e.pos0 + j) as f64;
-                            let s = 1.0
-                                + l4.attn_scale * ((pos + 1.0) / l4.floor_scale).floor().ln_1p();
-                            for x in row {
-                                *x *= s as f32;
-                            }
-                        }
+                            (1.0 + l4.attn_scale * ((pos + 1.0) / l4.floor_scale).floor().ln_1p())
+                                as f32
+                        }));
+                        be.scale_rows(&mut ws.q, qd, r0, &ws.scales)?;
                     }
                 }
             }
@@ -661,34 +704,43 @@ impl Model {
                 if layer.rope {
                     mask = Mask::ChunkedLocal { chunk: l4.chunk };
                     if l4.qk_norm {
-                        rms_norm_in_place(&mut q, c.rms_eps, hd);
-                        rms_norm_in_place(&mut k, c.rms_eps, hd);
+                        be.rms_norm_in_place(&mut ws.q, c.rms_eps, (n * c.heads, hd))?;
+                        be.rms_norm_in_place(&mut ws.k, c.rms_eps, (n * c.kv_heads, hd))?;
                     }
                 }
             }
             for (i, e) in batch.entries.iter().enumerate() {
                 let (r0, r1) = (offs[i], offs[i + 1]);
                 if r0 < r1 {
-                    append_kv(store, e.seq, l, &k[r0 * kd..r1 * kd], &v[r0 * kd..r1 * kd])?;
+                    be.append_kv(store, e.seq, l, &ws.k, &ws.v, r0..r1, kd)?;
                 }
             }
-            attend_entries(
-                store, batch, &offs, l, &q, c.heads, mask, hd, prefetch, &mut attn, &mut lse,
+            be.attend(
+                store,
+                batch,
+                &offs,
+                l,
+                &ws.q,
+                (c.heads, hd),
+                mask,
+                prefetch,
+                &mut ws.attn,
+                &mut ws.lse,
             )?;
-            layer.o_proj.forward(&attn, n, &mut o)?;
-            for (a, b) in x.iter_mut().zip(&o) {
-                *a += b;
-            }
-            finite(&x, h, &pos_of, || format!("layer {l}'s attention"))?;
-            rms_norm(
-                &x,
+            be.linear(&layer.o_proj, &ws.attn, n, &mut ws.o)?;
+            be.add(&mut ws.x, &ws.o, n * h)?;
+            finite(be, &ws.x, (n, h), &pos_of, || {
+                format!("layer {l}'s attention")
+            })?;
+            be.rms_norm(
+                &ws.x,
                 Some(&layer.post_attention_layernorm),
                 c.rms_eps,
-                h,
-                &mut hbuf,
-            );
+                (n, h),
+                &mut ws.normed,
+            )?;
             match &layer.ffn {
-                Ffn::Dense(m) => dense_mlp(m, &hbuf, n, &mut o)?,
+                Ffn::Dense(m) => dense_mlp(be, m, &ws.normed, n, &mut ws.o, &mut ws.ffn)?,
                 Ffn::Moe(e) => {
                     let m = c.moe.as_ref().expect("MoE config");
                     let routed = Routed {
@@ -696,15 +748,15 @@ impl Model {
                         cache: self.experts.as_ref(),
                         copies: self.copies,
                     };
-                    moe(e, &routed, m.top_k, &hbuf, n, h, &mut o)?;
+                    moe(be, ws, e, &routed, m.top_k, n, h)?;
                 }
             }
-            for (a, b) in x.iter_mut().zip(&o) {
-                *a += b;
-            }
-            finite(&x, h, &pos_of, || format!("layer {l}'s feed-forward"))?;
+            be.add(&mut ws.x, &ws.o, n * h)?;
+            finite(be, &ws.x, (n, h), &pos_of, || {
+                format!("layer {l}'s feed-forward")
+            })?;
             if let (Some(cache), Some(next)) = (&self.experts, self.layers.get(l + 1)) {
-                self.read_ahead(cache, l + 1, next, &x, n)?;
+                self.read_ahead(be, ws, cache, l + 1, next, n)?;
             }
         }
         // The rows whose logits are wanted, in entry order.
@@ -713,20 +765,17 @@ impl Model {
             let (r0, r1) = (offs[i], offs[i + 1]);
             match (e.want, r0 < r1) {
                 (_, false) => {}
-                (Logits::Last, true) => picked.push(r1 - 1),
-                (Logits::All, true) => picked.extend(r0..r1),
+                (Logits::Last, true) => picked.push((r1 - 1, 1.0)),
+                (Logits::All, true) => picked.extend((r0..r1).map(|r| (r, 1.0))),
             }
         }
         let m = picked.len();
-        let mut rows = vec![0f32; m * h];
-        for (dst, r) in rows.chunks_exact_mut(h).zip(&picked) {
-            dst.copy_from_slice(&x[r * h..(r + 1) * h]);
-        }
-        let mut normed = vec![0f32; m * h];
-        rms_norm(&rows, Some(&self.norm), c.rms_eps, h, &mut normed);
-        let mut logits = vec![0f32; m * c.vocab];
-        self.lm_head.forward(&normed, m, &mut logits)?;
-        finite(&logits, c.vocab, &|i| pos_of(picked[i]), || {
+        be.gather(&ws.x, h, &picked, &mut ws.o)?;
+        be.rms_norm(&ws.o, Some(&self.norm), c.rms_eps, (m, h), &mut ws.normed)?;
+        ws.logits_for(be, m, c.vocab)?;
+        let logits = &mut ws.logits;
+        be.linear(&self.lm_head, &ws.normed, m, logits)?;
+        finite(be, logits, (m, c.vocab), &|i| pos_of(picked[i].0), || {
             "the final norm or lm_head".into()
         })?;
         let mut out = Vec::with_capacity(batch.entries.len());
@@ -737,7 +786,11 @@ impl Model {
                 (Logits::Last, true) => 1,
                 (Logits::All, true) => offs[i + 1] - offs[i],
             };
-            out.push(logits[at * c.vocab..(at + rows) * c.vocab].to_vec());
+            let mut host = vec![0f32; rows * c.vocab];
+            if rows > 0 {
+                be.download_rows(logits, at * c.vocab, &mut host)?;
+            }
+            out.push(host);
             at += rows;
         }
         Ok(out)
@@ -748,28 +801,28 @@ impl Model {
     /// Asks for the file pages of the experts layer `l` (`next`) will likely use: its router
     /// applied to its input before attention (the residual stream changes little across one
     /// attention sublayer), so the reads overlap that attention.
-    fn read_ahead(
+    fn read_ahead<B: Backend>(
         &self,
+        be: &B,
+        ws: &mut Workspace<B>,
         cache: &ExpertCache<Mlp>,
         l: usize,
         next: &Layer,
-        x: &[f32],
         n: usize,
     ) -> Result<()> {
         let (Ffn::Moe(e), Some(m)) = (&next.ffn, &self.cfg.moe) else {
             return Ok(());
         };
         let h = self.cfg.hidden;
-        let mut normed = vec![0f32; n * h];
-        rms_norm(
-            x,
+        be.rms_norm(
+            &ws.x,
             Some(&next.post_attention_layernorm),
             self.cfg.rms_eps,
-            h,
-            &mut normed,
-        );
+            (n, h),
+            &mut ws.normed,
+        )?;
         let mut wanted = vec![false; e.routed.len()];
-        route(e, &normed, n, m.top_k, |_, ex, _| wanted[ex] = true)?;
+        route(be, ws, e, n, m.top_k, |_, ex, _| wanted[ex] = true)?;
         for (ex, _) in wanted.iter().enumerate().filter(|(_, w)| **w) {
             if !cache.contains((l, ex)) {
                 e.routed[ex].read_ahead();
@@ -787,223 +840,122 @@ struct Routed<'a> {
     copies: Copies,
 }
 
-/// Each entry's attention over its own sequence, entries in parallel (a decode step of
-/// many sequences has one row each: too little for the kernel's own parallelism alone).
-#[allow(clippy::too_many_arguments)]
-fn attend_entries(
-    store: &KvStore,
-    batch: &Batch,
-    offs: &[usize],
-    l: usize,
-    q: &[f32],
-    heads: usize,
-    mask: Mask,
-    hd: usize,
-    prefetch: usize,
-    attn: &mut [f32],
-    lse: &mut [f32],
-) -> Result<()> {
-    use rayon::prelude::*;
-    let qd = heads * hd;
-    let mut jobs = Vec::with_capacity(batch.entries.len());
-    let (mut attn, mut lse) = (attn, lse);
-    for (i, e) in batch.entries.iter().enumerate() {
-        let rows = offs[i + 1] - offs[i];
-        let (a, rest) = std::mem::take(&mut attn).split_at_mut(rows * qd);
-        let (s, rest_l) = std::mem::take(&mut lse).split_at_mut(rows * heads);
-        (attn, lse) = (rest, rest_l);
-        if rows > 0 {
-            jobs.push((e, &q[offs[i] * qd..offs[i + 1] * qd], a, s));
-        }
-    }
-    let run = |(e, q, a, s): (&Entry, &[f32], &mut [f32], &mut [f32])| {
-        let params = AttnParams {
-            mask,
-            scale: 1.0 / (hd as f32).sqrt(),
-            q_pos: e.pos0,
-            k_pos: 0,
-        };
-        attend_typed(store, e.seq, l, q, heads, &params, prefetch, a, s)
-    };
-    if jobs.len() == 1 {
-        return jobs.into_iter().try_for_each(run);
-    }
-    jobs.into_par_iter().try_for_each(run)
-}
-
-/// An error naming `at` if `x` (rows of `width`, row r at position `pos_of(r)`) holds a NaN
-/// or an infinity. Checked once per sublayer on the residual stream, not inside kernels: a
-/// NaN weight or an overflow then stops the pass where it first appears instead of
-/// sampling garbage from NaN logits.
-fn finite(
-    x: &[f32],
-    width: usize,
+/// An error naming `at` if `x` (`rows` rows of `width`, row r at position `pos_of(r)`)
+/// holds a NaN or an infinity. Checked once per sublayer on the residual stream, not inside
+/// kernels: a NaN weight or an overflow then stops the pass where it first appears instead
+/// of sampling garbage from NaN logits.
+fn finite<B: Backend>(
+    be: &B,
+    x: &B::Buf,
+    shape: (usize, usize),
     pos_of: &dyn Fn(usize) -> usize,
     at: impl FnOnce() -> String,
 ) -> Result<()> {
-    // `v * 0.0` is 0 for every finite v and NaN otherwise; 16 independent sums vectorise.
-    let mut acc = [0f32; 16];
-    let mut it = x.chunks_exact(16);
-    for c in &mut it {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v * 0.0;
-        }
+    match be.non_finite_row(x, shape)? {
+        None => Ok(()),
+        Some(row) => Err(EngineError::NonFinite {
+            at: at(),
+            pos: pos_of(row),
+        }),
     }
-    for (a, v) in acc.iter_mut().zip(it.remainder()) {
-        *a += v * 0.0;
-    }
-    if acc.iter().all(|a| *a == 0.0) {
-        return Ok(());
-    }
-    let row = x
-        .chunks(width.max(1))
-        .position(|r| r.iter().any(|v| !v.is_finite()))
-        .unwrap_or(0);
-    Err(EngineError::NonFinite {
-        at: at(),
-        pos: pos_of(row),
-    })
 }
 
-fn append_kv(store: &KvStore, seq: SeqId, l: usize, k: &[f32], v: &[f32]) -> Result<()> {
-    use half::{bf16, f16};
-    match store.config().dtype {
-        DType::F32 => store.append(seq, l, k, v)?,
-        DType::BF16 => {
-            let c = |x: &[f32]| x.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>();
-            store.append(seq, l, &c(k), &c(v))?
-        }
-        DType::F16 => {
-            let c = |x: &[f32]| x.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>();
-            store.append(seq, l, &c(k), &c(v))?
-        }
-        DType::Q8_0 => {
-            use longctx_kernels::quantize_q8_vec;
-            store.append(seq, l, &quantize_q8_vec(k)?, &quantize_q8_vec(v)?)?
-        }
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attend_typed(
-    store: &KvStore,
-    seq: SeqId,
-    l: usize,
-    q: &[f32],
-    h_q: usize,
-    params: &AttnParams,
-    prefetch: usize,
-    out: &mut [f32],
-    lse: &mut [f32],
+/// `out = down(silu(gate(x)) * up(x))` for `n` rows.
+fn dense_mlp<B: Backend>(
+    be: &B,
+    m: &Mlp,
+    x: &B::Buf,
+    n: usize,
+    out: &mut B::Buf,
+    s: &mut FfnScratch<B>,
 ) -> Result<()> {
-    use half::{bf16, f16};
-    let opts = StreamOptions { prefetch };
-    match store.config().dtype {
-        DType::F32 => attend(store, seq, l, q, h_q, params, opts, out, lse)?,
-        DType::BF16 => {
-            let qb: Vec<bf16> = q.iter().map(|v| bf16::from_f32(*v)).collect();
-            attend(store, seq, l, &qb, h_q, params, opts, out, lse)?
-        }
-        DType::F16 => {
-            let qb: Vec<f16> = q.iter().map(|v| f16::from_f32(*v)).collect();
-            attend(store, seq, l, &qb, h_q, params, opts, out, lse)?
-        }
-        // f32 queries: the tiles are dequantised to f32, where the products run.
-        DType::Q8_0 => attend_q8(store, seq, l, q, h_q, params, opts, out, lse)?,
-    }
-    Ok(())
-}
-
-fn dense_mlp(m: &Mlp, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
-    use rayon::prelude::*;
     let inter = m.gate.out;
-    let mut g = vec![0f32; n * inter];
     match &m.gate_up_q {
         Some(w) => {
-            let mut gu = vec![0f32; n * 2 * inter];
-            w.gemm(x, n, &mut gu)?;
-            // SiLU(gate) * up straight from each stacked row, rows in parallel: no copies
-            // of the halves, and the `exp`s on every core (as `silu_mul`, to the bit).
-            g.par_chunks_mut(inter)
-                .zip(gu.par_chunks(2 * inter))
-                .for_each(|(g, row)| silu_mul_into(g, &row[..inter], &row[inter..]));
+            be.stacked(w, x, n, &mut s.gate_up)?;
+            be.silu_mul_stacked(&s.gate_up, (n, inter), &mut s.gate)?;
         }
         _ => {
-            let mut u = vec![0f32; n * inter];
-            m.gate.forward(x, n, &mut g)?;
-            m.up.forward(x, n, &mut u)?;
-            silu_mul(&mut g, &u);
+            be.linear(&m.gate, x, n, &mut s.gate)?;
+            be.linear(&m.up, x, n, &mut s.up)?;
+            be.silu_mul(&mut s.gate, &s.up, n * inter)?;
         }
     }
-    m.down.forward(&g, n, out)
+    be.linear(&m.down, &s.gate, n, out)
 }
 
-/// Llama 4 MoE: router logits, top-k, sigmoid of the chosen logits (no softmax), each chosen
-/// expert applied to the input scaled by its score, plus the shared expert. Tokens are
-/// grouped by expert so each active expert is one product of its rows.
-fn moe(
+/// Llama 4 MoE on `ws.normed` into `ws.o`: router logits, top-k, sigmoid of the chosen
+/// logits (no softmax), each chosen expert applied to the input scaled by its score, plus
+/// the shared expert. Tokens are grouped by expert so each active expert is one product of
+/// its rows.
+fn moe<B: Backend>(
+    be: &B,
+    ws: &mut Workspace<B>,
     e: &Experts,
     routed: &Routed,
     top_k: usize,
-    x: &[f32],
     n: usize,
     h: usize,
-    out: &mut [f32],
 ) -> Result<()> {
-    dense_mlp(&e.shared, x, n, out)?;
+    dense_mlp(be, &e.shared, &ws.normed, n, &mut ws.o, &mut ws.ffn)?;
     let mut groups: Vec<Vec<(usize, f32)>> = vec![vec![]; e.routed.len()];
-    route(e, x, n, top_k, |t, ex, logit| {
+    route(be, ws, e, n, top_k, |t, ex, logit| {
         groups[ex].push((t, 1.0 / (1.0 + (-logit).exp())))
     })?;
+    let mut rows = Vec::with_capacity(n);
     for (ex, toks) in groups.iter().enumerate() {
         if toks.is_empty() {
             continue;
         }
         let m = toks.len();
-        let mut xin = vec![0f32; m * h];
-        for (r, (t, s)) in toks.iter().enumerate() {
-            for (a, b) in xin[r * h..(r + 1) * h]
-                .iter_mut()
-                .zip(&x[t * h..(t + 1) * h])
-            {
-                *a = b * s;
-            }
-        }
-        let mut y = vec![0f32; m * h];
+        be.gather(&ws.normed, h, toks, &mut ws.expert_in)?;
         match routed.cache {
-            None => dense_mlp(e.routed[ex].mlp()?, &xin, m, &mut y)?,
+            None => dense_mlp(
+                be,
+                e.routed[ex].mlp()?,
+                &ws.expert_in,
+                m,
+                &mut ws.expert_out,
+                &mut ws.ffn,
+            )?,
             Some(cache) => {
                 let expert = cache.get((routed.layer, ex), || {
                     e.routed[ex].prepared_copy(routed.copies)
                 })?;
-                dense_mlp(&expert, &xin, m, &mut y)?;
+                dense_mlp(
+                    be,
+                    &expert,
+                    &ws.expert_in,
+                    m,
+                    &mut ws.expert_out,
+                    &mut ws.ffn,
+                )?;
             }
         }
-        for (r, (t, _)) in toks.iter().enumerate() {
-            for (a, b) in out[t * h..(t + 1) * h]
-                .iter_mut()
-                .zip(&y[r * h..(r + 1) * h])
-            {
-                *a += b;
-            }
-        }
+        rows.clear();
+        rows.extend(toks.iter().map(|(t, _)| *t));
+        be.scatter_add(&ws.expert_out, h, &rows, &mut ws.o)?;
     }
     Ok(())
 }
 
-/// The router on each of the `n` rows of `x`: `chosen(row, expert, logit)` for each of the
-/// row's `top_k` experts (what the MoE computes, and what the read-ahead predicts).
-fn route(
+/// The router on each of the `n` rows of `ws.normed`: `chosen(row, expert, logit)` for each
+/// of the row's `top_k` experts (what the MoE computes, and what the read-ahead predicts).
+fn route<B: Backend>(
+    be: &B,
+    ws: &mut Workspace<B>,
     e: &Experts,
-    x: &[f32],
     n: usize,
     top_k: usize,
     mut chosen: impl FnMut(usize, usize, f32),
 ) -> Result<()> {
     let experts = e.routed.len();
-    let mut logits = vec![0f32; n * experts];
-    e.router.forward(x, n, &mut logits)?;
+    be.linear(&e.router, &ws.normed, n, &mut ws.router)?;
+    if ws.host.len() < n * experts {
+        ws.host.resize(n * experts, 0.0);
+    }
+    let logits = &mut ws.host[..n * experts];
+    be.download(&ws.router, logits)?;
     let mut top = Vec::with_capacity(top_k);
     for (t, row) in logits.chunks_exact(experts).enumerate() {
         top_k_of(row, top_k, &mut top);
