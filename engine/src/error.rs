@@ -64,6 +64,8 @@ pub enum EngineError {
     #[error(transparent)]
     Kernel(#[from] longctx_kernels::KernelError),
     #[error(transparent)]
+    Gpu(#[from] longctx_kernels::cuda::GpuError),
+    #[error(transparent)]
     Kv(#[from] longctx_kvstore::KvError),
     #[error(transparent)]
     Rope(#[from] longctx_rope::RopeError),

@@ -615,6 +615,44 @@ impl Model {
         self.step(&Cpu, ws, batch, store, rope, prefetch)
     }
 
+    /// A workspace on `be` for steps of up to `rows` rows of this model.
+    pub fn workspace<B: Backend>(&self, be: &B, rows: usize) -> Result<Workspace<B>> {
+        Workspace::new(be, self.widths(), rows)
+    }
+
+    /// `tokens` prefilled on `be` in one step (every row's logits), then `decode` greedy
+    /// steps of one token (the last row's): every logit, in order. What compares one backend
+    /// with another on a whole model.
+    pub fn run_on<B: Backend>(
+        &self,
+        be: &B,
+        tokens: &[u32],
+        decode: usize,
+        kv: &KvOptions,
+    ) -> Result<Vec<f32>> {
+        let store = self.kv_store(kv)?;
+        let seq = store.create_seq();
+        let mut ws = self.workspace(be, tokens.len())?;
+        let mut one = |toks: &[u32], pos0: usize, want: Logits| -> Result<Vec<f32>> {
+            let mut b = Batch::new();
+            b.push(seq, toks, pos0, want);
+            Ok(self
+                .step(be, &mut ws, &b, &store, None, kv.prefetch)?
+                .pop()
+                .unwrap_or_default())
+        };
+        let mut all = one(tokens, 0, Logits::All)?;
+        let vocab = self.cfg.vocab;
+        for i in 0..decode {
+            let last = &all[all.len() - vocab..];
+            let next = (0..vocab)
+                .max_by(|a, b| last[*a].total_cmp(&last[*b]))
+                .unwrap_or(0) as u32;
+            all.extend(one(&[next], tokens.len() + i, Logits::Last)?);
+        }
+        Ok(all)
+    }
+
     /// One step of the forward pass on backend `be`, in `ws` (sized for at least the batch's
     /// rows).
     pub fn step<B: Backend>(
@@ -874,14 +912,15 @@ fn dense_mlp<B: Backend>(
         Some(w) => {
             be.stacked(w, x, n, &mut s.gate_up)?;
             be.silu_mul_stacked(&s.gate_up, (n, inter), &mut s.gate)?;
+            be.linear(&m.down, &s.gate, n, out)
         }
         _ => {
             be.linear(&m.gate, x, n, &mut s.gate)?;
             be.linear(&m.up, x, n, &mut s.up)?;
-            be.silu_mul(&mut s.gate, &s.up, n * inter)?;
+            be.silu_mul(&s.gate, &s.up, n * inter, &mut s.gate_up)?;
+            be.linear(&m.down, &s.gate_up, n, out)
         }
     }
-    be.linear(&m.down, &s.gate, n, out)
 }
 
 /// Llama 4 MoE on `ws.normed` into `ws.o`: router logits, top-k, sigmoid of the chosen
@@ -1208,6 +1247,48 @@ mod tests {
         let mut m = mapped_llama4();
         m.enable_bf16_decode().unwrap();
         assert!(m.set_expert_budget(1 << 20).is_err());
+    }
+
+    /// The generic step on the CPU backend is `forward` itself; on a GPU, the same model
+    /// within bf16's bound of it (skipped without one).
+    #[test]
+    fn every_backend_runs_the_whole_model_as_the_cpu_forward() {
+        use crate::backend::{Cpu, Cuda};
+        let models = [
+            ("llama", random_model(tiny_llama(), 3).unwrap()),
+            ("llama4 fused", llama4_for(Layout::Fused)),
+            ("llama4 split", llama4_for(Layout::Split)),
+            ("llama4 mapped", llama4_for(Layout::Mapped)),
+        ];
+        let prompt = [1u32, 5, 9, 2, 7, 3, 8];
+        let kv = KvOptions::default();
+        for (name, m) in &models {
+            let want = run_greedy(m, &prompt, 3, DType::F32);
+            let got = m.run_on(&Cpu, &prompt, 3, &kv).unwrap();
+            assert_eq!(got, want, "{name}: the CPU backend's step is forward");
+        }
+        let gpu = match Cuda::new(0, None) {
+            Ok(g) => g,
+            Err(e) => {
+                longctx_kernels::testing::skipped(
+                    "every_backend_runs_the_whole_model_as_the_cpu_forward (cuda)",
+                    &e.to_string(),
+                );
+                return;
+            }
+        };
+        for (name, m) in &models {
+            let want = m.run_on(&Cpu, &prompt, 0, &kv).unwrap();
+            let got = m.run_on(&gpu, &prompt, 0, &kv).unwrap();
+            let num: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+            let err = (num / den).sqrt();
+            assert!(err < 3e-2, "{name}: cuda logits {err:.2e} from the CPU's");
+        }
     }
 
     #[test]

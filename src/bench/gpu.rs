@@ -140,6 +140,74 @@ fn nccl_check(ordinal: usize) -> Check {
     }
 }
 
+/// A random Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 heads of 64, 3 KV
+/// heads, vocabulary 49,152).
+fn smollm2_shaped() -> Result<longctx_engine::ModelConfig> {
+    Ok(longctx_engine::ModelConfig::from_hf_json(
+        &serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "intermediate_size": 1536, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "max_position_embeddings": 8192, "tie_word_embeddings": true,
+        })
+        .to_string(),
+    )?)
+}
+
+/// Whole models on the CUDA backend against the CPU backend (the same random weights, the
+/// same 37-token prompt and 4 greedy decode steps, every logit): SmolLM2's shape, and
+/// Llama 4's (MoE, NoPE layer, chunked attention, QK-norm).
+fn model_checks(ordinal: usize, cache: std::path::PathBuf) -> Vec<Check> {
+    use longctx_engine::backend::{Cpu, Cuda};
+    use longctx_engine::random::{random_model, tiny_llama4_config};
+    const TOL: f64 = 5e-2;
+    type Config = fn() -> Result<longctx_engine::ModelConfig>;
+    let cases: [(&str, Config); 2] = [
+        (
+            "model: random SmolLM2-shaped Llama, logits cuda vs cpu",
+            smollm2_shaped,
+        ),
+        (
+            "model: random Llama 4 (MoE, NoPE, chunked), logits cuda vs cpu",
+            || Ok(tiny_llama4_config()),
+        ),
+    ];
+    let prompt: Vec<u32> = (0..37).map(|i| (i * 97 + 5) % 1000).collect();
+    let kv = longctx_engine::KvOptions::default();
+    let mut out = Vec::new();
+    let gpu = Cuda::new(ordinal, Some(cache));
+    for (name, cfg) in cases {
+        let run = || -> Result<f64> {
+            let gpu = gpu.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let model = random_model(cfg()?, 7)?;
+            let want = model.run_on(&Cpu, &prompt, 4, &kv)?;
+            let got = model.run_on(gpu, &prompt, 4, &kv)?;
+            let num: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+            Ok((num / den).sqrt())
+        };
+        let (err, error) = match run() {
+            Ok(e) => (Some(e), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        out.push(Check {
+            name: name.into(),
+            pass: error.is_none() && err.is_some_and(|e| e <= TOL),
+            rel_err: err,
+            row_err: None,
+            lse_abs: None,
+            tol: TOL,
+            lse_tol: 0.0,
+            error,
+        });
+    }
+    out
+}
+
 pub fn run(args: Args) -> Result<()> {
     let cache = longctx_engine::fetch::home().join("cuda");
     let gpu = Gpu::new(args.ordinal, Some(cache))?;
@@ -175,6 +243,8 @@ pub fn run(args: Args) -> Result<()> {
         }
         if !args.small {
             report.checks.push(nccl_check(args.ordinal));
+            let cache = longctx_engine::fetch::home().join("cuda");
+            report.checks.extend(model_checks(args.ordinal, cache));
         }
         if !args.json {
             println!("seed {} (--seed {} reruns these inputs)", t.seed, t.seed);

@@ -3,7 +3,7 @@
 
 use super::Backend;
 use crate::batch::{Batch, Entry};
-use crate::ops::{rms_norm, rms_norm_in_place, silu_mul, silu_mul_into, Linear};
+use crate::ops::{rms_norm, rms_norm_in_place, silu_mul_into, Linear};
 use crate::weights::Tensor;
 use crate::{EngineError, Result};
 use longctx_kernels::{AttnParams, DType, Mask, QMatrix};
@@ -35,6 +35,10 @@ fn short(op: &'static str, len: usize, have: usize) -> EngineError {
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
+
+    fn tolerance(&self) -> f64 {
+        1e-5
+    }
 
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0f32; len])
@@ -121,11 +125,19 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
-        silu_mul(
-            prefix_mut("silu_mul", gate, len)?,
-            prefix("silu_mul", up, len)?,
-        );
+    fn silu_mul(
+        &self,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        len: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (gate, up) = (prefix("silu_mul", gate, len)?, prefix("silu_mul", up, len)?);
+        let out = prefix_mut("silu_mul", out, len)?;
+        // Rows of 4096 in parallel: the `exp`s on every core.
+        out.par_chunks_mut(4096)
+            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+            .for_each(|(o, (g, u))| silu_mul_into(o, g, u));
         Ok(())
     }
 
@@ -305,7 +317,7 @@ impl Backend for Cpu {
 /// Each entry's attention over its own sequence, entries in parallel (a decode step of
 /// many sequences has one row each: too little for the kernel's own parallelism alone).
 #[allow(clippy::too_many_arguments)]
-fn attend_entries(
+pub(crate) fn attend_entries(
     store: &KvStore,
     batch: &Batch,
     offs: &[usize],
@@ -344,7 +356,7 @@ fn attend_entries(
     jobs.into_par_iter().try_for_each(run)
 }
 
-fn append_kv(store: &KvStore, seq: SeqId, l: usize, k: &[f32], v: &[f32]) -> Result<()> {
+pub(crate) fn append_kv(store: &KvStore, seq: SeqId, l: usize, k: &[f32], v: &[f32]) -> Result<()> {
     use half::{bf16, f16};
     match store.config().dtype {
         DType::F32 => store.append(seq, l, k, v)?,

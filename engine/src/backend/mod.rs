@@ -12,10 +12,12 @@
 //! to use, so no step allocates activations.
 
 pub mod cpu;
+pub mod cuda;
 #[cfg(test)]
 mod tests;
 
 pub use cpu::Cpu;
+pub use cuda::Cuda;
 
 use crate::batch::Batch;
 use crate::ops::Linear;
@@ -30,8 +32,13 @@ use std::ops::Range;
 /// writes only the prefix its sizes name, so one buffer serves steps of any size up to its
 /// own.
 pub trait Backend: Sync {
-    /// f32 activations where the backend computes.
+    /// Activations where the backend computes, in its own element type (the CPU's f32, a
+    /// GPU's bf16); [`Backend::upload`] and [`Backend::download`] convert from and to f32.
     type Buf: Send;
+
+    /// The relative error the backend's activations allow against a float64 reference (f32:
+    /// 1e-5; 16-bit storage: 1e-2).
+    fn tolerance(&self) -> f64;
 
     /// A buffer of `len` zeros.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
@@ -72,8 +79,14 @@ pub trait Backend: Sync {
         k: &mut Self::Buf,
         v: &mut Self::Buf,
     ) -> Result<()>;
-    /// `gate[..len] = silu(gate) * up`.
-    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
+    /// `out[..len] = silu(gate) * up`.
+    fn silu_mul(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        len: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// `out[r] = silu(gu[r][..n]) * gu[r][n..]` for `m` rows of a stacked gate|up product.
     fn silu_mul_stacked(
         &self,
@@ -170,7 +183,7 @@ pub struct Workspace<B: Backend> {
     pub qkv: B::Buf,
     pub attn: B::Buf,
     pub lse: B::Buf,
-    /// A feed-forward's intermediates.
+    /// A feed-forward's intermediates (gate, up, and the SiLU product in `gate_up`).
     pub ffn: FfnScratch<B>,
     /// The router's logits, an expert's input and output rows.
     pub router: B::Buf,
@@ -185,7 +198,8 @@ pub struct Workspace<B: Backend> {
     pub scales: Vec<f32>,
 }
 
-/// An MLP's intermediates: gate (then the SiLU product), up, and a stacked gate|up.
+/// An MLP's intermediates: gate, up, and a stacked gate|up (which also takes the SiLU
+/// product of separate gate and up).
 pub struct FfnScratch<B: Backend> {
     pub gate: B::Buf,
     pub up: B::Buf,

@@ -14,8 +14,8 @@ use longctx_rope::{Layout, Rope, Scaling};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// f32 arithmetic against f64: 1e-5 relative (norm-wise); int8 activations x q8 weights: 1e-2.
-const F32: f64 = 1e-5;
+/// int8 activations x q8 weights against f64: 1e-2 relative (norm-wise). Every other op is
+/// held to the backend's own bound ([`Backend::tolerance`]: f32 1e-5, bf16 1e-2).
 const Q8: f64 = 1e-2;
 
 fn rel(got: &[f32], want: &[f64]) -> f64 {
@@ -74,6 +74,8 @@ fn check(what: &str, seed: u64, err: f64, tol: f64) {
 }
 
 fn every_op<B: Backend>(be: &B) {
+    #[allow(non_snake_case)]
+    let F32 = be.tolerance();
     let seed: u64 = rand::random();
     let rng = &mut StdRng::seed_from_u64(seed);
 
@@ -82,7 +84,8 @@ fn every_op<B: Backend>(be: &B) {
     let b = up(be, &x, 5);
     let mut part = vec![0f32; 10];
     be.download_rows(&b, 20, &mut part).unwrap();
-    assert_eq!(part, x[20..30], "download_rows (seed {seed})");
+    let want: Vec<f64> = x[20..30].iter().map(|v| *v as f64).collect();
+    check("upload, download_rows", seed, rel(&part, &want), F32);
 
     // embed: rows of a stored table; a token past it is an error.
     let (vocab, h) = (13, 40);
@@ -222,9 +225,10 @@ fn every_op<B: Backend>(be: &B) {
         a / (1.0 + (-a).exp()) * b as f64
     };
     let want: Vec<f64> = g.iter().zip(&u).map(|(a, b)| silu(*a, *b)).collect();
-    let mut gb = up(be, &g, 4);
-    be.silu_mul(&mut gb, &up(be, &u, 0), m * n).unwrap();
-    check("silu_mul", seed, rel(&down(be, &gb, m * n), &want), F32);
+    let mut o = be.alloc(m * n + 4).unwrap();
+    be.silu_mul(&up(be, &g, 4), &up(be, &u, 0), m * n, &mut o)
+        .unwrap();
+    check("silu_mul", seed, rel(&down(be, &o, m * n), &want), F32);
     let gu: Vec<f32> = (0..m)
         .flat_map(|r| {
             g[r * n..(r + 1) * n]
@@ -464,6 +468,14 @@ fn every_op<B: Backend>(be: &B) {
 #[test]
 fn every_op_on_the_cpu_backend_matches_float64() {
     every_op(&Cpu);
+}
+
+#[test]
+fn every_op_on_the_cuda_backend_matches_float64() {
+    match Cuda::new(0, None) {
+        Ok(be) => every_op(&be),
+        Err(e) => longctx_kernels::testing::skipped("every_op_on_the_cuda_backend", &e.to_string()),
+    }
 }
 
 #[test]

@@ -528,7 +528,13 @@ where
             let x_d = s.clone_htod(&x)?;
             let w_d = s.clone_htod(&w)?;
             let mut y_d = s.alloc_zeros::<T>(r * n)?;
-            gpu.rms_norm(&x_d, weighted.then_some(&w_d), &mut y_d, n, 1e-5)?;
+            gpu.rms_norm(
+                &x_d.as_view(),
+                weighted.then_some(&w_d),
+                &mut y_d.as_view_mut(),
+                n,
+                1e-5,
+            )?;
             let got = to_f32(&s.clone_dtoh(&y_d)?);
             let xf = to_f64(&x);
             let mut want = vec![0f64; r * n];
@@ -560,7 +566,7 @@ where
         rec.run(name(label), || {
             let mut x_d = s.clone_htod(&x)?;
             gpu.rope(
-                &mut x_d,
+                &mut x_d.as_view_mut(),
                 &s.clone_htod(&pos)?,
                 &s.clone_htod(&inv)?,
                 heads,
@@ -595,7 +601,12 @@ where
     let gu: Vec<T> = rng.fill(r * 2 * n);
     rec.run(name("silu_mul"), || {
         let mut out_d = s.alloc_zeros::<T>(r * n)?;
-        gpu.silu_mul(&s.clone_htod(&gu)?, &mut out_d, r, n)?;
+        gpu.silu_mul(
+            &s.clone_htod(&gu)?.as_view(),
+            &mut out_d.as_view_mut(),
+            r,
+            n,
+        )?;
         let got = to_f32(&s.clone_dtoh(&out_d)?);
         let g = to_f64(&gu);
         let want: Vec<f64> = (0..r * n)
@@ -607,11 +618,61 @@ where
             .collect();
         Ok(Measured::op(&got, &want, n))
     });
+    let g: Vec<T> = rng.fill(r * n);
+    let u: Vec<T> = rng.fill(r * n);
+    rec.run(name("silu_mul (separate gate, up)"), || {
+        let mut out_d = s.alloc_zeros::<T>(r * n)?;
+        let (g_d, u_d) = (s.clone_htod(&g)?, s.clone_htod(&u)?);
+        gpu.silu_mul_pair(
+            &g_d.as_view(),
+            &u_d.as_view(),
+            &mut out_d.as_view_mut(),
+            r,
+            n,
+        )?;
+        let got = to_f32(&s.clone_dtoh(&out_d)?);
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(a, b)| {
+                let a = a.to_f32() as f64;
+                a / (1.0 + (-a).exp()) * b.to_f32() as f64
+            })
+            .collect();
+        Ok(Measured::op(&got, &want, n))
+    });
+    // In-place weightless RMSNorm over heads of 128; row scales.
+    let (rows, hd) = (29, 128);
+    let x: Vec<T> = rng.fill(rows * hd);
+    rec.run(name("rms_norm in place"), || {
+        let mut x_d = s.clone_htod(&x)?;
+        gpu.rms_norm_in_place(&mut x_d.as_view_mut(), hd, 1e-5)?;
+        let got = to_f32(&s.clone_dtoh(&x_d)?);
+        let xf = to_f64(&x);
+        let want: Vec<f64> = xf
+            .chunks(hd)
+            .flat_map(|row| {
+                let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / hd as f64 + 1e-5).sqrt();
+                row.iter().map(move |v| v * inv)
+            })
+            .collect();
+        Ok(Measured::op(&got, &want, hd))
+    });
+    let scales: Vec<f32> = (0..rows).map(|_| 1.0 + rng.unit().abs()).collect();
+    rec.run(name("scale_rows"), || {
+        let mut x_d = s.clone_htod(&x)?;
+        gpu.scale_rows(&mut x_d.as_view_mut(), &scales, hd)?;
+        let got = to_f32(&s.clone_dtoh(&x_d)?);
+        let want: Vec<f64> = (0..rows * hd)
+            .map(|i| x[i].to_f32() as f64 * scales[i / hd] as f64)
+            .collect();
+        Ok(Measured::op(&got, &want, hd))
+    });
     let a: Vec<T> = rng.fill(4099);
     let b: Vec<T> = rng.fill(4099);
     rec.run(name("add"), || {
         let mut a_d = s.clone_htod(&a)?;
-        gpu.add(&mut a_d, &s.clone_htod(&b)?)?;
+        gpu.add(&mut a_d.as_view_mut(), &s.clone_htod(&b)?.as_view())?;
         let got = to_f32(&s.clone_dtoh(&a_d)?);
         let want: Vec<f64> = a
             .iter()
@@ -629,7 +690,13 @@ where
     let e: Vec<T> = rng.fill(7 * n);
     rec.run(name("moe_gather"), || {
         let mut e_d = s.alloc_zeros::<T>(7 * n)?;
-        gpu.moe_gather(&s.clone_htod(&x)?, &pick, Some(&scale), &mut e_d, n)?;
+        gpu.moe_gather(
+            &s.clone_htod(&x)?.as_view(),
+            &pick,
+            Some(&scale),
+            &mut e_d.as_view_mut(),
+            n,
+        )?;
         let got = to_f32(&s.clone_dtoh(&e_d)?);
         let want: Vec<f64> = (0..7 * n)
             .map(|i| x[pick[i / n] as usize * n + i % n].to_f32() as f64 * scale[i / n] as f64)
@@ -642,7 +709,14 @@ where
     let w: Vec<f32> = (0..tokens * 2).map(|_| rng.unit()).collect();
     rec.run(name("moe_combine"), || {
         let mut y_d = s.clone_htod(&x)?;
-        gpu.moe_combine(&s.clone_htod(&e)?, &slot, &w, 2, &mut y_d, n)?;
+        gpu.moe_combine(
+            &s.clone_htod(&e)?.as_view(),
+            &slot,
+            &w,
+            2,
+            &mut y_d.as_view_mut(),
+            n,
+        )?;
         let got = to_f32(&s.clone_dtoh(&y_d)?);
         let want: Vec<f64> = (0..tokens * n)
             .map(|i| {
@@ -666,7 +740,12 @@ where
     let w: Vec<T> = rng.fill(n * k);
     rec.run(name("linear (cuBLAS)"), || {
         let mut y_d = s.alloc_zeros::<T>(m * n)?;
-        gpu.linear(&s.clone_htod(&x)?, &s.clone_htod(&w)?, &mut y_d, (m, k, n))?;
+        gpu.linear(
+            &s.clone_htod(&x)?.as_view(),
+            &s.clone_htod(&w)?.as_view(),
+            &mut y_d.as_view_mut(),
+            (m, k, n),
+        )?;
         let got = to_f32(&s.clone_dtoh(&y_d)?);
         let (xf, wf) = (to_f64(&x), to_f64(&w));
         let want: Vec<f64> = (0..m * n)

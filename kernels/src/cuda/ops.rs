@@ -6,7 +6,7 @@ use super::{grid_x, narrow, Gpu, GpuElem, GpuError};
 use crate::attention::check_len;
 use crate::KernelError;
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 const THREADS: u32 = 256;
 
@@ -36,9 +36,9 @@ impl Gpu {
     /// `y = x / rms(x) * w` per row of `n` (w None: weightless, Llama 4's QK-norm).
     pub fn rms_norm<T: GpuElem>(
         &self,
-        x: &CudaSlice<T>,
+        x: &CudaView<T>,
         w: Option<&CudaSlice<T>>,
-        y: &mut CudaSlice<T>,
+        y: &mut CudaViewMut<T>,
         n: usize,
         eps: f32,
     ) -> Result<(), GpuError> {
@@ -79,7 +79,7 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn rope<T: GpuElem>(
         &self,
-        x: &mut CudaSlice<T>,
+        x: &mut CudaViewMut<T>,
         positions: &CudaSlice<i64>,
         inv_freq: &CudaSlice<f64>,
         heads: usize,
@@ -128,8 +128,8 @@ impl Gpu {
     /// gate then up (`[rows, 2n]`, a fused projection's output).
     pub fn silu_mul<T: GpuElem>(
         &self,
-        gu: &CudaSlice<T>,
-        out: &mut CudaSlice<T>,
+        gu: &CudaView<T>,
+        out: &mut CudaViewMut<T>,
         rows: usize,
         n: usize,
     ) -> Result<(), GpuError> {
@@ -155,7 +155,7 @@ impl Gpu {
     }
 
     /// `y += x`.
-    pub fn add<T: GpuElem>(&self, y: &mut CudaSlice<T>, x: &CudaSlice<T>) -> Result<(), GpuError> {
+    pub fn add<T: GpuElem>(&self, y: &mut CudaViewMut<T>, x: &CudaView<T>) -> Result<(), GpuError> {
         const OP: &str = "cuda add";
         check_len(OP, "x", y.len(), x.len())?;
         if y.is_empty() {
@@ -174,10 +174,10 @@ impl Gpu {
     /// MoE dispatch: `out[j] = x[rows[j]] * scale[j]` (rows of `n`).
     pub fn moe_gather<T: GpuElem>(
         &self,
-        x: &CudaSlice<T>,
+        x: &CudaView<T>,
         rows: &[i32],
         scale: Option<&[f32]>,
-        out: &mut CudaSlice<T>,
+        out: &mut CudaViewMut<T>,
         n: usize,
     ) -> Result<(), GpuError> {
         const OP: &str = "cuda moe_gather";
@@ -216,11 +216,11 @@ impl Gpu {
     /// MoE combine: `y[t] += sum_k w[t, k] * e[slot[t, k]]` (slot -1: none), no atomics.
     pub fn moe_combine<T: GpuElem>(
         &self,
-        e: &CudaSlice<T>,
+        e: &CudaView<T>,
         slot: &[i32],
         w: &[f32],
         top_k: usize,
-        y: &mut CudaSlice<T>,
+        y: &mut CudaViewMut<T>,
         n: usize,
     ) -> Result<(), GpuError> {
         const OP: &str = "cuda moe_combine";
@@ -255,13 +255,91 @@ impl Gpu {
         Ok(())
     }
 
+    /// `out[r] = silu(gate[r]) * up[r]` for `rows` rows of `n` from separate buffers.
+    pub fn silu_mul_pair<T: GpuElem>(
+        &self,
+        gate: &CudaView<T>,
+        up: &CudaView<T>,
+        out: &mut CudaViewMut<T>,
+        rows: usize,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "cuda silu_mul";
+        check_len(OP, "gate", rows * n, gate.len())?;
+        check_len(OP, "up", rows * n, up.len())?;
+        check_len(OP, "out", rows * n, out.len())?;
+        if rows * n == 0 {
+            return Ok(());
+        }
+        let f = self.function(Variant::ops(T::DTYPE), "silu_mul")?;
+        let (r_i, n_i): (i32, i32) = (narrow(OP, "rows", rows)?, narrow(OP, "n", n)?);
+        let cfg = grid_for(OP, rows * n)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(gate).arg(up).arg(out).arg(&r_i).arg(&n_i).arg(&n_i);
+        // SAFETY: matches silu_mul's signature (rows `n` apart); lengths checked.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `x[r] = x[r] / rms(x[r])` in place, rows of `n`.
+    pub fn rms_norm_in_place<T: GpuElem>(
+        &self,
+        x: &mut CudaViewMut<T>,
+        n: usize,
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "cuda rms_norm_inplace";
+        if n == 0 || !x.len().is_multiple_of(n) {
+            return Err(KernelError::Unsupported {
+                op: OP,
+                reason: format!("{} elements are not rows of {n}", x.len()),
+            }
+            .into());
+        }
+        let rows = x.len() / n;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.function(Variant::ops(T::DTYPE), "rms_norm_inplace")?;
+        let n_i: i32 = narrow(OP, "n", n)?;
+        let cfg = rows_cfg(OP, rows)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(x).arg(&n_i).arg(&eps);
+        // SAFETY: matches rms_norm_inplace's signature; whole rows checked.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `x[r] *= scale[r]`, rows of `n`.
+    pub fn scale_rows<T: GpuElem>(
+        &self,
+        x: &mut CudaViewMut<T>,
+        scale: &[f32],
+        n: usize,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "cuda scale_rows";
+        check_len(OP, "x", scale.len() * n, x.len())?;
+        if scale.is_empty() || n == 0 {
+            return Ok(());
+        }
+        let f = self.function(Variant::ops(T::DTYPE), "scale_rows")?;
+        let s = self.stream.clone_htod(scale)?;
+        let n_i: i32 = narrow(OP, "n", n)?;
+        let cfg = rows_cfg(OP, scale.len())?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(x).arg(&s).arg(&n_i);
+        // SAFETY: matches scale_rows's signature; lengths checked.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
     /// A projection through cuBLAS: `y[m, n] = x[m, k] . w^T` with `w` `[n, k]` (Hugging
     /// Face's Linear layout), f32 accumulation.
     pub fn linear<T: GpuElem>(
         &self,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        y: &mut CudaSlice<T>,
+        x: &CudaView<T>,
+        w: &CudaView<T>,
+        y: &mut CudaViewMut<T>,
         (m, k, n): (usize, usize, usize),
     ) -> Result<(), GpuError>
     where

@@ -104,3 +104,27 @@ moe_combine(const u16* __restrict__ e, const int* __restrict__ slot, const float
         y[(size_t)t * n + i] = from_f32(acc);
     }
 }
+
+// x[r] = x[r] / rms(x[r]) in place (Llama 4's weightless QK-norm, per head). Grid: rows.
+// Safe in place: every thread reads its elements before the block sum's barrier and writes
+// only the elements it read.
+extern "C" __global__ void __launch_bounds__(256)
+rms_norm_inplace(u16* __restrict__ x, int n, float eps) {
+    __shared__ float scratch[32];
+    u16* xr = x + (size_t)blockIdx.x * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float f = to_f32(xr[i]);
+        ss += f * f;
+    }
+    const float r = rsqrtf(block_sum(ss, scratch) / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = from_f32(to_f32(xr[i]) * r);
+}
+
+// x[r] *= scale[r], rows of n (Llama 4's attention-temperature tuning). Grid: rows.
+extern "C" __global__ void __launch_bounds__(256)
+scale_rows(u16* __restrict__ x, const float* __restrict__ scale, int n) {
+    u16* xr = x + (size_t)blockIdx.x * n;
+    const float s = scale[blockIdx.x];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = from_f32(to_f32(xr[i]) * s);
+}
