@@ -59,6 +59,15 @@ if [ $rc -ne 0 ]; then
     [ -s "$out/ours.json" ] || exit 2
 fi
 timeout 100 python3 scripts/bench_sdpa.py >"$out/sdpa.json" 2>"$out/sdpa.err" || cat "$out/sdpa.err"
+# The whole forward on the CUDA backend, timed: random Llama 4 (tiny-llama4), 1K and 4K
+# tokens, beside the same on the CPU backend of this machine's 16 cores.
+for dev in cuda cpu; do
+    timeout 60 "$bin" --device $dev bench scaling --model tiny-llama4 --lengths 1k,4k \
+        >"$out/scaling-$dev.txt" 2>"$out/scaling-$dev.err"
+    echo "forward on $dev (bench scaling, tiny-llama4): exit $?" | tee -a "$out/scaling.txt"
+    tail -4 "$out/scaling-$dev.txt" "$out/scaling-$dev.err" | tee -a "$out/scaling.txt"
+done
+
 # compute-sanitizer on the small case of every kernel (races, barriers, out-of-bounds
 # accesses): it runs kernels hundreds of times slower, hence --small.
 cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)

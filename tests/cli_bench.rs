@@ -239,6 +239,15 @@ fn no_gpu_is_one_clear_line() {
         &["bench", "gpu", "--quick"][..],
         &["--device", "cuda", "bench", "kernels", "--quick"][..],
         &["--device", "cuda", "plan", "--context", "1m"][..],
+        &[
+            "--device",
+            "cuda",
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+        ][..],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
             .args(args)

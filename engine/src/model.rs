@@ -70,6 +70,9 @@ pub struct Model {
     experts: Option<ExpertCache<Mlp>>,
     /// The CPU steps' activations, kept between steps.
     workspace: Mutex<Option<Workspace<Cpu>>>,
+    /// `--device cuda`: the backend every step runs on, and its activations.
+    cuda: Option<std::sync::Arc<crate::backend::Cuda>>,
+    cuda_workspace: Mutex<Option<Workspace<crate::backend::Cuda>>>,
 }
 
 /// Which logits a forward pass returns.
@@ -395,6 +398,8 @@ impl Model {
             copies: Copies::Stored,
             experts: None,
             workspace: Mutex::new(None),
+            cuda: None,
+            cuda_workspace: Mutex::new(None),
         })
     }
 
@@ -568,10 +573,48 @@ impl Model {
         // The whole pass on a thread of the pool: its ~150 parallel regions a token then
         // start from a worker's own queue instead of each being injected from outside and
         // waited for across threads (what dominates a decode step's overhead on 2 threads).
+        if let Some(cuda) = &self.cuda {
+            return step_in(
+                self,
+                cuda.as_ref(),
+                &self.cuda_workspace,
+                batch.rows(),
+                |ws| self.step(cuda.as_ref(), ws, batch, store, rope, prefetch),
+            );
+        }
         if rayon::current_thread_index().is_some() {
             self.forward_in_pool(batch, store, rope, prefetch)
         } else {
             rayon::scope(|_| self.forward_in_pool(batch, store, rope, prefetch))
+        }
+    }
+
+    /// Runs every later step on `cuda` (`--device cuda`). The model must hold its weights
+    /// as stored (no `enable_*` copies: the backend uploads its own) and no expert budget
+    /// (the backend keys its uploads by the weights' addresses, which a budget's copies
+    /// reuse).
+    pub fn use_cuda(&mut self, cuda: crate::backend::Cuda) -> Result<()> {
+        if self.experts.is_some() {
+            return Err(EngineError::Unsupported(
+                "--expert-budget with --device cuda: the CUDA backend keeps every expert on \
+                 the GPU"
+                    .into(),
+            ));
+        }
+        if self.copies != Copies::Stored {
+            return Err(EngineError::Unsupported(
+                "the CUDA backend reads the stored weights: prepare no CPU copies".into(),
+            ));
+        }
+        self.cuda = Some(std::sync::Arc::new(cuda));
+        Ok(())
+    }
+
+    /// The device the steps run on, in words.
+    pub fn device(&self) -> String {
+        match &self.cuda {
+            Some(c) => format!("CUDA backend, {}", c.gpu().info),
+            None => "CPU backend".into(),
         }
     }
 
@@ -600,19 +643,9 @@ impl Model {
         rope: Option<&Rope>,
         prefetch: usize,
     ) -> Result<Vec<Vec<f32>>> {
-        let n = batch.rows();
-        let mut held = self.workspace.try_lock().ok();
-        let mut own = None;
-        let slot: &mut Option<Workspace<Cpu>> = match held.as_deref_mut() {
-            Some(slot) => slot,
-            None => &mut own,
-        };
-        if slot.as_ref().is_none_or(|ws| ws.rows < n) {
-            *slot = None;
-            *slot = Some(Workspace::new(&Cpu, self.widths(), n)?);
-        }
-        let ws = slot.as_mut().expect("made above");
-        self.step(&Cpu, ws, batch, store, rope, prefetch)
+        step_in(self, &Cpu, &self.workspace, batch.rows(), |ws| {
+            self.step(&Cpu, ws, batch, store, rope, prefetch)
+        })
     }
 
     /// A workspace on `be` for steps of up to `rows` rows of this model.
@@ -876,6 +909,29 @@ struct Routed<'a> {
     layer: usize,
     cache: Option<&'a ExpertCache<Mlp>>,
     copies: Copies,
+}
+
+/// Runs `step` in the workspace kept in `slot`, made at the first step and remade for a
+/// larger one (`rows` rows); a concurrent step, which tests make, gets one of its own.
+fn step_in<B: Backend, T>(
+    model: &Model,
+    be: &B,
+    slot: &Mutex<Option<Workspace<B>>>,
+    rows: usize,
+    step: impl FnOnce(&mut Workspace<B>) -> Result<T>,
+) -> Result<T> {
+    let mut held = slot.try_lock().ok();
+    let mut own = None;
+    let slot: &mut Option<Workspace<B>> = match held.as_deref_mut() {
+        Some(slot) => slot,
+        None => &mut own,
+    };
+    if slot.as_ref().is_none_or(|ws| ws.rows < rows) {
+        // The old one goes first: the two are never held at once.
+        *slot = None;
+        *slot = Some(model.workspace(be, rows)?);
+    }
+    step(slot.as_mut().expect("made above"))
 }
 
 /// An error naming `at` if `x` (`rows` rows of `width`, row r at position `pos_of(r)`)

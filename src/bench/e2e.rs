@@ -75,12 +75,14 @@ pub fn run(args: Args) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("--expert-budget: {e}"))?;
     }
     let t = Instant::now();
-    match args.decode_weights.as_str() {
-        "f32" => m.model.enable_f32_weights()?,
-        "bf16" => m.model.enable_bf16_decode()?,
-        "quant" => m.model.enable_quant_decode()?,
+    use crate::commands::{prepare, DecodeWeights};
+    let weights = match args.decode_weights.as_str() {
+        "f32" => DecodeWeights::F32,
+        "bf16" => DecodeWeights::Bf16,
+        "quant" => DecodeWeights::Quant,
         w => anyhow::bail!("--decode-weights {w}: expected f32, bf16 or quant"),
-    }
+    };
+    prepare(&mut m.model, weights)?;
     let prepare_s = t.elapsed().as_secs_f64();
     let vocab = m.model.cfg.vocab as u32;
     // Warm-up, untimed (as llama-bench and the peer script do): page in the weights, start

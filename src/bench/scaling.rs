@@ -172,12 +172,14 @@ pub fn run(args: Args) -> Result<()> {
         (Some(_), Some(p)) if p.extension().is_some_and(|e| e == "gguf") => Some(p.clone()),
         (Some(_), _) => anyhow::bail!("--peer needs --model to be a .gguf file the peer can read"),
     };
-    match args.decode_weights.as_str() {
-        "f32" => model.enable_f32_weights()?,
-        "bf16" => model.enable_bf16_decode()?,
-        "quant" => model.enable_quant_decode()?,
+    use crate::commands::{prepare, DecodeWeights};
+    let weights = match args.decode_weights.as_str() {
+        "f32" => DecodeWeights::F32,
+        "bf16" => DecodeWeights::Bf16,
+        "quant" => DecodeWeights::Quant,
         w => anyhow::bail!("--decode-weights {w}: expected f32, bf16 or quant"),
-    }
+    };
+    prepare(&mut model, weights)?;
     let rope = rope_override(&model.cfg, &args.rope_scaling, args.rope_factor)?;
     let spill_dir = args.spill_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("longctx-scaling-{}", std::process::id()))

@@ -130,6 +130,33 @@ pub enum DecodeWeights {
     Quant,
 }
 
+/// Set once by `--device cuda` (after the probe found a GPU): every model a command opens
+/// runs its steps on the CUDA backend.
+static CUDA: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Makes every later model run on CUDA device `ordinal`.
+pub fn use_cuda(ordinal: usize) {
+    let _ = CUDA.set(ordinal);
+}
+
+/// Prepares `model`'s weights for a run: on `--device cuda`, the CUDA backend (which
+/// uploads the stored weights itself); else the CPU copies `weights` names.
+pub fn prepare(model: &mut longctx_engine::Model, weights: DecodeWeights) -> Result<()> {
+    if let Some(&ordinal) = CUDA.get() {
+        let cache = longctx_engine::fetch::home().join("cuda");
+        let cuda = longctx_engine::backend::Cuda::new(ordinal, Some(cache))?;
+        model.use_cuda(cuda)?;
+        eprintln!("device: {}", model.device());
+        return Ok(());
+    }
+    match weights {
+        DecodeWeights::F32 => model.enable_f32_weights()?,
+        DecodeWeights::Bf16 => model.enable_bf16_decode()?,
+        DecodeWeights::Quant => model.enable_quant_decode()?,
+    }
+    Ok(())
+}
+
 impl DecodeOpts {
     /// Opens the model and prepares the decode weights asked for.
     pub fn open(&self, model: &Option<PathBuf>) -> Result<Loaded> {
@@ -140,11 +167,7 @@ impl DecodeOpts {
                 .set_expert_budget(b)
                 .map_err(|e| anyhow::anyhow!("--expert-budget: {e}"))?;
         }
-        match self.path().0 {
-            DecodeWeights::F32 => m.model.enable_f32_weights()?,
-            DecodeWeights::Bf16 => m.model.enable_bf16_decode()?,
-            DecodeWeights::Quant => m.model.enable_quant_decode()?,
-        }
+        prepare(&mut m.model, self.path().0)?;
         Ok(m)
     }
 

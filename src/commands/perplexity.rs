@@ -44,8 +44,8 @@ pub fn run(args: Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
     let mut m = super::open(&args.model)?;
-    // The exact path at full speed: f32 copies of the weights.
-    m.model.enable_f32_weights()?;
+    // The exact path at full speed: f32 copies of the weights (on the CPU).
+    super::prepare(&mut m.model, super::DecodeWeights::F32)?;
     let ids = m.tokenizer.encode(&text)?;
     anyhow::ensure!(
         ids.len() >= 2,
