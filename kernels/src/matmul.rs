@@ -84,9 +84,8 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
         .flat_map(|r| (0..col_tiles).map(move |c| (r, c)))
         .collect();
     let out = SendPtr(y.as_mut_ptr());
-    tiles
-        .par_iter()
-        .for_each_init(Vec::new, |buf: &mut Vec<f32>, &(rt, ct)| {
+    tiles.par_iter().for_each(|&(rt, ct)| {
+        with_scratch(|[buf, _, _]| {
             let (i0, j0) = (rt * MB, ct * nb);
             let (mb, cols) = (MB.min(m - i0), nb.min(n - j0));
             // SAFETY: the weight holds rows 0..k from column j0, cols wide, at stride ld
@@ -104,7 +103,8 @@ pub fn matmul(x: &[f32], m: usize, w: Weight, y: &mut [f32]) -> Result<(), Kerne
                     out,
                 )
             };
-        });
+        })
+    });
     Ok(())
 }
 
@@ -187,9 +187,8 @@ pub fn matmul_stored(x: &[f32], m: usize, w: StoredRows, y: &mut [f32]) -> Resul
             .div_ceil(threads * 4)
             .next_multiple_of(STORED_GEMV_ROWS)
             .max(STORED_GEMV_ROWS);
-        y.par_chunks_mut(per)
-            .enumerate()
-            .for_each_init(Vec::new, |buf: &mut Vec<f32>, (c, yc)| {
+        y.par_chunks_mut(per).enumerate().for_each(|(c, yc)| {
+            with_scratch(|[buf, _, _]| {
                 buf.resize(STORED_GEMV_ROWS * k, 0.0);
                 let mut st = [0f32; STORED_GEMV_ROWS * 16];
                 for (g, yg) in yc.chunks_mut(STORED_GEMV_ROWS).enumerate() {
@@ -212,7 +211,8 @@ pub fn matmul_stored(x: &[f32], m: usize, w: StoredRows, y: &mut [f32]) -> Resul
                         *v = st[j * 16];
                     }
                 }
-            });
+            })
+        });
         return Ok(());
     }
     // Narrow column strips, so that there are tasks for every thread with each strip
@@ -229,9 +229,8 @@ pub fn matmul_stored(x: &[f32], m: usize, w: StoredRows, y: &mut [f32]) -> Resul
         .flat_map(|c| (0..row_groups).map(move |r| (r, c)))
         .collect();
     let out = SendPtr(y.as_mut_ptr());
-    tasks.par_iter().for_each_init(
-        || (Vec::new(), Vec::new(), Vec::new()),
-        |(rows, strip, buf): &mut (Vec<f32>, Vec<f32>, Vec<f32>), &(rg_i, ct)| {
+    tasks.par_iter().for_each(|&(rg_i, ct)| {
+        with_scratch(|[rows, strip, buf]| {
             let j0 = ct * nb;
             let cols = nb.min(n - j0);
             // The strip [k, ldb]: weight rows j0..j0 + cols as columns.
@@ -263,9 +262,26 @@ pub fn matmul_stored(x: &[f32], m: usize, w: StoredRows, y: &mut [f32]) -> Resul
                     )
                 };
             }
-        },
-    );
+        })
+    });
     Ok(())
+}
+
+thread_local! {
+    /// Each pool thread's tile buffers, kept between products: `for_each_init` made fresh
+    /// ones for every split of every product (tens of KiB each, every layer of every step).
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()])
+    };
+}
+
+/// Runs `f` with this thread's three scratch buffers (fresh ones if `f` is re-entered on
+/// the same thread, as a work-stealing wait could do).
+fn with_scratch<R>(f: impl FnOnce(&mut [Vec<f32>; 3]) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut [Vec::new(), Vec::new(), Vec::new()]),
+    })
 }
 
 /// `y[n] = x[k] . B[k, n]` with `B` stored as bf16 bit patterns, row-major: the decode

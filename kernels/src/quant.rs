@@ -566,7 +566,30 @@ impl QMatrix {
         if m <= 1 {
             return if m == 1 { self.gemv(x, y) } else { Ok(()) };
         }
-        let acts: Vec<Act> = x.par_chunks_exact(self.cols).map(Act::quantize).collect();
+        // The quantised rows go in this thread's pool, kept between products (a fresh pool
+        // if the thread re-enters here while waiting on its own parallel loop).
+        ACTS.with(|pool| match pool.try_borrow_mut() {
+            Ok(mut p) => self.gemm_in(&mut p, x, m, y),
+            Err(_) => self.gemm_in(&mut Vec::new(), x, m, y),
+        })
+    }
+
+    /// [`QMatrix::gemm`] for m >= 2, its rows quantised into `pool`.
+    fn gemm_in(
+        &self,
+        pool: &mut Vec<Act>,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        if pool.len() < m {
+            pool.resize_with(m, Act::default);
+        }
+        let acts = &mut pool[..m];
+        acts.par_iter_mut()
+            .zip(x.par_chunks_exact(self.cols))
+            .for_each(|(a, x)| a.quantize_into(x));
+        let acts = &*acts;
         let vnni = vnni_available();
         #[cfg(target_arch = "x86_64")]
         let avx2 = !vnni && avx2::available();
@@ -574,7 +597,7 @@ impl QMatrix {
         let avx2 = false;
         if !vnni && !avx2 {
             y.par_chunks_mut(self.rows)
-                .zip(&acts)
+                .zip(acts)
                 .for_each(|(yr, act)| self.rows_portable(act, 0, yr));
             return Ok(());
         }
@@ -933,6 +956,7 @@ impl SendPtr {
 }
 
 /// Activations quantised per block of 32: `x ~ s[b] * a`, with `ssum[b] = s[b] * sum(a)`.
+#[derive(Default)]
 struct Act {
     a: Vec<i8>,
     s: Vec<f32>,
@@ -941,7 +965,35 @@ struct Act {
     hsum: Vec<i32>,
 }
 
+thread_local! {
+    /// Each calling thread's quantised activation rows, reused by every product.
+    static ACTS: std::cell::RefCell<Vec<Act>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Act {
+    /// `x` quantised into this row's buffers (grown, never shrunk), as [`Act::quantize`].
+    fn quantize_into(&mut self, x: &[f32]) {
+        let nb = x.len() / QK;
+        self.a.resize(x.len(), 0);
+        self.s.resize(nb, 0.0);
+        self.ssum.resize(nb, 0.0);
+        self.hsum.resize(2 * nb, 0);
+        let (a, s, ssum, hsum) = (&mut self.a, &mut self.s, &mut self.ssum, &mut self.hsum);
+        #[cfg(target_arch = "x86_64")]
+        if vnni_available() {
+            // SAFETY: AVX-512 checked at run time; the buffers hold nb blocks.
+            unsafe { quantize_avx512(x, a, s, ssum, hsum) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: AVX2 checked at run time; the buffers hold nb blocks.
+            unsafe { avx2::quantize(x, a, s, ssum, hsum) };
+            return;
+        }
+        quantize_scalar(x, a, s, ssum, hsum);
+    }
+
     fn quantize(x: &[f32]) -> Act {
         let nb = x.len() / QK;
         let mut a = vec![0i8; x.len()];
