@@ -154,7 +154,7 @@ fn smollm2_shaped() -> Result<longctx_engine::ModelConfig> {
     )?)
 }
 
-/// Whole models on the CUDA backend against the CPU backend (the same random weights, the
+/// The CUDA backend: every op against float64, then whole models against the CPU backend (the same random weights, the
 /// same 37-token prompt and 4 greedy decode steps, every logit): SmolLM2's shape, and
 /// Llama 4's (MoE, NoPE layer, chunked attention, QK-norm).
 fn model_checks(ordinal: usize, cache: std::path::PathBuf) -> Vec<Check> {
@@ -176,6 +176,34 @@ fn model_checks(ordinal: usize, cache: std::path::PathBuf) -> Vec<Check> {
     let kv = longctx_engine::KvOptions::default();
     let mut out = Vec::new();
     let gpu = Cuda::new(ordinal, Some(cache));
+    // Every op of the CUDA backend, the same body the CPU backend's unit test runs.
+    let seed = longctx_kernels::cuda::fresh_seed();
+    match gpu
+        .as_ref()
+        .map_err(|e| e.to_string())
+        .and_then(|g| longctx_engine::backend::check::check_ops(g, seed).map_err(|e| e.to_string()))
+    {
+        Ok(checks) => out.extend(checks.into_iter().map(|c| Check {
+            name: format!("backend op (cuda, seed {seed}): {}", c.name),
+            pass: c.pass(),
+            rel_err: c.err.is_finite().then_some(c.err),
+            row_err: None,
+            lse_abs: None,
+            tol: c.tol,
+            lse_tol: 0.0,
+            error: None,
+        })),
+        Err(e) => out.push(Check {
+            name: format!("backend ops (cuda, seed {seed})"),
+            pass: false,
+            rel_err: None,
+            row_err: None,
+            lse_abs: None,
+            tol: 0.0,
+            lse_tol: 0.0,
+            error: Some(e),
+        }),
+    }
     for (name, cfg) in cases {
         let run = || -> Result<f64> {
             let gpu = gpu.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;

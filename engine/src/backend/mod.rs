@@ -11,6 +11,7 @@
 //! Buffers are sized once for the largest step ([`Workspace`]); ops are told how many rows
 //! to use, so no step allocates activations.
 
+pub mod check;
 pub mod cpu;
 pub mod cuda;
 #[cfg(test)]
