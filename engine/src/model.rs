@@ -634,8 +634,7 @@ impl Model {
         }
     }
 
-    /// The CPU step on the model's own workspace (made at the first step, grown for a larger
-    /// one; a concurrent step, which tests make, gets one of its own).
+    /// The CPU step on the model's own workspace ([`step_in`]).
     fn forward_in_pool(
         &self,
         batch: &Batch,
@@ -1336,13 +1335,7 @@ mod tests {
         for (name, m) in &models {
             let want = m.run_on(&Cpu, &prompt, 0, &kv).unwrap();
             let got = m.run_on(&gpu, &prompt, 0, &kv).unwrap();
-            let num: f64 = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-            let err = (num / den).sqrt();
+            let err = crate::backend::check::rel_error(&got, &want);
             assert!(err < 3e-2, "{name}: cuda logits {err:.2e} from the CPU's");
         }
     }

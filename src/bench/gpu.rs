@@ -210,13 +210,7 @@ fn model_checks(ordinal: usize, cache: std::path::PathBuf) -> Vec<Check> {
             let model = random_model(cfg()?, 7)?;
             let want = model.run_on(&Cpu, &prompt, 4, &kv)?;
             let got = model.run_on(gpu, &prompt, 4, &kv)?;
-            let num: f64 = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-            Ok((num / den).sqrt())
+            Ok(longctx_engine::backend::check::rel_error(&got, &want))
         };
         let (err, error) = match run() {
             Ok(e) => (Some(e), None),

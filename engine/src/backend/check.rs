@@ -57,6 +57,13 @@ impl Checks {
 /// held to the backend's own bound ([`Backend::tolerance`]: f32 1e-5, bf16 1e-2).
 const Q8: f64 = 1e-2;
 
+/// Norm-wise relative error of `got` against `want` (one backend's logits against
+/// another's).
+pub fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    let want: Vec<f64> = want.iter().map(|v| *v as f64).collect();
+    rel(got, &want)
+}
+
 fn rel(got: &[f32], want: &[f64]) -> f64 {
     if got.len() != want.len() {
         return f64::INFINITY;
