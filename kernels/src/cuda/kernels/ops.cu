@@ -13,6 +13,16 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
     return total;
 }
 
+// 1 / rms of the row `xr` of n, over the whole block (every thread gets it).
+__device__ __forceinline__ float inv_rms(const u16* xr, int n, float eps, float* scratch) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float f = to_f32(xr[i]);
+        ss += f * f;
+    }
+    return rsqrtf(block_sum(ss, scratch) / n + eps);
+}
+
 // y[r] = x[r] / rms(x[r]) * w (w == null: no weight, Llama 4's QK-norm). Grid: rows.
 extern "C" __global__ void __launch_bounds__(256)
 rms_norm(const u16* __restrict__ x, const u16* __restrict__ w, u16* __restrict__ y, int n,
@@ -20,12 +30,7 @@ rms_norm(const u16* __restrict__ x, const u16* __restrict__ w, u16* __restrict__
     __shared__ float scratch[32];
     const u16* xr = x + (size_t)blockIdx.x * n;
     u16* yr = y + (size_t)blockIdx.x * n;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float f = to_f32(xr[i]);
-        ss += f * f;
-    }
-    const float r = rsqrtf(block_sum(ss, scratch) / n + eps);
+    const float r = inv_rms(xr, n, eps, scratch);
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const float wf = w ? to_f32(w[i]) : 1.f;
         yr[i] = from_f32(to_f32(xr[i]) * r * wf);
@@ -112,12 +117,7 @@ extern "C" __global__ void __launch_bounds__(256)
 rms_norm_inplace(u16* __restrict__ x, int n, float eps) {
     __shared__ float scratch[32];
     u16* xr = x + (size_t)blockIdx.x * n;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float f = to_f32(xr[i]);
-        ss += f * f;
-    }
-    const float r = rsqrtf(block_sum(ss, scratch) / n + eps);
+    const float r = inv_rms(xr, n, eps, scratch);
     for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = from_f32(to_f32(xr[i]) * r);
 }
 
