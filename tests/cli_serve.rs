@@ -379,6 +379,41 @@ fn a_client_that_leaves_frees_its_blocks_and_a_full_queue_is_429() {
     assert!(metric(&s, "longctx_generation_tokens_total") < 4000.0);
 }
 
+/// Under KV pressure (`--kv-tokens` for two prompts, blocks of 256) the newer of two
+/// requests is preempted: its KV moves to the host tier and back (`/metrics` counts both
+/// ways), and each answer is the one it gets alone.
+#[test]
+fn kv_pressure_swaps_a_request_out_and_back_without_changing_its_answer() {
+    let s = serve(&["--prefix-cache", "0", "--kv-tokens", "512"]);
+    let body = |word: &str| {
+        json!({"model": s.model, "prompt": format!("{word} ").repeat(240), "max_tokens": 40,
+               "temperature": 0})
+    };
+    let (a, b) = std::thread::scope(|t| {
+        let a = t.spawn(|| post(&s, "/v1/completions", &body("apple")));
+        let b = t.spawn(|| post(&s, "/v1/completions", &body("river")));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (a, b) = (a.1, b.1);
+    assert!(metric(&s, "longctx_preemptions_total") >= 1.0);
+    let out = metric(&s, "longctx_kv_swap_blocks_total{direction=\"out\"}");
+    assert!(out > 0.0);
+    assert_eq!(
+        metric(&s, "longctx_kv_swap_blocks_total{direction=\"in\"}"),
+        out
+    );
+    assert_eq!(metric(&s, "longctx_kv_blocks{tier=\"host\"}"), 0.0);
+    for (got, word) in [(a, "apple"), (b, "river")] {
+        let (st, alone) = post(&s, "/v1/completions", &body(word));
+        assert_eq!(st, 200, "{alone}");
+        assert_eq!(
+            got["choices"][0]["text"], alone["choices"][0]["text"],
+            "{word}"
+        );
+        assert_eq!(got["usage"], alone["usage"], "{word}");
+    }
+}
+
 /// Under `--expert-budget` (a Llama 4 model), `/metrics` shows what the expert cache did.
 #[test]
 fn metrics_show_the_expert_cache_under_a_budget() {

@@ -110,6 +110,17 @@ impl Default for KvOptions {
     }
 }
 
+impl KvOptions {
+    /// These options with a host tier under the device tier (unbounded unless one is set),
+    /// where a scheduler moves the KV of the requests it preempts.
+    pub fn with_host_tier(mut self) -> KvOptions {
+        if self.budgets.host == 0 {
+            self.budgets.host = u64::MAX;
+        }
+        self
+    }
+}
+
 /// Takes the tensor of `role` in layer `layer` (None: outside the layers) by the
 /// architecture's table: its Hugging Face name and shape.
 fn take(w: &mut Weights, cfg: &ModelConfig, layer: Option<usize>, role: Role) -> Result<Tensor> {

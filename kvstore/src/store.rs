@@ -230,6 +230,61 @@ impl KvStore {
         Ok(())
     }
 
+    /// Moves every block of `seq` into the resident tier `to`, making room there as a new
+    /// block would: a preempted sequence's KV leaves the device tier for the host tier and
+    /// comes back before the sequence resumes, without being recomputed. Blocks shared with
+    /// other sequences move for all of them. Returns the blocks moved.
+    pub fn move_seq(&self, seq: SeqId, to: Tier) -> Result<usize> {
+        let mut st = self.lock();
+        if to == Tier::Disk || !st.fits(to) {
+            return Err(KvError::Config(format!(
+                "a sequence can move only to a memory tier with a budget, not to the {to} tier"
+            )));
+        }
+        let ids: Vec<BlockId> = st
+            .tables(seq)?
+            .iter()
+            .flat_map(|t| t.blocks.iter().copied())
+            .collect();
+        let mut moved = 0;
+        for id in ids {
+            let buf = match &st.pool.get(id).place {
+                Place::Resident(t, _) if *t == to => continue,
+                Place::Resident(_, buf) => buf.clone(),
+                Place::Disk { slot, sum } => {
+                    let disk = st
+                        .disk
+                        .as_ref()
+                        .expect("a spilled block without a spill file");
+                    let buf = Arc::new(disk.read(*slot, *sum)?);
+                    st.usage.spill_reads += 1;
+                    buf
+                }
+            };
+            st.make_room(to)?;
+            st.set_place(id, Place::Resident(to, buf));
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
+    /// Blocks of `seq` in each tier (device, host, disk); shared blocks count here too.
+    pub fn seq_blocks(&self, seq: SeqId) -> Result<[usize; 3]> {
+        let st = self.lock();
+        let mut n = [0; 3];
+        for t in st.tables(seq)? {
+            for id in &t.blocks {
+                let i = match st.pool.get(*id).place {
+                    Place::Resident(Tier::Device, _) => 0,
+                    Place::Resident(Tier::Host, _) => 1,
+                    _ => 2,
+                };
+                n[i] += 1;
+            }
+        }
+        Ok(n)
+    }
+
     pub fn usage(&self) -> Usage {
         let st = self.lock();
         let mut u = st.usage;

@@ -217,6 +217,46 @@ fn tiny_budgets_really_spill_and_promote() {
 }
 
 #[test]
+fn a_sequence_moves_out_of_the_device_tier_and_back_unchanged() {
+    let dir = TempDir::new("move");
+    // Device room for 6 blocks, host for 8, disk for 4: two sequences of 2 layers x 3 blocks.
+    let layers = vec![Retention::Full; 2];
+    let cfg = config(&dir, 4, layers, [6, 8, 4], Policy::KeepNewest);
+    let row = cfg.h_kv * cfg.d;
+    let store = KvStore::new(cfg).unwrap();
+    let mut rng = seeded("move");
+    let (a, b) = (store.create_seq(), store.create_seq());
+    let ka: Vec<Vec<f32>> = (0..2).map(|_| rows(&mut rng, 10, row)).collect();
+    for (l, k) in ka.iter().enumerate() {
+        store.append(a, l, k, k).unwrap();
+    }
+    assert_eq!(store.seq_blocks(a).unwrap(), [6, 0, 0]);
+    assert_eq!(store.move_seq(a, Tier::Host).unwrap(), 6);
+    assert_eq!(store.seq_blocks(a).unwrap(), [0, 6, 0]);
+    assert_eq!(store.move_seq(a, Tier::Host).unwrap(), 0, "already there");
+    // b fills the device tier without demoting anything of a's.
+    let kb = rows(&mut rng, 12, row);
+    for l in 0..2 {
+        store.append(b, l, &kb, &kb).unwrap();
+    }
+    assert_eq!(store.seq_blocks(b).unwrap(), [6, 0, 0]);
+    assert_eq!(store.usage().spill_writes, 0);
+    // a comes back: b's oldest blocks make room (to host), and a's bytes are unchanged.
+    store.move_seq(b, Tier::Host).unwrap();
+    assert_eq!(store.move_seq(a, Tier::Device).unwrap(), 6);
+    assert_eq!(store.seq_blocks(a).unwrap(), [6, 0, 0]);
+    assert_eq!(store.seq_blocks(b).unwrap(), [0, 6, 0]);
+    for (l, k) in ka.iter().enumerate() {
+        let (k2, v2) = store.read::<f32>(a, l, 0..10).unwrap();
+        assert_eq!((&k2, &v2), (k, k));
+    }
+    // A tier with no budget, or the disk, is refused and moves nothing.
+    assert!(store.move_seq(a, Tier::Disk).is_err());
+    assert_eq!(store.seq_blocks(a).unwrap(), [6, 0, 0]);
+    assert!(store.move_seq(SeqId(99), Tier::Host).is_err());
+}
+
+#[test]
 fn fork_shares_blocks_and_copies_on_write() {
     let dir = TempDir::new("fork");
     let cfg = config(

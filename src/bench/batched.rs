@@ -79,8 +79,10 @@ pub fn run(args: Args) -> Result<()> {
         .sum();
     let bar = crate::commands::Progress::new(steps as u64, "bench batched", "tokens");
     for (k, &b) in args.concurrency.iter().enumerate() {
-        let store = m.model.kv_store(&args.decode.kv())?;
-        let total = b * (args.prompt + args.new);
+        let kv = args.decode.kv().with_host_tier();
+        let store = m.model.kv_store(&kv)?;
+        // Room for every sequence whole: the benchmark measures batching, not preemption.
+        let total = b * (args.prompt + args.new).div_ceil(kv.block_tokens) * kv.block_tokens;
         let mut s = Scheduler::new(
             &m.model,
             store,

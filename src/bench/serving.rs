@@ -66,15 +66,16 @@ fn drain(s: &mut Scheduler) {
 }
 
 fn scheduler<'m>(m: &'m Model, a: &Args, context: usize, prefix: usize) -> Result<Scheduler<'m>> {
+    let kv = a.decode.kv().with_host_tier();
     Ok(Scheduler::new(
         m,
-        m.kv_store(&a.decode.kv())?,
+        m.kv_store(&kv)?,
         SchedConfig {
             max_running: a.streams + 2,
             max_waiting: a.streams + 2,
             step_tokens: a.step_tokens,
             max_context: context,
-            kv_tokens: context * (a.streams + 2),
+            kv_tokens: context.div_ceil(kv.block_tokens) * kv.block_tokens * (a.streams + 2),
             prefix_entries: prefix,
         },
     ))

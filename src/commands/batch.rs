@@ -149,7 +149,7 @@ pub fn run(args: Args) -> Result<()> {
     // Ids of this input and the line each was first seen on: a repeat is its own error.
     let mut first_line: HashMap<String, usize> = HashMap::new();
     let m = args.decode.open(&args.model)?;
-    let kv = args.decode.kv();
+    let kv = args.decode.kv().with_host_tier();
     let limit = args.max_context.unwrap_or(m.model.cfg.max_position);
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     let bar = super::Progress::new(jobs.len() as u64, "batch", "jobs");
@@ -162,7 +162,10 @@ pub fn run(args: Args) -> Result<()> {
             max_running: args.concurrency,
             max_waiting: 2 * args.concurrency,
             max_context: limit,
-            kv_tokens: limit.saturating_mul(args.concurrency),
+            kv_tokens: limit
+                .div_ceil(kv.block_tokens)
+                .saturating_mul(kv.block_tokens)
+                .saturating_mul(args.concurrency),
             ..SchedConfig::default()
         },
     );

@@ -60,7 +60,8 @@ pub struct Args {
     /// most 32768).
     #[arg(long)]
     max_context: Option<usize>,
-    /// KV tokens all running requests may reserve together.
+    /// KV tokens the running requests may hold in the device tier together (whole blocks);
+    /// past it the newest is preempted, its KV moved to the host tier until room frees.
     #[arg(long, default_value_t = 1 << 17)]
     kv_tokens: usize,
     /// Finished sequences kept for prefix reuse (0: none).
@@ -123,7 +124,7 @@ pub fn run(args: Args) -> Result<()> {
         kv_tokens: args.kv_tokens,
         prefix_entries: args.prefix_cache,
     };
-    let worker = Worker::start(m.model, args.decode.kv(), cfg)?;
+    let worker = Worker::start(m.model, args.decode.kv().with_host_tier(), cfg)?;
     let app = Arc::new(App {
         worker,
         tokenizer: m.tokenizer,
@@ -231,6 +232,27 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "gauge",
         "Requests queued for a slot.",
         &one(s.waiting as f64),
+    );
+    put(
+        "requests_swapped",
+        "gauge",
+        "Requests preempted under KV pressure, their KV in the host tier.",
+        &one(s.swapped as f64),
+    );
+    put(
+        "preemptions_total",
+        "counter",
+        "Requests preempted so far (KV moved to the host tier, not recomputed).",
+        &one(s.preemptions as f64),
+    );
+    put(
+        "kv_swap_blocks_total",
+        "counter",
+        "KV blocks moved out of the device tier by preemption, and back in.",
+        &[
+            ("{direction=\"out\"}".into(), s.swap_out_blocks as f64),
+            ("{direction=\"in\"}".into(), s.swap_in_blocks as f64),
+        ],
     );
     put(
         "requests_total",

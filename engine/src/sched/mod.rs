@@ -2,10 +2,12 @@
 //! Every step has a token budget, filled first with one decode row per running request,
 //! then with prefill chunks of the oldest requests still reading their prompts, so a long
 //! prompt is read a chunk per step while the others keep decoding (bounded time per step).
-//! Requests are admitted while sequence slots and KV tokens are free (a request reserves
-//! its prompt plus `max_tokens`, so a running request never runs out); the rest wait in a
-//! bounded queue. Finished sequences are kept in the prefix cache ([`prefix`]) for the
-//! requests that begin as they did.
+//! Requests are admitted while sequence slots are free and their prompt's KV fits in the
+//! device tier's share (`kv_tokens`); the rest wait in a bounded queue. Answers grow, so a
+//! step may need more KV than is free: then the newest running request is preempted, as
+//! vLLM swaps: its blocks move to the host tier (not recomputed) and come back when room
+//! frees, before any new request is admitted. Finished sequences are kept in the prefix cache
+//! ([`prefix`]) for the requests that begin as they did.
 
 pub mod prefix;
 
@@ -13,7 +15,7 @@ use crate::batch::Batch;
 use crate::generate::{Sampler, Sampling};
 use crate::model::{Logits, Model};
 use crate::{EngineError, Result};
-use longctx_kvstore::{KvStore, SeqId};
+use longctx_kvstore::{KvStore, SeqId, Tier};
 use prefix::PrefixCache;
 use std::collections::VecDeque;
 
@@ -28,8 +30,9 @@ pub struct SchedConfig {
     pub step_tokens: usize,
     /// Prompt plus new tokens allowed for one request.
     pub max_context: usize,
-    /// KV tokens all running requests may reserve together (prompt + `max_tokens` each);
-    /// the prefix cache's sequences give way when admission needs their room.
+    /// KV tokens the running requests may hold in the device tier together, counted in
+    /// whole blocks. A step that needs more preempts the newest running request to the
+    /// host tier; the prefix cache's sequences give way first.
     pub kv_tokens: usize,
     /// Finished sequences kept for prefix reuse (0: no prefix cache).
     pub prefix_entries: usize,
@@ -116,6 +119,12 @@ pub struct Stats {
     pub generated_tokens: u64,
     pub kv_blocks: [usize; 3],
     pub prefix_entries: usize,
+    /// Requests preempted now, their KV in the host tier.
+    pub swapped: usize,
+    /// Preemptions so far, and the blocks they moved out of the device tier and back in.
+    pub preemptions: u64,
+    pub swap_out_blocks: u64,
+    pub swap_in_blocks: u64,
 }
 
 struct Running {
@@ -135,8 +144,13 @@ impl Running {
         self.kv.len() < self.req.prompt.len()
     }
 
-    fn reserved(&self) -> usize {
-        self.req.prompt.len() + self.req.max_tokens
+    /// Device KV tokens the request claims, in whole blocks of `bt`, once `extra` more are
+    /// appended: all of its prompt from admission on, as the prompt will be read.
+    fn held(&self, extra: usize, bt: usize) -> usize {
+        (self.kv.len() + extra)
+            .max(self.req.prompt.len())
+            .div_ceil(bt)
+            * bt
     }
 }
 
@@ -147,6 +161,8 @@ pub struct Scheduler<'m> {
     cfg: SchedConfig,
     waiting: VecDeque<(RequestId, Request)>,
     running: Vec<Running>,
+    /// Preempted requests, their blocks in the host tier.
+    swapped: Vec<Running>,
     cache: PrefixCache,
     next_id: u64,
     stats: Stats,
@@ -161,6 +177,7 @@ impl<'m> Scheduler<'m> {
             cfg,
             waiting: VecDeque::new(),
             running: vec![],
+            swapped: vec![],
             cache,
             next_id: 0,
             stats: Stats::default(),
@@ -205,7 +222,7 @@ impl<'m> Scheduler<'m> {
 
     /// True when nothing is running or waiting.
     pub fn idle(&self) -> bool {
-        self.running.is_empty() && self.waiting.is_empty()
+        self.running.is_empty() && self.waiting.is_empty() && self.swapped.is_empty()
     }
 
     /// Ends a request now (a client gone, a stop string seen): its sequence is freed or
@@ -218,8 +235,13 @@ impl<'m> Scheduler<'m> {
                 ..Usage::default()
             });
         }
-        let i = self.running.iter().position(|r| r.id == id)?;
-        let r = self.running.swap_remove(i);
+        let r = match self.running.iter().position(|r| r.id == id) {
+            Some(i) => self.running.swap_remove(i),
+            None => {
+                let i = self.swapped.iter().position(|r| r.id == id)?;
+                self.swapped.swap_remove(i)
+            }
+        };
         let usage = r.usage;
         self.retire(r);
         Some(usage)
@@ -232,6 +254,7 @@ impl<'m> Scheduler<'m> {
             waiting: self.waiting.len(),
             kv_blocks: u.blocks,
             prefix_entries: self.cache.len(),
+            swapped: self.swapped.len(),
             ..self.stats
         }
     }
@@ -245,24 +268,82 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    fn reserved(&self) -> usize {
-        self.running.iter().map(Running::reserved).sum()
+    fn block_tokens(&self) -> usize {
+        self.store.config().block_tokens
     }
 
-    /// Moves waiting requests into free slots, oldest first, while their KV fits.
+    /// Device KV tokens the running requests hold (whole blocks).
+    fn used(&self) -> usize {
+        let bt = self.block_tokens();
+        self.running.iter().map(|r| r.held(0, bt)).sum()
+    }
+
+    /// Whether `need` more device KV tokens fit beside the running requests; when they do,
+    /// prefix-cache entries are dropped until they fit beside those too. With nothing
+    /// running everything fits (`submit` bounds a request by `kv_tokens`, but not in whole
+    /// blocks), so a request alone always runs.
+    fn room_for(&mut self, need: usize) -> bool {
+        let free = match self.cfg.kv_tokens.checked_sub(self.used() + need) {
+            Some(free) => free,
+            None if self.running.is_empty() => 0,
+            None => return false,
+        };
+        if self.cache.tokens() > free {
+            self.cache.evict_until(&self.store, free);
+        }
+        true
+    }
+
+    /// Preempts the newest running request: its blocks move to the host tier (where the
+    /// store has none, they stay put and only the request waits).
+    fn preempt(&mut self) {
+        let Some(i) = (0..self.running.len()).max_by_key(|i| self.running[*i].id) else {
+            return;
+        };
+        let r = self.running.swap_remove(i);
+        if let Ok(n) = self.store.move_seq(r.seq, Tier::Host) {
+            self.stats.swap_out_blocks += n as u64;
+        }
+        self.stats.preemptions += 1;
+        self.swapped.push(r);
+    }
+
+    /// Brings preempted requests back, oldest first, then moves waiting requests into free
+    /// slots, oldest first, while their KV fits. New requests wait while any is preempted.
     fn admit(&mut self, events: &mut Vec<Event>) {
+        let bt = self.block_tokens();
+        while self.running.len() < self.cfg.max_running && !self.swapped.is_empty() {
+            let i = (0..self.swapped.len())
+                .min_by_key(|i| self.swapped[*i].id)
+                .expect("not empty");
+            if !self.room_for(self.swapped[i].held(1, bt)) {
+                return;
+            }
+            let r = self.swapped.swap_remove(i);
+            match self.store.move_seq(r.seq, Tier::Device) {
+                Ok(n) => {
+                    self.stats.swap_in_blocks += n as u64;
+                    self.running.push(r);
+                }
+                Err(e) => {
+                    events.push(Event::Failed {
+                        id: r.id,
+                        error: e.to_string(),
+                    });
+                    let _ = self.store.free(r.seq);
+                }
+            }
+        }
+        if !self.swapped.is_empty() {
+            return;
+        }
         while self.running.len() < self.cfg.max_running {
             let Some((_, req)) = self.waiting.front() else {
                 return;
             };
-            let need = req.prompt.len() + req.max_tokens;
-            let cached = self.cache.tokens();
-            if self.reserved() + need > self.cfg.kv_tokens {
+            // Its whole prompt and first answer token must fit now.
+            if !self.room_for((req.prompt.len() + 1).div_ceil(bt) * bt) {
                 return;
-            }
-            if self.reserved() + need + cached > self.cfg.kv_tokens {
-                self.cache
-                    .evict_until(&self.store, self.cfg.kv_tokens - self.reserved() - need);
             }
             let (id, req) = self.waiting.pop_front().expect("front exists");
             let (seq, reused) = match self.cache.lookup(&self.store, &req.prompt) {
@@ -292,29 +373,64 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// One forward step over the running requests; what each produced.
-    pub fn step(&mut self) -> Vec<Event> {
-        let mut events = vec![];
-        self.admit(&mut events);
+    /// The step's rows as (running index, tokens, position): a decode row for every
+    /// request with a pending token, then prompt chunks, oldest request first, while the
+    /// step's token budget lasts.
+    fn plan(&self) -> Vec<(usize, Vec<u32>, usize)> {
         let mut budget = self.cfg.step_tokens.max(1);
-        // (running index, tokens, position): decode rows first, then prompt chunks.
-        let mut rows: Vec<(usize, Vec<u32>, usize)> = vec![];
+        let mut rows = vec![];
         for (i, r) in self.running.iter().enumerate() {
             if let Some(t) = r.pending {
                 rows.push((i, vec![t], r.kv.len()));
                 budget = budget.saturating_sub(1);
             }
         }
-        for (i, r) in self.running.iter().enumerate() {
+        let mut reading: Vec<usize> = (0..self.running.len())
+            .filter(|i| self.running[*i].reading_prompt())
+            .collect();
+        reading.sort_by_key(|i| self.running[*i].id);
+        for i in reading {
             if budget == 0 {
                 break;
             }
-            if r.reading_prompt() {
-                let at = r.kv.len();
-                let take = (r.req.prompt.len() - at).min(budget);
-                rows.push((i, r.req.prompt[at..at + take].to_vec(), at));
-                budget -= take;
+            let r = &self.running[i];
+            let at = r.kv.len();
+            let take = (r.req.prompt.len() - at).min(budget);
+            rows.push((i, r.req.prompt[at..at + take].to_vec(), at));
+            budget -= take;
+        }
+        rows
+    }
+
+    /// One forward step over the running requests; what each produced.
+    pub fn step(&mut self) -> Vec<Event> {
+        let mut events = vec![];
+        self.admit(&mut events);
+        let mut rows = self.plan();
+        // Under KV pressure the newest requests give way until the step fits.
+        let bt = self.block_tokens();
+        loop {
+            let after: usize = self
+                .running
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let new = rows
+                        .iter()
+                        .find(|row| row.0 == i)
+                        .map_or(0, |row| row.1.len());
+                    r.held(new, bt)
+                })
+                .sum();
+            if after <= self.cfg.kv_tokens || self.running.len() <= 1 {
+                if self.cache.tokens() > self.cfg.kv_tokens.saturating_sub(after) {
+                    self.cache
+                        .evict_until(&self.store, self.cfg.kv_tokens.saturating_sub(after));
+                }
+                break;
             }
+            self.preempt();
+            rows = self.plan();
         }
         if rows.is_empty() {
             return events;

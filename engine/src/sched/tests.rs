@@ -13,10 +13,13 @@ fn model(cfg: &ModelConfig) -> Model {
 }
 
 fn store(m: &Model) -> KvStore {
-    m.kv_store(&KvOptions {
-        block_tokens: 16,
-        ..KvOptions::default()
-    })
+    m.kv_store(
+        &KvOptions {
+            block_tokens: 16,
+            ..KvOptions::default()
+        }
+        .with_host_tier(),
+    )
     .unwrap()
 }
 
@@ -86,10 +89,18 @@ fn drain(s: &mut Scheduler) -> Answers {
 /// Requests of different lengths, admitted while others decode, with prompts read in
 /// chunks beside decode rows (a 7-row step budget), each answer as it is alone: Llama and
 /// Llama 4 (chunked-local layers, MoE), with and without sampling.
+///
+/// With KV room for about two of them (64 tokens), the newest is preempted as answers grow:
+/// its blocks go to the host tier and come back, and nothing is computed twice.
 #[test]
 fn batched_requests_answer_as_each_alone() {
     let mut rng = rand::rng();
-    for cfg in [tiny_llama(), tiny_llama4_config()] {
+    for (cfg, kv_tokens) in [
+        (tiny_llama(), 1 << 17),
+        (tiny_llama4_config(), 1 << 17),
+        (tiny_llama(), 64),
+        (tiny_llama4_config(), 64),
+    ] {
         let m = model(&cfg);
         let mut s = sched(
             &m,
@@ -97,6 +108,7 @@ fn batched_requests_answer_as_each_alone() {
                 max_running: 3,
                 step_tokens: 7,
                 prefix_entries: 0,
+                kv_tokens,
                 ..SchedConfig::default()
             },
         );
@@ -127,8 +139,18 @@ fn batched_requests_answer_as_each_alone() {
             assert_eq!(usage.prompt_tokens, r.prompt.len());
             assert_eq!(usage.completion_tokens, r.max_tokens);
         }
-        // Every sequence freed.
+        // Every sequence freed; every prompt token computed once.
         assert_eq!(s.store().blocks(), 0);
+        let st = s.stats();
+        let prompts: usize = reqs.iter().map(|r| r.prompt.len()).sum();
+        assert_eq!(st.prefill_tokens, prompts as u64);
+        if kv_tokens == 64 {
+            assert!(st.preemptions > 0, "no preemption at 64 KV tokens");
+            assert!(st.swap_out_blocks > 0);
+            assert_eq!(st.swap_in_blocks, st.swap_out_blocks);
+        } else {
+            assert_eq!(st.preemptions, 0);
+        }
     }
 }
 
@@ -243,25 +265,90 @@ fn bad_requests_are_refused_and_finished_ones_free_their_blocks() {
     assert_eq!(s.store().blocks(), 0);
 }
 
-/// The KV reservation admits a request only when its prompt and answer fit beside the
-/// running ones: with room for one, the second waits and then runs.
+/// Under KV pressure the newest request is preempted: its blocks leave the device tier
+/// for the host tier, no new request is admitted while it waits, and it resumes (blocks
+/// back on the device) when the older one ends; both answer as alone.
 #[test]
-fn admission_waits_for_kv_room() {
+fn kv_pressure_moves_the_newest_request_to_the_host_tier_and_back() {
     let cfg = tiny_llama();
     let m = model(&cfg);
     let mut s = sched(
         &m,
         SchedConfig {
-            kv_tokens: 40,
+            kv_tokens: 64,
+            prefix_entries: 0,
             ..SchedConfig::default()
         },
     );
-    let a = s.submit(greedy(vec![1; 10], 20)).unwrap();
-    let b = s.submit(greedy(vec![2; 10], 20)).unwrap();
-    // The first step admits a, reads its prompt and samples its first token.
-    assert_eq!(s.step().len(), 2);
-    assert_eq!((s.stats().running, s.stats().waiting), (1, 1));
+    let reqs = [
+        greedy(vec![1; 20], 30),
+        greedy(vec![2; 20], 30),
+        greedy(vec![3; 20], 30),
+    ];
+    let ids: Vec<RequestId> = reqs.iter().map(|r| s.submit(r.clone()).unwrap()).collect();
+    // Two prompts of 20 (32 tokens each in blocks of 16) fit in 64; the third waits.
+    let mut out = Answers::default();
+    for e in s.step() {
+        if let Event::Token { id, token } = e {
+            out.entry(id).or_default().0.push(token);
+        }
+    }
+    assert_eq!((s.stats().running, s.stats().waiting), (2, 1));
+    let (mut saw_swapped, mut steps) = (false, 0);
+    while !s.idle() {
+        steps += 1;
+        assert!(steps < 1000, "the scheduler does not finish");
+        for e in s.step() {
+            if let Event::Token { id, token } = e {
+                out.entry(id).or_default().0.push(token);
+            }
+        }
+        let st = s.stats();
+        // A preempted request's blocks are in the host tier; nothing new is admitted past
+        // it, and the running requests' KV fits in 64 tokens.
+        saw_swapped |= st.swapped > 0 && st.kv_blocks[1] > 0;
+        assert!(st.swapped == 0 || st.running <= 1, "{st:?}");
+        assert!(st.kv_blocks[0] <= cfg.layers * 64 / 16, "{st:?}");
+    }
+    assert!(saw_swapped);
+    for (id, r) in ids.iter().zip(&reqs) {
+        assert_eq!(out[id].0, alone(&m, r), "request {id:?}");
+    }
+    let st = s.stats();
+    assert_eq!(
+        st.prefill_tokens, 60,
+        "a preempted prompt is not read again"
+    );
+    assert!(st.preemptions >= 1);
+    assert_eq!(st.swap_in_blocks, st.swap_out_blocks);
+    assert_eq!(s.store().blocks(), 0);
+}
+
+/// A request cancelled while preempted frees its blocks in the host tier.
+#[test]
+fn a_preempted_request_can_be_cancelled() {
+    let cfg = tiny_llama();
+    let m = model(&cfg);
+    let mut s = sched(
+        &m,
+        SchedConfig {
+            kv_tokens: 64,
+            prefix_entries: 0,
+            ..SchedConfig::default()
+        },
+    );
+    let a = s.submit(greedy(vec![1; 20], 40)).unwrap();
+    let b = s.submit(greedy(vec![2; 20], 40)).unwrap();
+    while s.stats().swapped == 0 {
+        assert!(!s.idle());
+        s.step();
+    }
+    assert!(s.store().usage().blocks[1] > 0);
+    let usage = s.finish(b).expect("b is known while preempted");
+    assert!(usage.completion_tokens > 0);
+    assert_eq!(s.store().usage().blocks[1], 0, "b's host blocks freed");
+    assert_eq!(s.stats().swapped, 0);
     let got = drain(&mut s);
-    assert_eq!(got[&a].0.len(), 19);
-    assert_eq!(got[&b].0.len(), 20);
+    assert_eq!(got[&a].1.expect("a finished").0, Finish::Length);
+    assert_eq!(s.store().blocks(), 0);
 }
