@@ -93,6 +93,8 @@ pub fn run(args: Args) -> Result<()> {
                 max_context: args.prompt + args.new,
                 kv_tokens: total,
                 prefix_entries: 0,
+                // Throughput: every step takes its whole row budget.
+                max_slowdown: 0.0,
             },
         );
         // Distinct prompts (no shared prefix), a fixed seed per run.

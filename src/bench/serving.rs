@@ -32,6 +32,10 @@ pub struct Args {
     /// Rows (tokens) per forward step: decode rows first, then prompt chunks.
     #[arg(long, default_value_t = 512)]
     step_tokens: usize,
+    /// While requests decode, a step reads only as many prompt rows as keep it within this
+    /// many times the time of its decode rows alone (0: only the row budget limits it).
+    #[arg(long, default_value_t = 2.0)]
+    max_slowdown: f64,
     #[command(flatten)]
     decode: DecodeOpts,
 }
@@ -77,6 +81,7 @@ fn scheduler<'m>(m: &'m Model, a: &Args, context: usize, prefix: usize) -> Resul
             max_context: context,
             kv_tokens: context.div_ceil(kv.block_tokens) * kv.block_tokens * (a.streams + 2),
             prefix_entries: prefix,
+            max_slowdown: a.max_slowdown,
         },
     ))
 }
@@ -94,10 +99,11 @@ pub fn run(a: Args) -> Result<()> {
         "--long-prompt must fit the context"
     );
     println!(
-        "{} threads, {}, step {} rows",
+        "{} threads, {}, step {} rows, max slowdown {}",
         rayon::current_num_threads(),
         a.decode.describe(),
-        a.step_tokens
+        a.step_tokens,
+        a.max_slowdown
     );
 
     // Five phases, each a few seconds to minutes: two questions, a long prompt alone, the

@@ -162,6 +162,8 @@ pub fn run(args: Args) -> Result<()> {
             max_running: args.concurrency,
             max_waiting: 2 * args.concurrency,
             max_context: limit,
+            // Throughput over latency: every step takes its whole row budget.
+            max_slowdown: 0.0,
             kv_tokens: limit
                 .div_ceil(kv.block_tokens)
                 .saturating_mul(kv.block_tokens)

@@ -56,6 +56,10 @@ pub struct Args {
     /// long prompt delays the others' next token.
     #[arg(long, default_value_t = 512)]
     step_tokens: usize,
+    /// While requests decode, a step reads only as many prompt rows as keep it within this
+    /// many times the time of its decode rows alone (0: only the row budget limits it).
+    #[arg(long, default_value_t = 2.0)]
+    max_slowdown: f64,
     /// Prompt plus new tokens of one request (default: the model's trained context, at
     /// most 32768).
     #[arg(long)]
@@ -123,6 +127,7 @@ pub fn run(args: Args) -> Result<()> {
         max_context,
         kv_tokens: args.kv_tokens,
         prefix_entries: args.prefix_cache,
+        max_slowdown: args.max_slowdown,
     };
     let worker = Worker::start(m.model, args.decode.kv().with_host_tier(), cfg)?;
     let app = Arc::new(App {

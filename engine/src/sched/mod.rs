@@ -9,6 +9,7 @@
 //! frees, before any new request is admitted. Finished sequences are kept in the prefix cache
 //! ([`prefix`]) for the requests that begin as they did.
 
+pub mod pace;
 pub mod prefix;
 
 use crate::batch::Batch;
@@ -16,6 +17,7 @@ use crate::generate::{Sampler, Sampling};
 use crate::model::{Logits, Model};
 use crate::{EngineError, Result};
 use longctx_kvstore::{KvStore, SeqId, Tier};
+use pace::Pacer;
 use prefix::PrefixCache;
 use std::collections::VecDeque;
 
@@ -36,6 +38,10 @@ pub struct SchedConfig {
     pub kv_tokens: usize,
     /// Finished sequences kept for prefix reuse (0: no prefix cache).
     pub prefix_entries: usize,
+    /// While requests decode, a step takes only as many prompt rows as keep it within this
+    /// many times the time of its decode rows alone ([`pace`]); 0 or 1: no limit but
+    /// `step_tokens`.
+    pub max_slowdown: f64,
 }
 
 impl Default for SchedConfig {
@@ -47,6 +53,7 @@ impl Default for SchedConfig {
             max_context: 8192,
             kv_tokens: 1 << 17,
             prefix_entries: 16,
+            max_slowdown: 2.0,
         }
     }
 }
@@ -164,6 +171,7 @@ pub struct Scheduler<'m> {
     /// Preempted requests, their blocks in the host tier.
     swapped: Vec<Running>,
     cache: PrefixCache,
+    pacer: Pacer,
     next_id: u64,
     stats: Stats,
 }
@@ -171,6 +179,7 @@ pub struct Scheduler<'m> {
 impl<'m> Scheduler<'m> {
     pub fn new(model: &'m Model, store: KvStore, cfg: SchedConfig) -> Scheduler<'m> {
         let cache = PrefixCache::new(cfg.prefix_entries);
+        let pacer = Pacer::new(cfg.max_slowdown);
         Scheduler {
             model,
             store,
@@ -179,6 +188,7 @@ impl<'m> Scheduler<'m> {
             running: vec![],
             swapped: vec![],
             cache,
+            pacer,
             next_id: 0,
             stats: Stats::default(),
         }
@@ -385,6 +395,8 @@ impl<'m> Scheduler<'m> {
                 budget = budget.saturating_sub(1);
             }
         }
+        let decode_rows = rows.len();
+        let mut budget = self.pacer.prompt_rows(decode_rows, budget);
         let mut reading: Vec<usize> = (0..self.running.len())
             .filter(|i| self.running[*i].reading_prompt())
             .collect();
@@ -440,7 +452,16 @@ impl<'m> Scheduler<'m> {
             batch.push(self.running[*i].seq, toks, *pos, Logits::Last);
         }
         self.stats.steps += 1;
-        match self.model.forward_batch(&batch, &self.store, None, 4) {
+        let decode_rows = rows
+            .iter()
+            .filter(|(i, _, _)| self.running[*i].pending.is_some())
+            .count();
+        let prompt_rows = rows.iter().map(|r| r.1.len()).sum::<usize>() - decode_rows;
+        let t = std::time::Instant::now();
+        let out = self.model.forward_batch(&batch, &self.store, None, 4);
+        self.pacer
+            .observe(decode_rows, prompt_rows, t.elapsed().as_secs_f64());
+        match out {
             Ok(logits) => {
                 for ((i, toks, _), lg) in rows.iter().zip(logits) {
                     let r = &mut self.running[*i];

@@ -164,6 +164,7 @@ fn a_long_prompt_does_not_stall_decoding() {
         &m,
         SchedConfig {
             step_tokens: 16,
+            max_slowdown: 0.0,
             ..SchedConfig::default()
         },
     );
