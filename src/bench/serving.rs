@@ -34,7 +34,7 @@ pub struct Args {
     step_tokens: usize,
     /// While requests decode, a step reads only as many prompt rows as keep it within this
     /// many times the time of its decode rows alone (0: only the row budget limits it).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 3.0)]
     max_slowdown: f64,
     #[command(flatten)]
     decode: DecodeOpts,

@@ -53,7 +53,7 @@ impl Default for SchedConfig {
             max_context: 8192,
             kv_tokens: 1 << 17,
             prefix_entries: 16,
-            max_slowdown: 2.0,
+            max_slowdown: 3.0,
         }
     }
 }
