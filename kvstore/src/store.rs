@@ -251,15 +251,7 @@ impl KvStore {
             let buf = match &st.pool.get(id).place {
                 Place::Resident(t, _) if *t == to => continue,
                 Place::Resident(_, buf) => buf.clone(),
-                Place::Disk { slot, sum } => {
-                    let disk = st
-                        .disk
-                        .as_ref()
-                        .expect("a spilled block without a spill file");
-                    let buf = Arc::new(disk.read(*slot, *sum)?);
-                    st.usage.spill_reads += 1;
-                    buf
-                }
+                &Place::Disk { slot, sum } => st.read_spilled(slot, sum)?,
             };
             st.make_room(to)?;
             st.set_place(id, Place::Resident(to, buf));
@@ -527,12 +519,7 @@ impl State {
                 Ok(buf)
             }
             Place::Disk { slot, sum } => {
-                let disk = self
-                    .disk
-                    .as_ref()
-                    .expect("a spilled block without a spill file");
-                let buf = Arc::new(disk.read(slot, sum)?);
-                self.usage.spill_reads += 1;
+                let buf = self.read_spilled(slot, sum)?;
                 let top = self.top();
                 if promote && top != Tier::Disk && self.make_room(top).is_ok() {
                     self.set_place(id, Place::Resident(top, buf.clone()));
@@ -541,6 +528,17 @@ impl State {
                 Ok(buf)
             }
         }
+    }
+
+    /// A spilled block's bytes, read and verified (counted as a spill read).
+    fn read_spilled(&mut self, slot: u64, sum: u64) -> Result<Arc<PageBuf>> {
+        let disk = self
+            .disk
+            .as_ref()
+            .expect("a spilled block without a spill file");
+        let buf = Arc::new(disk.read(slot, sum)?);
+        self.usage.spill_reads += 1;
+        Ok(buf)
     }
 
     /// The spill slot of a block on disk, if it is there.
@@ -572,13 +570,8 @@ impl State {
     fn writable(&mut self, id: BlockId) -> Result<&mut PageBuf> {
         let buf = match &self.pool.get(id).place {
             Place::Resident(_, buf) => buf.clone(),
-            Place::Disk { slot, sum } => {
-                let disk = self
-                    .disk
-                    .as_ref()
-                    .expect("a spilled block without a spill file");
-                let buf = Arc::new(disk.read(*slot, *sum)?);
-                self.usage.spill_reads += 1;
+            &Place::Disk { slot, sum } => {
+                let buf = self.read_spilled(slot, sum)?;
                 self.usage.promotions += 1;
                 buf
             }
