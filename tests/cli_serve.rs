@@ -381,10 +381,20 @@ fn a_client_that_leaves_frees_its_blocks_and_a_full_queue_is_429() {
 
 /// Under KV pressure (`--kv-tokens` for two prompts, blocks of 256) the newer of two
 /// requests is preempted: its KV moves to the host tier and back (`/metrics` counts both
-/// ways), and each answer is the one it gets alone.
+/// ways), and each answer is the one it gets alone. On the exact path with fixed row
+/// budgets (no pacing by time): the fast path's bf16 tiles round differently for chunks of
+/// different sizes, which can flip a greedy near-tie, so it promises no bit-equal answers.
 #[test]
 fn kv_pressure_swaps_a_request_out_and_back_without_changing_its_answer() {
-    let s = serve(&["--prefix-cache", "0", "--kv-tokens", "512"]);
+    let s = serve(&[
+        "--prefix-cache",
+        "0",
+        "--kv-tokens",
+        "512",
+        "--max-slowdown",
+        "0",
+        "--exact",
+    ]);
     let body = |word: &str| {
         json!({"model": s.model, "prompt": format!("{word} ").repeat(240), "max_tokens": 40,
                "temperature": 0})
