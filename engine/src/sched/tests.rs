@@ -27,6 +27,19 @@ fn sched(m: &Model, cfg: SchedConfig) -> Scheduler<'_> {
     Scheduler::new(m, store(m), cfg)
 }
 
+/// A scheduler with KV room for two 20-token prompts (64 tokens, blocks of 16) and no
+/// prefix cache: growing answers preempt.
+fn tight(m: &Model) -> Scheduler<'_> {
+    sched(
+        m,
+        SchedConfig {
+            kv_tokens: 64,
+            prefix_entries: 0,
+            ..SchedConfig::default()
+        },
+    )
+}
+
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
     Request {
         prompt,
@@ -273,14 +286,7 @@ fn bad_requests_are_refused_and_finished_ones_free_their_blocks() {
 fn kv_pressure_moves_the_newest_request_to_the_host_tier_and_back() {
     let cfg = tiny_llama();
     let m = model(&cfg);
-    let mut s = sched(
-        &m,
-        SchedConfig {
-            kv_tokens: 64,
-            prefix_entries: 0,
-            ..SchedConfig::default()
-        },
-    );
+    let mut s = tight(&m);
     let reqs = [
         greedy(vec![1; 20], 30),
         greedy(vec![2; 20], 30),
@@ -330,14 +336,7 @@ fn kv_pressure_moves_the_newest_request_to_the_host_tier_and_back() {
 fn a_preempted_request_can_be_cancelled() {
     let cfg = tiny_llama();
     let m = model(&cfg);
-    let mut s = sched(
-        &m,
-        SchedConfig {
-            kv_tokens: 64,
-            prefix_entries: 0,
-            ..SchedConfig::default()
-        },
-    );
+    let mut s = tight(&m);
     let a = s.submit(greedy(vec![1; 20], 40)).unwrap();
     let b = s.submit(greedy(vec![2; 20], 40)).unwrap();
     while s.stats().swapped == 0 {
