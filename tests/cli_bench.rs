@@ -340,19 +340,22 @@ fn bench_scaling_runs_the_peer_beside_us() {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         p
     };
-    // Echoes the asked test with avg_ts 100 + depth, so each row's figure is checkable.
+    // Echoes the asked test with avg_ts 100 + depth (+ 1000 when both caches are q8_0), so
+    // each row's figure is checkable.
     let good = script(
         "llama-bench",
-        r#"p=0; n=0; d=0
-while [ $# -gt 0 ]; do case "$1" in -p) p=$2; shift;; -n) n=$2; shift;; -d) d=$2; shift;; esac; shift; done
-echo "{\"n_prompt\": $p, \"n_gen\": $n, \"n_depth\": $d, \"avg_ts\": $((100 + d)), \"samples_ts\": []}""#,
+        r#"p=0; n=0; d=0; q=0
+while [ $# -gt 0 ]; do case "$1" in -p) p=$2; shift;; -n) n=$2; shift;; -d) d=$2; shift;;
+-ctk|-ctv) [ "$2" = q8_0 ] && q=$((q + 500)); shift;; esac; shift; done
+echo "{\"n_prompt\": $p, \"n_gen\": $n, \"n_depth\": $d, \"avg_ts\": $((100 + d + q)), \"samples_ts\": []}""#,
     );
     let model = longctx_engine::fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
     let model = model.to_str().unwrap();
     let svg = dir.join("scaling.svg");
-    let run = |peer: &std::path::Path| {
+    let run_kv = |peer: &std::path::Path, kv: &str| {
         Command::new(env!("CARGO_BIN_EXE_longctx"))
             .args(["bench", "scaling", "--model", model, "--lengths", "32,64"])
+            .args(["--kv-dtype", kv])
             .args(["--decode-tokens", "2", "--json", "--plot"])
             .arg(&svg)
             .arg("--peer")
@@ -360,6 +363,16 @@ echo "{\"n_prompt\": $p, \"n_gen\": $n, \"n_depth\": $d, \"avg_ts\": $((100 + d)
             .output()
             .unwrap()
     };
+    let run = |peer: &std::path::Path| run_kv(peer, "f32");
+    // A q8 KV of ours runs the peer with its q8_0 caches, like for like.
+    let out = run_kv(&good, "q8");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["rows"][0]["peer"]["prefill_tok_s"].as_f64(), Some(1100.0));
     let out = run(&good);
     assert!(
         out.status.success(),

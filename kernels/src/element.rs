@@ -10,6 +10,9 @@ pub enum DType {
     F16,
     /// llama.cpp's q8_0 (see [`crate::kvq8`]): a KV cache type, not an [`Element`].
     Q8_0,
+    /// FP8 E4M3 in blocks of 32 with a power-of-two scale (see [`crate::kvf8`]): a KV cache
+    /// type, not an [`Element`].
+    F8E4M3,
 }
 
 impl DType {
@@ -19,16 +22,26 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
-            DType::Q8_0 => 1,
+            DType::Q8_0 | DType::F8E4M3 => 1,
         }
     }
 
-    /// Bytes of `n` values stored contiguously (for [`DType::Q8_0`], `n` a multiple of 32:
-    /// 36 bytes a block of 32).
+    /// Bytes of `n` values stored contiguously (for the block types, `n` a multiple of 32:
+    /// 36 bytes a block of q8_0, 33 of FP8).
     pub fn row_bytes(self, n: usize) -> usize {
         match self {
             DType::Q8_0 => n / crate::Q8_BLOCK * std::mem::size_of::<crate::BlockQ8>(),
+            DType::F8E4M3 => n / crate::F8_BLOCK * std::mem::size_of::<crate::BlockF8>(),
             t => n * t.size_bytes(),
+        }
+    }
+
+    /// Values per block of a block type (q8_0, FP8), `None` for the element types.
+    pub fn block_values(self) -> Option<usize> {
+        match self {
+            DType::Q8_0 => Some(crate::Q8_BLOCK),
+            DType::F8E4M3 => Some(crate::F8_BLOCK),
+            _ => None,
         }
     }
 
@@ -38,13 +51,14 @@ impl DType {
             DType::BF16 => "bf16",
             DType::F16 => "f16",
             DType::Q8_0 => "q8_0",
+            DType::F8E4M3 => "fp8_e4m3",
         }
     }
 }
 
-/// What a KV cache holds its values as: an [`Element`] (one value a unit), or a q8 block
-/// ([`crate::BlockQ8`], 32 values a unit). Byte-copyable, so a store can keep, spill and
-/// snapshot any of them as bytes.
+/// What a KV cache holds its values as: an [`Element`] (one value a unit), or a block of 32
+/// values ([`KvBlock`]: q8_0 or FP8). Byte-copyable, so a store can keep, spill and snapshot
+/// any of them as bytes.
 pub trait KvUnit: bytemuck::Pod + Send + Sync + 'static {
     const KV_DTYPE: DType;
 }
@@ -55,6 +69,45 @@ impl<T: Element + bytemuck::Pod> KvUnit for T {
 
 impl KvUnit for crate::BlockQ8 {
     const KV_DTYPE: DType = DType::Q8_0;
+}
+
+impl KvUnit for crate::BlockF8 {
+    const KV_DTYPE: DType = DType::F8E4M3;
+}
+
+/// A KV block type: 32 values quantised on append and read in place by attention, widened
+/// a tile (or, in the fused decode step, a register) at a time.
+pub trait KvBlock: KvUnit + Copy {
+    /// Quantises `src` (32 values a block) into `dst`.
+    fn quantize(src: &[f32], dst: &mut [Self]) -> Result<(), crate::KernelError>;
+    /// Widens `src` into `dst` with `isa` (the portable loop where it is missing).
+    fn widen(isa: crate::Isa, src: &[Self], dst: &mut [f32]);
+    /// The K and V of a stretch of keys as the attention engine's tagged pair.
+    fn pair<'a>(k: &'a [Self], v: &'a [Self]) -> crate::attention::BlockPair<'a>;
+}
+
+impl KvBlock for crate::BlockQ8 {
+    fn quantize(src: &[f32], dst: &mut [Self]) -> Result<(), crate::KernelError> {
+        crate::quantize_q8(src, dst)
+    }
+    fn widen(isa: crate::Isa, src: &[Self], dst: &mut [f32]) {
+        crate::cpu::dequant_q8(isa, src, dst)
+    }
+    fn pair<'a>(k: &'a [Self], v: &'a [Self]) -> crate::attention::BlockPair<'a> {
+        crate::attention::BlockPair::Q8(k, v)
+    }
+}
+
+impl KvBlock for crate::BlockF8 {
+    fn quantize(src: &[f32], dst: &mut [Self]) -> Result<(), crate::KernelError> {
+        crate::quantize_f8(src, dst)
+    }
+    fn widen(isa: crate::Isa, src: &[Self], dst: &mut [f32]) {
+        crate::cpu::dequant_f8(isa, src, dst)
+    }
+    fn pair<'a>(k: &'a [Self], v: &'a [Self]) -> crate::attention::BlockPair<'a> {
+        crate::attention::BlockPair::F8(k, v)
+    }
 }
 
 /// A storage element: converted to f32 on load, rounded from f32 on store.

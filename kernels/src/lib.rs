@@ -14,19 +14,21 @@ pub mod cuda;
 mod element;
 mod error;
 pub mod formats;
+pub mod kvf8;
 pub mod kvq8;
 pub mod matmul;
 pub mod quant;
 pub mod testing;
 
 pub use attention::{
-    attention, attention_segments, attention_segments_q8, attention_with, merge, merge_into,
-    AttnParams, AttnShape, CpuOptions, KvSegment, KvSegmentQ8, Mask, Strategy,
+    attention, attention_segments, attention_segments_blocks, attention_with, merge, merge_into,
+    AttnParams, AttnShape, CpuOptions, KvBlockSegment, KvSegment, KvSegmentQ8, Mask, Strategy,
 };
 pub use cpu::Isa;
-pub use element::{DType, Element, KvUnit};
+pub use element::{DType, Element, KvBlock, KvUnit};
 pub use error::KernelError;
 pub use formats::{Blob, Format, StoredRows};
+pub use kvf8::{dequantize_f8, quantize_f8, quantize_f8_vec, BlockF8, F8_BLOCK};
 pub use kvq8::{dequantize_q8, quantize_q8, quantize_q8_vec, BlockQ8, Q8_BLOCK};
 pub use matmul::{matmul, matmul_stored, matvec_bf16, Weight};
 pub use quant::{QKind, QMatrix};

@@ -14,8 +14,8 @@
 
 use crate::{Block, KvStore, Result, SeqId, StreamOptions};
 use longctx_kernels::{
-    attention, attention_segments, attention_segments_q8, merge_into, AttnParams, AttnShape,
-    BlockQ8, Element, KvSegment, KvSegmentQ8, KvUnit,
+    attention, attention_segments, attention_segments_blocks, merge_into, AttnParams, AttnShape,
+    Element, KvBlock, KvBlockSegment, KvSegment, KvUnit,
 };
 
 /// Tokens per contiguous segment on the prefill path.
@@ -130,11 +130,12 @@ pub fn attend<T: Element + KvUnit>(
     flush(&mut k, &mut v, seg_pos)
 }
 
-/// [`attend`] over a q8 KV (`f32` queries): every row count takes the in-place path, up to
-/// [`GROUP`] blocks a kernel call (each tile dequantised into the kernel's small staging),
-/// since a contiguous copy would be the dequantised KV this type exists to avoid.
+/// [`attend`] over a block-quantised KV, q8_0 or FP8 (`f32` queries): every row count takes
+/// the in-place path, up to [`GROUP`] blocks a kernel call (each tile dequantised into the
+/// kernel's small staging, or widened in registers for few rows), since a contiguous copy
+/// would be the dequantised KV this type exists to avoid.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_q8(
+pub fn attend_blocks<B: KvBlock>(
     store: &KvStore,
     seq: SeqId,
     layer: usize,
@@ -164,7 +165,7 @@ pub fn attend_q8(
     };
     let mut part_out = vec![0f32; out.len()];
     let mut part_lse = vec![0f32; lse.len()];
-    let mut stream = store.stream::<BlockQ8>(seq, layer, opts)?;
+    let mut stream = store.stream::<B>(seq, layer, opts)?;
     let mut first = true;
     loop {
         let mut group = Vec::with_capacity(GROUP);
@@ -180,9 +181,9 @@ pub fn attend_q8(
         if group.is_empty() {
             return Ok(());
         }
-        let segs: Vec<KvSegmentQ8<'_>> = group
+        let segs: Vec<KvBlockSegment<'_, B>> = group
             .iter()
-            .map(|b| KvSegmentQ8 {
+            .map(|b| KvBlockSegment {
                 k: b.k(),
                 v: b.v(),
                 pos: b.pos,
@@ -190,10 +191,10 @@ pub fn attend_q8(
             .collect();
         let n_kv = group.iter().map(|b| b.len).sum();
         if first {
-            attention_segments_q8(q, &segs, shape(n_kv), params, out, lse)?;
+            attention_segments_blocks(q, &segs, shape(n_kv), params, out, lse)?;
             first = false;
         } else {
-            attention_segments_q8(q, &segs, shape(n_kv), params, &mut part_out, &mut part_lse)?;
+            attention_segments_blocks(q, &segs, shape(n_kv), params, &mut part_out, &mut part_lse)?;
             merge_into(out, lse, &part_out, &part_lse, d)?;
         }
     }

@@ -119,13 +119,15 @@ impl KvConfig {
                 self.block_tokens, self.h_kv, self.d
             ));
         }
-        if self.dtype == DType::Q8_0 && !self.d.is_multiple_of(longctx_kernels::Q8_BLOCK) {
-            return bad(format!(
-                "a q8_0 KV needs a head dim that is a multiple of {} (this model's is {}): \
-                 use another KV type",
-                longctx_kernels::Q8_BLOCK,
-                self.d
-            ));
+        if let Some(n) = self.dtype.block_values() {
+            if !self.d.is_multiple_of(n) {
+                return bad(format!(
+                    "a {} KV needs a head dim that is a multiple of {n} (this model's is {}): \
+                     use another KV type",
+                    self.dtype.name(),
+                    self.d
+                ));
+            }
         }
         if self.layers.is_empty() {
             return bad("at least one layer is needed".into());

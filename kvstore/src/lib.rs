@@ -31,7 +31,7 @@ mod store;
 mod stream;
 pub mod table;
 
-pub use attend::{attend, attend_q8, GROUP, SEGMENT};
+pub use attend::{attend, attend_blocks, GROUP, SEGMENT};
 pub use config::{Budgets, KvConfig, Policy, Retention, SeqId, Tier};
 pub use error::{KvError, Result};
 pub use snapshot::{SnapshotMeta, FILE_NAME as SNAPSHOT_FILE};
@@ -49,4 +49,4 @@ pub fn drop_os_cache(file: &std::fs::File, path: &std::path::Path) -> Result<()>
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_q8;
+mod tests_blocks;

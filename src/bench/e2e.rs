@@ -22,8 +22,8 @@ pub struct Args {
     /// Decode steps timed at each length.
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
-    /// KV cache element type: f32 (exact), bf16 (half the bytes per decode step) or q8
-    /// (llama.cpp's q8_0, 56% of bf16's bytes).
+    /// KV cache element type: f32 (exact), bf16 (half the bytes per decode step), q8
+    /// (llama.cpp's q8_0, 56% of bf16's bytes) or fp8 (E4M3, a power-of-two scale per 32: 52%).
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
     /// Weights decode streams: f32 (exact), bf16 (half the bytes, bf16-rounded weights) or

@@ -6,8 +6,8 @@ use crate::commands::Progress;
 use anyhow::Result;
 use half::bf16;
 use longctx_kernels::{
-    attention, attention_segments_q8, quantize_q8_vec, AttnParams, AttnShape, DType, Element, Isa,
-    KvSegmentQ8, Mask, QKind, QMatrix,
+    attention, attention_segments_blocks, AttnParams, AttnShape, BlockF8, BlockQ8, DType, Element,
+    Isa, KvBlock, KvBlockSegment, Mask, QKind, QMatrix,
 };
 use longctx_rope::{apply_table, Layout, Rope, RopeTable, Scaling};
 use serde::Serialize;
@@ -138,31 +138,36 @@ fn time_case<T: Element>(c: &Case, reps: usize) -> Result<Row> {
     })
 }
 
-/// A decode case over a q8_0 KV (llama.cpp's 8-bit blocks, read in place), f32 queries.
-fn time_case_q8(c: &Case, reps: usize) -> Result<Row> {
+/// A decode case over a block KV (q8_0 or FP8, 8-bit blocks read in place), f32 queries.
+fn time_case_blocks<B: KvBlock + Default>(c: &Case, reps: usize) -> Result<Row> {
     let s = c.shape;
     let q: Vec<f32> = fill_random(s.n_q * s.h_q * s.d, 1);
-    let k = quantize_q8_vec(&fill_random::<f32>(s.n_kv * s.h_kv * s.d, 2))?;
-    let v = quantize_q8_vec(&fill_random::<f32>(s.n_kv * s.h_kv * s.d, 3))?;
+    let blocks = |seed| -> Result<Vec<B>> {
+        let x = fill_random::<f32>(s.n_kv * s.h_kv * s.d, seed);
+        let mut b = vec![B::default(); x.len() / 32];
+        B::quantize(&x, &mut b)?;
+        Ok(b)
+    };
+    let (k, v) = (blocks(2)?, blocks(3)?);
     let mut out = vec![0f32; q.len()];
     let mut lse = vec![0f32; s.n_q * s.h_q];
     let params = AttnParams::new(&s, c.mask);
-    let seg = [KvSegmentQ8 {
+    let seg = [KvBlockSegment {
         k: &k,
         v: &v,
         pos: 0,
     }];
     let mut result = Ok(());
     let secs = median_secs(reps, || {
-        if let Err(e) = attention_segments_q8(&q, &seg, s, &params, &mut out, &mut lse) {
+        if let Err(e) = attention_segments_blocks(&q, &seg, s, &params, &mut out, &mut lse) {
             result = Err(e);
         }
     });
     result?;
-    let kv_bytes = 2 * DType::Q8_0.row_bytes(s.n_kv * s.h_kv * s.d);
+    let kv_bytes = 2 * B::KV_DTYPE.row_bytes(s.n_kv * s.h_kv * s.d);
     Ok(Row {
         case: c.name.to_string(),
-        dtype: DType::Q8_0.name(),
+        dtype: B::KV_DTYPE.name(),
         shape: format!(
             "n_q={} n_kv={} h_q={} h_kv={} d={}",
             s.n_q, s.n_kv, s.h_q, s.h_kv, s.d
@@ -173,8 +178,8 @@ fn time_case_q8(c: &Case, reps: usize) -> Result<Row> {
     })
 }
 
-/// Decode cases (one query) also run over a q8_0 KV.
-fn has_q8_row(c: &Case) -> bool {
+/// Decode cases (one query) also run over q8_0 and FP8 KVs.
+fn has_block_rows(c: &Case) -> bool {
     c.shape.n_q == 1 && c.shape.d.is_multiple_of(32)
 }
 
@@ -205,7 +210,7 @@ pub fn run(args: Args) -> Result<()> {
     let steps = cases(args.quick)
         .iter()
         .filter(|c| wanted(c))
-        .map(|c| 2 + usize::from(has_q8_row(c)))
+        .map(|c| 2 + 2 * usize::from(has_block_rows(c)))
         .sum::<usize>()
         + usize::from(named("rope"))
         + usize::from(named("gemv-q4"))
@@ -229,8 +234,9 @@ pub fn run(args: Args) -> Result<()> {
             };
             push(row, &mut rows);
         }
-        if has_q8_row(&c) {
-            push(time_case_q8(&c, reps)?, &mut rows);
+        if has_block_rows(&c) {
+            push(time_case_blocks::<BlockQ8>(&c, reps)?, &mut rows);
+            push(time_case_blocks::<BlockF8>(&c, reps)?, &mut rows);
         }
     }
     if wanted(&Case {

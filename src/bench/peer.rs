@@ -13,6 +13,8 @@ use std::process::{Command, Stdio};
 pub struct Peer {
     pub name: String,
     pub bench: PathBuf,
+    /// llama.cpp's KV cache type (`-ctk`/`-ctv`) matching ours; `None` keeps its f16 default.
+    pub cache_type: Option<&'static str>,
 }
 
 impl Peer {
@@ -47,7 +49,21 @@ impl Peer {
         Ok(Peer {
             name: name.to_string(),
             bench,
+            cache_type: None,
         })
+    }
+
+    /// The peer with the KV cache type nearest ours: q8 as its q8_0 (the same blocks), f32 as
+    /// f32, bf16 as its default f16 (the same bytes a value); llama.cpp has no FP8 cache, so
+    /// fp8 meets its q8_0 (8 bits a value too).
+    pub fn with_kv(mut self, dtype: longctx_kernels::DType) -> Peer {
+        use longctx_kernels::DType;
+        self.cache_type = match dtype {
+            DType::Q8_0 | DType::F8E4M3 => Some("q8_0"),
+            DType::F32 => Some("f32"),
+            DType::BF16 | DType::F16 => None,
+        };
+        self
     }
 
     /// Prefill of `tokens` from an empty context: tokens/s and the child's peak RSS (MiB).
@@ -84,6 +100,9 @@ impl Peer {
     ) -> Result<(f64, f64)> {
         let t = threads.to_string();
         let mut args = vec!["-m", path_str(model)?, "-t", &t, "-fa", "1", "-r", "1"];
+        if let Some(c) = self.cache_type {
+            args.extend_from_slice(&["-ctk", c, "-ctv", c]);
+        }
         args.extend_from_slice(test);
         args.extend_from_slice(&["-o", "jsonl"]);
         let mut child = Command::new(&self.bench)

@@ -45,7 +45,8 @@ pub struct Args {
     /// KV disk-tier budget, with a unit.
     #[arg(long, default_value = "1TiB")]
     kv_disk: String,
-    /// KV element type: f32, bf16 or q8 (llama.cpp's q8_0).
+    /// KV element type: f32, bf16, q8 (llama.cpp's q8_0) or fp8 (E4M3, a power-of-two scale
+    /// per 32).
     #[arg(long, default_value = "f32")]
     kv_dtype: String,
     /// Where KV spill files go. Default: a folder in the system's temporary directory.
@@ -144,7 +145,11 @@ pub fn run(args: Args) -> Result<()> {
     };
     let dtype = crate::commands::KvDtype::parse(&args.kv_dtype)?;
     let activation = units::bytes(&args.activation_budget)?;
-    let peer = args.peer.as_deref().map(Peer::parse).transpose()?;
+    let peer = args
+        .peer
+        .as_deref()
+        .map(|p| Peer::parse(p).map(|p| p.with_kv(dtype)))
+        .transpose()?;
     // The peer runs with as many threads as our pool (the global --threads).
     let threads = rayon::current_num_threads();
     let mut gguf = None;

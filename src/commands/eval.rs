@@ -36,6 +36,11 @@ pub struct Args {
     /// Seed of the keys.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// KV cache element type: f32, bf16, q8 (llama.cpp's q8_0) or fp8 (E4M3, a power-of-two
+    /// scale per 32), to measure what a smaller KV costs in retrieval. The weights stay f32
+    /// (the exact path).
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_dtype: super::KvDtype,
     /// Print the cells and accuracy as one JSON object on stdout. Default: off (a table).
     #[arg(long)]
     json: bool,
@@ -58,6 +63,7 @@ struct Cell {
 struct Report {
     model: String,
     rope: String,
+    kv_dtype: &'static str,
     cells: Vec<Cell>,
     accuracy: f64,
 }
@@ -94,7 +100,10 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         for &depth in &args.depths {
             let key = key_for(length, depth, args.seed);
             let ids = prompt(&m.tokenizer, length, depth, key)?;
-            let store = m.model.kv_store(&KvOptions::default())?;
+            let store = m.model.kv_store(&KvOptions {
+                dtype: args.kv_dtype.dtype(),
+                ..KvOptions::default()
+            })?;
             let mut sampler = Sampler::new(Sampling::default());
             let job = Runner {
                 rope: runner.rope.clone(),
@@ -119,6 +128,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     let report = Report {
         model: path.display().to_string(),
         rope: format!("{:?}", rope.scaling),
+        kv_dtype: args.kv_dtype.dtype().name(),
         cells,
         accuracy,
     };
@@ -129,7 +139,10 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("passkey retrieval, {}, RoPE {}", report.model, report.rope);
+    println!(
+        "passkey retrieval, {}, RoPE {}, KV {}",
+        report.model, report.rope, report.kv_dtype
+    );
     print!("{:>8}", "length");
     for d in &args.depths {
         print!(" {:>5}%", d);

@@ -78,8 +78,9 @@ pub struct DecodeOpts {
     #[arg(long)]
     pub fast: bool,
     /// KV cache element type, overriding the path's: f32 (exact), bf16 (half the bytes a
-    /// decode step reads) or q8 (llama.cpp's q8_0: 8-bit values with a scale per 32, 56% of
-    /// bf16's bytes; head dims a multiple of 32). Default: bf16, f32 with --exact.
+    /// decode step reads), q8 (llama.cpp's q8_0: 8-bit integers with a scale per 32, 56% of
+    /// bf16's bytes) or fp8 (E4M3 floats with a power-of-two scale per 32, as OCP's MXFP8:
+    /// 52%); q8 and fp8 need head dims a multiple of 32. Default: bf16, f32 with --exact.
     #[arg(long, value_enum)]
     pub kv_dtype: Option<KvDtype>,
     /// Weights one-token products read, overriding the path's: f32 (exact), bf16 (rounded,
@@ -102,6 +103,7 @@ pub enum KvDtype {
     F32,
     Bf16,
     Q8,
+    Fp8,
 }
 
 impl KvDtype {
@@ -111,6 +113,7 @@ impl KvDtype {
             KvDtype::F32 => longctx_kernels::DType::F32,
             KvDtype::Bf16 => longctx_kernels::DType::BF16,
             KvDtype::Q8 => longctx_kernels::DType::Q8_0,
+            KvDtype::Fp8 => longctx_kernels::DType::F8E4M3,
         }
     }
 
@@ -119,7 +122,7 @@ impl KvDtype {
         use clap::ValueEnum;
         KvDtype::from_str(s, true)
             .map(KvDtype::dtype)
-            .map_err(|_| anyhow::anyhow!("--kv-dtype {s}: expected f32, bf16 or q8"))
+            .map_err(|_| anyhow::anyhow!("--kv-dtype {s}: expected f32, bf16, q8 or fp8"))
     }
 }
 

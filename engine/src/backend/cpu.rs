@@ -6,8 +6,8 @@ use crate::batch::{Batch, Entry};
 use crate::ops::{rms_norm, rms_norm_in_place, silu_mul_into, Linear};
 use crate::weights::Tensor;
 use crate::{EngineError, Result};
-use longctx_kernels::{AttnParams, DType, Mask, QMatrix};
-use longctx_kvstore::{attend, attend_q8, KvStore, SeqId, StreamOptions};
+use longctx_kernels::{AttnParams, BlockF8, BlockQ8, DType, Mask, QMatrix};
+use longctx_kvstore::{attend, attend_blocks, KvStore, SeqId, StreamOptions};
 use longctx_rope::{Layout, Rope};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -372,6 +372,10 @@ pub(crate) fn append_kv(store: &KvStore, seq: SeqId, l: usize, k: &[f32], v: &[f
             use longctx_kernels::quantize_q8_vec;
             store.append(seq, l, &quantize_q8_vec(k)?, &quantize_q8_vec(v)?)?
         }
+        DType::F8E4M3 => {
+            use longctx_kernels::quantize_f8_vec;
+            store.append(seq, l, &quantize_f8_vec(k)?, &quantize_f8_vec(v)?)?
+        }
     }
     Ok(())
 }
@@ -401,7 +405,8 @@ fn attend_typed(
             attend(store, seq, l, &qb, h_q, params, opts, out, lse)?
         }
         // f32 queries: the tiles are dequantised to f32, where the products run.
-        DType::Q8_0 => attend_q8(store, seq, l, q, h_q, params, opts, out, lse)?,
+        DType::Q8_0 => attend_blocks::<BlockQ8>(store, seq, l, q, h_q, params, opts, out, lse)?,
+        DType::F8E4M3 => attend_blocks::<BlockF8>(store, seq, l, q, h_q, params, opts, out, lse)?,
     }
     Ok(())
 }

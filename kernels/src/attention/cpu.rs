@@ -18,7 +18,8 @@
 
 use super::{check_len, merge_into, AttnParams, AttnShape};
 use crate::cpu::{Isa, Ops};
-use crate::{BlockQ8, Element, KernelError, Q8_BLOCK};
+use crate::element::KvBlock;
+use crate::{BlockF8, BlockQ8, Element, KernelError, Q8_BLOCK};
 use rayon::prelude::*;
 
 /// Keys per tile.
@@ -133,7 +134,7 @@ pub fn attention_with<T: Element, O: Element>(
         ops: Ops::new(opts.isa),
         scale2: params.scale * std::f32::consts::LOG2_E,
         bf16_tiles: T::as_bf16_bits(k).is_some() && Ops::new(opts.isa).has_bf16_tiles(),
-        q8: None,
+        blocks: None,
     };
     let g = shape.group();
     let bq = (ROWS / g).max(1);
@@ -252,28 +253,69 @@ pub(crate) fn segments_split<T: Element, O: Element>(
     Ok(())
 }
 
-/// One stretch of a q8 KV (a paged cache's block): K and V blocks `[len, h_kv, d / 32]`
-/// (see [`crate::kvq8`]), the first key at absolute position `pos`.
+/// One stretch of a block-quantised KV (a paged cache's block): K and V blocks
+/// `[len, h_kv, d / 32]` of q8_0 ([`crate::kvq8`]) or FP8 ([`crate::kvf8`]), the first key at
+/// absolute position `pos`.
 #[derive(Clone, Copy, Debug)]
-pub struct KvSegmentQ8<'a> {
-    pub k: &'a [BlockQ8],
-    pub v: &'a [BlockQ8],
+pub struct KvBlockSegment<'a, B> {
+    pub k: &'a [B],
+    pub v: &'a [B],
     pub pos: usize,
 }
 
-/// [`attention_segments`] over a q8 KV, read in place: each tile of keys (all heads) is
-/// dequantised into the thread's small f32 staging, then the f32 micro-kernels run on it,
-/// so no dequantised copy of the KV is ever made. Queries are f32; `d` must be a multiple
-/// of 32.
-pub fn attention_segments_q8<O: Element>(
+/// A stretch of a q8_0 KV.
+pub type KvSegmentQ8<'a> = KvBlockSegment<'a, BlockQ8>;
+
+/// The K and V blocks of a stretch of keys, tagged by type, as the engine reads them.
+#[derive(Clone, Copy, Debug)]
+pub enum BlockPair<'a> {
+    Q8(&'a [BlockQ8], &'a [BlockQ8]),
+    F8(&'a [BlockF8], &'a [BlockF8]),
+}
+
+impl BlockPair<'_> {
+    /// Widens blocks `b..b + n` of K and of V into `k` and `v`.
+    fn widen(&self, isa: crate::Isa, b: usize, n: usize, k: &mut [f32], v: &mut [f32]) {
+        match *self {
+            BlockPair::Q8(ks, vs) => {
+                BlockQ8::widen(isa, &ks[b..b + n], k);
+                BlockQ8::widen(isa, &vs[b..b + n], v);
+            }
+            BlockPair::F8(ks, vs) => {
+                BlockF8::widen(isa, &ks[b..b + n], k);
+                BlockF8::widen(isa, &vs[b..b + n], v);
+            }
+        }
+    }
+
+    /// Prefetches blocks `lo..hi` of K and V.
+    fn prefetch(&self, lo: usize, hi: usize) {
+        match *self {
+            BlockPair::Q8(k, v) => {
+                crate::cpu::prefetch(&k[lo..hi]);
+                crate::cpu::prefetch(&v[lo..hi]);
+            }
+            BlockPair::F8(k, v) => {
+                crate::cpu::prefetch(&k[lo..hi]);
+                crate::cpu::prefetch(&v[lo..hi]);
+            }
+        }
+    }
+}
+
+/// [`attention_segments`] over a block-quantised KV (q8_0 or FP8), read in place: many
+/// query rows stage each tile of keys (all heads) dequantised into the thread's small f32
+/// staging for the f32 micro-kernels; few rows (decode) widen each block in registers. No
+/// dequantised copy of the KV is ever made. Queries are f32; `d` must be a multiple of 32.
+pub fn attention_segments_blocks<B: KvBlock, O: Element>(
     q: &[f32],
-    segments: &[KvSegmentQ8<'_>],
+    segments: &[KvBlockSegment<'_, B>],
     shape: AttnShape,
     params: &AttnParams,
     out: &mut [O],
     lse: &mut [f32],
 ) -> Result<(), KernelError> {
-    segments_split_q8(q, segments, shape, params, None, out, lse)
+    segments_split_blocks(q, segments, shape, params, None, out, lse)
 }
 
 /// The lengths of a segmented call: each segment's K and V of whole key rows of `row` units
@@ -305,24 +347,24 @@ fn check_segments(
     check_len(op, "lse", n_q * h_q, lse)
 }
 
-/// [`attention_segments_q8`] cut into `splits` key ranges (`None`: as suits the threads).
-pub(crate) fn segments_split_q8<O: Element>(
+/// [`attention_segments_blocks`] cut into `splits` key ranges (`None`: as suits the threads).
+pub(crate) fn segments_split_blocks<B: KvBlock, O: Element>(
     q: &[f32],
-    segments: &[KvSegmentQ8<'_>],
+    segments: &[KvBlockSegment<'_, B>],
     shape: AttnShape,
     params: &AttnParams,
     splits: Option<usize>,
     out: &mut [O],
     lse: &mut [f32],
 ) -> Result<(), KernelError> {
-    const OP: &str = "attention_segments_q8";
+    const OP: &str = "attention_segments_blocks";
     shape.check(OP)?;
     params.check(OP)?;
     let AttnShape { n_q, h_kv, d, .. } = shape;
     if !d.is_multiple_of(Q8_BLOCK) {
         return Err(KernelError::Unsupported {
             op: OP,
-            reason: format!("head_dim {d} is not a multiple of the q8 block of {Q8_BLOCK}"),
+            reason: format!("head_dim {d} is not a multiple of the KV block of {Q8_BLOCK}"),
         });
     }
     let row = h_kv * d / Q8_BLOCK;
@@ -331,7 +373,7 @@ pub(crate) fn segments_split_q8<O: Element>(
     if n_q == 0 {
         return Ok(());
     }
-    let segments: Vec<KvSegmentQ8<'_>> = segments
+    let segments: Vec<KvBlockSegment<'_, B>> = segments
         .iter()
         .copied()
         .filter(|s| !s.k.is_empty())
@@ -359,10 +401,10 @@ pub(crate) fn segments_split_q8<O: Element>(
             ops,
             scale2: params.scale * std::f32::consts::LOG2_E,
             bf16_tiles: false,
-            q8: Some((s.k, s.v)),
+            blocks: Some(B::pair(s.k, s.v)),
         })
         .collect();
-    let row_bytes = row * std::mem::size_of::<BlockQ8>();
+    let row_bytes = row * std::mem::size_of::<B>();
     split_run(&engines, shape, splits, true, row_bytes, out, lse);
     Ok(())
 }
@@ -401,7 +443,7 @@ fn split_kv<T: Element, O: Element>(
             ops,
             scale2,
             bf16_tiles,
-            q8: None,
+            blocks: None,
         })
         .collect();
     let bq = (ROWS / shape.group()).max(1);
@@ -446,9 +488,9 @@ fn split_run<T: Element, O: Element>(
     {
         let po_ptr = SyncPtr(part_o.as_mut_ptr());
         let pl_ptr = SyncPtr(part_l.as_mut_ptr());
-        // A q8 KV under many rows (a prefill chunk) is staged, and the GEMMs on staged f32
+        // A block KV under many rows (a prefill chunk) is staged, and the GEMMs on staged f32
         // tiles want long ones; 16-key tiles made its prefill slower than bf16's.
-        let q8_many = engines[0].q8.is_some() && n_q.min(bq) * shape.group() > 16;
+        let q8_many = engines[0].blocks.is_some() && n_q.min(bq) * shape.group() > 16;
         let (bk, tiles_ahead) = if q8_many {
             (BK, 0)
         } else if row_bytes <= NARROW_ROW_BYTES {
@@ -492,8 +534,8 @@ fn split_run<T: Element, O: Element>(
                     while t < span.1 {
                         let kt = bk.min(span.1 - t);
                         let ahead = t + tiles_ahead * bk;
-                        // A q8 tile of whole unmasked 16-key steps runs fused, unstaged.
-                        let staged = staged && !e.q8_fused(&st.scratch[0], q1 - q0, t, kt);
+                        // A block tile of whole unmasked 16-key steps runs fused, unstaged.
+                        let staged = staged && !e.blocks_fused(&st.scratch[0], q1 - q0, t, kt);
                         if staged {
                             e.stage(st, t, kt);
                         }
@@ -715,8 +757,9 @@ struct Engine<'a, T> {
     scale2: f32,
     /// Whether tiles of many rows run on the bf16 dot product (a bf16 KV on a CPU with it).
     bf16_tiles: bool,
-    /// A q8 KV (`k` and `v` then empty): K and V blocks `[n_kv, h_kv, d / 32]`, always staged.
-    q8: Option<(&'a [BlockQ8], &'a [BlockQ8])>,
+    /// A block KV (`k` and `v` then empty): K and V blocks `[n_kv, h_kv, d / 32]`, staged or
+    /// widened in registers.
+    blocks: Option<BlockPair<'a>>,
 }
 
 impl<T: Element> Engine<'_, T> {
@@ -854,28 +897,33 @@ impl<T: Element> Engine<'_, T> {
         let ld = h_kv * d;
         let (k32, v32) = (T::as_f32(self.k), T::as_f32(self.v));
         let base = (t * h_kv + hk) * d;
-        if let (Some((k, v)), None) = (self.q8, staged) {
-            // The caller checked `q8_fused`: whole unmasked 16-key steps, fused.
+        if let (Some(blocks), None) = (self.blocks, staged) {
+            // The caller checked `blocks_fused`: whole unmasked 16-key steps, fused.
             let (nb, step) = (d / Q8_BLOCK, Ops::DECODE_TILE);
             for s in (0..kt).step_by(step) {
                 let at = ((t + s) * h_kv + hk) * nb;
                 // SAFETY: qt holds the rows row-major, scaled (so scale 1); 16 keys of nb
                 // blocks at stride h_kv * nb from `at` lie within k and v (t + kt <= n_kv);
                 // m, l hold rp >= rows values, o rows rows of dp >= d.
+                let state = (sc.m.as_mut_ptr(), sc.l.as_mut_ptr(), sc.o.as_mut_ptr(), dp);
+                let q = sc.qt.as_ptr();
                 unsafe {
-                    self.ops.decode_tile_q8(
-                        rows,
-                        d,
-                        sc.qt.as_ptr(),
-                        1.0,
-                        k[at..].as_ptr(),
-                        v[at..].as_ptr(),
-                        h_kv * nb,
-                        sc.m.as_mut_ptr(),
-                        sc.l.as_mut_ptr(),
-                        sc.o.as_mut_ptr(),
-                        dp,
-                    )
+                    match blocks {
+                        BlockPair::Q8(k, v) => self.ops.decode_tile_blocks(
+                            rows,
+                            d,
+                            q,
+                            (k[at..].as_ptr(), v[at..].as_ptr(), h_kv * nb),
+                            state,
+                        ),
+                        BlockPair::F8(k, v) => self.ops.decode_tile_blocks(
+                            rows,
+                            d,
+                            q,
+                            (k[at..].as_ptr(), v[at..].as_ptr(), h_kv * nb),
+                            state,
+                        ),
+                    }
                 };
             }
             return;
@@ -1058,15 +1106,15 @@ impl<T: Element> Engine<'_, T> {
         };
     }
 
-    /// Whether the q8 tile of keys `t..t + kt` runs on [`Ops::decode_tile_q8`]: few rows
-    /// (`sc` as [`Engine::begin`] packed them, queries row-major), whole 16-key steps, no
+    /// Whether the block tile of keys `t..t + kt` runs on [`Ops::decode_tile_blocks`]: few
+    /// rows (`sc` as [`Engine::begin`] packed them, queries row-major), whole 16-key steps, no
     /// query masked in it.
-    fn q8_fused(&self, sc: &Scratch, nq: usize, t: usize, kt: usize) -> bool {
+    fn blocks_fused(&self, sc: &Scratch, nq: usize, t: usize, kt: usize) -> bool {
         let rows = nq * self.shape.group();
-        self.q8.is_some()
+        self.blocks.is_some()
             && rows.next_multiple_of(16) == 16
             && kt.is_multiple_of(Ops::DECODE_TILE)
-            && self.ops.has_decode_tile_q8(rows, self.shape.d)
+            && self.ops.has_decode_tile_blocks(rows, self.shape.d)
             && (0..nq).all(|i| sc.lo[i] <= t && sc.hi[i] >= t + kt)
     }
 
@@ -1104,10 +1152,8 @@ impl<T: Element> Engine<'_, T> {
         let (a, b) = (t.min(n_kv) * h_kv * d, (t + kt).min(n_kv) * h_kv * d);
         let share = (b - a).div_ceil(h_kv);
         let (lo, hi) = ((a + hk * share).min(b), (a + (hk + 1) * share).min(b));
-        if let Some((k, v)) = self.q8 {
-            let (lo, hi) = (lo / Q8_BLOCK, hi.div_ceil(Q8_BLOCK));
-            crate::cpu::prefetch(&k[lo..hi]);
-            crate::cpu::prefetch(&v[lo..hi]);
+        if let Some(blocks) = self.blocks {
+            blocks.prefetch(lo / Q8_BLOCK, hi.div_ceil(Q8_BLOCK));
             return;
         }
         crate::cpu::prefetch(&self.k[lo..hi]);
@@ -1120,15 +1166,14 @@ impl<T: Element> Engine<'_, T> {
         let dp = d.next_multiple_of(16);
         st.k.resize(h_kv * BK * d, 0.0);
         st.v.resize(h_kv * BK * dp, 0.0);
-        if let Some((k, v)) = self.q8 {
+        if let Some(blocks) = self.blocks {
             let nb = d / Q8_BLOCK;
             let isa = self.ops.isa();
             for j in 0..kt {
                 for hk in 0..h_kv {
                     let src = ((t + j) * h_kv + hk) * nb;
-                    let (ks, vs) = (&k[src..src + nb], &v[src..src + nb]);
-                    crate::cpu::dequant_q8(isa, ks, &mut st.k[(hk * BK + j) * d..][..d]);
-                    crate::cpu::dequant_q8(isa, vs, &mut st.v[(hk * BK + j) * dp..][..d]);
+                    let (ko, vo) = ((hk * BK + j) * d, (hk * BK + j) * dp);
+                    blocks.widen(isa, src, nb, &mut st.k[ko..][..d], &mut st.v[vo..][..d]);
                 }
             }
             return;

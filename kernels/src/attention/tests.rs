@@ -534,7 +534,21 @@ fn calls_from_parallel_tasks_are_exact() {
 /// prefill row counts, GQA 1/4/8, every mask, lengths of 1 and off the tile.
 #[test]
 fn q8_segments_equal_the_reference_on_the_dequantised_kv() {
-    use crate::{quantize_q8_vec, BlockQ8, Q8_BLOCK};
+    block_segments_equal_the_reference::<crate::BlockQ8>(
+        "q8_segments_equal_the_reference_on_the_dequantised_kv",
+    );
+}
+
+/// The same for an FP8 KV (E4M3 blocks, widened through f16 in registers or tiles).
+#[test]
+fn fp8_segments_equal_the_reference_on_the_dequantised_kv() {
+    block_segments_equal_the_reference::<crate::BlockF8>(
+        "fp8_segments_equal_the_reference_on_the_dequantised_kv",
+    );
+}
+
+fn block_segments_equal_the_reference<B: crate::KvBlock + Default>(name: &str) {
+    use crate::Q8_BLOCK;
     use rand::seq::{IndexedRandom, SliceRandom};
     let seed: u64 = rand::random();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -550,11 +564,17 @@ fn q8_segments_equal_the_reference_on_the_dequantised_kv() {
                     let inner = rng.random();
                     let (q, k, v) =
                         inputs::<f32>(&mut TestRng::new(inner), &c.shape, &c.params, kind);
-                    let (kq, vq) = (quantize_q8_vec(&k).unwrap(), quantize_q8_vec(&v).unwrap());
-                    let deq = |b: &[BlockQ8]| -> Vec<f32> {
-                        b.iter()
-                            .flat_map(|b| b.qs.iter().map(move |x| b.scale * *x as f32))
-                            .collect()
+                    let quant = |x: &[f32]| {
+                        let mut b = vec![B::default(); x.len() / Q8_BLOCK];
+                        B::quantize(x, &mut b).unwrap();
+                        b
+                    };
+                    let (kq, vq) = (quant(&k), quant(&v));
+                    // The portable loop's widening (every ISA's equals it: kvq8, kvf8 tests).
+                    let deq = |b: &[B]| -> Vec<f32> {
+                        let mut x = vec![0f32; b.len() * Q8_BLOCK];
+                        B::widen(Isa::Portable, b, &mut x);
+                        x
                     };
                     let (kd, vd) = (deq(&kq), deq(&vq));
                     let row = 2 * d / Q8_BLOCK;
@@ -563,9 +583,9 @@ fn q8_segments_equal_the_reference_on_the_dequantised_kv() {
                         .chain([0, n_kv, n_kv.min(1)])
                         .collect();
                     cuts.sort();
-                    let mut segs: Vec<KvSegmentQ8<'_>> = cuts
+                    let mut segs: Vec<KvBlockSegment<'_, B>> = cuts
                         .windows(2)
-                        .map(|w| KvSegmentQ8 {
+                        .map(|w| KvBlockSegment {
                             k: &kq[w[0] * row..w[1] * row],
                             v: &vq[w[0] * row..w[1] * row],
                             pos: c.params.k_pos + w[0],
@@ -575,7 +595,7 @@ fn q8_segments_equal_the_reference_on_the_dequantised_kv() {
                     let splits = *[None, Some(1), Some(2), Some(3)].choose(&mut rng).unwrap();
                     let mut out = vec![0f32; q.len()];
                     let mut lse = vec![0f32; q.len() / d];
-                    cpu::segments_split_q8(
+                    cpu::segments_split_blocks(
                         &q, &segs, c.shape, &c.params, splits, &mut out, &mut lse,
                     )
                     .unwrap();
@@ -590,7 +610,7 @@ fn q8_segments_equal_the_reference_on_the_dequantised_kv() {
             }
         }
     }
-    print_worst("q8_segments_equal_the_reference_on_the_dequantised_kv");
+    print_worst(name);
 }
 
 #[test]
@@ -612,7 +632,7 @@ fn q8_segments_of_a_bad_shape_are_errors() {
         pos: 0,
     }];
     // d = 72 is not whole q8 blocks.
-    let e = attention_segments_q8(&q, &seg, shape, &p, &mut out, &mut lse).unwrap_err();
+    let e = attention_segments_blocks(&q, &seg, shape, &p, &mut out, &mut lse).unwrap_err();
     assert!(matches!(e, KernelError::Unsupported { .. }), "{e}");
     // d = 64 with 3 blocks where 2 keys need 4.
     let shape = AttnShape { d: 64, ..shape };
@@ -622,6 +642,6 @@ fn q8_segments_of_a_bad_shape_are_errors() {
         v: &kv[..3],
         pos: 0,
     }];
-    let e = attention_segments_q8(&q, &seg, shape, &p, &mut out, &mut lse).unwrap_err();
+    let e = attention_segments_blocks(&q, &seg, shape, &p, &mut out, &mut lse).unwrap_err();
     assert!(matches!(e, KernelError::ShapeMismatch { .. }), "{e}");
 }

@@ -664,10 +664,11 @@ unsafe fn pv_pass<const R: usize, const W: usize>(
     }
 }
 
-/// [`decode_tile_bf16`] over a q8 KV ([`crate::BlockQ8`], scale per 32 values) with f32
-/// queries: each key block is widened in registers (`vpmovsxbd`, `vcvtdq2ps`, times its
-/// scale) and meets the queries by FMA; the online softmax and `O = alpha O + P V` as there,
-/// V widened the same way. Reads 36 bytes per 32 values and writes nothing but the state.
+/// [`decode_tile_bf16`] over a block KV (q8_0 [`crate::BlockQ8`] or FP8 [`crate::BlockF8`],
+/// a scale per 32 values) with f32 queries: each key block is widened in registers (see
+/// [`widen_block`]) and meets the queries by FMA; the online softmax and `O = alpha O + P V`
+/// as there, V widened the same way. Reads 36 (q8) or 33 (FP8) bytes per 32 values and writes
+/// nothing but the state.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `q` holds `R` rows of `d` f32 (`d` a multiple of 32), `k` and
@@ -675,12 +676,12 @@ unsafe fn pv_pass<const R: usize, const W: usize>(
 /// of `d` at stride `ldo`.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn decode_tile_q8<const R: usize, const J: usize>(
+pub unsafe fn decode_tile_blocks<B: crate::KvBlock, const R: usize, const J: usize>(
     d: usize,
     q: *const f32,
     scale2: f32,
-    k: *const crate::BlockQ8,
-    v: *const crate::BlockQ8,
+    k: *const B,
+    v: *const B,
     ld: usize,
     m: *mut f32,
     l: *mut f32,
@@ -699,7 +700,7 @@ pub unsafe fn decode_tile_q8<const R: usize, const J: usize>(
                 x[1] = _mm512_loadu_ps(q.add(r * d + c * 32 + 16));
             }
             for j in 0..J {
-                let (lo, hi) = widen_q8(&*k.add((g * J + j) * ld + c));
+                let (lo, hi) = widen_block(k.add((g * J + j) * ld + c));
                 for (a, qr) in acc.iter_mut().zip(&qv) {
                     a[j] = _mm512_fmadd_ps(qr[0], lo, a[j]);
                     a[j] = _mm512_fmadd_ps(qr[1], hi, a[j]);
@@ -717,16 +718,28 @@ pub unsafe fn decode_tile_q8<const R: usize, const J: usize>(
     let mut c0 = 0;
     while c0 < nb {
         if nb - c0 >= 2 {
-            pv_pass_q8::<R, 2>(c0, &p, &alpha, v, ld, o, ldo);
+            pv_pass_blocks::<B, R, 2>(c0, &p, &alpha, v, ld, o, ldo);
             c0 += 2;
         } else {
-            pv_pass_q8::<R, 1>(c0, &p, &alpha, v, ld, o, ldo);
+            pv_pass_blocks::<B, R, 1>(c0, &p, &alpha, v, ld, o, ldo);
             c0 += 1;
         }
     }
 }
 
-/// One q8 block as two f32 vectors, scaled.
+/// One block of a KV as two f32 vectors, scaled: the type is known at compile time, so the
+/// match folds away.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn widen_block<B: crate::KvBlock>(b: *const B) -> (__m512, __m512) {
+    match B::KV_DTYPE {
+        // SAFETY: the KV type names the block type (KvBlock is implemented for these two).
+        crate::DType::F8E4M3 => widen_f8(&*(b as *const crate::BlockF8)),
+        _ => widen_q8(&*(b as *const crate::BlockQ8)),
+    }
+}
+
+/// One q8 block as two f32 vectors, scaled (`vpmovsxbd`, `vcvtdq2ps`, a multiply).
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn widen_q8(b: &crate::BlockQ8) -> (__m512, __m512) {
@@ -737,15 +750,55 @@ unsafe fn widen_q8(b: &crate::BlockQ8) -> (__m512, __m512) {
     (_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s))
 }
 
-/// Blocks `c0 .. c0 + W` (columns `c0 * 32 ..`) of [`decode_tile_q8`]'s `O = alpha O + P V`.
+/// One FP8 block as two f32 vectors, scaled: each code sign-extended to 16 bits and shifted
+/// left by 7 is the f16 of its value times 2^-8 once the sign's copy at bit 14 is cleared
+/// (see [`crate::kvf8::e4m3_as_f16_bits`]); `vcvtph2ps` widens it (subnormals included) and
+/// one multiply applies `2^(8 + scale exponent)`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn widen_f8(b: &crate::BlockF8) -> (__m512, __m512) {
+    let s = _mm512_set1_ps(b.f16_factor());
+    let p = b.qs.as_ptr() as *const __m128i;
+    let mask = _mm256_set1_epi16(0xBFFFu16 as i16);
+    let lo = _mm256_and_si256(
+        _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(p)), 7),
+        mask,
+    );
+    let hi = _mm256_and_si256(
+        _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(1))), 7),
+        mask,
+    );
+    (
+        _mm512_mul_ps(_mm512_cvtph_ps(lo), s),
+        _mm512_mul_ps(_mm512_cvtph_ps(hi), s),
+    )
+}
+
+/// FP8 blocks widened to f32 (32 values a block, as far as `dst` goes); see [`widen_f8`].
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dequant_f8(src: &[crate::BlockF8], dst: &mut [f32]) {
+    let whole = src.len().min(dst.len() / 32);
+    let d = dst.as_mut_ptr();
+    for (i, b) in src[..whole].iter().enumerate() {
+        let (lo, hi) = widen_f8(b);
+        _mm512_storeu_ps(d.add(i * 32), lo);
+        _mm512_storeu_ps(d.add(i * 32 + 16), hi);
+    }
+    super::portable::dequant_f8(&src[whole..], &mut dst[whole * 32..]);
+}
+
+/// Blocks `c0 .. c0 + W` (columns `c0 * 32 ..`) of [`decode_tile_blocks`]'s `O = alpha O + P V`.
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::needless_range_loop)]
-unsafe fn pv_pass_q8<const R: usize, const W: usize>(
+unsafe fn pv_pass_blocks<B: crate::KvBlock, const R: usize, const W: usize>(
     c0: usize,
     p: &[[f32; DECODE_TILE]; R],
     alpha: &[f32; R],
-    v: *const crate::BlockQ8,
+    v: *const B,
     ld: usize,
     o: *mut f32,
     ldo: usize,
@@ -763,7 +816,7 @@ unsafe fn pv_pass_q8<const R: usize, const W: usize>(
     for j in 0..DECODE_TILE {
         let mut vv = [[_mm512_setzero_ps(); 2]; W];
         for c in 0..W {
-            let (lo, hi) = widen_q8(&*v.add(j * ld + c0 + c));
+            let (lo, hi) = widen_block(v.add(j * ld + c0 + c));
             vv[c] = [lo, hi];
         }
         for r in 0..R {

@@ -350,45 +350,39 @@ impl Ops {
 }
 
 impl Ops {
-    /// Whether [`Ops::decode_tile_q8`] takes `rows` rows of `d` dims here.
-    pub fn has_decode_tile_q8(&self, rows: usize, d: usize) -> bool {
+    /// Whether [`Ops::decode_tile_blocks`] takes `rows` rows of `d` dims here.
+    pub fn has_decode_tile_blocks(&self, rows: usize, d: usize) -> bool {
         self.isa == Isa::Avx512 && (1..=6).contains(&rows) && d.is_multiple_of(32)
     }
 
-    /// One fused decode step over [`Ops::DECODE_TILE`] keys of a q8 KV, f32 queries; see
-    /// `avx512::decode_tile_q8`. The caller checks [`Ops::has_decode_tile_q8`] first.
+    /// One fused decode step over [`Ops::DECODE_TILE`] keys of a block KV (q8_0 or FP8), f32
+    /// queries (already scaled); see `avx512::decode_tile_blocks`. The caller checks
+    /// [`Ops::has_decode_tile_blocks`] first.
     ///
     /// # Safety
     /// `q` holds `rows` rows of `d` f32; `k` and `v` 16 rows of `d / 32` blocks at stride
     /// `ld` blocks; `m` and `l` `rows` values; `o` `rows` rows of `d` at stride `ldo`.
     #[inline]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn decode_tile_q8(
+    pub unsafe fn decode_tile_blocks<B: crate::KvBlock>(
         &self,
         rows: usize,
         d: usize,
         q: *const f32,
-        scale2: f32,
-        k: *const crate::BlockQ8,
-        v: *const crate::BlockQ8,
-        ld: usize,
-        m: *mut f32,
-        l: *mut f32,
-        o: *mut f32,
-        ldo: usize,
+        (k, v, ld): (*const B, *const B, usize),
+        (m, l, o, ldo): (*mut f32, *mut f32, *mut f32, usize),
     ) {
-        debug_assert!(self.has_decode_tile_q8(rows, d));
+        debug_assert!(self.has_decode_tile_blocks(rows, d));
         #[cfg(target_arch = "x86_64")]
         {
-            use avx512::decode_tile_q8 as f;
+            use avx512::decode_tile_blocks as f;
             match rows {
-                1 => f::<1, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                2 => f::<2, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                3 => f::<3, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                4 => f::<4, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                5 => f::<5, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                6 => f::<6, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                _ => unreachable!("checked by has_decode_tile_q8"),
+                1 => f::<B, 1, 8>(d, q, 1.0, k, v, ld, m, l, o, ldo),
+                2 => f::<B, 2, 8>(d, q, 1.0, k, v, ld, m, l, o, ldo),
+                3 => f::<B, 3, 8>(d, q, 1.0, k, v, ld, m, l, o, ldo),
+                4 => f::<B, 4, 4>(d, q, 1.0, k, v, ld, m, l, o, ldo),
+                5 => f::<B, 5, 4>(d, q, 1.0, k, v, ld, m, l, o, ldo),
+                6 => f::<B, 6, 4>(d, q, 1.0, k, v, ld, m, l, o, ldo),
+                _ => unreachable!("checked by has_decode_tile_blocks"),
             }
         }
     }
@@ -489,6 +483,16 @@ pub(crate) fn widen_bf16(src: &[u16], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::widen_bf16(src, dst) },
         _ => portable::widen_bf16(src, dst),
+    }
+}
+
+/// Widens FP8 blocks to f32 with `isa` (the portable loop where it is missing).
+pub(crate) fn dequant_f8(isa: Isa, src: &[crate::kvf8::BlockF8], dst: &mut [f32]) {
+    match isa {
+        // SAFETY: the CPU has AVX-512F when `available` says so.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.available() => unsafe { avx512::dequant_f8(src, dst) },
+        _ => portable::dequant_f8(src, dst),
     }
 }
 

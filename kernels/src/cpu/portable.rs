@@ -174,6 +174,17 @@ pub fn dequant_q8(src: &[crate::kvq8::BlockQ8], dst: &mut [f32]) {
     }
 }
 
+/// FP8 blocks widened to f32, `e4m3(q) * 2^scale`, 32 values a block (as far as `dst` goes);
+/// through f16 as the AVX-512 loop, so both give the same bits.
+pub fn dequant_f8(src: &[crate::kvf8::BlockF8], dst: &mut [f32]) {
+    for (b, out) in src.iter().zip(dst.chunks_mut(32)) {
+        let s = b.f16_factor();
+        for (o, q) in out.iter_mut().zip(&b.qs) {
+            *o = half::f16::from_bits(crate::kvf8::e4m3_as_f16_bits(*q)).to_f32() * s;
+        }
+    }
+}
+
 /// Same contract as [`super::avx512::axpy_rows`], any CPU.
 ///
 /// # Safety

@@ -1,10 +1,11 @@
-//! Store tests of a q8_0 KV: the blocks of 32 values (36 bytes each) go through append, read,
-//! every tier, fork, truncate, snapshots and attention exactly as the 16- and 32-bit types.
+//! Store tests of the block KV types, q8_0 and FP8: the blocks of 32 values (36 and 33 bytes)
+//! go through append, read, every tier, fork, truncate, snapshots and attention exactly as the
+//! 16- and 32-bit types. Each test is written once, over the block type, and run for both.
 
 use super::*;
 use crate::tests::{seeded, TempDir};
 use longctx_kernels::attention::reference::{errors, inputs, reference, Inputs, TestRng};
-use longctx_kernels::{quantize_q8_vec, AttnParams, AttnShape, BlockQ8, DType, Mask};
+use longctx_kernels::{AttnParams, AttnShape, BlockF8, BlockQ8, DType, Isa, KvBlock, Mask};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -13,13 +14,18 @@ const D: usize = 64;
 /// q8 blocks of one token's K (or V).
 const ROW: usize = H_KV * D / 32;
 
-fn q8_config(dir: &TempDir, bt: usize, blocks: [u64; 3], policy: Policy) -> KvConfig {
-    let bb = (2 * bt * ROW * 36) as u64;
+/// Bytes of one block of `B`.
+fn unit<B>() -> usize {
+    std::mem::size_of::<B>()
+}
+
+fn q8_config<B: KvBlock>(dir: &TempDir, bt: usize, blocks: [u64; 3], policy: Policy) -> KvConfig {
+    let bb = (2 * bt * ROW * unit::<B>()) as u64;
     KvConfig {
         block_tokens: bt,
         h_kv: H_KV,
         d: D,
-        dtype: DType::Q8_0,
+        dtype: B::KV_DTYPE,
         layers: vec![Retention::Full, Retention::ChunkedLocal { chunk: 8 }],
         budgets: Budgets {
             device: blocks[0] * bb,
@@ -31,49 +37,72 @@ fn q8_config(dir: &TempDir, bt: usize, blocks: [u64; 3], policy: Policy) -> KvCo
     }
 }
 
-fn q8_rows(rng: &mut StdRng, n: usize) -> Vec<BlockQ8> {
+fn quant<B: KvBlock + Default>(x: &[f32]) -> Vec<B> {
+    let mut b = vec![B::default(); x.len() / 32];
+    B::quantize(x, &mut b).unwrap();
+    b
+}
+
+fn q8_rows<B: KvBlock + Default>(rng: &mut StdRng, n: usize) -> Vec<B> {
     let x: Vec<f32> = (0..n * H_KV * D)
         .map(|_| rng.random_range(-3.0..3.0))
         .collect();
-    quantize_q8_vec(&x).unwrap()
+    quant(&x)
 }
 
 #[test]
-fn q8_blocks_are_36_bytes_and_a_head_dim_off_the_block_is_refused() {
+fn blocks_are_36_and_33_bytes_and_a_head_dim_off_the_block_is_refused() {
     let dir = TempDir::new("q8cfg");
-    let cfg = q8_config(&dir, 4, [10, 0, 0], Policy::KeepNewest);
-    assert_eq!(cfg.token_bytes(), ROW * 36);
-    let bad = KvConfig { d: 72, ..cfg };
-    let e = KvStore::new(bad)
-        .err()
-        .expect("d = 72 is not whole q8 blocks");
-    assert!(e.to_string().contains("multiple of 32"), "{e}");
+    for (cfg, bytes) in [
+        (
+            q8_config::<BlockQ8>(&dir, 4, [10, 0, 0], Policy::KeepNewest),
+            36,
+        ),
+        (
+            q8_config::<BlockF8>(&dir, 4, [10, 0, 0], Policy::KeepNewest),
+            33,
+        ),
+    ] {
+        assert_eq!(cfg.token_bytes(), ROW * bytes);
+        let bad = KvConfig { d: 72, ..cfg };
+        let e = KvStore::new(bad).err().expect("d = 72 is not whole blocks");
+        assert!(e.to_string().contains("multiple of 32"), "{e}");
+    }
 }
 
 #[test]
 fn q8_appends_read_back_through_every_tier_fork_and_truncate() {
+    appends_read_back::<BlockQ8>();
+}
+
+#[test]
+fn fp8_appends_read_back_through_every_tier_fork_and_truncate() {
+    appends_read_back::<BlockF8>();
+}
+
+fn appends_read_back<B: KvBlock + Default + PartialEq + std::fmt::Debug>() {
     let mut rng = seeded("q8-tiers");
     let dir = TempDir::new("q8tiers");
     // One block on the device, one in RAM, the rest spilled.
-    let store = KvStore::new(q8_config(&dir, 5, [1, 1, 100], Policy::Lru)).unwrap();
+    let store = KvStore::new(q8_config::<B>(&dir, 5, [1, 1, 100], Policy::Lru)).unwrap();
     let s = store.create_seq();
     let (mut k, mut v) = (vec![], vec![]);
     for n in [1, 7, 13, 2] {
-        let (kn, vn) = (q8_rows(&mut rng, n), q8_rows(&mut rng, n));
+        let (kn, vn) = (q8_rows::<B>(&mut rng, n), q8_rows::<B>(&mut rng, n));
         store.append(s, 0, &kn, &vn).unwrap();
         k.extend(kn);
         v.extend(vn);
     }
     let u = store.usage();
     assert!(u.blocks[2] >= 3 && u.spill_writes >= 3, "{u:?}");
-    let (k2, v2) = store.read::<BlockQ8>(s, 0, 0..23).unwrap();
+    let (k2, v2) = store.read::<B>(s, 0, 0..23).unwrap();
     assert_eq!((k2, v2), (k.clone(), v.clone()));
-    let (k3, _) = store.read::<BlockQ8>(s, 0, 6..17).unwrap();
+    let (k3, _) = store.read::<B>(s, 0, 6..17).unwrap();
     assert_eq!(k3, k[6 * ROW..17 * ROW]);
     // A stream yields the same blocks, spilled ones read back from disk.
     let mut at = 0;
     for b in store
-        .stream::<BlockQ8>(s, 0, StreamOptions { prefetch: 2 })
+        .stream::<B>(s, 0, StreamOptions { prefetch: 2 })
         .unwrap()
     {
         let b = b.unwrap();
@@ -85,20 +114,20 @@ fn q8_appends_read_back_through_every_tier_fork_and_truncate() {
     assert_eq!(at, 23);
     // A fork shares; writing to it leaves the original alone.
     let f = store.fork(s).unwrap();
-    let (kf, vf) = (q8_rows(&mut rng, 4), q8_rows(&mut rng, 4));
+    let (kf, vf) = (q8_rows::<B>(&mut rng, 4), q8_rows::<B>(&mut rng, 4));
     store.append(f, 0, &kf, &vf).unwrap();
-    assert_eq!(store.read::<BlockQ8>(s, 0, 0..23).unwrap().0, k);
-    assert_eq!(store.read::<BlockQ8>(f, 0, 23..27).unwrap().0, kf);
+    assert_eq!(store.read::<B>(s, 0, 0..23).unwrap().0, k);
+    assert_eq!(store.read::<B>(f, 0, 23..27).unwrap().0, kf);
     // Truncate mid-block, append again.
     store.truncate(s, 9).unwrap();
-    let (kt, vt) = (q8_rows(&mut rng, 3), q8_rows(&mut rng, 3));
+    let (kt, vt) = (q8_rows::<B>(&mut rng, 3), q8_rows::<B>(&mut rng, 3));
     store.append(s, 0, &kt, &vt).unwrap();
-    let (k4, v4) = store.read::<BlockQ8>(s, 0, 0..12).unwrap();
+    let (k4, v4) = store.read::<B>(s, 0, 0..12).unwrap();
     assert_eq!(k4[..9 * ROW], k[..9 * ROW]);
     assert_eq!(k4[9 * ROW..], kt[..]);
     assert_eq!(v4[9 * ROW..], vt[..]);
     assert_eq!(
-        store.read::<BlockQ8>(f, 0, 0..23).unwrap().0,
+        store.read::<B>(f, 0, 0..23).unwrap().0,
         k,
         "the fork kept its own"
     );
@@ -111,13 +140,22 @@ fn q8_appends_read_back_through_every_tier_fork_and_truncate() {
 
 #[test]
 fn q8_snapshots_round_trip_and_other_types_are_refused() {
+    snapshots_round_trip::<BlockQ8>();
+}
+
+#[test]
+fn fp8_snapshots_round_trip_and_other_types_are_refused() {
+    snapshots_round_trip::<BlockF8>();
+}
+
+fn snapshots_round_trip<B: KvBlock + Default + PartialEq + std::fmt::Debug>() {
     let mut rng = seeded("q8-snap");
     let dir = TempDir::new("q8snap");
-    let store = KvStore::new(q8_config(&dir, 4, [2, 1, 1000], Policy::KeepNewest)).unwrap();
+    let store = KvStore::new(q8_config::<B>(&dir, 4, [2, 1, 1000], Policy::KeepNewest)).unwrap();
     let s = store.create_seq();
     let mut kept = vec![];
     for l in 0..2 {
-        let (k, v) = (q8_rows(&mut rng, 23), q8_rows(&mut rng, 23));
+        let (k, v) = (q8_rows::<B>(&mut rng, 23), q8_rows::<B>(&mut rng, 23));
         store.append(s, l, &k[..10 * ROW], &v[..10 * ROW]).unwrap();
         store.append(s, l, &k[10 * ROW..], &v[10 * ROW..]).unwrap();
         kept.push((k, v));
@@ -129,22 +167,22 @@ fn q8_snapshots_round_trip_and_other_types_are_refused() {
     };
     let snap = dir.0.join("snap");
     store.save_snapshot(s, &snap, &meta).unwrap();
-    let fresh = KvStore::new(q8_config(&dir, 4, [2, 1, 1000], Policy::KeepNewest)).unwrap();
+    let fresh = KvStore::new(q8_config::<B>(&dir, 4, [2, 1, 1000], Policy::KeepNewest)).unwrap();
     let s2 = fresh.load_snapshot(&snap, &meta).unwrap();
-    assert_eq!(fresh.read::<BlockQ8>(s2, 0, 0..23).unwrap(), kept[0]);
+    assert_eq!(fresh.read::<B>(s2, 0, 0..23).unwrap(), kept[0]);
     let from = fresh.held_from(s2, 1).unwrap();
     assert_eq!(
-        fresh.read::<BlockQ8>(s2, 1, from..23).unwrap().1,
+        fresh.read::<B>(s2, 1, from..23).unwrap().1,
         kept[1].1[from * ROW..]
     );
     // A bf16 store of the same shape cannot load it, nor a q8 store a bf16 snapshot.
     let bf16_cfg = KvConfig {
         dtype: DType::BF16,
-        ..q8_config(&dir, 4, [2, 1, 1000], Policy::KeepNewest)
+        ..q8_config::<B>(&dir, 4, [2, 1, 1000], Policy::KeepNewest)
     };
     let other = KvStore::new(bf16_cfg.clone()).unwrap();
     let e = other.load_snapshot(&snap, &meta).unwrap_err();
-    assert!(e.to_string().contains("q8_0"), "{e}");
+    assert!(e.to_string().contains(B::KV_DTYPE.name()), "{e}");
     let b = KvStore::new(bf16_cfg).unwrap();
     let sb = b.create_seq();
     let z = vec![half::bf16::ZERO; 23 * H_KV * D];
@@ -159,6 +197,15 @@ fn q8_snapshots_round_trip_and_other_types_are_refused() {
 
 #[test]
 fn q8_attend_over_tiered_blocks_matches_the_reference_on_the_dequantised_kv() {
+    attend_over_tiers::<BlockQ8>();
+}
+
+#[test]
+fn fp8_attend_over_tiered_blocks_matches_the_reference_on_the_dequantised_kv() {
+    attend_over_tiers::<BlockF8>();
+}
+
+fn attend_over_tiers<B: KvBlock + Default>() {
     let mut rng = seeded("q8-attend");
     for (bt, group, mask, n_kv, n_q) in [
         (16, 1, Mask::Causal, 100, 7),
@@ -178,7 +225,7 @@ fn q8_attend_over_tiered_blocks_matches_the_reference_on_the_dequantised_kv() {
                 Mask::ChunkedLocal { chunk } => Retention::ChunkedLocal { chunk },
                 _ => Retention::Full,
             };
-            let bb = (2 * bt * ROW * 36) as u64;
+            let bb = (2 * bt * ROW * unit::<B>()) as u64;
             let cfg = KvConfig {
                 layers: vec![retention],
                 budgets: Budgets {
@@ -186,7 +233,7 @@ fn q8_attend_over_tiered_blocks_matches_the_reference_on_the_dequantised_kv() {
                     host: bb,
                     disk: 1000 * bb,
                 },
-                ..q8_config(&dir, bt, [0, 0, 0], Policy::KeepNewest)
+                ..q8_config::<B>(&dir, bt, [0, 0, 0], Policy::KeepNewest)
             };
             let store = KvStore::new(cfg).unwrap();
             let s = store.create_seq();
@@ -199,7 +246,7 @@ fn q8_attend_over_tiered_blocks_matches_the_reference_on_the_dequantised_kv() {
             };
             let params = AttnParams::new(&shape, mask);
             let (q, k, v) = inputs::<f32>(&mut TestRng::new(rng.random()), &shape, &params, kind);
-            let (kq, vq) = (quantize_q8_vec(&k).unwrap(), quantize_q8_vec(&v).unwrap());
+            let (kq, vq) = (quant::<B>(&k), quant::<B>(&v));
             let split = n_kv - n_q;
             store
                 .append(s, 0, &kq[..split * ROW], &vq[..split * ROW])
@@ -207,16 +254,16 @@ fn q8_attend_over_tiered_blocks_matches_the_reference_on_the_dequantised_kv() {
             store
                 .append(s, 0, &kq[split * ROW..], &vq[split * ROW..])
                 .unwrap();
-            let deq = |b: &[BlockQ8]| -> Vec<f32> {
+            let deq = |b: &[B]| -> Vec<f32> {
                 let mut out = vec![0f32; b.len() * 32];
-                longctx_kernels::dequantize_q8(b, &mut out);
+                B::widen(Isa::detect(), b, &mut out);
                 out
             };
             let want = reference(&q, &deq(&kq), &deq(&vq), shape, &params);
             let mut out = vec![0f32; n_q * h_q * D];
             let mut lse = vec![0f32; n_q * h_q];
             for prefetch in [0, 3] {
-                attend_q8(
+                attend_blocks::<B>(
                     &store,
                     s,
                     0,

@@ -1,6 +1,7 @@
-//! A q8_0 KV cache through the whole model: the logits of a prompt and of the decode steps
-//! after it stay close to a bf16 KV's on random tiny models (dense GQA and Llama 4 with its
-//! chunked-local and NoPE layers), and a head dim off the q8 block is a clear error.
+//! 8-bit KV caches (q8_0 and FP8) through the whole model: the logits of a prompt and of the
+//! decode steps after it stay close to a bf16 KV's on random tiny models (dense GQA and
+//! Llama 4 with its chunked-local and NoPE layers), and a head dim off the block is a clear
+//! error.
 
 use longctx_engine::random::{random_model, tiny_llama4_config, tiny_llama_config};
 use longctx_engine::{KvOptions, Logits, Model};
@@ -39,6 +40,18 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn q8_kv_logits_are_close_to_bf16_kv_logits() {
+    close_to_bf16(DType::Q8_0, 2e-2);
+}
+
+/// E4M3 keeps 3 mantissa bits (a relative step of 1/8 to 1/16 per value, where q8 holds a
+/// block's large values to 1/254): its logits stray further, and are bounded looser.
+#[test]
+fn fp8_kv_logits_are_close_to_bf16_kv_logits() {
+    close_to_bf16(DType::F8E4M3, 3e-2);
+}
+
+fn close_to_bf16(dtype: DType, tol: f64) {
+    let name8 = dtype.name();
     for (name, cfg) in [
         ("tiny llama, GQA 2, d 32", tiny_llama_config(2, 2, 1, false)),
         ("tiny llama, MHA, d 64", tiny_llama_config(2, 1, 1, true)),
@@ -46,28 +59,37 @@ fn q8_kv_logits_are_close_to_bf16_kv_logits() {
     ] {
         let model = random_model(cfg, 3).unwrap();
         let b = run(&model, DType::BF16);
-        let q = run(&model, DType::Q8_0);
+        let q = run(&model, dtype);
         let f = run(&model, DType::F32);
         assert_eq!(b.len(), q.len());
         let (eq, eb) = (rel(&q, &f), rel(&b, &f));
         eprintln!(
-            "{name}: q8 vs f32 {eq:.2e}, bf16 vs f32 {eb:.2e}, q8 vs bf16 {:.2e}",
+            "{name}: {name8} vs f32 {eq:.2e}, bf16 vs f32 {eb:.2e}, {name8} vs bf16 {:.2e}",
             rel(&q, &b)
         );
-        assert!(rel(&q, &b) < 2e-2, "{name}: q8 vs bf16 {:.2e}", rel(&q, &b));
-        // Not identical: the q8 path did run.
+        assert!(
+            rel(&q, &b) < tol,
+            "{name}: {name8} vs bf16 {:.2e}",
+            rel(&q, &b)
+        );
+        // Not identical: the 8-bit path did run.
         assert!(q != b && eq > 0.0, "{name}");
     }
 }
 
 #[test]
-fn a_head_dim_off_the_q8_block_is_a_clear_error() {
+fn a_head_dim_off_the_block_is_a_clear_error() {
     // Hidden 64 over 4 heads: d = 16.
     let model = random_model(tiny_llama_config(1, 4, 2, false), 1).unwrap();
-    let opts = KvOptions {
-        dtype: DType::Q8_0,
-        ..KvOptions::default()
-    };
-    let e = model.kv_store(&opts).err().expect("d = 16 cannot be q8_0");
-    assert!(e.to_string().contains("multiple of 32"), "{e}");
+    for dtype in [DType::Q8_0, DType::F8E4M3] {
+        let opts = KvOptions {
+            dtype,
+            ..KvOptions::default()
+        };
+        let e = model
+            .kv_store(&opts)
+            .err()
+            .expect("d = 16 cannot be blocks of 32");
+        assert!(e.to_string().contains("multiple of 32"), "{e}");
+    }
 }
