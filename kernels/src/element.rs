@@ -86,6 +86,25 @@ pub trait KvBlock: KvUnit + Copy {
     fn pair<'a>(k: &'a [Self], v: &'a [Self]) -> crate::attention::BlockPair<'a>;
 }
 
+/// `x` quantised to a fresh buffer of blocks (`op` names the caller in the error): `x.len()`
+/// must be a multiple of 32.
+pub(crate) fn quantize_blocks_vec<B: KvBlock + Default>(
+    op: &'static str,
+    x: &[f32],
+) -> Result<Vec<B>, crate::KernelError> {
+    if !x.len().is_multiple_of(32) {
+        return Err(crate::KernelError::ShapeMismatch {
+            op,
+            buffer: "src",
+            expected: x.len().next_multiple_of(32),
+            got: x.len(),
+        });
+    }
+    let mut out = vec![B::default(); x.len() / 32];
+    B::quantize(x, &mut out)?;
+    Ok(out)
+}
+
 impl KvBlock for crate::BlockQ8 {
     fn quantize(src: &[f32], dst: &mut [Self]) -> Result<(), crate::KernelError> {
         crate::quantize_q8(src, dst)

@@ -137,17 +137,7 @@ pub fn quantize_f8(src: &[f32], dst: &mut [BlockF8]) -> Result<(), KernelError> 
 
 /// A whole quantised buffer: `x.len()` must be a multiple of 32.
 pub fn quantize_f8_vec(x: &[f32]) -> Result<Vec<BlockF8>, KernelError> {
-    if !x.len().is_multiple_of(F8_BLOCK) {
-        return Err(KernelError::ShapeMismatch {
-            op: "quantize_f8",
-            buffer: "src",
-            expected: x.len().next_multiple_of(F8_BLOCK),
-            got: x.len(),
-        });
-    }
-    let mut out = vec![BlockF8::default(); x.len() / F8_BLOCK];
-    quantize_f8(x, &mut out)?;
-    Ok(out)
+    crate::element::quantize_blocks_vec("quantize_f8", x)
 }
 
 /// Widens `src` into `dst` (`dst.len() == 32 * src.len()`, else the shorter decides) with the

@@ -41,17 +41,7 @@ pub fn quantize_q8(src: &[f32], dst: &mut [BlockQ8]) -> Result<(), KernelError> 
 
 /// A whole quantised buffer: `x.len()` must be a multiple of 32.
 pub fn quantize_q8_vec(x: &[f32]) -> Result<Vec<BlockQ8>, KernelError> {
-    if !x.len().is_multiple_of(Q8_BLOCK) {
-        return Err(KernelError::ShapeMismatch {
-            op: "quantize_q8",
-            buffer: "src",
-            expected: x.len().next_multiple_of(Q8_BLOCK),
-            got: x.len(),
-        });
-    }
-    let mut out = vec![BlockQ8::default(); x.len() / Q8_BLOCK];
-    quantize_q8(x, &mut out)?;
-    Ok(out)
+    crate::element::quantize_blocks_vec("quantize_q8", x)
 }
 
 /// Widens `src` into `dst` (`dst.len() == 32 * src.len()`, else the shorter decides) with the
