@@ -88,7 +88,7 @@ pub trait KvBlock: KvUnit + Copy {
 
 /// `x` quantised to a fresh buffer of blocks (`op` names the caller in the error): `x.len()`
 /// must be a multiple of 32.
-pub(crate) fn quantize_blocks_vec<B: KvBlock + Default>(
+pub fn quantize_blocks_vec<B: KvBlock + Default>(
     op: &'static str,
     x: &[f32],
 ) -> Result<Vec<B>, crate::KernelError> {

@@ -25,7 +25,7 @@ pub use attention::{
     AttnParams, AttnShape, CpuOptions, KvBlockSegment, KvSegment, KvSegmentQ8, Mask, Strategy,
 };
 pub use cpu::Isa;
-pub use element::{DType, Element, KvBlock, KvUnit};
+pub use element::{quantize_blocks_vec, DType, Element, KvBlock, KvUnit};
 pub use error::KernelError;
 pub use formats::{Blob, Format, StoredRows};
 pub use kvf8::{dequantize_f8, quantize_f8, quantize_f8_vec, BlockF8, F8_BLOCK};

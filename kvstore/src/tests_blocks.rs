@@ -38,9 +38,7 @@ fn q8_config<B: KvBlock>(dir: &TempDir, bt: usize, blocks: [u64; 3], policy: Pol
 }
 
 fn quant<B: KvBlock + Default>(x: &[f32]) -> Vec<B> {
-    let mut b = vec![B::default(); x.len() / 32];
-    B::quantize(x, &mut b).unwrap();
-    b
+    longctx_kernels::quantize_blocks_vec(B::KV_DTYPE.name(), x).unwrap()
 }
 
 fn q8_rows<B: KvBlock + Default>(rng: &mut StdRng, n: usize) -> Vec<B> {

@@ -6,8 +6,8 @@ use crate::commands::Progress;
 use anyhow::Result;
 use half::bf16;
 use longctx_kernels::{
-    attention, attention_segments_blocks, AttnParams, AttnShape, BlockF8, BlockQ8, DType, Element,
-    Isa, KvBlock, KvBlockSegment, Mask, QKind, QMatrix,
+    attention, attention_segments_blocks, quantize_blocks_vec, AttnParams, AttnShape, BlockF8,
+    BlockQ8, DType, Element, Isa, KvBlock, KvBlockSegment, Mask, QKind, QMatrix,
 };
 use longctx_rope::{apply_table, Layout, Rope, RopeTable, Scaling};
 use serde::Serialize;
@@ -142,11 +142,9 @@ fn time_case<T: Element>(c: &Case, reps: usize) -> Result<Row> {
 fn time_case_blocks<B: KvBlock + Default>(c: &Case, reps: usize) -> Result<Row> {
     let s = c.shape;
     let q: Vec<f32> = fill_random(s.n_q * s.h_q * s.d, 1);
-    let blocks = |seed| -> Result<Vec<B>> {
+    let blocks = |seed| {
         let x = fill_random::<f32>(s.n_kv * s.h_kv * s.d, seed);
-        let mut b = vec![B::default(); x.len() / 32];
-        B::quantize(&x, &mut b)?;
-        Ok(b)
+        quantize_blocks_vec::<B>("bench kernels", &x)
     };
     let (k, v) = (blocks(2)?, blocks(3)?);
     let mut out = vec![0f32; q.len()];

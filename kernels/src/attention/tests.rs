@@ -564,11 +564,7 @@ fn block_segments_equal_the_reference<B: crate::KvBlock + Default>(name: &str) {
                     let inner = rng.random();
                     let (q, k, v) =
                         inputs::<f32>(&mut TestRng::new(inner), &c.shape, &c.params, kind);
-                    let quant = |x: &[f32]| {
-                        let mut b = vec![B::default(); x.len() / Q8_BLOCK];
-                        B::quantize(x, &mut b).unwrap();
-                        b
-                    };
+                    let quant = |x: &[f32]| crate::quantize_blocks_vec::<B>("test", x).unwrap();
                     let (kq, vq) = (quant(&k), quant(&v));
                     // The portable loop's widening (every ISA's equals it: kvq8, kvf8 tests).
                     let deq = |b: &[B]| -> Vec<f32> {
