@@ -8,6 +8,9 @@ read. The tokenizer is SmolLM2's, copied from the default model's GGUF.
 Usage (outside the repo; CI never runs this; numpy in the Python that runs it):
     python tests/reference/llama4_long_gguf.py LLAMA_CPP_DIR [OUT_DIR]
 LLAMA_CPP_DIR is what ../shared/tools/build-llamacpp.sh prints. Prints the files it wrote.
+L4_SHAPE=moe055 makes instead the ~0.55B-parameter shape of the throughput benchmarks
+(`llama4_moe_bench.sh`'s: 8 layers, hidden 1024, 16 heads and 4 KV heads of 64, experts of
+1024, shared FF 2048) as `llama4-moe055-*.gguf`, without torch.
 """
 import os
 import subprocess
@@ -19,11 +22,16 @@ sys.path.insert(0, os.path.join(llama, "gguf-py"))
 import numpy as np  # noqa: E402
 import gguf  # noqa: E402
 
-HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 4, 1, 64
-EXPERTS, EXPERT_FF, DENSE_FF = 16, 256, 512
+SHAPE = os.environ.get("L4_SHAPE", "long")
+if SHAPE == "moe055":
+    HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 1024, 8, 16, 4, 64
+    EXPERTS, EXPERT_FF, DENSE_FF = 16, 1024, 2048
+else:
+    HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 4, 1, 64
+    EXPERTS, EXPERT_FF, DENSE_FF = 16, 256, 512
 src = os.path.expanduser("~/.cache/longctx/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 os.makedirs(out, exist_ok=True)
-f32 = os.path.join(out, "llama4-long-f32.gguf")
+f32 = os.path.join(out, f"llama4-{SHAPE}-f32.gguf")
 
 reader = gguf.GGUFReader(src)
 vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
@@ -87,7 +95,7 @@ w.close()
 quantize = os.path.join(llama, "build", "bin", "llama-quantize")
 files = [f32]
 for kind in ["BF16", "Q4_K_M"]:
-    path = os.path.join(out, f"llama4-long-{kind}.gguf")
+    path = os.path.join(out, f"llama4-{SHAPE}-{kind}.gguf")
     if not os.path.exists(path):
         subprocess.run([quantize, f32, path, kind, "2"], check=True, capture_output=True)
     files.append(path)
