@@ -228,8 +228,10 @@ fn piped(args: &[&str], input: &str) -> (String, String) {
 
 #[test]
 fn chat_reads_turns_from_a_pipe() {
+    // The exact path: the fast path's greedy answer to this question sits on near-ties (its
+    // fifth word changed with the rounding of a decode kernel's sums), the exact one does not.
     let (stdout, stderr) = piped(
-        &["--max-tokens", "24"],
+        &["--max-tokens", "24", "--exact"],
         "What is the capital of France?\nAnd of Italy?\n\n/reset\n/system You are a pirate.\nHello\n\
          /exit\nNever answered\n",
     );

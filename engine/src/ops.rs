@@ -220,11 +220,10 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// `out = SiLU(gate) * up`, the same arithmetic as [`silu_mul`].
+/// `out = SiLU(gate) * up`: [`silu_mul`]'s arithmetic with the CPU's vector exp
+/// ([`longctx_kernels::cpu::silu_mul_into`]).
 pub fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-        *o = *g / (1.0 + (-*g).exp()) * u;
-    }
+    longctx_kernels::cpu::silu_mul_into(out, gate, up);
 }
 
 #[cfg(test)]

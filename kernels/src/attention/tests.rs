@@ -306,6 +306,9 @@ fn bf16_inputs_with_f32_outputs() {
         // masked for the earlier rows, so the fused step (unmasked tiles only) must not take it.
         (3, 320, 2, 64, Strategy::QueryTiles),
         (2, 336, 3, 128, Strategy::SplitKv { splits: 2 }),
+        // The fused step's P V in passes of 64 dims and a last one of 32 (96), or 32 alone.
+        (1, 210, 3, 96, Strategy::SplitKv { splits: 2 }),
+        (1, 77, 6, 32, Strategy::QueryTiles),
     ] {
         for mask in MASKS {
             let c = case(n_q, n_kv, 1, ratio, d, mask);

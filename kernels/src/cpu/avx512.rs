@@ -132,7 +132,7 @@ pub unsafe fn gemm(
     }
 }
 
-/// 2^x for x <= 0, to within an f32 rounding; 0 for x <= -200 and for -inf.
+/// 2^x to within an f32 rounding: 0 for x <= -200 and for -inf, +inf from 128 on.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn exp2(x: __m512) -> __m512 {
@@ -145,6 +145,66 @@ unsafe fn exp2(x: __m512) -> __m512 {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(ci));
     }
     _mm512_scalef_ps(p, n)
+}
+
+/// Same contract as [`super::portable::silu_mul_into`], with `e^-g` within an ulp or two of
+/// libm's: see [`exp_accurate`]. The tail in scalar code.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    let n = out.len().min(gate.len()).min(up.len());
+    let (o, g, u) = (out.as_mut_ptr(), gate.as_ptr(), up.as_ptr());
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i + 16 <= n {
+        let gv = _mm512_loadu_ps(g.add(i));
+        let e = exp_accurate(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+        _mm512_storeu_ps(o.add(i), _mm512_mul_ps(s, _mm512_loadu_ps(u.add(i))));
+        i += 16;
+    }
+    super::portable::silu_mul_into(&mut out[i..n], &gate[i..n], &up[i..n]);
+}
+
+/// `e^y` to an ulp or two of libm's `expf` (which rounds correctly): `y = n ln 2 + r` with
+/// `ln 2` in two parts (Cody and Waite, Cephes' constants), so `r` carries no error from
+/// `|y|`, then a degree-7 Taylor polynomial on `|r| <= ln 2 / 2` (error 2e-8) and `2^n` by
+/// `vscalefps`. As `expf`: +inf above ~88.7 and for +inf, 0 below ~-103.9 and for -inf (`y`
+/// is clamped to +-200 first so that `n` stays small), NaN for NaN.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn exp_accurate(y: __m512) -> __m512 {
+    const LN2_HI: f32 = 0.693_359_4; // 355 / 512: n * LN2_HI is exact for |n| < 2^15
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let yc = _mm512_min_ps(
+        _mm512_max_ps(y, _mm512_set1_ps(-200.0)),
+        _mm512_set1_ps(200.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(yc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), yc);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    const C: [f32; 8] = [
+        1.0,
+        1.0,
+        0.5,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5040.0,
+    ];
+    let mut p = _mm512_set1_ps(C[7]);
+    for &ci in C[..7].iter().rev() {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(ci));
+    }
+    let e = _mm512_scalef_ps(p, n);
+    // The clamps sent a NaN to -200 (max takes its second operand): NaN in, NaN out.
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y, y);
+    _mm512_mask_mov_ps(e, nan, y)
 }
 
 /// Same contract as [`super::portable::softmax_tile`]; `ncols` must be a multiple of 16.
@@ -511,7 +571,8 @@ const DECODE_TILE: usize = super::Ops::DECODE_TILE;
 /// bf16 dot products (`vdpbf16ps`: the products of bf16 queries and keys are exact in f32, so
 /// this is the f32 dot product of the same values, without widening K), laid out row-major
 /// (keys in lanes), so the online softmax takes one exp2 per row per 16 keys instead of one
-/// per key; then `O = alpha O + P V` with the output rows in registers. `J` keys share a
+/// per key; then `O = alpha O + P V` on the bf16 dot product too (see [`pv_pass_dp`]: P in
+/// two bf16 parts, so f32-exact to 2^-17), the output rows in registers. `J` keys share a
 /// butterfly reduction (8 for up to 3 rows, 4 for 4-6: `R x J` accumulators in registers).
 ///
 /// State as [`softmax_tile`] keeps it: `m` (running max, log2 units), `l` (sum of exp2),
@@ -563,37 +624,124 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
         }
     }
     let (p, alpha) = softmax16::<R, J>(&u, scale2, m, l);
-    // O = alpha O + P V, 64 dims a pass (32 for a last quarter of 128).
-    let nvec = d / 16;
+    // P as two bf16 parts (hi, the rounding of p; lo, the rounding of what is left: 16
+    // significant bits together), each as pairs of consecutive keys, the bf16 dot product's
+    // operands.
+    let mut pp = [[[0u32; DECODE_TILE / 2]; 2]; R];
+    for (pr, x) in pp.iter_mut().zip(&p) {
+        let hi = _mm512_cvtneps_pbh(*x);
+        let hi_bits: __m256i = std::mem::transmute(hi);
+        let hi32 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi_bits)));
+        let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_sub_ps(*x, hi32)));
+        _mm256_storeu_si256(pr[0].as_mut_ptr().cast(), hi_bits);
+        _mm256_storeu_si256(pr[1].as_mut_ptr().cast(), lo);
+    }
+    // O = alpha O + P V, 64 dims a pass (32 for a last one of 96).
+    let chunks = d / 32;
     let mut c0 = 0;
-    while c0 < nvec {
-        if nvec - c0 >= 4 {
-            pv_pass::<R, 4>(c0, &p, &alpha, v, ld, o, ldo);
-            c0 += 4;
-        } else {
-            pv_pass::<R, 2>(c0, &p, &alpha, v, ld, o, ldo);
+    while c0 < chunks {
+        if chunks - c0 >= 2 {
+            pv_pass_dp::<R, 2>(c0, &pp, &alpha, v, ld, o, ldo);
             c0 += 2;
+        } else {
+            pv_pass_dp::<R, 1>(c0, &pp, &alpha, v, ld, o, ldo);
+            c0 += 1;
+        }
+    }
+}
+
+/// Chunks `c0 .. c0 + C` (32 dims each) of [`decode_tile_bf16`]'s `O = alpha O + P V` on the
+/// bf16 dot product: two keys' V rows interleaved by `vpunpck{l,h}wd` meet a broadcast pair of
+/// their probabilities, one `vdpbf16ps` per 16 dims and part of P, two keys at a time. P comes
+/// in two bf16 parts (`pp[r][0]` its rounding, `pp[r][1]` the rounding of the rest: 16
+/// significant bits, 2^-17 of `|P| |V|`, where one part would carry 2^-9 and turned greedy
+/// answers of SmolLM2 in the parity tests). Widening V and an FMA per key took three
+/// instructions per 16 dims and key; this takes one. The unpacks leave dims in the order
+/// `8L + 4h + k` at lane `4L + k` of half `h`; O is permuted into it when loaded and back when
+/// stored (two permutes per 32 dims and row a tile).
+// Not inlined: inlined, the pair broadcasts were hoisted out of the passes and spilled.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline(never)]
+// Index loops over constant bounds: the form in which the accumulators stay in registers.
+#[allow(clippy::needless_range_loop)]
+unsafe fn pv_pass_dp<const R: usize, const C: usize>(
+    c0: usize,
+    pp: &[[[u32; DECODE_TILE / 2]; 2]; R],
+    alpha: &[f32; R],
+    v: *const u16,
+    ld: usize,
+    o: *mut f32,
+    ldo: usize,
+) {
+    let to_half = [
+        _mm512_set_epi32(27, 26, 25, 24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0),
+        _mm512_set_epi32(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4),
+    ];
+    let from_halves = [
+        _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0),
+        _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8),
+    ];
+    let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
+    for r in 0..R {
+        let ar = _mm512_set1_ps(alpha[r]);
+        for c in 0..C {
+            let at = o.add(r * ldo + (c0 + c) * 32);
+            let (a, b) = (_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)));
+            for h in 0..2 {
+                acc[r][c][h] = _mm512_mul_ps(_mm512_permutex2var_ps(a, to_half[h], b), ar);
+            }
+        }
+    }
+    for i in 0..DECODE_TILE / 2 {
+        let (va, vb) = (
+            v.add(2 * i * ld + c0 * 32),
+            v.add((2 * i + 1) * ld + c0 * 32),
+        );
+        let mut vv = [[_mm512_setzero_si512(); 2]; C];
+        for c in 0..C {
+            let a = _mm512_loadu_si512(va.add(c * 32).cast());
+            let b = _mm512_loadu_si512(vb.add(c * 32).cast());
+            vv[c] = [_mm512_unpacklo_epi16(a, b), _mm512_unpackhi_epi16(a, b)];
+        }
+        for r in 0..R {
+            for part in &pp[r] {
+                let pr: __m512bh = std::mem::transmute(_mm512_set1_epi32(part[i] as i32));
+                for c in 0..C {
+                    for h in 0..2 {
+                        let vh: __m512bh = std::mem::transmute(vv[c][h]);
+                        acc[r][c][h] = _mm512_dpbf16_ps(acc[r][c][h], pr, vh);
+                    }
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            let at = o.add(r * ldo + (c0 + c) * 32);
+            let [lo, hi] = acc[r][c];
+            _mm512_storeu_ps(at, _mm512_permutex2var_ps(lo, from_halves[0], hi));
+            _mm512_storeu_ps(at.add(16), _mm512_permutex2var_ps(lo, from_halves[1], hi));
         }
     }
 }
 
 /// The online-softmax step of a fused 16-key decode tile: the scores of row `r` are `u[..][r]`
 /// as the butterfly of `J` keys left them (see [`decode_tile_bf16`]), times `scale2`; updates
-/// `m` and `l`, returns the probabilities (keys in order) and each row's rescale factor.
+/// `m` and `l`, returns the probabilities (keys in lanes, in order) and each row's rescale
+/// factor. Inlined whole: a call passed its results through memory and stalled on them.
 ///
 /// # Safety
-/// The CPU must have AVX-512F; `m` and `l` hold `R` values.
-#[target_feature(enable = "avx512f")]
-#[inline]
+/// The CPU must have AVX-512F; `m` and `l` hold `R` values. Only for callers that enable it
+/// (`#[inline(always)]` rules out `#[target_feature]`: the intrinsics inline into the caller).
+#[inline(always)]
 unsafe fn softmax16<const R: usize, const J: usize>(
     u: &[[__m512; R]; 4],
     scale2: f32,
     m: *mut f32,
     l: *mut f32,
-) -> ([[f32; DECODE_TILE]; R], [f32; R]) {
-    const G: usize = DECODE_TILE;
+) -> ([__m512; R], [f32; R]) {
     let scale = _mm512_set1_ps(scale2);
-    let mut p = [[0f32; G]; R];
+    let mut p = [_mm512_setzero_ps(); R];
     let mut alpha = [1f32; R];
     for r in 0..R {
         // Keys 0..16 in lanes 0..16.
@@ -615,53 +763,11 @@ unsafe fn softmax16<const R: usize, const J: usize>(
             alpha[r] = _mm512_cvtss_f32(exp2(_mm512_set1_ps(m_old - m_new)));
         }
         let e = exp2(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
-        _mm512_storeu_ps(p[r].as_mut_ptr(), e);
+        p[r] = e;
         *l.add(r) = *l.add(r) * alpha[r] + _mm512_reduce_add_ps(e);
         *m.add(r) = m_new;
     }
     (p, alpha)
-}
-
-/// Columns `c0 * 16 .. (c0 + W) * 16` of [`decode_tile_bf16`]'s `O = alpha O + P V`, the
-/// `R x W` accumulators in registers (a constant `W`, so none of them goes through memory).
-#[target_feature(enable = "avx512f")]
-#[inline]
-// Index loops over constant bounds: the form in which the accumulators stay in registers.
-#[allow(clippy::needless_range_loop)]
-unsafe fn pv_pass<const R: usize, const W: usize>(
-    c0: usize,
-    p: &[[f32; DECODE_TILE]; R],
-    alpha: &[f32; R],
-    v: *const u16,
-    ld: usize,
-    o: *mut f32,
-    ldo: usize,
-) {
-    let mut acc = [[_mm512_setzero_ps(); W]; R];
-    for r in 0..R {
-        let ar = _mm512_set1_ps(alpha[r]);
-        for c in 0..W {
-            acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * ldo + (c0 + c) * 16)), ar);
-        }
-    }
-    for j in 0..DECODE_TILE {
-        let vr = v.add(j * ld + c0 * 16);
-        let mut vv = [_mm512_setzero_ps(); W];
-        for c in 0..W {
-            vv[c] = <u16 as super::RowElem>::load16(vr.add(c * 16));
-        }
-        for r in 0..R {
-            let pr = _mm512_set1_ps(p[r][j]);
-            for c in 0..W {
-                acc[r][c] = _mm512_fmadd_ps(pr, vv[c], acc[r][c]);
-            }
-        }
-    }
-    for r in 0..R {
-        for c in 0..W {
-            _mm512_storeu_ps(o.add(r * ldo + (c0 + c) * 16), acc[r][c]);
-        }
-    }
 }
 
 /// [`decode_tile_bf16`] over a block KV (q8_0 [`crate::BlockQ8`] or FP8 [`crate::BlockF8`],
@@ -714,7 +820,11 @@ pub unsafe fn decode_tile_blocks<B: crate::KvBlock, const R: usize, const J: usi
             };
         }
     }
-    let (p, alpha) = softmax16::<R, J>(&u, scale2, m, l);
+    let (pv, alpha) = softmax16::<R, J>(&u, scale2, m, l);
+    let mut p = [[0f32; G]; R];
+    for (x, v) in p.iter_mut().zip(&pv) {
+        _mm512_storeu_ps(x.as_mut_ptr(), *v);
+    }
     let mut c0 = 0;
     while c0 < nb {
         if nb - c0 >= 2 {

@@ -203,3 +203,10 @@ pub unsafe fn axpy_rows<T: super::RowElem>(
         }
     }
 }
+
+/// `out = SiLU(gate) * up`, libm's `expf`; equal lengths.
+pub fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
