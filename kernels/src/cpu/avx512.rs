@@ -148,7 +148,9 @@ unsafe fn exp2(x: __m512) -> __m512 {
 }
 
 /// Same contract as [`super::portable::silu_mul_into`], with `e^-g` within an ulp or two of
-/// libm's: see [`exp_accurate`]. The tail in scalar code.
+/// libm's: see [`exp_accurate`]. The tail too goes through the vector code (masked), so a
+/// value's result does not depend on where it sits in the slice: a batched step, whose rows
+/// lie at other offsets than alone, gives each row the same bits.
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
@@ -158,14 +160,19 @@ pub unsafe fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
     let (o, g, u) = (out.as_mut_ptr(), gate.as_ptr(), up.as_ptr());
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
-    while i + 16 <= n {
-        let gv = _mm512_loadu_ps(g.add(i));
+    while i < n {
+        let k: __mmask16 = if n - i >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        let gv = _mm512_maskz_loadu_ps(k, g.add(i));
         let e = exp_accurate(_mm512_sub_ps(_mm512_setzero_ps(), gv));
         let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
-        _mm512_storeu_ps(o.add(i), _mm512_mul_ps(s, _mm512_loadu_ps(u.add(i))));
+        let r = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, u.add(i)));
+        _mm512_mask_storeu_ps(o.add(i), k, r);
         i += 16;
     }
-    super::portable::silu_mul_into(&mut out[i..n], &gate[i..n], &up[i..n]);
 }
 
 /// `e^y` to an ulp or two of libm's `expf` (which rounds correctly): `y = n ln 2 + r` with
