@@ -213,19 +213,6 @@ pub fn rms_norm_in_place(x: &mut [f32], eps: f32, dim: usize) {
     }
 }
 
-/// `gate = silu(gate) * up`, elementwise.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
-}
-
-/// `out = SiLU(gate) * up`: [`silu_mul`]'s arithmetic with the CPU's vector exp
-/// ([`longctx_kernels::cpu::silu_mul_into`]).
-pub fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    longctx_kernels::cpu::silu_mul_into(out, gate, up);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

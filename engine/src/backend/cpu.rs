@@ -3,7 +3,7 @@
 
 use super::Backend;
 use crate::batch::{Batch, Entry};
-use crate::ops::{rms_norm, rms_norm_in_place, silu_mul_into, Linear};
+use crate::ops::{rms_norm, rms_norm_in_place, Linear};
 use crate::weights::Tensor;
 use crate::{EngineError, Result};
 use longctx_kernels::{AttnParams, BlockF8, BlockQ8, DType, Mask, QMatrix};
@@ -137,7 +137,7 @@ impl Backend for Cpu {
         // Rows of 4096 in parallel: the `exp`s on every core.
         out.par_chunks_mut(4096)
             .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-            .for_each(|(o, (g, u))| silu_mul_into(o, g, u));
+            .for_each(|(o, (g, u))| longctx_kernels::cpu::silu_mul_into(o, g, u));
         Ok(())
     }
 
@@ -153,7 +153,7 @@ impl Backend for Cpu {
         // the `exp`s on every core (as `silu_mul`, to the bit).
         out.par_chunks_mut(n.max(1))
             .zip(gu.par_chunks(2 * n.max(1)))
-            .for_each(|(g, row)| silu_mul_into(g, &row[..n], &row[n..]));
+            .for_each(|(g, row)| longctx_kernels::cpu::silu_mul_into(g, &row[..n], &row[n..]));
         Ok(())
     }
 
