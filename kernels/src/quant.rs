@@ -1,15 +1,19 @@
 //! Block-quantised weights for products with few rows (decode steps, batched steps, prompt
-//! chunks up to a few hundred rows): 32-weight blocks as GGUF stores them (Q4_0, Q4_1, Q5_0,
-//! Q8_0), times activations quantised to int8 per block of 32, with integer dot products
-//! (AVX-512 VNNI `vpdpbusd`; on AVX2 CPUs its `vpmaddubsw` emulation, `quant/avx2.rs`) and
-//! the scales applied per block: the scheme of llama.cpp's CPU backend. Decode streams ~0.6 (4-bit) or ~1.1 (8-bit) bytes per weight instead of 2 (bf16)
-//! or 4 (f32). Approximate by design (int8 activations).
+//! chunks up to a few hundred rows): 32-weight blocks from GGUF's own values (Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0 and IQ4_NL as stored; Q4_K, Q5_K, IQ4_XS, Q2_K, Q3_K and Q6_K from their
+//! super-blocks, only the scales rounded to f16), times activations quantised to int8 per
+//! block of 32, with integer dot products (AVX-512 VNNI `vpdpbusd`; on AVX2 CPUs its
+//! `vpmaddubsw` emulation, `quant/avx2.rs`) and the scales applied per block: the scheme of
+//! llama.cpp's CPU backend. Decode streams 0.56-0.88 bytes per weight (1.06 for Q8_0)
+//! instead of 2 (bf16) or 4 (f32). Approximate by design (int8 activations).
 //!
 //! Every kind is held as `w = d * q + m` with `q` unsigned (0..15 packed two per byte, 0..31,
-//! or 0..255): Q4_1 as stored, Q4_0 with `m = -8 d`, Q5_0 with `m = -16 d`, Q8_0 with
-//! `q = i8 + 128` and `m = -128 d`. With int8 activations `x ~ s * a`, a block's product is
-//! `d s sum(q a) + m s sum(a)`. Rows are interleaved in groups of 16 (see [`QMatrix`]) and
-//! the scales stay f16 as in the file, so a product streams the GGUF's own bytes per block.
+//! 0..63 or 0..255): Q4_1 and Q5_1 as stored, Q4_0 with `m = -8 d`, Q5_0 with `m = -16 d`,
+//! Q8_0 with `q = i8 + 128` and `m = -128 d`, IQ4 with `q` its level + 128 (looked up from
+//! the nibble) and `m = -128 d`; Q6 and Q4_16 with a `d` and `m` per half block. With int8
+//! activations `x ~ s * a`, a block's product is `d s sum(q a) + m s sum(a)`. Rows are
+//! interleaved in groups of 16 (see [`QMatrix`]) and the scales stay f16 as in the file, so
+//! a product streams the GGUF's own bytes per block.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -20,27 +24,54 @@ use half::f16;
 use rayon::prelude::*;
 
 /// The GGUF block formats that are kept quantised.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QKind {
     Q4_0,
     Q4_1,
     Q5_0,
+    /// Q5_1 as stored, and Q5_K as Q5_1 blocks (each 32-weight sub-block's `d sc` and
+    /// `dmin m` rounded to f16, as Q4_K into Q4_1).
+    Q5_1,
     Q8_0,
     /// GGUF's Q6_K as 32-weight blocks: 6-bit `q` (nibbles and a plane of high bit pairs),
     /// a scale per 16 weights (`d sc` in f16), `w = scale (q - 32)`. 0.875 bytes a weight.
     Q6,
+    /// IQ4_NL as stored, and IQ4_XS as IQ4_NL blocks (`d (ls - 32)` rounded to f16): a
+    /// nibble indexes ggml's 16 int8 levels. Held as nibbles; the products look the levels
+    /// up (`vpshufb`) and take them as `q + 128` with Q8_0's offset.
+    Iq4,
+    /// Q2_K and Q3_K as 32-weight blocks of 4-bit values with a scale and a minimum per 16
+    /// weights (`w = d_h v + m_h`, four f16): Q2_K's `v = q` (0..3), `d_h = d sc`,
+    /// `m_h = -dmin m`; Q3_K's `v = q + 4` (0..7), `d_h = d (sc - 32)`, `m_h = -4 d_h`.
+    /// 0.75 bytes a weight.
+    Q4_16,
 }
+
+/// ggml's IQ4 levels plus 128, as the products take them (unsigned bytes).
+const IQ4_UNSIGNED: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (crate::formats::IQ4_LEVELS[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    t
+};
 
 impl QKind {
     /// Bytes of one 32-weight block in GGUF.
     pub fn block_bytes(self) -> usize {
         match self {
-            QKind::Q4_0 => 18,
+            QKind::Q4_0 | QKind::Iq4 => 18,
             QKind::Q4_1 => 20,
             QKind::Q5_0 => 22,
+            QKind::Q5_1 => 24,
             QKind::Q8_0 => 34,
             // As held: nibbles, high bit pairs, two f16 scales.
             QKind::Q6 => 28,
+            // As held: nibbles, four f16 scales.
+            QKind::Q4_16 => 24,
         }
     }
 
@@ -57,12 +88,23 @@ impl QKind {
         self != QKind::Q8_0
     }
 
-    /// f16 scales kept per block: `d`, and Q4_1's `m` or Q6's second half's scale.
+    /// Whether fifth bits are held (Q5_0, Q5_1).
+    fn five(self) -> bool {
+        matches!(self, QKind::Q5_0 | QKind::Q5_1)
+    }
+
+    /// Whether each block's `m` is held (rather than following from `d`).
+    fn has_min(self) -> bool {
+        matches!(self, QKind::Q4_1 | QKind::Q5_1)
+    }
+
+    /// f16 scales kept per block: `d`; Q4_1's and Q5_1's `m`, Q6's second half's scale;
+    /// Q4_16's two halves' scales and minimums.
     fn scales_per_block(self) -> usize {
-        if matches!(self, QKind::Q4_1 | QKind::Q6) {
-            2
-        } else {
-            1
+        match self {
+            QKind::Q4_1 | QKind::Q5_1 | QKind::Q6 => 2,
+            QKind::Q4_16 => 4,
+            _ => 1,
         }
     }
 
@@ -71,9 +113,9 @@ impl QKind {
         match self {
             QKind::Q4_0 => -8.0,
             QKind::Q5_0 => -16.0,
-            QKind::Q8_0 => -128.0,
+            QKind::Q8_0 | QKind::Iq4 => -128.0,
             QKind::Q6 => -32.0,
-            QKind::Q4_1 => 0.0,
+            QKind::Q4_1 | QKind::Q5_1 | QKind::Q4_16 => 0.0,
         }
     }
 }
@@ -94,14 +136,15 @@ pub struct QMatrix {
     kind: QKind,
     rows: usize,
     cols: usize,
-    /// Per group, per block: the 16 rows' `d` as f16 bits, then (Q4_1) their `m`.
+    /// Per group, per block: the 16 rows' `d` as f16 bits, then (Q4_1, Q5_1) their `m`
+    /// (Q6: their second halves' scales; Q4_16: those, then both halves' minimums).
     scales: Vec<u16>,
     /// Per group, per block, the 16 rows' weights as the kernel loads them. Packed kinds:
     /// four 64-byte chunks, chunk `c` holding in bytes `4r..4r + 4` row r's elements
     /// `4c..4c + 4` (low nibbles) and `16 + 4c..16 + 4c + 4` (high nibbles). Q8_0 (`q + 128`):
     /// eight chunks, chunk `c` row r's elements `4c..4c + 4`.
     q: Vec<u8>,
-    /// Q5_0's fifth bits per group and block: one 64-bit mask per unpacked vector (low
+    /// Q5_0's and Q5_1's fifth bits per group and block: one 64-bit mask per unpacked vector (low
     /// nibbles of chunk c: vector 2c, high: 2c + 1; bit `4r + i` its byte); empty otherwise.
     hi: Vec<u64>,
     /// Q6's high bit pairs per group and block: two 64-byte chunks, chunk h's byte `4r + i`
@@ -117,14 +160,22 @@ struct GroupPlanes<'a> {
     hi2: &'a mut [u8],
 }
 
-/// One row's block as values: `w = d * v + m`, `v` unsigned (0..15, 0..31 or `q + 128`).
+/// One row's block as values: `w = d * v + m`, `v` unsigned (0..15, 0..31, `q + 128`, or
+/// Iq4's level + 128).
 struct RowBlock {
-    d: u16,
-    /// Q4_1's `m` (f16 bits), Q6's scale of elements 16..32 (`d` is that of 0..16); the
+    /// The block's f16 scales as [`QMatrix::scales`] holds them, the first
+    /// [`QKind::scales_per_block`] used: `d`; then Q4_1's and Q5_1's `m`, or Q6's scale of
+    /// elements 16..32 (`d` is that of 0..16); Q4_16's `[d_lo, d_hi, m_lo, m_hi]`. The
     /// other kinds' offset follows from `d`.
-    m: u16,
+    sc: [u16; 4],
     v: [u8; QK],
 }
+
+/// [`QMatrix::group_vnni`]'s handling of a block: one dot product per activation and one
+/// scale, or a dot product per half with Q6's scales, or with Q4_16's scales and minimums.
+const WHOLE: u8 = 0;
+const HALVES_Q6: u8 = 1;
+const HALVES_MIN: u8 = 2;
 
 /// Word (4 elements) of a block's activations each unpacked weight vector multiplies.
 const WORD_PACKED: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
@@ -150,7 +201,7 @@ impl QMatrix {
         let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
         // Q5_0's fifth bits and Q6's bit pairs; one unused element a group for the other
         // kinds (parallel chunks need a size), dropped after.
-        let (q5, q6) = (kind == QKind::Q5_0, kind == QKind::Q6);
+        let (q5, q6) = (kind.five(), kind == QKind::Q6);
         let (hw, h2w) = (if q5 { nb * 8 } else { 1 }, if q6 { nb * 128 } else { 1 });
         let mut scales = vec![0u16; groups * nb * per];
         let mut q = vec![0u8; groups * nb * qb];
@@ -197,12 +248,19 @@ impl QMatrix {
                 let lane = r % G;
                 for b in 0..nb {
                     let rb = block(r, b);
-                    p.scales[b * per + lane] = rb.d;
-                    if per == 2 * G {
-                        p.scales[b * per + G + lane] = rb.m;
+                    for k in 0..per / G {
+                        p.scales[b * per + k * G + lane] = rb.sc[k];
                     }
                     let dst = &mut p.q[b * qb..(b + 1) * qb];
-                    if kind.packed() {
+                    if kind == QKind::Iq4 {
+                        // Back from levels to their nibbles.
+                        let nib =
+                            |v: u8| IQ4_UNSIGNED.iter().position(|&l| l == v).unwrap_or(0) as u8;
+                        for e in 0..16 {
+                            let (c, i) = (e / 4, e % 4);
+                            dst[c * 64 + 4 * lane + i] = nib(rb.v[e]) | (nib(rb.v[e + 16]) << 4);
+                        }
+                    } else if kind.packed() {
                         for e in 0..16 {
                             let (c, i) = (e / 4, e % 4);
                             dst[c * 64 + 4 * lane + i] =
@@ -216,7 +274,7 @@ impl QMatrix {
                     for e in 0..QK {
                         let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
                         let t = 2 * c + high as usize;
-                        if kind == QKind::Q5_0 && rb.v[e] & 16 != 0 {
+                        if kind.five() && rb.v[e] & 16 != 0 {
                             p.hi[b * 8 + t] |= 1 << (4 * lane + i);
                         }
                         if kind == QKind::Q6 {
@@ -229,10 +287,11 @@ impl QMatrix {
         })
     }
 
-    /// [`QMatrix::pack`] of Q4_0, Q4_1, Q5_0 and Q8_0 GGUF blocks by whole 4-byte words: in
-    /// the group layout a packed byte holds elements `4c + i` and `16 + 4c + i` as GGUF's
-    /// byte `4c + i` does, Q8_0's `q + 128` is its byte with the top bit flipped, and Q5_0's
-    /// fifth bits of vector `2c + high` are bits `16 high + 4c..+4` of its `qh`. (Loading
+    /// [`QMatrix::pack`] of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL GGUF blocks by whole
+    /// 4-byte words: in the group layout a packed byte holds elements `4c + i` and
+    /// `16 + 4c + i` as GGUF's byte `4c + i` does, Q8_0's `q + 128` is its byte with the top
+    /// bit flipped, and Q5's fifth bits of vector `2c + high` are bits `16 high + 4c..+4` of
+    /// its `qh` (the four bytes before the nibbles). (Loading
     /// prepares every weight this way: element by element it took 4 ns a weight.)
     fn pack_words(kind: QKind, bytes: &[u8], rows: usize, cols: usize) -> QMatrix {
         let nb = cols / QK;
@@ -242,7 +301,7 @@ impl QMatrix {
             kind.block_bytes(),
         );
         let head = bs - kind.qbytes();
-        let q5 = kind == QKind::Q5_0;
+        let q5 = kind.five();
         QMatrix::planes(kind, rows, cols, |g, p| {
             for r in g * G..(g * G + G).min(rows) {
                 let lane = r % G;
@@ -254,7 +313,8 @@ impl QMatrix {
                         sc[G + lane] = u16::from_le_bytes([blk[2], blk[3]]);
                     }
                     if q5 {
-                        let h = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]) as u64;
+                        let qh = &blk[head - 4..head];
+                        let h = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]) as u64;
                         for t in 0..8 {
                             let (c, high) = (t / 2, t % 2);
                             p.hi[b * 8 + t] |= ((h >> (16 * high + 4 * c)) & 0xf) << (4 * lane);
@@ -287,12 +347,17 @@ impl QMatrix {
                 let byte = src[(e / 4) * 64 + 4 * lane + e % 4];
                 (v[e], v[e + 16]) = (byte & 15, byte >> 4);
             }
+            if self.kind == QKind::Iq4 {
+                for o in v.iter_mut() {
+                    *o = IQ4_UNSIGNED[*o as usize];
+                }
+            }
         } else {
             for (e, o) in v.iter_mut().enumerate() {
                 *o = src[(e / 4) * 64 + 4 * lane + e % 4];
             }
         }
-        if self.kind == QKind::Q5_0 {
+        if self.kind.five() {
             for (e, o) in v.iter_mut().enumerate() {
                 let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
                 let mask = self.hi[blk * 8 + 2 * c + high as usize];
@@ -307,15 +372,11 @@ impl QMatrix {
                 *o |= (pair & 3) << 4;
             }
         }
-        RowBlock {
-            d: self.scales[blk * per + lane],
-            m: if self.kind.scales_per_block() == 2 {
-                self.scales[blk * per + G + lane]
-            } else {
-                0
-            },
-            v,
+        let mut sc = [0u16; 4];
+        for (k, o) in sc.iter_mut().enumerate().take(per / G) {
+            *o = self.scales[blk * per + k * G + lane];
         }
+        RowBlock { sc, v }
     }
 
     /// From GGUF blocks: `rows` rows of `cols / 32` blocks each, row-major.
@@ -326,10 +387,12 @@ impl QMatrix {
         cols: usize,
     ) -> Result<QMatrix, KernelError> {
         const OP: &str = "QMatrix::from_gguf";
-        if kind == QKind::Q6 {
+        if matches!(kind, QKind::Q6 | QKind::Q4_16) {
             return Err(KernelError::Unsupported {
                 op: OP,
-                reason: "Q6 is made from Q6_K super-blocks (QMatrix::from_stored_compact)".into(),
+                reason: format!(
+                    "{kind:?} is made from k-quant super-blocks (QMatrix::from_stored)"
+                ),
             });
         }
         if !cols.is_multiple_of(QK) {
@@ -365,10 +428,12 @@ impl QMatrix {
     }
 
     /// From a stored `[rows, cols]` matrix of any format, in the layout fastest for products
-    /// of many rows (prompt chunks): Q4_0, Q4_1, Q5_0 and Q8_0 as they are; Q4_K as Q4_1
-    /// blocks (each 32-element sub-block's `d sc` and `dmin m` rounded to f16, 0.625 bytes a
-    /// weight); the others (floats, Q2_K, Q3_K, Q5_K, Q6_K, IQ4) quantised to Q8_0 from their
-    /// dequantised values, row by row.
+    /// of many rows (prompt chunks), each block format from its own values: Q4_0, Q4_1,
+    /// Q5_0, Q5_1, Q8_0 and IQ4_NL as they are; Q4_K and Q5_K as Q4_1 and Q5_1 blocks (each
+    /// 32-element sub-block's `d sc` and `dmin m` rounded to f16: 0.625 and 0.75 bytes a
+    /// weight); IQ4_XS as IQ4_NL blocks (`d (ls - 32)` rounded to f16); Q2_K and Q3_K as
+    /// [`QKind::Q4_16`]; Q6_K and the floats quantised to Q8_0 from their dequantised values,
+    /// row by row.
     pub fn from_stored(rows_in: StoredRows) -> Result<QMatrix, KernelError> {
         QMatrix::from_stored_as(rows_in, false)
     }
@@ -390,22 +455,12 @@ impl QMatrix {
             Format::Q4_1 => direct(QKind::Q4_1),
             Format::Q5_0 => direct(QKind::Q5_0),
             Format::Q8_0 => direct(QKind::Q8_0),
-            Format::Q4_K => {
-                // Rows in parallel: loading converts every Q4_K weight.
-                let sb = Format::Q4_K.block_bytes();
-                let out: Vec<u8> = rows_in
-                    .bytes
-                    .par_chunks(sb * (cols / 256).max(1))
-                    .flat_map_iter(|row| {
-                        let mut out = Vec::with_capacity(row.len() / sb * 160);
-                        for b in row.chunks_exact(sb) {
-                            q4_k_as_q4_1(b, &mut out);
-                        }
-                        out
-                    })
-                    .collect();
-                QMatrix::from_gguf(QKind::Q4_1, &out, rows, cols)
-            }
+            Format::Q5_1 => direct(QKind::Q5_1),
+            Format::IQ4_NL => direct(QKind::Iq4),
+            Format::Q4_K => Ok(super_blocks_as(&rows_in, QKind::Q4_1, q4_k_as_q4_1)),
+            Format::Q5_K => Ok(super_blocks_as(&rows_in, QKind::Q5_1, q5_k_as_q5_1)),
+            Format::IQ4_XS => Ok(super_blocks_as(&rows_in, QKind::Iq4, iq4_xs_as_iq4_nl)),
+            Format::Q2_K | Format::Q3_K => Ok(k16_as_q4_16(&rows_in)),
             Format::Q6_K if compact => Ok(q6_k_as_q6(&rows_in)),
             _ => {
                 if !cols.is_multiple_of(QK) {
@@ -504,23 +559,22 @@ impl QMatrix {
         self.cols / QK
     }
 
-    /// Scale and offset of a row's block.
-    fn dm(&self, rb: &RowBlock) -> (f32, f32) {
-        let d = f16::from_bits(rb.d).to_f32();
+    /// Scale and offset of element `e` of a row's block: `w = scale v + offset`.
+    fn params(&self, rb: &RowBlock, e: usize) -> (f32, f32) {
+        let f = |k: usize| f16::from_bits(rb.sc[k]).to_f32();
+        let h = e / 16;
         match self.kind {
-            QKind::Q4_1 | QKind::Q6 => (d, f16::from_bits(rb.m).to_f32()),
-            k => (d, k.offset() * d),
+            QKind::Q4_1 | QKind::Q5_1 => (f(0), f(1)),
+            QKind::Q6 => (f(h), -32.0 * f(h)),
+            QKind::Q4_16 => (f(h), f(2 + h)),
+            k => (f(0), k.offset() * f(0)),
         }
     }
 
     /// Weight `(r, c)` as the product uses it.
     pub fn get(&self, r: usize, c: usize) -> f32 {
         let rb = self.row_block(r, c / QK);
-        let (d, m) = self.dm(&rb);
-        if self.kind == QKind::Q6 {
-            let scale = if c % QK < 16 { d } else { m };
-            return scale * (rb.v[c % QK] as f32 - 32.0);
-        }
+        let (d, m) = self.params(&rb, c % QK);
         d * rb.v[c % QK] as f32 + m
     }
 
@@ -630,22 +684,20 @@ impl QMatrix {
         Ok(())
     }
 
-    /// Row `r`'s block `b` times the activations' block `b`, in scalar code.
+    /// Row `r`'s block `b` times the activations' block `b`, in scalar code: per half,
+    /// `scale s sum(v a) + offset s sum(a)`.
     fn block_product(&self, act: &Act, r: usize, b: usize) -> f32 {
         let rb = self.row_block(r, b);
         let a = &act.a[b * QK..(b + 1) * QK];
-        let (d, m) = self.dm(&rb);
-        if self.kind == QKind::Q6 {
-            // Per half: scale s (sum(q a) - 32 sum(a)).
-            let half = |h: usize| -> i32 {
-                (16 * h..16 * h + 16)
-                    .map(|j| (rb.v[j] as i32 - 32) * a[j] as i32)
-                    .sum()
-            };
-            return d * act.s[b] * half(0) as f32 + m * act.s[b] * half(1) as f32;
-        }
-        let dot: i32 = rb.v.iter().zip(a).map(|(w, x)| *w as i32 * *x as i32).sum();
-        d * act.s[b] * dot as f32 + m * act.ssum[b]
+        (0..2)
+            .map(|h| {
+                let (d, m) = self.params(&rb, 16 * h);
+                let (dot, sum) = (16 * h..16 * h + 16).fold((0i32, 0i32), |(d, s), j| {
+                    (d + rb.v[j] as i32 * a[j] as i32, s + a[j] as i32)
+                });
+                d * act.s[b] * dot as f32 + m * act.s[b] * sum as f32
+            })
+            .sum()
     }
 
     fn rows_portable(&self, act: &Act, r0: usize, y: &mut [f32]) {
@@ -676,10 +728,10 @@ impl QMatrix {
                 let g = (r0 + i) / G;
                 for (t, tile) in panel.chunks(8).enumerate() {
                     let out = y.add((p * PANEL + t * 8) * stride + i);
-                    if self.kind == QKind::Q6 {
-                        self.tile_vnni::<true>(tile, g, out, stride, lanes);
-                    } else {
-                        self.tile_vnni::<false>(tile, g, out, stride, lanes);
+                    match self.kind {
+                        QKind::Q6 => self.tile_vnni::<HALVES_Q6>(tile, g, out, stride, lanes),
+                        QKind::Q4_16 => self.tile_vnni::<HALVES_MIN>(tile, g, out, stride, lanes),
+                        _ => self.tile_vnni::<WHOLE>(tile, g, out, stride, lanes),
                     }
                 }
                 i += lanes;
@@ -691,7 +743,7 @@ impl QMatrix {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
     #[inline]
-    unsafe fn tile_vnni<const Q6: bool>(
+    unsafe fn tile_vnni<const H: u8>(
         &self,
         tile: &[&Act],
         g: usize,
@@ -700,26 +752,27 @@ impl QMatrix {
         lanes: usize,
     ) {
         match tile.len() {
-            1 => self.group_vnni::<1, Q6>(tile, g, out, stride, lanes),
-            2 => self.group_vnni::<2, Q6>(tile, g, out, stride, lanes),
-            3 => self.group_vnni::<3, Q6>(tile, g, out, stride, lanes),
-            4 => self.group_vnni::<4, Q6>(tile, g, out, stride, lanes),
-            5 => self.group_vnni::<5, Q6>(tile, g, out, stride, lanes),
-            6 => self.group_vnni::<6, Q6>(tile, g, out, stride, lanes),
-            7 => self.group_vnni::<7, Q6>(tile, g, out, stride, lanes),
-            _ => self.group_vnni::<8, Q6>(tile, g, out, stride, lanes),
+            1 => self.group_vnni::<1, H>(tile, g, out, stride, lanes),
+            2 => self.group_vnni::<2, H>(tile, g, out, stride, lanes),
+            3 => self.group_vnni::<3, H>(tile, g, out, stride, lanes),
+            4 => self.group_vnni::<4, H>(tile, g, out, stride, lanes),
+            5 => self.group_vnni::<5, H>(tile, g, out, stride, lanes),
+            6 => self.group_vnni::<6, H>(tile, g, out, stride, lanes),
+            7 => self.group_vnni::<7, H>(tile, g, out, stride, lanes),
+            _ => self.group_vnni::<8, H>(tile, g, out, stride, lanes),
         }
     }
 
     /// Group `g` (16 rows) times `J` activations: per block, the group's weights unpacked
     /// once into eight vectors of 16 rows x 4 weights, each times a broadcast word of each
     /// activation (`vpdpbusd`: unsigned weights, signed activations), then per activation
-    /// `acc += d s dot + m ssum` on the 16 rows at once. The first `lanes` rows are stored,
-    /// activation j's at `out + j * stride`.
+    /// `acc += d s dot + m ssum` on the 16 rows at once (`H` not [`WHOLE`]: per half of the
+    /// block, with its own scale). The first `lanes` rows are stored, activation j's at
+    /// `out + j * stride`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
     #[inline]
-    unsafe fn group_vnni<const J: usize, const Q6: bool>(
+    unsafe fn group_vnni<const J: usize, const H: u8>(
         &self,
         acts: &[&Act],
         g: usize,
@@ -731,7 +784,15 @@ impl QMatrix {
         let nb = self.nb();
         let kind = self.kind;
         let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
-        let (packed, q4_1, q5) = (kind.packed(), kind == QKind::Q4_1, kind == QKind::Q5_0);
+        #[allow(non_snake_case)]
+        let (Q6, Q16) = (H == HALVES_Q6, H == HALVES_MIN);
+        let (packed, has_min, q5, iq4) = (
+            kind.packed(),
+            kind.has_min(),
+            kind.five(),
+            kind == QKind::Iq4,
+        );
+        let levels = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()));
         let words = if packed { WORD_PACKED } else { WORD_Q8 };
         let low = _mm512_set1_epi8(0x0f);
         let sixteen = _mm512_set1_epi8(0x10);
@@ -771,6 +832,11 @@ impl QMatrix {
                         *wt = _mm512_or_si512(*wt, _mm512_maskz_mov_epi8(*h.add(t), sixteen));
                     }
                 }
+                if iq4 {
+                    for wt in w.iter_mut() {
+                        *wt = _mm512_shuffle_epi8(levels, *wt);
+                    }
+                }
                 if Q6 {
                     // Each vector's high bit pairs to bits 4..6 of its bytes.
                     let hp = self.hi2.as_ptr().add(blk * 128);
@@ -795,26 +861,33 @@ impl QMatrix {
                 }
             }
             let dv = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
-            let mv = if q4_1 || Q6 {
+            let mv = if has_min || Q6 || Q16 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(G).cast()))
             } else {
                 _mm512_mul_ps(dv, offset)
             };
-            // Q6: elements 0..16 (even vectors) and 16..32 (odd) apart, for their scales.
+            // Q6, Q4_16: elements 0..16 (even vectors) and 16..32 (odd) apart, for their
+            // scales.
             let mut dot = [_mm512_setzero_si512(); J];
             let mut dot_hi = [_mm512_setzero_si512(); J];
-            for t in 0..8 {
+            let word = |j: usize, t: usize| {
+                let p = a[j].add(b * QK + 4 * words[t]).cast::<i32>();
+                _mm512_set1_epi32(p.read_unaligned())
+            };
+            // Even and odd vectors in loops of their own: each accumulator is then known at
+            // compile time (a choice per vector, in a loop the compiler does not unroll, put
+            // Q4_16's accumulators in memory: 3.5x slower).
+            for c in 0..4 {
+                for (j, d) in dot.iter_mut().enumerate() {
+                    *d = _mm512_dpbusd_epi32(*d, w[2 * c], word(j, 2 * c));
+                }
                 for j in 0..J {
-                    let word = a[j]
-                        .add(b * QK + 4 * words[t])
-                        .cast::<i32>()
-                        .read_unaligned();
-                    let d = if Q6 && t % 2 == 1 {
-                        &mut dot_hi[j]
+                    let t = 2 * c + 1;
+                    if H == WHOLE {
+                        dot[j] = _mm512_dpbusd_epi32(dot[j], w[t], word(j, t));
                     } else {
-                        &mut dot[j]
-                    };
-                    *d = _mm512_dpbusd_epi32(*d, w[t], _mm512_set1_epi32(word));
+                        dot_hi[j] = _mm512_dpbusd_epi32(dot_hi[j], w[t], word(j, t));
+                    }
                 }
             }
             if Q6 {
@@ -826,6 +899,23 @@ impl QMatrix {
                     let hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot_hi[j], off(1)));
                     acc[j] = _mm512_fmadd_ps(lo, _mm512_mul_ps(dv, sv), acc[j]);
                     acc[j] = _mm512_fmadd_ps(hi, _mm512_mul_ps(mv, sv), acc[j]);
+                }
+                continue;
+            }
+            if Q16 {
+                // d_h s sum(v a) + m_h s sum(a) per half.
+                let m_lo = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(2 * G).cast()));
+                let m_hi = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(3 * G).cast()));
+                for j in 0..J {
+                    let sj = *s[j].add(b);
+                    let sv = _mm512_set1_ps(sj);
+                    let lo = _mm512_cvtepi32_ps(dot[j]);
+                    let hi = _mm512_cvtepi32_ps(dot_hi[j]);
+                    let sum = |h: usize| _mm512_set1_ps(sj * *hs[j].add(2 * b + h) as f32);
+                    acc[j] = _mm512_fmadd_ps(lo, _mm512_mul_ps(dv, sv), acc[j]);
+                    acc[j] = _mm512_fmadd_ps(hi, _mm512_mul_ps(mv, sv), acc[j]);
+                    acc[j] = _mm512_fmadd_ps(m_lo, sum(0), acc[j]);
+                    acc[j] = _mm512_fmadd_ps(m_hi, sum(1), acc[j]);
                 }
                 continue;
             }
@@ -889,6 +979,26 @@ fn round_away(v: f32) -> i32 {
     t + (f >= 0.5) as i32 - (f <= -0.5) as i32
 }
 
+/// A matrix of super-block rows as `kind`'s GGUF blocks, each super-block converted by
+/// `conv` (rows in parallel: loading converts every weight), then laid out as they are.
+fn super_blocks_as(rows_in: &StoredRows, kind: QKind, conv: fn(&[u8], &mut Vec<u8>)) -> QMatrix {
+    let (rows, cols) = (rows_in.rows, rows_in.cols);
+    let sb = rows_in.format.block_bytes();
+    let out: Vec<u8> = rows_in
+        .bytes
+        .par_chunks(sb * (cols / 256).max(1))
+        .flat_map_iter(|row| {
+            let mut out = Vec::with_capacity(row.len() / sb * 8 * kind.block_bytes());
+            for b in row.chunks_exact(sb) {
+                conv(b, &mut out);
+            }
+            out
+        })
+        .collect();
+    // StoredRows checked the super-blocks, so the blocks made from them are whole.
+    QMatrix::pack_words(kind, &out, rows, cols)
+}
+
 /// One Q4_K super-block as eight Q4_1 blocks: sub-block `s` is `x = (d sc_s) q - dmin m_s`,
 /// so its Q4_1 scale is `d sc_s` and its minimum `-dmin m_s`; its nibbles are the low (even
 /// `s`) or high (odd `s`) halves of 32 bytes, laid out again as Q4_1's (byte j: elements j
@@ -905,6 +1015,83 @@ fn q4_k_as_q4_1(sb: &[u8], out: &mut Vec<u8>) {
         let nib = |l: usize| if s % 2 == 0 { q[l] & 0x0f } else { q[l] >> 4 };
         out.extend((0..16).map(|j| nib(j) | (nib(j + 16) << 4)));
     }
+}
+
+/// One Q5_K super-block as eight Q5_1 blocks: Q4_K's conversion, and each element's fifth
+/// bit (bit `s` of `qh[l]` for element l of sub-block s) to bit l of the block's `qh`.
+fn q5_k_as_q5_1(sb: &[u8], out: &mut Vec<u8>) {
+    let h = |i: usize| f16::from_le_bytes([sb[i], sb[i + 1]]).to_f32();
+    let (d, dmin) = (h(0), h(2));
+    let (sc, qh, qs) = (&sb[4..16], &sb[16..48], &sb[48..176]);
+    for s in 0..8 {
+        let (scale, min) = crate::formats::q4_k_sub_block(s, d, dmin, sc);
+        out.extend_from_slice(&f16::from_f32(scale).to_le_bytes());
+        out.extend_from_slice(&f16::from_f32(-min).to_le_bytes());
+        let bits = (0..32).fold(0u32, |m, l| m | ((((qh[l] >> s) & 1) as u32) << l));
+        out.extend_from_slice(&bits.to_le_bytes());
+        let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
+        let nib = |l: usize| if s % 2 == 0 { q[l] & 0x0f } else { q[l] >> 4 };
+        out.extend((0..16).map(|j| nib(j) | (nib(j + 16) << 4)));
+    }
+}
+
+/// One IQ4_XS super-block as eight IQ4_NL blocks: block `ib`'s scale `d (ls - 32)`
+/// (rounded to f16) and its 16 bytes of nibbles as they are.
+fn iq4_xs_as_iq4_nl(sb: &[u8], out: &mut Vec<u8>) {
+    let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+    let sh = u16::from_le_bytes([sb[2], sb[3]]) as i32;
+    let (sl, qs) = (&sb[4..8], &sb[8..136]);
+    for ib in 0..8 {
+        let ls = ((sl[ib / 2] >> (4 * (ib % 2))) & 0x0f) as i32 | (((sh >> (2 * ib)) & 3) << 4);
+        out.extend_from_slice(&f16::from_f32(d * (ls - 32) as f32).to_le_bytes());
+        out.extend_from_slice(&qs[16 * ib..16 * ib + 16]);
+    }
+}
+
+/// Q2_K and Q3_K super-blocks as [`QKind::Q4_16`] blocks. Element `32 bb + e` of a
+/// super-block (block `bb` = `4n + j`, half `h = e / 16`) takes bits `2j..2j + 2` of
+/// `qs[32n + e]` and the scale `8n + 2j + h = 2 bb + h`; Q3_K's third bit is bit `4n + j` of
+/// `hmask[e]`, unset meaning -4.
+fn k16_as_q4_16(rows_in: &StoredRows) -> QMatrix {
+    let (rows, cols) = (rows_in.rows, rows_in.cols);
+    let sbs = cols / 256;
+    let (q3, bb_bytes) = (rows_in.format == Format::Q3_K, rows_in.format.block_bytes());
+    QMatrix::pack(QKind::Q4_16, rows, cols, |r, b| {
+        let sb = &rows_in.bytes[(r * sbs + b / 8) * bb_bytes..(r * sbs + b / 8 + 1) * bb_bytes];
+        let bb = b % 8;
+        let (n, j) = (bb / 4, bb % 4);
+        let f = |i: usize| f16::from_le_bytes([sb[i], sb[i + 1]]).to_f32();
+        let mut v = [0u8; QK];
+        let mut sc = [0u16; 4];
+        let h16 = |x: f32| f16::from_f32(x).to_bits();
+        if q3 {
+            let (hm, qs) = (&sb[0..32], &sb[32..96]);
+            let scales = crate::formats::q3_k_scales(&sb[96..108]);
+            let d = f(108);
+            for (e, o) in v.iter_mut().enumerate() {
+                let low = (qs[32 * n + e] >> (2 * j)) & 3;
+                let high = (hm[e] >> (4 * n + j)) & 1;
+                *o = low + 4 * high;
+            }
+            for h in 0..2 {
+                let dh = f16::from_f32(d * (scales[2 * bb + h] as i32 - 32) as f32);
+                sc[h] = dh.to_bits();
+                sc[2 + h] = h16(-4.0 * dh.to_f32());
+            }
+        } else {
+            let (scales, qs) = (&sb[0..16], &sb[16..80]);
+            let (d, dmin) = (f(80), f(82));
+            for (e, o) in v.iter_mut().enumerate() {
+                *o = (qs[32 * n + e] >> (2 * j)) & 3;
+            }
+            for h in 0..2 {
+                let s = scales[2 * bb + h];
+                sc[h] = h16(d * (s & 0x0f) as f32);
+                sc[2 + h] = h16(-dmin * (s >> 4) as f32);
+            }
+        }
+        RowBlock { sc, v }
+    })
 }
 
 /// Q6_K super-blocks (256 weights: `ql` nibbles, `qh` bit pairs, 16 int8 scales, f16 `d`)
@@ -935,8 +1122,7 @@ fn q6_k_as_q6(rows_in: &StoredRows) -> QMatrix {
         }
         let scale = |h: usize| f16::from_f32(d * sb[192 + 2 * (b % 8) + h] as i8 as f32).to_bits();
         RowBlock {
-            d: scale(0),
-            m: scale(1),
+            sc: [scale(0), scale(1), 0, 0],
             v,
         }
     })
@@ -1142,12 +1328,12 @@ mod tests {
         for _ in 0..rows * cols / QK {
             let d = f16::from_f32(rng.random_range(0.001..0.05));
             out.extend_from_slice(&d.to_le_bytes());
-            if kind == QKind::Q4_1 {
+            if kind.has_min() {
                 out.extend_from_slice(&f16::from_f32(rng.random_range(-0.3..0.3)).to_le_bytes());
             }
             let n = match kind {
                 QKind::Q8_0 => 32,
-                QKind::Q5_0 => 20,
+                QKind::Q5_0 | QKind::Q5_1 => 20,
                 _ => 16,
             };
             out.extend((0..n).map(|_| rng.random::<u8>()));
@@ -1155,24 +1341,34 @@ mod tests {
         out
     }
 
-    const KINDS: [QKind; 5] = [
+    const KINDS: [QKind; 8] = [
         QKind::Q4_0,
         QKind::Q4_1,
         QKind::Q5_0,
+        QKind::Q5_1,
         QKind::Q8_0,
         QKind::Q6,
+        QKind::Iq4,
+        QKind::Q4_16,
     ];
 
-    /// A random matrix of `kind` and its column count: Q6 from random Q6_K super-blocks
-    /// (columns rounded up to whole ones), the others from random GGUF blocks.
+    /// A random matrix of `kind` and its column count: Q6 from random Q6_K super-blocks,
+    /// Q4_16 from Q2_K or Q3_K ones (columns rounded up to whole super-blocks), the others
+    /// from random GGUF blocks.
     fn matrix(kind: QKind, rows: usize, cols: usize, rng: &mut impl Rng) -> (QMatrix, usize) {
-        if kind == QKind::Q6 {
+        let from = match kind {
+            QKind::Q6 => Some(Format::Q6_K),
+            QKind::Q4_16 if rng.random::<bool>() => Some(Format::Q2_K),
+            QKind::Q4_16 => Some(Format::Q3_K),
+            _ => None,
+        };
+        if let Some(f) = from {
             let cols = cols.next_multiple_of(256);
-            let b = crate::formats::tests::random_blocks(Format::Q6_K, rows * cols, rng);
-            let w = QMatrix::from_stored_compact(
-                StoredRows::new(Format::Q6_K, &b, rows, cols).unwrap(),
-            );
-            return (w.unwrap(), cols);
+            let b = crate::formats::tests::random_blocks(f, rows * cols, rng);
+            let w = QMatrix::from_stored_compact(StoredRows::new(f, &b, rows, cols).unwrap());
+            let w = w.unwrap();
+            assert_eq!(w.kind(), kind);
+            return (w, cols);
         }
         let b = blocks(kind, rows, cols, rng);
         (QMatrix::from_gguf(kind, &b, rows, cols).unwrap(), cols)
@@ -1203,7 +1399,7 @@ mod tests {
                         // overflow of a 16-bit partial sum is ~2^16 |d| a block, far above it.
                         let scale: f64 = (0..cols)
                             .map(|c| {
-                                let (d, m) = w.dm(&w.row_block(r, c / QK));
+                                let (d, m) = w.params(&w.row_block(r, c / QK), c % QK);
                                 (w.get(r, c).abs() + 128.0 * d.abs() + m.abs()) as f64
                             })
                             .sum();
@@ -1415,7 +1611,14 @@ mod tests {
         // What a product streams: the file's bytes per block (Q4_1: 20 for 32 weights), for
         // rows in whole groups of 16 (the last one padded).
         assert_eq!(c.bytes(), 16 * 2 * 20);
-        for kind in [QKind::Q4_0, QKind::Q4_1, QKind::Q5_0, QKind::Q8_0] {
+        for kind in [
+            QKind::Q4_0,
+            QKind::Q4_1,
+            QKind::Q5_0,
+            QKind::Q5_1,
+            QKind::Q8_0,
+            QKind::Iq4,
+        ] {
             let q = m(kind, 35, 96, &mut rng);
             assert_eq!(q.bytes(), 48 * 3 * kind.block_bytes(), "{kind:?}");
         }
@@ -1425,17 +1628,26 @@ mod tests {
         }
         // Parts of whole groups stack as they are; the others are laid out again: both
         // give the parts' rows, and the products of the rows stacked.
-        for kind in [QKind::Q5_0, QKind::Q8_0] {
+        for kind in [
+            QKind::Q5_0,
+            QKind::Q5_1,
+            QKind::Q8_0,
+            QKind::Iq4,
+            QKind::Q4_16,
+        ] {
             for (ra, rb) in [(16, 32), (17, 5)] {
-                let (a, b) = (m(kind, ra, 96, &mut rng), m(kind, rb, 96, &mut rng));
+                let (a, b) = (
+                    matrix(kind, ra, 96, &mut rng).0,
+                    matrix(kind, rb, 96, &mut rng).0,
+                );
                 let c = QMatrix::concat(&[&a, &b]).unwrap();
-                let x: Vec<f32> = (0..96).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let x: Vec<f32> = (0..a.cols()).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let (mut ya, mut yb, mut yc) = (vec![0.0; ra], vec![0.0; rb], vec![0.0; ra + rb]);
                 a.gemv(&x, &mut ya).unwrap();
                 b.gemv(&x, &mut yb).unwrap();
                 c.gemv(&x, &mut yc).unwrap();
                 assert_eq!(yc, [ya, yb].concat(), "{kind:?} {ra} + {rb}");
-                for col in (0..96).step_by(5) {
+                for col in (0..a.cols()).step_by(5) {
                     assert_eq!(c.get(ra + rb - 1, col), b.get(rb - 1, col));
                 }
             }
@@ -1454,7 +1666,9 @@ mod tests {
             (QKind::Q4_0, Format::Q4_0),
             (QKind::Q4_1, Format::Q4_1),
             (QKind::Q5_0, Format::Q5_0),
+            (QKind::Q5_1, Format::Q5_1),
             (QKind::Q8_0, Format::Q8_0),
+            (QKind::Iq4, Format::IQ4_NL),
         ] {
             let b = blocks(kind, 3, 64, &mut rng);
             let w = QMatrix::from_gguf(kind, &b, 3, 64).unwrap();
@@ -1480,8 +1694,10 @@ mod tests {
 
     /// Every stored format through the decode path: the product within int8 rounding (of the
     /// activations, and of the weights where they are requantised) of the float64 product of
-    /// the file's dequantised weights; Q4_K's repacking into Q4_1 keeps every weight to f16
-    /// rounding of its scales.
+    /// the file's dequantised weights. Every block format is held as its own values: exactly
+    /// where it is kept as stored; where its super-blocks are converted (Q4_K, Q5_K, IQ4_XS,
+    /// Q2_K, Q3_K, and Q6_K in the compact layout), every weight within f16 rounding of its
+    /// scales.
     #[test]
     fn every_stored_format_multiplies_from_its_blocks() {
         let mut rng = rand::rng();
@@ -1490,39 +1706,45 @@ mod tests {
             let bytes = crate::formats::tests::random_blocks(f, rows * cols, &mut rng);
             let stored = StoredRows::new(f, &bytes, rows, cols).unwrap();
             let w = QMatrix::from_stored_compact(stored).unwrap();
+            let fast = match f {
+                Format::Q4_0 => QKind::Q4_0,
+                Format::Q4_1 | Format::Q4_K => QKind::Q4_1,
+                Format::Q5_0 => QKind::Q5_0,
+                Format::Q5_1 | Format::Q5_K => QKind::Q5_1,
+                Format::IQ4_NL | Format::IQ4_XS => QKind::Iq4,
+                Format::Q2_K | Format::Q3_K => QKind::Q4_16,
+                _ => QKind::Q8_0,
+            };
             assert_eq!(
                 QMatrix::from_stored(stored).unwrap().kind(),
-                match f {
-                    Format::Q4_0 => QKind::Q4_0,
-                    Format::Q4_1 | Format::Q4_K => QKind::Q4_1,
-                    Format::Q5_0 => QKind::Q5_0,
-                    _ => QKind::Q8_0,
-                },
+                fast,
                 "{f}: the fast layout"
             );
+            let compact = if f == Format::Q6_K { QKind::Q6 } else { fast };
+            assert_eq!(w.kind(), compact, "{f}: the compact layout");
             let wf = f.to_f32(&bytes, rows * cols).unwrap();
-            if f == Format::Q6_K {
-                // The same 6-bit values; each 16 weights' `d sc` rounded to f16.
-                assert_eq!(w.kind(), QKind::Q6);
+            let as_stored = matches!(
+                f,
+                Format::Q4_0
+                    | Format::Q4_1
+                    | Format::Q5_0
+                    | Format::Q5_1
+                    | Format::Q8_0
+                    | Format::IQ4_NL
+            );
+            if compact != QKind::Q8_0 {
                 for (i, &e) in wf.iter().enumerate() {
-                    let g = w.get(i / cols, i % cols);
-                    assert!(
-                        (g - e).abs() <= e.abs() / 2048.0 * 1.01 + 1e-30,
-                        "Q6_K [{i}]: {g} vs {e}"
-                    );
-                }
-            }
-            if f == Format::Q4_K {
-                assert_eq!(w.kind(), QKind::Q4_1);
-                for i in (0..rows * cols).step_by(7) {
-                    let (g, e) = (w.get(i / cols, i % cols), wf[i]);
-                    // Each of `d sc` and `dmin m` is rounded to f16 (2^-11 of itself at most).
-                    let sb = &bytes[i / 256 * 144..];
-                    let h = |o: usize| f16::from_le_bytes([sb[o], sb[o + 1]]).to_f32().abs();
-                    let (sc, mn) =
-                        crate::formats::q4_k_sub_block(i % 256 / 32, h(0), h(2), &sb[4..16]);
-                    let bound = (sc * 15.0 + mn) / 2048.0;
-                    assert!((g - e).abs() <= bound * 1.01, "Q4_K [{i}]: {g} vs {e}");
+                    let (r, c) = (i / cols, i % cols);
+                    let g = w.get(r, c);
+                    // Each scale and minimum rounded to f16: 2^-11 of itself at most.
+                    let rb = w.row_block(r, c / QK);
+                    let (d, m) = w.params(&rb, c % QK);
+                    let bound = if as_stored {
+                        1e-6 * e.abs().max(1e-30)
+                    } else {
+                        (d.abs() * rb.v[c % QK] as f32 + m.abs()) / 2048.0 * 1.01 + 1e-30
+                    };
+                    assert!((g - e).abs() <= bound, "{f} [{i}]: {g} vs {e}");
                 }
             }
             let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();

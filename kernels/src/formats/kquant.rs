@@ -64,7 +64,7 @@ pub(super) fn q3_k(b: &[u8], o: &mut [f32]) {
 
 /// Q3_K's sixteen 6-bit scales from their 12 bytes: the low 4 bits of scales 0..7 and 8..15
 /// are the nibbles of bytes 0..7, the high 2 bits the bit pairs of bytes 8..11.
-fn q3_k_scales(s: &[u8]) -> [u8; 16] {
+pub(crate) fn q3_k_scales(s: &[u8]) -> [u8; 16] {
     let mut out = [0u8; 16];
     for (i, o) in out.iter_mut().enumerate() {
         let low = if i < 8 { s[i] & 0x0f } else { s[i - 8] >> 4 };

@@ -15,7 +15,8 @@ mod kquant;
 mod legacy;
 mod stored;
 
-pub(crate) use kquant::sub_block as q4_k_sub_block;
+pub(crate) use iquant::IQ4_LEVELS;
+pub(crate) use kquant::{q3_k_scales, sub_block as q4_k_sub_block};
 pub use stored::{Blob, StoredRows};
 
 use crate::KernelError;

@@ -4,18 +4,22 @@
 //! `vpmaddubsw` (unsigned weight x signed activation byte pairs to i16) then `vpmaddwd` by
 //! ones (i16 pairs to i32). The i16 sums of several vectors are added before the widening
 //! while they cannot overflow: 4-bit weights (pairs at most 2 x 15 x 127) over all eight
-//! vectors of a block, 5-bit over four, 6-bit over two. Q8_0 takes the signed form
-//! (`|q| x sign(a, q)`, pairs at most 2 x 128 x 127), so its offset term is not applied.
+//! vectors of a block, 5-bit over four, 6-bit over two. Q8_0 and Iq4 (its levels looked up
+//! as signed bytes) take the signed form (`|q| x sign(a, q)`, pairs at most 2 x 128 x 127),
+//! so their offset term is not applied.
 
 use super::{Act, QKind, QMatrix, G, PREFETCH, QK, WORD_PACKED, WORD_Q8};
+use crate::formats::IQ4_LEVELS;
 use std::arch::x86_64::*;
 
 /// Weight families of [`QMatrix::half_avx2`] (a constant, so its inner loop has no branch
-/// on the kind): 4-bit (Q4_0, Q4_1), Q5_0, Q6 and Q8_0.
+/// on the kind): 4-bit (Q4_0, Q4_1), 5-bit (Q5_0, Q5_1), Q6, Q8_0, Iq4 and Q4_16.
 const Q4: u8 = 0;
 const Q5: u8 = 1;
 const Q6K: u8 = 2;
 const Q8: u8 = 3;
+const NL: u8 = 4;
+const Q16: u8 = 5;
 
 /// Activations per pass over a group's blocks: `J` f32 and `J` i32 accumulators and the
 /// unpacked weights fit the 16 vector registers.
@@ -82,9 +86,11 @@ impl QMatrix {
                         let o = out.add(8 * h);
                         let f = match self.kind {
                             QKind::Q4_0 | QKind::Q4_1 => Self::half_for::<Q4>,
-                            QKind::Q5_0 => Self::half_for::<Q5>,
+                            QKind::Q5_0 | QKind::Q5_1 => Self::half_for::<Q5>,
                             QKind::Q6 => Self::half_for::<Q6K>,
                             QKind::Q8_0 => Self::half_for::<Q8>,
+                            QKind::Iq4 => Self::half_for::<NL>,
+                            QKind::Q4_16 => Self::half_for::<Q16>,
                         };
                         f(self, tile, g, h, o, stride, n);
                     }
@@ -130,7 +136,11 @@ impl QMatrix {
         let nb = self.nb();
         let kind = self.kind;
         let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
-        let (q4_1, q5, q8) = (kind == QKind::Q4_1, K == Q5, K == Q8);
+        let (has_min, q5, q8, nl) = (kind.has_min(), K == Q5, K == Q8, K == NL);
+        // Signed weights: Q8_0's and Iq4's.
+        let signed = q8 || nl;
+        // Halves with their own scales: Q6, Q4_16.
+        let (halves, q16) = (K == Q6K || K == Q16, K == Q16);
         #[allow(non_snake_case)]
         let Q6 = K == Q6K;
         let packed = !q8;
@@ -138,10 +148,11 @@ impl QMatrix {
         // Vectors whose i16 products are summed before widening (see the module docs).
         let run = match K {
             Q4 => 8,
-            Q5 => 4,
+            Q5 | Q16 => 4,
             Q6K => 2,
             _ => 1,
         };
+        let levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_LEVELS.as_ptr().cast()));
         let low = _mm256_set1_epi8(0x0f);
         let sixteen = _mm256_set1_epi8(0x10);
         let pair_bits = _mm256_set1_epi8(0x30);
@@ -202,6 +213,13 @@ impl QMatrix {
                         *wt = _mm256_or_si256(*wt, _mm256_and_si256(at, pair_bits));
                     }
                 }
+                if nl {
+                    // Signed levels, taken as Q8_0's are.
+                    for (wt, qt) in w.iter_mut().zip(qs.iter_mut()) {
+                        *qt = _mm256_shuffle_epi8(levels, *wt);
+                        *wt = _mm256_abs_epi8(*qt);
+                    }
+                }
             } else {
                 for (c, (wt, qt)) in w.iter_mut().zip(qs.iter_mut()).enumerate() {
                     // Signed q: the products take |q| and the activation's sign flipped.
@@ -211,7 +229,7 @@ impl QMatrix {
                 }
             }
             let dv = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(8 * h).cast()));
-            let mv = if q4_1 || Q6 {
+            let mv = if has_min || halves {
                 _mm256_cvtph_ps(_mm_loadu_si128(sp.add(G + 8 * h).cast()))
             } else {
                 _mm256_mul_ps(dv, offset)
@@ -225,14 +243,14 @@ impl QMatrix {
                         .cast::<i32>()
                         .read_unaligned();
                     let x = _mm256_set1_epi32(word);
-                    let prod = if q8 {
+                    let prod = if signed {
                         _mm256_maddubs_epi16(w[t], _mm256_sign_epi8(x, qs[t]))
                     } else {
                         _mm256_maddubs_epi16(w[t], x)
                     };
-                    // Q6 keeps elements 0..16 (even vectors) and 16..32 (odd) apart.
-                    let k = if Q6 { t % 2 } else { 0 };
-                    let step = if Q6 { t / 2 } else { t };
+                    // Q6 and Q4_16 keep elements 0..16 (even vectors) and 16..32 (odd) apart.
+                    let k = if halves { t % 2 } else { 0 };
+                    let step = if halves { t / 2 } else { t };
                     part[k] = if step % run == 0 {
                         prod
                     } else {
@@ -243,6 +261,19 @@ impl QMatrix {
                     }
                 }
                 let sv = _mm256_set1_ps(*s[j].add(b));
+                if q16 {
+                    let sj = *s[j].add(b);
+                    let sum = |k: usize| _mm256_set1_ps(sj * *hs[j].add(2 * b + k) as f32);
+                    let m_lo = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(2 * G + 8 * h).cast()));
+                    let m_hi = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(3 * G + 8 * h).cast()));
+                    let lo = _mm256_cvtepi32_ps(dot[0]);
+                    let hi = _mm256_cvtepi32_ps(dot[1]);
+                    acc[j] = _mm256_fmadd_ps(lo, _mm256_mul_ps(dv, sv), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(hi, _mm256_mul_ps(mv, sv), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(m_lo, sum(0), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(m_hi, sum(1), acc[j]);
+                    continue;
+                }
                 if Q6 {
                     let off = |k: usize| _mm256_set1_epi32(32 * *hs[j].add(2 * b + k));
                     let lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot[0], off(0)));
@@ -253,7 +284,7 @@ impl QMatrix {
                 }
                 let ds = _mm256_mul_ps(dv, sv);
                 acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0]), ds, acc[j]);
-                if !q8 {
+                if !signed {
                     acc[j] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*ss[j].add(b)), acc[j]);
                 }
             }
