@@ -84,8 +84,8 @@ pub struct DecodeOpts {
     #[arg(long, value_enum)]
     pub kv_dtype: Option<KvDtype>,
     /// Weights one-token products read, overriding the path's: f32 (exact), bf16 (rounded,
-    /// half the bytes) or quant (a GGUF file's own Q4_0/Q4_1/Q8_0 blocks times int8
-    /// activations, as llama.cpp does; other weights quantised to 8 bits). Default: quant,
+    /// half the bytes) or quant (a GGUF file's own blocks, every format, times int8
+    /// activations, as llama.cpp does; float weights quantised to 8 bits). Default: quant,
     /// f32 with --exact.
     #[arg(long, value_enum)]
     pub decode_weights: Option<DecodeWeights>,
