@@ -468,3 +468,149 @@ fn a_llama4_gguf_runs_as_its_hugging_face_weights() {
     let c = run(&plain);
     assert!(a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-3));
 }
+
+/// Every block format's fast path (its blocks times int8 activations) through a whole
+/// forward pass: a random Llama whose every linear weight is random blocks of the format
+/// (scales set so weights stay ~0.1) gives logits within int8 rounding of the exact path
+/// (the same blocks dequantised to f32). A format whose product read its blocks wrong
+/// (a level table, a sub-block's scale or minimum, a fifth bit) is off by O(1).
+#[test]
+fn every_block_format_runs_the_fast_path_near_the_exact_path() {
+    use crate::config::ModelConfig;
+    use crate::model::{KvOptions, Logits, Model};
+    use crate::weights::Weights;
+    use longctx_kernels::Format;
+    let (hidden, ff, vocab, kv) = (256usize, 512usize, 64usize, 128usize);
+    let u32v = |x: u32| x.to_le_bytes().to_vec();
+    let meta: Vec<(&str, u32, Vec<u8>)> = vec![
+        ("general.architecture", 8, str_value("llama")),
+        ("llama.embedding_length", 4, u32v(hidden as u32)),
+        ("llama.attention.head_count", 4, u32v(4)),
+        ("llama.attention.head_count_kv", 4, u32v(2)),
+        ("llama.block_count", 4, u32v(2)),
+        ("llama.feed_forward_length", 4, u32v(ff as u32)),
+        ("llama.vocab_size", 4, u32v(vocab as u32)),
+        ("llama.rope.freq_base", 6, 10000f32.to_le_bytes().to_vec()),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            6,
+            1e-5f32.to_le_bytes().to_vec(),
+        ),
+    ];
+    let mut rng = StdRng::seed_from_u64(7);
+    for f in [
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q5_0,
+        Format::Q5_1,
+        Format::Q8_0,
+        Format::Q2_K,
+        Format::Q3_K,
+        Format::Q4_K,
+        Format::Q5_K,
+        Format::Q6_K,
+        Format::IQ4_NL,
+        Format::IQ4_XS,
+    ] {
+        // Where each block's f16 scales lie, and the largest |level| they multiply.
+        let (d_at, min_at, levels): (usize, Option<usize>, f32) = match f {
+            Format::Q4_0 => (0, None, 8.0),
+            Format::Q4_1 => (0, Some(2), 15.0),
+            Format::Q5_0 => (0, None, 16.0),
+            Format::Q5_1 => (0, Some(2), 31.0),
+            Format::Q8_0 | Format::IQ4_NL => (0, None, 127.0),
+            Format::Q2_K => (80, Some(82), 45.0),
+            Format::Q3_K => (108, None, 128.0),
+            Format::Q4_K => (0, Some(2), 945.0),
+            Format::Q5_K => (0, Some(2), 1953.0),
+            Format::Q6_K => (208, None, 4096.0),
+            _ => (0, None, 4064.0),
+        };
+        let blocks = |rows: usize, cols: usize, rng: &mut StdRng| -> Vec<u8> {
+            let n = rows * cols / f.block_elems();
+            let mut b: Vec<u8> = (0..n * f.block_bytes()).map(|_| rng.random()).collect();
+            for blk in b.chunks_exact_mut(f.block_bytes()) {
+                let d = 0.1 / levels * rng.random_range(0.5f32..1.0);
+                blk[d_at..d_at + 2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                if let Some(m) = min_at {
+                    // Q4_1 / Q5_1 store the minimum itself; the k-quants its scale.
+                    let v = if f.block_elems() == 32 { -0.05 } else { d };
+                    blk[m..m + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+                }
+            }
+            b
+        };
+        let ones: Vec<u8> = (0..hidden).flat_map(|_| 1f32.to_le_bytes()).collect();
+        let embd: Vec<u8> = (0..vocab * hidden)
+            .flat_map(|_| rng.random_range(-1f32..1.0).to_le_bytes())
+            .collect();
+        let id = f.ggml_id();
+        let mut tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)> = vec![
+            (
+                "token_embd.weight".into(),
+                vec![hidden as u64, vocab as u64],
+                0,
+                embd,
+            ),
+            (
+                "output_norm.weight".into(),
+                vec![hidden as u64],
+                0,
+                ones.clone(),
+            ),
+            (
+                "output.weight".into(),
+                vec![hidden as u64, vocab as u64],
+                id,
+                blocks(vocab, hidden, &mut rng),
+            ),
+        ];
+        for l in 0..2 {
+            for (name, rows, cols) in [
+                ("attn_q", hidden, hidden),
+                ("attn_k", kv, hidden),
+                ("attn_v", kv, hidden),
+                ("attn_output", hidden, hidden),
+                ("ffn_gate", ff, hidden),
+                ("ffn_up", ff, hidden),
+                ("ffn_down", hidden, ff),
+            ] {
+                let dims = vec![cols as u64, rows as u64];
+                let b = blocks(rows, cols, &mut rng);
+                tensors.push((format!("blk.{l}.{name}.weight"), dims, id, b));
+            }
+            for name in ["attn_norm", "ffn_norm"] {
+                let dims = vec![hidden as u64];
+                tensors.push((format!("blk.{l}.{name}.weight"), dims, 0, ones.clone()));
+            }
+        }
+        let t: Vec<(&str, Vec<u64>, u32, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, d, i, b)| (n.as_str(), d.clone(), *i, b.clone()))
+            .collect();
+        let file = write_gguf(&meta, &t);
+        let g = parse_file(&file).unwrap();
+        let cfg = ModelConfig::from_gguf(&g).unwrap();
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % vocab as u32).collect();
+        let run = |quant: bool| {
+            let mut m = Model::new(cfg.clone(), Weights::from_gguf(&g).unwrap()).unwrap();
+            if quant {
+                m.enable_quant_decode().unwrap();
+            }
+            let store = m.kv_store(&KvOptions::default()).unwrap();
+            let seq = store.create_seq();
+            m.forward(&tokens, 0, &store, seq, Logits::All, None, 0)
+                .unwrap()
+        };
+        let (exact, fast) = (run(false), run(true));
+        assert_eq!(exact.len(), tokens.len() * vocab);
+        let (mut num, mut den) = (0f64, 0f64);
+        for (a, b) in fast.iter().zip(&exact) {
+            num += (*a as f64 - *b as f64).powi(2);
+            den += (*b as f64).powi(2);
+        }
+        let e = (num / den).sqrt();
+        eprintln!("{f}: fast path vs exact, relative error {e:.2e}");
+        assert!(den > 0.0 && e < 3e-2, "{f}: relative error {e:.2e}");
+    }
+}
