@@ -421,3 +421,43 @@ fn gguf_frequency_factors_equal_the_scaling_they_were_made_from() {
     bad[3] = f64::NAN;
     assert!(Rope::new(theta, d, Scaling::Factors(bad)).is_err());
 }
+
+/// Short windows reuse their tables: the same bits as a fresh table every time, and two
+/// schedules (or seq_lens) at the same positions never take each other's.
+#[test]
+fn kept_tables_give_a_fresh_tables_bits_and_are_never_confused() {
+    let mut rng = rand::rng();
+    let (h, d) = (3, 64);
+    let ropes = [
+        Rope::new(10000.0, d, Scaling::Default).unwrap(),
+        Rope::new(10000.0, d, Scaling::Linear { factor: 4.0 }).unwrap(),
+        Rope::new(
+            10000.0,
+            d,
+            Scaling::Dynamic {
+                factor: 4.0,
+                max_pos: 128,
+            },
+        )
+        .unwrap(),
+    ];
+    for round in 0..3 {
+        for (i, rope) in ropes.iter().enumerate() {
+            for (pos0, n, seq_len) in [(0, 1, 1), (5000, 3, 9000), (5000, 3, 5003), (77, 64, 141)] {
+                let x: Vec<f32> = (0..n * h * d)
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect();
+                let mut got = x.clone();
+                apply(&mut got, (n, h, d), pos0, rope, seq_len, Layout::RotateHalf).unwrap();
+                let table =
+                    RopeTable::new(&rope.inv_freq(seq_len), rope.attention_factor(), pos0, n);
+                let mut want = x;
+                apply_table(&mut want, (n, h, d), pos0, &table, Layout::RotateHalf).unwrap();
+                assert_eq!(
+                    got, want,
+                    "round {round} rope {i} at {pos0} x {n} of {seq_len}"
+                );
+            }
+        }
+    }
+}
