@@ -10,7 +10,8 @@
 //! Every kind is held as `w = d * q + m` with `q` unsigned (0..15 packed two per byte, 0..31,
 //! 0..63 or 0..255): Q4_1 and Q5_1 as stored, Q4_0 with `m = -8 d`, Q5_0 with `m = -16 d`,
 //! Q8_0 with `q = i8 + 128` and `m = -128 d`, IQ4 with `q` its level + 128 (looked up from
-//! the nibble) and `m = -128 d`; Q6 and Q4_16 with a `d` and `m` per half block. With int8
+//! the nibble) and `m = -128 d`; Q6, Q2_16 and Q3_16 with a `d` and `m` per half block (the
+//! latter two's values in 2-bit planes). With int8
 //! activations `x ~ s * a`, a block's product is `d s sum(q a) + m s sum(a)`. Rows are
 //! interleaved in groups of 16 (see [`QMatrix`]) and the scales stay f16 as in the file, so
 //! a product streams the GGUF's own bytes per block.
@@ -41,11 +42,13 @@ pub enum QKind {
     /// nibble indexes ggml's 16 int8 levels. Held as nibbles; the products look the levels
     /// up (`vpshufb`) and take them as `q + 128` with Q8_0's offset.
     Iq4,
-    /// Q2_K and Q3_K as 32-weight blocks of 4-bit values with a scale and a minimum per 16
-    /// weights (`w = d_h v + m_h`, four f16): Q2_K's `v = q` (0..3), `d_h = d sc`,
-    /// `m_h = -dmin m`; Q3_K's `v = q + 4` (0..7), `d_h = d (sc - 32)`, `m_h = -4 d_h`.
-    /// 0.75 bytes a weight.
-    Q4_16,
+    /// Q2_K as 32-weight blocks of its 2-bit values `v = q` with a scale and a minimum per
+    /// 16 weights (`w = d_h v + m_h`, four f16: `d_h = d sc`, `m_h = -dmin m`). 0.5 bytes a
+    /// weight (the file's 0.33: its 4-bit sub-scales are held as f16).
+    Q2_16,
+    /// Q3_K as [`QKind::Q2_16`] plus a plane of third bits: `v = q + 4` (0..7),
+    /// `d_h = d (sc - 32)`, `m_h = -4 d_h`. 0.625 bytes a weight (the file's 0.43).
+    Q3_16,
 }
 
 /// ggml's IQ4 levels plus 128, as the products take them (unsigned bytes).
@@ -70,17 +73,34 @@ impl QKind {
             QKind::Q8_0 => 34,
             // As held: nibbles, high bit pairs, two f16 scales.
             QKind::Q6 => 28,
-            // As held: nibbles, four f16 scales.
-            QKind::Q4_16 => 24,
+            // As held: 2-bit values (and third bits), four f16 scales.
+            QKind::Q2_16 => 16,
+            QKind::Q3_16 => 20,
         }
     }
 
     /// Bytes of one row's block of weights as held (the scales apart).
     fn qbytes(self) -> usize {
-        if self.packed() {
+        if self.two_bit() {
+            8
+        } else if self.packed() {
             16
         } else {
             32
+        }
+    }
+
+    /// Whether the values are held as 2-bit planes (Q2_16, Q3_16), not nibbles.
+    fn two_bit(self) -> bool {
+        matches!(self, QKind::Q2_16 | QKind::Q3_16)
+    }
+
+    /// The value of the bit held in [`QMatrix::hi`] (Q5's fifth, Q3_16's third), if any.
+    fn plane_bit(self) -> u8 {
+        match self {
+            QKind::Q5_0 | QKind::Q5_1 => 16,
+            QKind::Q3_16 => 4,
+            _ => 0,
         }
     }
 
@@ -99,11 +119,11 @@ impl QKind {
     }
 
     /// f16 scales kept per block: `d`; Q4_1's and Q5_1's `m`, Q6's second half's scale;
-    /// Q4_16's two halves' scales and minimums.
+    /// Q2_16's and Q3_16's two halves' scales and minimums.
     fn scales_per_block(self) -> usize {
         match self {
             QKind::Q4_1 | QKind::Q5_1 | QKind::Q6 => 2,
-            QKind::Q4_16 => 4,
+            QKind::Q2_16 | QKind::Q3_16 => 4,
             _ => 1,
         }
     }
@@ -115,7 +135,7 @@ impl QKind {
             QKind::Q5_0 => -16.0,
             QKind::Q8_0 | QKind::Iq4 => -128.0,
             QKind::Q6 => -32.0,
-            QKind::Q4_1 | QKind::Q5_1 | QKind::Q4_16 => 0.0,
+            QKind::Q4_1 | QKind::Q5_1 | QKind::Q2_16 | QKind::Q3_16 => 0.0,
         }
     }
 }
@@ -137,7 +157,7 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     /// Per group, per block: the 16 rows' `d` as f16 bits, then (Q4_1, Q5_1) their `m`
-    /// (Q6: their second halves' scales; Q4_16: those, then both halves' minimums).
+    /// (Q6: their second halves' scales; Q2_16, Q3_16: those, then both halves' minimums).
     scales: Vec<u16>,
     /// Per group, per block, the 16 rows' weights as the kernel loads them. Packed kinds:
     /// four 64-byte chunks, chunk `c` holding in bytes `4r..4r + 4` row r's elements
@@ -165,14 +185,15 @@ struct GroupPlanes<'a> {
 struct RowBlock {
     /// The block's f16 scales as [`QMatrix::scales`] holds them, the first
     /// [`QKind::scales_per_block`] used: `d`; then Q4_1's and Q5_1's `m`, or Q6's scale of
-    /// elements 16..32 (`d` is that of 0..16); Q4_16's `[d_lo, d_hi, m_lo, m_hi]`. The
+    /// elements 16..32 (`d` is that of 0..16); Q2_16's and Q3_16's `[d_lo, d_hi, m_lo, m_hi]`. The
     /// other kinds' offset follows from `d`.
     sc: [u16; 4],
     v: [u8; QK],
 }
 
 /// [`QMatrix::group_vnni`]'s handling of a block: one dot product per activation and one
-/// scale, or a dot product per half with Q6's scales, or with Q4_16's scales and minimums.
+/// scale, or a dot product per half with Q6's scales, or with Q2_16's / Q3_16's scales and
+/// minimums.
 const WHOLE: u8 = 0;
 const HALVES_Q6: u8 = 1;
 const HALVES_MIN: u8 = 2;
@@ -201,7 +222,7 @@ impl QMatrix {
         let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
         // Q5_0's fifth bits and Q6's bit pairs; one unused element a group for the other
         // kinds (parallel chunks need a size), dropped after.
-        let (q5, q6) = (kind.five(), kind == QKind::Q6);
+        let (q5, q6) = (kind.plane_bit() != 0, kind == QKind::Q6);
         let (hw, h2w) = (if q5 { nb * 8 } else { 1 }, if q6 { nb * 128 } else { 1 });
         let mut scales = vec![0u16; groups * nb * per];
         let mut q = vec![0u8; groups * nb * qb];
@@ -252,7 +273,13 @@ impl QMatrix {
                         p.scales[b * per + k * G + lane] = rb.sc[k];
                     }
                     let dst = &mut p.q[b * qb..(b + 1) * qb];
-                    if kind == QKind::Iq4 {
+                    if kind.two_bit() {
+                        for e in 0..QK {
+                            let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
+                            let t = 2 * c + high as usize;
+                            dst[(t / 4) * 64 + 4 * lane + i] |= (rb.v[e] & 3) << (2 * (t % 4));
+                        }
+                    } else if kind == QKind::Iq4 {
                         // Back from levels to their nibbles.
                         let nib =
                             |v: u8| IQ4_UNSIGNED.iter().position(|&l| l == v).unwrap_or(0) as u8;
@@ -274,7 +301,7 @@ impl QMatrix {
                     for e in 0..QK {
                         let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
                         let t = 2 * c + high as usize;
-                        if kind.five() && rb.v[e] & 16 != 0 {
+                        if kind.plane_bit() != 0 && rb.v[e] & kind.plane_bit() != 0 {
                             p.hi[b * 8 + t] |= 1 << (4 * lane + i);
                         }
                         if kind == QKind::Q6 {
@@ -342,7 +369,13 @@ impl QMatrix {
         let (qb, per) = (self.kind.qbytes() * G, self.kind.scales_per_block() * G);
         let src = &self.q[blk * qb..(blk + 1) * qb];
         let mut v = [0u8; QK];
-        if self.kind.packed() {
+        if self.kind.two_bit() {
+            for (e, o) in v.iter_mut().enumerate() {
+                let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
+                let t = 2 * c + high as usize;
+                *o = (src[(t / 4) * 64 + 4 * lane + i] >> (2 * (t % 4))) & 3;
+            }
+        } else if self.kind.packed() {
             for e in 0..16 {
                 let byte = src[(e / 4) * 64 + 4 * lane + e % 4];
                 (v[e], v[e + 16]) = (byte & 15, byte >> 4);
@@ -357,11 +390,13 @@ impl QMatrix {
                 *o = src[(e / 4) * 64 + 4 * lane + e % 4];
             }
         }
-        if self.kind.five() {
+        if self.kind.plane_bit() != 0 {
             for (e, o) in v.iter_mut().enumerate() {
                 let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
                 let mask = self.hi[blk * 8 + 2 * c + high as usize];
-                *o |= (((mask >> (4 * lane + i)) & 1) << 4) as u8;
+                if (mask >> (4 * lane + i)) & 1 != 0 {
+                    *o |= self.kind.plane_bit();
+                }
             }
         }
         if self.kind == QKind::Q6 {
@@ -387,7 +422,7 @@ impl QMatrix {
         cols: usize,
     ) -> Result<QMatrix, KernelError> {
         const OP: &str = "QMatrix::from_gguf";
-        if matches!(kind, QKind::Q6 | QKind::Q4_16) {
+        if matches!(kind, QKind::Q6 | QKind::Q2_16 | QKind::Q3_16) {
             return Err(KernelError::Unsupported {
                 op: OP,
                 reason: format!(
@@ -432,7 +467,7 @@ impl QMatrix {
     /// Q5_0, Q5_1, Q8_0 and IQ4_NL as they are; Q4_K and Q5_K as Q4_1 and Q5_1 blocks (each
     /// 32-element sub-block's `d sc` and `dmin m` rounded to f16: 0.625 and 0.75 bytes a
     /// weight); IQ4_XS as IQ4_NL blocks (`d (ls - 32)` rounded to f16); Q2_K and Q3_K as
-    /// [`QKind::Q4_16`]; Q6_K and the floats quantised to Q8_0 from their dequantised values,
+    /// [`QKind::Q2_16`] and [`QKind::Q3_16`]; Q6_K and the floats quantised to Q8_0 from their dequantised values,
     /// row by row.
     pub fn from_stored(rows_in: StoredRows) -> Result<QMatrix, KernelError> {
         QMatrix::from_stored_as(rows_in, false)
@@ -460,7 +495,7 @@ impl QMatrix {
             Format::Q4_K => Ok(super_blocks_as(&rows_in, QKind::Q4_1, q4_k_as_q4_1)),
             Format::Q5_K => Ok(super_blocks_as(&rows_in, QKind::Q5_1, q5_k_as_q5_1)),
             Format::IQ4_XS => Ok(super_blocks_as(&rows_in, QKind::Iq4, iq4_xs_as_iq4_nl)),
-            Format::Q2_K | Format::Q3_K => Ok(k16_as_q4_16(&rows_in)),
+            Format::Q2_K | Format::Q3_K => Ok(k16_as_half_blocks(&rows_in)),
             Format::Q6_K if compact => Ok(q6_k_as_q6(&rows_in)),
             _ => {
                 if !cols.is_multiple_of(QK) {
@@ -566,7 +601,7 @@ impl QMatrix {
         match self.kind {
             QKind::Q4_1 | QKind::Q5_1 => (f(0), f(1)),
             QKind::Q6 => (f(h), -32.0 * f(h)),
-            QKind::Q4_16 => (f(h), f(2 + h)),
+            QKind::Q2_16 | QKind::Q3_16 => (f(h), f(2 + h)),
             k => (f(0), k.offset() * f(0)),
         }
     }
@@ -730,7 +765,9 @@ impl QMatrix {
                     let out = y.add((p * PANEL + t * 8) * stride + i);
                     match self.kind {
                         QKind::Q6 => self.tile_vnni::<HALVES_Q6>(tile, g, out, stride, lanes),
-                        QKind::Q4_16 => self.tile_vnni::<HALVES_MIN>(tile, g, out, stride, lanes),
+                        QKind::Q2_16 | QKind::Q3_16 => {
+                            self.tile_vnni::<HALVES_MIN>(tile, g, out, stride, lanes)
+                        }
                         _ => self.tile_vnni::<WHOLE>(tile, g, out, stride, lanes),
                     }
                 }
@@ -792,6 +829,8 @@ impl QMatrix {
             kind.five(),
             kind == QKind::Iq4,
         );
+        let (two_bit, q3) = (kind.two_bit(), kind == QKind::Q3_16);
+        let (three, four) = (_mm512_set1_epi8(3), _mm512_set1_epi8(4));
         let levels = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()));
         let words = if packed { WORD_PACKED } else { WORD_Q8 };
         let low = _mm512_set1_epi8(0x0f);
@@ -820,7 +859,29 @@ impl QMatrix {
                 }
             }
             let mut w = [_mm512_setzero_si512(); 8];
-            if packed {
+            if two_bit {
+                // Vector t's values are bits 2 (t % 4).. of chunk t / 4's bytes.
+                let l = [
+                    _mm512_loadu_si512(wp.cast()),
+                    _mm512_loadu_si512(wp.add(64).cast()),
+                ];
+                for (t, wt) in w.iter_mut().enumerate() {
+                    let v = l[t / 4];
+                    let at = match t % 4 {
+                        0 => v,
+                        1 => _mm512_srli_epi16::<2>(v),
+                        2 => _mm512_srli_epi16::<4>(v),
+                        _ => _mm512_srli_epi16::<6>(v),
+                    };
+                    *wt = _mm512_and_si512(at, three);
+                }
+                if q3 {
+                    let h = self.hi.as_ptr().add(blk * 8);
+                    for (t, wt) in w.iter_mut().enumerate() {
+                        *wt = _mm512_or_si512(*wt, _mm512_maskz_mov_epi8(*h.add(t), four));
+                    }
+                }
+            } else if packed {
                 for c in 0..4 {
                     let l = _mm512_loadu_si512(wp.add(64 * c).cast());
                     w[2 * c] = _mm512_and_si512(l, low);
@@ -866,7 +927,7 @@ impl QMatrix {
             } else {
                 _mm512_mul_ps(dv, offset)
             };
-            // Q6, Q4_16: elements 0..16 (even vectors) and 16..32 (odd) apart, for their
+            // Q6, Q2_16, Q3_16: elements 0..16 (even vectors) and 16..32 (odd) apart, for their
             // scales.
             let mut dot = [_mm512_setzero_si512(); J];
             let mut dot_hi = [_mm512_setzero_si512(); J];
@@ -876,7 +937,7 @@ impl QMatrix {
             };
             // Even and odd vectors in loops of their own: each accumulator is then known at
             // compile time (a choice per vector, in a loop the compiler does not unroll, put
-            // Q4_16's accumulators in memory: 3.5x slower).
+            // the half-block kinds' accumulators in memory: 3.5x slower).
             for c in 0..4 {
                 for (j, d) in dot.iter_mut().enumerate() {
                     *d = _mm512_dpbusd_epi32(*d, w[2 * c], word(j, 2 * c));
@@ -1048,15 +1109,16 @@ fn iq4_xs_as_iq4_nl(sb: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Q2_K and Q3_K super-blocks as [`QKind::Q4_16`] blocks. Element `32 bb + e` of a
+/// Q2_K and Q3_K super-blocks as [`QKind::Q2_16`] and [`QKind::Q3_16`] blocks. Element `32 bb + e` of a
 /// super-block (block `bb` = `4n + j`, half `h = e / 16`) takes bits `2j..2j + 2` of
 /// `qs[32n + e]` and the scale `8n + 2j + h = 2 bb + h`; Q3_K's third bit is bit `4n + j` of
 /// `hmask[e]`, unset meaning -4.
-fn k16_as_q4_16(rows_in: &StoredRows) -> QMatrix {
+fn k16_as_half_blocks(rows_in: &StoredRows) -> QMatrix {
     let (rows, cols) = (rows_in.rows, rows_in.cols);
     let sbs = cols / 256;
     let (q3, bb_bytes) = (rows_in.format == Format::Q3_K, rows_in.format.block_bytes());
-    QMatrix::pack(QKind::Q4_16, rows, cols, |r, b| {
+    let kind = if q3 { QKind::Q3_16 } else { QKind::Q2_16 };
+    QMatrix::pack(kind, rows, cols, |r, b| {
         let sb = &rows_in.bytes[(r * sbs + b / 8) * bb_bytes..(r * sbs + b / 8 + 1) * bb_bytes];
         let bb = b % 8;
         let (n, j) = (bb / 4, bb % 4);
@@ -1341,7 +1403,7 @@ mod tests {
         out
     }
 
-    const KINDS: [QKind; 8] = [
+    const KINDS: [QKind; 9] = [
         QKind::Q4_0,
         QKind::Q4_1,
         QKind::Q5_0,
@@ -1349,17 +1411,18 @@ mod tests {
         QKind::Q8_0,
         QKind::Q6,
         QKind::Iq4,
-        QKind::Q4_16,
+        QKind::Q2_16,
+        QKind::Q3_16,
     ];
 
     /// A random matrix of `kind` and its column count: Q6 from random Q6_K super-blocks,
-    /// Q4_16 from Q2_K or Q3_K ones (columns rounded up to whole super-blocks), the others
+    /// Q2_16 and Q3_16 from Q2_K and Q3_K ones (columns rounded up to whole super-blocks), the others
     /// from random GGUF blocks.
     fn matrix(kind: QKind, rows: usize, cols: usize, rng: &mut impl Rng) -> (QMatrix, usize) {
         let from = match kind {
             QKind::Q6 => Some(Format::Q6_K),
-            QKind::Q4_16 if rng.random::<bool>() => Some(Format::Q2_K),
-            QKind::Q4_16 => Some(Format::Q3_K),
+            QKind::Q2_16 => Some(Format::Q2_K),
+            QKind::Q3_16 => Some(Format::Q3_K),
             _ => None,
         };
         if let Some(f) = from {
@@ -1633,7 +1696,8 @@ mod tests {
             QKind::Q5_1,
             QKind::Q8_0,
             QKind::Iq4,
-            QKind::Q4_16,
+            QKind::Q2_16,
+            QKind::Q3_16,
         ] {
             for (ra, rb) in [(16, 32), (17, 5)] {
                 let (a, b) = (
@@ -1712,7 +1776,8 @@ mod tests {
                 Format::Q5_0 => QKind::Q5_0,
                 Format::Q5_1 | Format::Q5_K => QKind::Q5_1,
                 Format::IQ4_NL | Format::IQ4_XS => QKind::Iq4,
-                Format::Q2_K | Format::Q3_K => QKind::Q4_16,
+                Format::Q2_K => QKind::Q2_16,
+                Format::Q3_K => QKind::Q3_16,
                 _ => QKind::Q8_0,
             };
             assert_eq!(

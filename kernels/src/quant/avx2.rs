@@ -13,7 +13,8 @@ use crate::formats::IQ4_LEVELS;
 use std::arch::x86_64::*;
 
 /// Weight families of [`QMatrix::half_avx2`] (a constant, so its inner loop has no branch
-/// on the kind): 4-bit (Q4_0, Q4_1), 5-bit (Q5_0, Q5_1), Q6, Q8_0, Iq4 and Q4_16.
+/// on the kind): 4-bit (Q4_0, Q4_1), 5-bit (Q5_0, Q5_1), Q6, Q8_0, Iq4, and the 2-bit
+/// planes of Q2_16 and Q3_16.
 const Q4: u8 = 0;
 const Q5: u8 = 1;
 const Q6K: u8 = 2;
@@ -90,7 +91,7 @@ impl QMatrix {
                             QKind::Q6 => Self::half_for::<Q6K>,
                             QKind::Q8_0 => Self::half_for::<Q8>,
                             QKind::Iq4 => Self::half_for::<NL>,
-                            QKind::Q4_16 => Self::half_for::<Q16>,
+                            QKind::Q2_16 | QKind::Q3_16 => Self::half_for::<Q16>,
                         };
                         f(self, tile, g, h, o, stride, n);
                     }
@@ -139,7 +140,7 @@ impl QMatrix {
         let (has_min, q5, q8, nl) = (kind.has_min(), K == Q5, K == Q8, K == NL);
         // Signed weights: Q8_0's and Iq4's.
         let signed = q8 || nl;
-        // Halves with their own scales: Q6, Q4_16.
+        // Halves with their own scales: Q6, Q2_16, Q3_16.
         let (halves, q16) = (K == Q6K || K == Q16, K == Q16);
         #[allow(non_snake_case)]
         let Q6 = K == Q6K;
@@ -155,6 +156,7 @@ impl QMatrix {
         let levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_LEVELS.as_ptr().cast()));
         let low = _mm256_set1_epi8(0x0f);
         let sixteen = _mm256_set1_epi8(0x10);
+        let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
         let pair_bits = _mm256_set1_epi8(0x30);
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
@@ -182,7 +184,31 @@ impl QMatrix {
             let mut w = [_mm256_setzero_si256(); 8];
             // Q8_0: w holds |q| (once per block, not per activation) and qs the signed q.
             let mut qs = [_mm256_setzero_si256(); 8];
-            if packed {
+            if q16 {
+                // Vector t's values are bits 2 (t % 4).. of chunk t / 4's bytes.
+                let l = [
+                    _mm256_loadu_si256(wp.add(32 * h).cast()),
+                    _mm256_loadu_si256(wp.add(64 + 32 * h).cast()),
+                ];
+                for (t, wt) in w.iter_mut().enumerate() {
+                    let v = l[t / 4];
+                    let at = match t % 4 {
+                        0 => v,
+                        1 => _mm256_srli_epi16::<2>(v),
+                        2 => _mm256_srli_epi16::<4>(v),
+                        _ => _mm256_srli_epi16::<6>(v),
+                    };
+                    *wt = _mm256_and_si256(at, three);
+                }
+                if kind == QKind::Q3_16 {
+                    let hp = self.hi.as_ptr().add(blk * 8);
+                    for (t, wt) in w.iter_mut().enumerate() {
+                        let bits = (*hp.add(t) >> (32 * h)) as u32;
+                        let third = _mm256_and_si256(bytes_from_bits(bits), four);
+                        *wt = _mm256_or_si256(*wt, third);
+                    }
+                }
+            } else if packed {
                 for c in 0..4 {
                     let l = _mm256_loadu_si256(wp.add(64 * c + 32 * h).cast());
                     w[2 * c] = _mm256_and_si256(l, low);
@@ -248,7 +274,7 @@ impl QMatrix {
                     } else {
                         _mm256_maddubs_epi16(w[t], x)
                     };
-                    // Q6 and Q4_16 keep elements 0..16 (even vectors) and 16..32 (odd) apart.
+                    // Q6, Q2_16 and Q3_16 keep elements 0..16 (even vectors) and 16..32 (odd) apart.
                     let k = if halves { t % 2 } else { 0 };
                     let step = if halves { t / 2 } else { t };
                     part[k] = if step % run == 0 {
