@@ -466,8 +466,8 @@ impl Model {
     /// Every product (decode steps and prompt chunks) reads block-quantised weights with
     /// int8 activations (llama.cpp's CPU scheme): a GGUF file's own blocks, every format
     /// from its own values (0.6 bytes a weight for SmolLM2's Q4_1; k-quants and IQ4_XS as
-    /// 32-weight blocks, see `longctx_kernels::QMatrix::from_stored`), Q6_K outside the LM
-    /// head and float weights quantised to 8 bits. The int8 kernel beats f32 tiles at every row count (2 threads,
+    /// 32-weight blocks, see `longctx_kernels::QMatrix::from_stored`), float weights
+    /// quantised to 8 bits. The int8 kernel beats f32 tiles at every row count (2 threads,
     /// `longctx bench kernels --only gemm-q4`: 350-630 GOP/s at 4-160 rows; f32 tiles from
     /// the blocks 64-180 GFLOP/s at 64-512).
     pub fn enable_quant_decode(&mut self) -> Result<()> {
@@ -501,10 +501,7 @@ impl Model {
                 e.router.enable_f32()?;
             }
         }
-        match copies {
-            Copies::Quant => self.lm_head.enable_quant_decode_compact()?,
-            c => self.lm_head.prepare(c)?,
-        }
+        self.lm_head.prepare(copies)?;
         self.copies = copies;
         Ok(())
     }

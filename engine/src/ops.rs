@@ -70,8 +70,7 @@ impl Linear {
         self.wt_q.is_none() && self.wt.is_none()
     }
 
-    /// Prepares the copies that `copies` asks for (the compact quantised layout aside: the
-    /// LM head's alone).
+    /// Prepares the copies that `copies` asks for.
     pub fn prepare(&mut self, copies: Copies) -> Result<()> {
         match copies {
             Copies::Stored => Ok(()),
@@ -109,17 +108,6 @@ impl Linear {
         }
         self.wt_q = Some(Box::new(QMatrix::from_stored(self.rows()?)?));
         // The fast path reads the repacked copy only: the file's pages need not stay too.
-        self.w.data.release_pages();
-        Ok(())
-    }
-
-    /// [`Linear::enable_quant_decode`] in the fewest bytes ([`QMatrix::from_stored_compact`]):
-    /// for the LM head, multiplied by one row per sequence a step.
-    pub fn enable_quant_decode_compact(&mut self) -> Result<()> {
-        if self.unblockable() {
-            return self.enable_bf16_decode();
-        }
-        self.wt_q = Some(Box::new(QMatrix::from_stored_compact(self.rows()?)?));
         self.w.data.release_pages();
         Ok(())
     }

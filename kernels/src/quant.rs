@@ -467,22 +467,13 @@ impl QMatrix {
     /// Q5_0, Q5_1, Q8_0 and IQ4_NL as they are; Q4_K and Q5_K as Q4_1 and Q5_1 blocks (each
     /// 32-element sub-block's `d sc` and `dmin m` rounded to f16: 0.625 and 0.75 bytes a
     /// weight); IQ4_XS as IQ4_NL blocks (`d (ls - 32)` rounded to f16); Q2_K and Q3_K as
-    /// [`QKind::Q2_16`] and [`QKind::Q3_16`]; Q6_K and the floats quantised to Q8_0 from their dequantised values,
-    /// row by row.
+    /// [`QKind::Q2_16`] and [`QKind::Q3_16`]; Q6_K as [`QKind::Q6`] (0.875 bytes a weight,
+    /// its own 6-bit values); the floats quantised to Q8_0, row by row.
+    ///
+    /// (Q6_K tensors other than the LM head were once requantised to Q8_0, 1.06 bytes a
+    /// weight, because Q6 made prompts ~13% slower: that was the half-block products keeping
+    /// their accumulators in memory, since repaired; measured after, Q6 prompts are as fast.)
     pub fn from_stored(rows_in: StoredRows) -> Result<QMatrix, KernelError> {
-        QMatrix::from_stored_as(rows_in, false)
-    }
-
-    /// [`QMatrix::from_stored`] in the fewest bytes, for a weight only ever multiplied by a
-    /// few rows (an LM head: one row per sequence a step), where a product streams its bytes
-    /// and compute is to spare: Q6_K as Q6 (0.875 bytes a weight, its own 6-bit values; 1.06
-    /// as Q8_0). Q6's unpacking costs ~13% of a 2K-token prefill where every Q6_K tensor takes
-    /// it (SmolLM2 and the Llama 4 MoE in Q4_K_M), for 5-14% faster decoding.
-    pub fn from_stored_compact(rows_in: StoredRows) -> Result<QMatrix, KernelError> {
-        QMatrix::from_stored_as(rows_in, true)
-    }
-
-    fn from_stored_as(rows_in: StoredRows, compact: bool) -> Result<QMatrix, KernelError> {
         let (rows, cols) = (rows_in.rows, rows_in.cols);
         let direct = |k| QMatrix::from_gguf(k, rows_in.bytes, rows, cols);
         match rows_in.format {
@@ -496,7 +487,7 @@ impl QMatrix {
             Format::Q5_K => Ok(super_blocks_as(&rows_in, QKind::Q5_1, q5_k_as_q5_1)),
             Format::IQ4_XS => Ok(super_blocks_as(&rows_in, QKind::Iq4, iq4_xs_as_iq4_nl)),
             Format::Q2_K | Format::Q3_K => Ok(k16_as_half_blocks(&rows_in)),
-            Format::Q6_K if compact => Ok(q6_k_as_q6(&rows_in)),
+            Format::Q6_K => Ok(q6_k_as_q6(&rows_in)),
             _ => {
                 if !cols.is_multiple_of(QK) {
                     return Err(KernelError::Unsupported {
@@ -1428,7 +1419,7 @@ mod tests {
         if let Some(f) = from {
             let cols = cols.next_multiple_of(256);
             let b = crate::formats::tests::random_blocks(f, rows * cols, rng);
-            let w = QMatrix::from_stored_compact(StoredRows::new(f, &b, rows, cols).unwrap());
+            let w = QMatrix::from_stored(StoredRows::new(f, &b, rows, cols).unwrap());
             let w = w.unwrap();
             assert_eq!(w.kind(), kind);
             return (w, cols);
@@ -1760,7 +1751,7 @@ mod tests {
     /// activations, and of the weights where they are requantised) of the float64 product of
     /// the file's dequantised weights. Every block format is held as its own values: exactly
     /// where it is kept as stored; where its super-blocks are converted (Q4_K, Q5_K, IQ4_XS,
-    /// Q2_K, Q3_K, and Q6_K in the compact layout), every weight within f16 rounding of its
+    /// Q2_K, Q3_K and Q6_K), every weight within f16 rounding of its
     /// scales.
     #[test]
     fn every_stored_format_multiplies_from_its_blocks() {
@@ -1769,7 +1760,7 @@ mod tests {
             let (rows, cols) = (37, 2 * 256 + if f.block_elems() == 256 { 0 } else { 64 });
             let bytes = crate::formats::tests::random_blocks(f, rows * cols, &mut rng);
             let stored = StoredRows::new(f, &bytes, rows, cols).unwrap();
-            let w = QMatrix::from_stored_compact(stored).unwrap();
+            let w = QMatrix::from_stored(stored).unwrap();
             let fast = match f {
                 Format::Q4_0 => QKind::Q4_0,
                 Format::Q4_1 | Format::Q4_K => QKind::Q4_1,
@@ -1778,15 +1769,10 @@ mod tests {
                 Format::IQ4_NL | Format::IQ4_XS => QKind::Iq4,
                 Format::Q2_K => QKind::Q2_16,
                 Format::Q3_K => QKind::Q3_16,
+                Format::Q6_K => QKind::Q6,
                 _ => QKind::Q8_0,
             };
-            assert_eq!(
-                QMatrix::from_stored(stored).unwrap().kind(),
-                fast,
-                "{f}: the fast layout"
-            );
-            let compact = if f == Format::Q6_K { QKind::Q6 } else { fast };
-            assert_eq!(w.kind(), compact, "{f}: the compact layout");
+            assert_eq!(w.kind(), fast, "{f}: the layout");
             let wf = f.to_f32(&bytes, rows * cols).unwrap();
             let as_stored = matches!(
                 f,
@@ -1797,7 +1783,7 @@ mod tests {
                     | Format::Q8_0
                     | Format::IQ4_NL
             );
-            if compact != QKind::Q8_0 {
+            if fast != QKind::Q8_0 {
                 for (i, &e) in wf.iter().enumerate() {
                     let (r, c) = (i / cols, i % cols);
                     let g = w.get(r, c);
