@@ -21,8 +21,9 @@ pub mod quant;
 pub mod testing;
 
 pub use attention::{
-    attention, attention_segments, attention_segments_blocks, attention_with, merge, merge_into,
-    AttnParams, AttnShape, CpuOptions, KvBlockSegment, KvSegment, KvSegmentQ8, Mask, Strategy,
+    attention, attention_segments, attention_segments_blocks, attention_segments_blocks_split,
+    attention_segments_split, attention_with, merge, merge_into, AttnParams, AttnShape, CpuOptions,
+    KvBlockSegment, KvSegment, KvSegmentQ8, Mask, Strategy,
 };
 pub use cpu::Isa;
 pub use element::{quantize_blocks_vec, DType, Element, KvBlock, KvUnit};

@@ -9,13 +9,13 @@
 //!   the number of parts times the rows) runs once per segment, not once per block;
 //! - few rows (decode): copying would double the memory traffic of a memory-bound step, so
 //!   the blocks are read in place, up to [`GROUP`] of them in one kernel call
-//!   ([`attention_segments`]: one parallel region, key ranges cut across block boundaries),
+//!   ([`longctx_kernels::attention_segments`]: one parallel region, key ranges cut across block boundaries),
 //!   and the groups merged in order.
 
 use crate::{Block, KvStore, Result, SeqId, StreamOptions};
 use longctx_kernels::{
-    attention, attention_segments, attention_segments_blocks, merge_into, AttnParams, AttnShape,
-    Element, KvBlock, KvBlockSegment, KvSegment, KvUnit,
+    attention, attention_segments_blocks_split, attention_segments_split, merge_into, AttnParams,
+    AttnShape, Element, KvBlock, KvBlockSegment, KvSegment, KvUnit,
 };
 
 /// Tokens per contiguous segment on the prefill path.
@@ -89,10 +89,11 @@ pub fn attend<T: Element + KvUnit>(
                 .collect();
             let n_kv = group.iter().map(|b| b.len).sum();
             if first {
-                attention_segments(q, &segs, shape(n_kv), params, out, lse)?;
+                attention_segments_split(q, &segs, shape(n_kv), params, opts.splits, out, lse)?;
                 first = false;
             } else {
-                attention_segments(q, &segs, shape(n_kv), params, &mut part_out, &mut part_lse)?;
+                let (po, pl) = (&mut part_out, &mut part_lse);
+                attention_segments_split(q, &segs, shape(n_kv), params, opts.splits, po, pl)?;
                 merge_into(out, lse, &part_out, &part_lse, d)?;
             }
         }
@@ -191,10 +192,12 @@ pub fn attend_blocks<B: KvBlock>(
             .collect();
         let n_kv = group.iter().map(|b| b.len).sum();
         if first {
-            attention_segments_blocks(q, &segs, shape(n_kv), params, out, lse)?;
+            let splits = opts.splits;
+            attention_segments_blocks_split(q, &segs, shape(n_kv), params, splits, out, lse)?;
             first = false;
         } else {
-            attention_segments_blocks(q, &segs, shape(n_kv), params, &mut part_out, &mut part_lse)?;
+            let (po, pl) = (&mut part_out, &mut part_lse);
+            attention_segments_blocks_split(q, &segs, shape(n_kv), params, opts.splits, po, pl)?;
             merge_into(out, lse, &part_out, &part_lse, d)?;
         }
     }

@@ -29,11 +29,18 @@ const RECYCLED: usize = 32;
 pub struct StreamOptions {
     /// Blocks loaded ahead of the one the caller holds; 0 loads each on demand.
     pub prefetch: usize,
+    /// Key ranges each decode-path kernel call is cut into ([`crate::attend`]): `None` as
+    /// suits the threads; `Some(1)` where the caller runs many sequences' attention in
+    /// parallel (a batched step), which is parallel enough.
+    pub splits: Option<usize>,
 }
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        StreamOptions { prefetch: 4 }
+        StreamOptions {
+            prefetch: 4,
+            splits: None,
+        }
     }
 }
 

@@ -144,7 +144,14 @@ fn random_operations_match_an_in_memory_shadow_across_tiers() {
                     let sh = &shadow[&s][l];
                     let mut pos = sh.held_from;
                     for b in store
-                        .stream::<f32>(s, l, StreamOptions { prefetch })
+                        .stream::<f32>(
+                            s,
+                            l,
+                            StreamOptions {
+                                prefetch,
+                                ..Default::default()
+                            },
+                        )
                         .unwrap()
                     {
                         let b = b.unwrap();
@@ -356,7 +363,14 @@ fn corrupted_spilled_block_gives_a_checksum_error() {
     let err = store.read::<f32>(s, 0, 0..8).unwrap_err();
     assert!(matches!(err, KvError::Checksum { .. }), "{err}");
     let err = store
-        .stream::<f32>(s, 0, StreamOptions { prefetch: 2 })
+        .stream::<f32>(
+            s,
+            0,
+            StreamOptions {
+                prefetch: 2,
+                ..Default::default()
+            },
+        )
         .unwrap()
         .find_map(|b| b.err())
         .expect("the stream reports it");
@@ -420,7 +434,14 @@ fn concurrent_readers_see_consistent_blocks() {
                     assert_eq!(got.1, v[a * row..b * row]);
                     let mut pos = 0;
                     for blk in store
-                        .stream::<f32>(s, 0, StreamOptions { prefetch: 2 })
+                        .stream::<f32>(
+                            s,
+                            0,
+                            StreamOptions {
+                                prefetch: 2,
+                                ..Default::default()
+                            },
+                        )
                         .unwrap()
                     {
                         let blk = blk.unwrap();
@@ -458,7 +479,14 @@ fn a_dropped_stream_unpins_its_blocks() {
     store.append(s, 0, &k, &v).unwrap();
     for prefetch in [0, 1, 3] {
         let mut st = store
-            .stream::<f32>(s, 0, StreamOptions { prefetch })
+            .stream::<f32>(
+                s,
+                0,
+                StreamOptions {
+                    prefetch,
+                    ..Default::default()
+                },
+            )
             .unwrap();
         st.next().unwrap().unwrap();
         // Freeing the sequence under a live stream keeps its blocks readable.
@@ -468,7 +496,14 @@ fn a_dropped_stream_unpins_its_blocks() {
         assert_eq!(store.blocks(), 10);
     }
     let st = store
-        .stream::<f32>(s, 0, StreamOptions { prefetch: 2 })
+        .stream::<f32>(
+            s,
+            0,
+            StreamOptions {
+                prefetch: 2,
+                ..Default::default()
+            },
+        )
         .unwrap();
     store.free(s).unwrap();
     assert_eq!(st.map(|b| b.unwrap().len).sum::<usize>(), 20);
@@ -668,7 +703,8 @@ fn attend_over_tiered_blocks_matches_the_f64_reference() {
             let mut out = vec![0f32; n_q * h_q * d];
             let mut lse = vec![0f32; n_q * h_q];
             let want = reference(&q, &k, &v, shape, &params);
-            for prefetch in [0, 3] {
+            // Key ranges as the threads suit, and one range (a batched step's choice).
+            for (prefetch, splits) in [(0, None), (3, None), (3, Some(1)), (0, Some(3))] {
                 attend(
                     &store,
                     s,
@@ -676,7 +712,7 @@ fn attend_over_tiered_blocks_matches_the_f64_reference() {
                     &q,
                     h_q,
                     &params,
-                    StreamOptions { prefetch },
+                    StreamOptions { prefetch, splits },
                     &mut out,
                     &mut lse,
                 )

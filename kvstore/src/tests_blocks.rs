@@ -100,7 +100,14 @@ fn appends_read_back<B: KvBlock + Default + PartialEq + std::fmt::Debug>() {
     // A stream yields the same blocks, spilled ones read back from disk.
     let mut at = 0;
     for b in store
-        .stream::<B>(s, 0, StreamOptions { prefetch: 2 })
+        .stream::<B>(
+            s,
+            0,
+            StreamOptions {
+                prefetch: 2,
+                ..Default::default()
+            },
+        )
         .unwrap()
     {
         let b = b.unwrap();
@@ -260,7 +267,7 @@ fn attend_over_tiers<B: KvBlock + Default>() {
             let want = reference(&q, &deq(&kq), &deq(&vq), shape, &params);
             let mut out = vec![0f32; n_q * h_q * D];
             let mut lse = vec![0f32; n_q * h_q];
-            for prefetch in [0, 3] {
+            for (prefetch, splits) in [(0, None), (3, None), (3, Some(1)), (0, Some(3))] {
                 attend_blocks::<B>(
                     &store,
                     s,
@@ -268,7 +275,7 @@ fn attend_over_tiers<B: KvBlock + Default>() {
                     &q,
                     h_q,
                     &params,
-                    StreamOptions { prefetch },
+                    StreamOptions { prefetch, splits },
                     &mut out,
                     &mut lse,
                 )

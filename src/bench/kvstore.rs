@@ -151,6 +151,7 @@ fn bench_stream(args: &Args, dir: &Path) -> Result<StreamReport> {
         let mut total = 0u64;
         let opts = StreamOptions {
             prefetch: args.prefetch,
+            ..Default::default()
         };
         for b in store.stream::<bf16>(seq, 0, opts)? {
             let b = b?;
@@ -216,6 +217,7 @@ fn bench_attention(args: &Args, dir: &Path) -> Result<(String, Vec<AttnRow>)> {
         let before = store.usage();
         let opts = StreamOptions {
             prefetch: args.prefetch,
+            ..Default::default()
         };
         let mut times = vec![];
         for _ in 0..args.reps.max(1) {

@@ -212,12 +212,14 @@ pub fn attention_segments<T: Element, O: Element>(
     out: &mut [O],
     lse: &mut [f32],
 ) -> Result<(), KernelError> {
-    segments_split(q, segments, shape, params, None, out, lse)
+    attention_segments_split(q, segments, shape, params, None, out, lse)
 }
 
-/// [`attention_segments`] cut into `splits` key ranges (`None`: as many as suit the threads);
-/// the tests pass explicit counts, which a 2-thread machine's own choice would not reach.
-pub(crate) fn segments_split<T: Element, O: Element>(
+/// [`attention_segments`] cut into `splits` key ranges (`None`: as many as suit the threads).
+/// `Some(1)` where the caller already runs many of these in parallel (one per sequence of a
+/// batched step): ranges within each would only add parts to merge. The tests pass explicit
+/// counts, which a 2-thread machine's own choice would not reach.
+pub fn attention_segments_split<T: Element, O: Element>(
     q: &[T],
     segments: &[KvSegment<'_, T>],
     shape: AttnShape,
@@ -316,7 +318,7 @@ pub fn attention_segments_blocks<B: KvBlock, O: Element>(
     out: &mut [O],
     lse: &mut [f32],
 ) -> Result<(), KernelError> {
-    segments_split_blocks(q, segments, shape, params, None, out, lse)
+    attention_segments_blocks_split(q, segments, shape, params, None, out, lse)
 }
 
 /// The lengths of a segmented call: each segment's K and V of whole key rows of `row` units
@@ -349,7 +351,7 @@ fn check_segments(
 }
 
 /// [`attention_segments_blocks`] cut into `splits` key ranges (`None`: as suits the threads).
-pub(crate) fn segments_split_blocks<B: KvBlock, O: Element>(
+pub fn attention_segments_blocks_split<B: KvBlock, O: Element>(
     q: &[f32],
     segments: &[KvBlockSegment<'_, B>],
     shape: AttnShape,

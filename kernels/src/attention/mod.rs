@@ -16,8 +16,9 @@ mod merge;
 pub mod reference;
 
 pub use cpu::{
-    attention, attention_segments, attention_segments_blocks, attention_with, rounds_p_to_bf16,
-    BlockPair, CpuOptions, KvBlockSegment, KvSegment, KvSegmentQ8, Strategy,
+    attention, attention_segments, attention_segments_blocks, attention_segments_blocks_split,
+    attention_segments_split, attention_with, rounds_p_to_bf16, BlockPair, CpuOptions,
+    KvBlockSegment, KvSegment, KvSegmentQ8, Strategy,
 };
 pub use merge::{merge, merge_into};
 

@@ -444,7 +444,8 @@ fn segments_equal_the_contiguous_kv() {
         let splits = *[None, Some(1), Some(2), Some(3), Some(7)]
             .choose(rng)
             .unwrap();
-        cpu::segments_split(&q, &segs, c.shape, &c.params, splits, &mut out, &mut lse).unwrap();
+        cpu::attention_segments_split(&q, &segs, c.shape, &c.params, splits, &mut out, &mut lse)
+            .unwrap();
         let want = reference(&q, &k, &v, c.shape, &c.params);
         // f32 outputs whatever the inputs: bf16 products are exact, so only f32 arithmetic
         // separates kernel and reference, except where the bf16 tiles round P.
@@ -594,7 +595,7 @@ fn block_segments_equal_the_reference<B: crate::KvBlock + Default>(name: &str) {
                     let splits = *[None, Some(1), Some(2), Some(3)].choose(&mut rng).unwrap();
                     let mut out = vec![0f32; q.len()];
                     let mut lse = vec![0f32; q.len() / d];
-                    cpu::segments_split_blocks(
+                    cpu::attention_segments_blocks_split(
                         &q, &segs, c.shape, &c.params, splits, &mut out, &mut lse,
                     )
                     .unwrap();
