@@ -273,12 +273,24 @@ impl QMatrix {
                         p.scales[b * per + k * G + lane] = rb.sc[k];
                     }
                     let dst = &mut p.q[b * qb..(b + 1) * qb];
-                    if kind.two_bit() {
-                        for e in 0..QK {
-                            let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
-                            let t = 2 * c + high as usize;
-                            dst[(t / 4) * 64 + 4 * lane + i] |= (rb.v[e] & 3) << (2 * (t % 4));
+                    // Byte i of unpacked vector t (elements 4c..4c + 4 of the low half for
+                    // t = 2c, of the high half for t = 2c + 1).
+                    let el = |t: usize, i: usize| rb.v[16 * (t % 2) + 4 * (t / 2) + i];
+                    // A plane of bit pairs: chunk t / 4's byte 4 lane + i holds vector t's at
+                    // bits 2 (t % 4) (Q2_16's values, Q6's high pairs).
+                    let pairs = |plane: &mut [u8], shift: u32| {
+                        for ch in 0..2 {
+                            for i in 0..4 {
+                                let mut byte = 0u8;
+                                for u in 0..4 {
+                                    byte |= ((el(4 * ch + u, i) >> shift) & 3) << (2 * u);
+                                }
+                                plane[ch * 64 + 4 * lane + i] = byte;
+                            }
                         }
+                    };
+                    if kind.two_bit() {
+                        pairs(dst, 0);
                     } else if kind == QKind::Iq4 {
                         // Back from levels to their nibbles.
                         let nib =
@@ -298,16 +310,16 @@ impl QMatrix {
                             dst[(e / 4) * 64 + 4 * lane + e % 4] = rb.v[e];
                         }
                     }
-                    for e in 0..QK {
-                        let (c, i, high) = ((e % 16) / 4, e % 4, e >= 16);
-                        let t = 2 * c + high as usize;
-                        if kind.plane_bit() != 0 && rb.v[e] & kind.plane_bit() != 0 {
-                            p.hi[b * 8 + t] |= 1 << (4 * lane + i);
+                    let bit = kind.plane_bit();
+                    if bit != 0 {
+                        for t in 0..8 {
+                            let nib =
+                                (0..4).fold(0u64, |m, i| m | (((el(t, i) & bit != 0) as u64) << i));
+                            p.hi[b * 8 + t] |= nib << (4 * lane);
                         }
-                        if kind == QKind::Q6 {
-                            p.hi2[b * 128 + (t / 4) * 64 + 4 * lane + i] |=
-                                ((rb.v[e] >> 4) & 3) << (2 * (t % 4));
-                        }
+                    }
+                    if kind == QKind::Q6 {
+                        pairs(&mut p.hi2[b * 128..(b + 1) * 128], 4);
                     }
                 }
             }
@@ -1164,14 +1176,9 @@ fn q6_k_as_q6(rows_in: &StoredRows) -> QMatrix {
             &sb[128 + 32 * n..128 + 32 * n + 32],
         );
         let mut v = [0u8; QK];
-        for (l, o) in v.iter_mut().enumerate() {
-            let lo = match k {
-                0 => ql[l] & 15,
-                1 => ql[l + 32] & 15,
-                2 => ql[l] >> 4,
-                _ => ql[l + 32] >> 4,
-            };
-            *o = lo | (((qh[l] >> (2 * k)) & 3) << 4);
+        let (lows, shift) = (&ql[32 * (k % 2)..32 * (k % 2) + 32], 4 * (k / 2));
+        for ((o, lo), h) in v.iter_mut().zip(lows).zip(qh) {
+            *o = ((lo >> shift) & 15) | (((h >> (2 * k)) & 3) << 4);
         }
         let scale = |h: usize| f16::from_f32(d * sb[192 + 2 * (b % 8) + h] as i8 as f32).to_bits();
         RowBlock {
