@@ -1068,31 +1068,28 @@ fn super_blocks_as(rows_in: &StoredRows, kind: QKind, conv: fn(&[u8], &mut Vec<u
 /// `s`) or high (odd `s`) halves of 32 bytes, laid out again as Q4_1's (byte j: elements j
 /// and j + 16).
 fn q4_k_as_q4_1(sb: &[u8], out: &mut Vec<u8>) {
-    let h = |i: usize| f16::from_le_bytes([sb[i], sb[i + 1]]).to_f32();
-    let (d, dmin) = (h(0), h(2));
-    let (sc, qs) = (&sb[4..16], &sb[16..144]);
-    for s in 0..8 {
-        let (scale, min) = crate::formats::q4_k_sub_block(s, d, dmin, sc);
-        out.extend_from_slice(&f16::from_f32(scale).to_le_bytes());
-        out.extend_from_slice(&f16::from_f32(-min).to_le_bytes());
-        let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
-        let nib = |l: usize| if s % 2 == 0 { q[l] & 0x0f } else { q[l] >> 4 };
-        out.extend((0..16).map(|j| nib(j) | (nib(j + 16) << 4)));
-    }
+    k_as_blocks(sb, None, &sb[16..144], out)
 }
 
 /// One Q5_K super-block as eight Q5_1 blocks: Q4_K's conversion, and each element's fifth
 /// bit (bit `s` of `qh[l]` for element l of sub-block s) to bit l of the block's `qh`.
 fn q5_k_as_q5_1(sb: &[u8], out: &mut Vec<u8>) {
+    k_as_blocks(sb, Some(&sb[16..48]), &sb[48..176], out)
+}
+
+/// Q4_K's or Q5_K's super-block (`d`, `dmin` and the packed scales first; fifth bits `qh`
+/// for Q5_K; nibbles `qs`) as eight Q4_1 or Q5_1 blocks.
+fn k_as_blocks(sb: &[u8], qh: Option<&[u8]>, qs: &[u8], out: &mut Vec<u8>) {
     let h = |i: usize| f16::from_le_bytes([sb[i], sb[i + 1]]).to_f32();
-    let (d, dmin) = (h(0), h(2));
-    let (sc, qh, qs) = (&sb[4..16], &sb[16..48], &sb[48..176]);
+    let (d, dmin, sc) = (h(0), h(2), &sb[4..16]);
     for s in 0..8 {
         let (scale, min) = crate::formats::q4_k_sub_block(s, d, dmin, sc);
         out.extend_from_slice(&f16::from_f32(scale).to_le_bytes());
         out.extend_from_slice(&f16::from_f32(-min).to_le_bytes());
-        let bits = (0..32).fold(0u32, |m, l| m | ((((qh[l] >> s) & 1) as u32) << l));
-        out.extend_from_slice(&bits.to_le_bytes());
+        if let Some(qh) = qh {
+            let bits = (0..32).fold(0u32, |m, l| m | ((((qh[l] >> s) & 1) as u32) << l));
+            out.extend_from_slice(&bits.to_le_bytes());
+        }
         let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
         let nib = |l: usize| if s % 2 == 0 { q[l] & 0x0f } else { q[l] >> 4 };
         out.extend((0..16).map(|j| nib(j) | (nib(j + 16) << 4)));
