@@ -32,6 +32,10 @@ pub struct SamplingArgs {
     /// chat, 64 for generate and batch.
     #[arg(long, value_name = "N")]
     pub repeat_last_n: Option<usize>,
+    /// Never repeat a run of this many generated tokens (transformers' `no_repeat_ngram_size`;
+    /// 0 is off). Default: 8 for ask and chat, 0 for generate and batch.
+    #[arg(long, value_name = "N")]
+    pub no_repeat_ngram: Option<usize>,
     /// Subtract this times a token's count in the answer so far from its logit (OpenAI's
     /// rule), in [-2, 2]. Default: 0 (off).
     #[arg(long, value_name = "X")]
@@ -56,6 +60,7 @@ impl SamplingArgs {
                 .repetition_penalty
                 .unwrap_or(defaults.repetition_penalty),
             repeat_last_n: self.repeat_last_n.unwrap_or(defaults.repeat_last_n),
+            no_repeat_ngram: self.no_repeat_ngram.unwrap_or(defaults.no_repeat_ngram),
             frequency_penalty: self.frequency_penalty.unwrap_or(defaults.frequency_penalty),
             presence_penalty: self.presence_penalty.unwrap_or(defaults.presence_penalty),
         };
