@@ -826,18 +826,12 @@ impl QMatrix {
         let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
         #[allow(non_snake_case)]
         let (Q6, Q16) = (H == HALVES_Q6, H == HALVES_MIN);
-        let (packed, has_min, q5, iq4) = (
-            kind.packed(),
-            kind.has_min(),
-            kind.five(),
-            kind == QKind::Iq4,
-        );
-        let (two_bit, q3) = (kind.two_bit(), kind == QKind::Q3_16);
-        let (three, four) = (_mm512_set1_epi8(3), _mm512_set1_epi8(4));
+        let (packed, has_min, iq4) = (kind.packed(), kind.has_min(), kind == QKind::Iq4);
+        let (two_bit, plane_bit) = (kind.two_bit(), kind.plane_bit());
+        let (three, bit) = (_mm512_set1_epi8(3), _mm512_set1_epi8(plane_bit as i8));
         let levels = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()));
         let words = if packed { WORD_PACKED } else { WORD_Q8 };
         let low = _mm512_set1_epi8(0x0f);
-        let sixteen = _mm512_set1_epi8(0x10);
         let offset = _mm512_set1_ps(kind.offset());
         let mut acc = [_mm512_setzero_ps(); J];
         let a: [*const i8; J] = std::array::from_fn(|j| acts[j].a.as_ptr());
@@ -878,23 +872,11 @@ impl QMatrix {
                     };
                     *wt = _mm512_and_si512(at, three);
                 }
-                if q3 {
-                    let h = self.hi.as_ptr().add(blk * 8);
-                    for (t, wt) in w.iter_mut().enumerate() {
-                        *wt = _mm512_or_si512(*wt, _mm512_maskz_mov_epi8(*h.add(t), four));
-                    }
-                }
             } else if packed {
                 for c in 0..4 {
                     let l = _mm512_loadu_si512(wp.add(64 * c).cast());
                     w[2 * c] = _mm512_and_si512(l, low);
                     w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(l), low);
-                }
-                if q5 {
-                    let h = self.hi.as_ptr().add(blk * 8);
-                    for (t, wt) in w.iter_mut().enumerate() {
-                        *wt = _mm512_or_si512(*wt, _mm512_maskz_mov_epi8(*h.add(t), sixteen));
-                    }
                 }
                 if iq4 {
                     for wt in w.iter_mut() {
@@ -922,6 +904,13 @@ impl QMatrix {
             } else {
                 for (c, wt) in w.iter_mut().enumerate() {
                     *wt = _mm512_loadu_si512(wp.add(64 * c).cast());
+                }
+            }
+            if plane_bit != 0 {
+                // Q5's fifth bits, Q3_16's third: one 64-bit byte mask per vector.
+                let h = self.hi.as_ptr().add(blk * 8);
+                for (t, wt) in w.iter_mut().enumerate() {
+                    *wt = _mm512_or_si512(*wt, _mm512_maskz_mov_epi8(*h.add(t), bit));
                 }
             }
             let dv = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));

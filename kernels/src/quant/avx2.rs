@@ -137,7 +137,7 @@ impl QMatrix {
         let nb = self.nb();
         let kind = self.kind;
         let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
-        let (has_min, q5, q8, nl) = (kind.has_min(), K == Q5, K == Q8, K == NL);
+        let (has_min, q8, nl) = (kind.has_min(), K == Q8, K == NL);
         // Signed weights: Q8_0's and Iq4's.
         let signed = q8 || nl;
         // Halves with their own scales: Q6, Q2_16, Q3_16.
@@ -155,8 +155,8 @@ impl QMatrix {
         };
         let levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_LEVELS.as_ptr().cast()));
         let low = _mm256_set1_epi8(0x0f);
-        let sixteen = _mm256_set1_epi8(0x10);
-        let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+        let plane_bit = kind.plane_bit();
+        let (three, bit) = (_mm256_set1_epi8(3), _mm256_set1_epi8(plane_bit as i8));
         let pair_bits = _mm256_set1_epi8(0x30);
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
@@ -200,27 +200,11 @@ impl QMatrix {
                     };
                     *wt = _mm256_and_si256(at, three);
                 }
-                if kind == QKind::Q3_16 {
-                    let hp = self.hi.as_ptr().add(blk * 8);
-                    for (t, wt) in w.iter_mut().enumerate() {
-                        let bits = (*hp.add(t) >> (32 * h)) as u32;
-                        let third = _mm256_and_si256(bytes_from_bits(bits), four);
-                        *wt = _mm256_or_si256(*wt, third);
-                    }
-                }
             } else if packed {
                 for c in 0..4 {
                     let l = _mm256_loadu_si256(wp.add(64 * c + 32 * h).cast());
                     w[2 * c] = _mm256_and_si256(l, low);
                     w[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(l), low);
-                }
-                if q5 {
-                    let hp = self.hi.as_ptr().add(blk * 8);
-                    for (t, wt) in w.iter_mut().enumerate() {
-                        let bits = (*hp.add(t) >> (32 * h)) as u32;
-                        let fifth = _mm256_and_si256(bytes_from_bits(bits), sixteen);
-                        *wt = _mm256_or_si256(*wt, fifth);
-                    }
                 }
                 if Q6 {
                     let hp = self.hi2.as_ptr().add(blk * 128 + 32 * h);
@@ -252,6 +236,14 @@ impl QMatrix {
                     let l = _mm256_loadu_si256(wp.add(64 * c + 32 * h).cast());
                     *qt = _mm256_xor_si256(l, flip);
                     *wt = _mm256_abs_epi8(*qt);
+                }
+            }
+            if plane_bit != 0 {
+                // Q5's fifth bits, Q3_16's third: this half's 32 bits of each vector's mask.
+                let hp = self.hi.as_ptr().add(blk * 8);
+                for (t, wt) in w.iter_mut().enumerate() {
+                    let bits = (*hp.add(t) >> (32 * h)) as u32;
+                    *wt = _mm256_or_si256(*wt, _mm256_and_si256(bytes_from_bits(bits), bit));
                 }
             }
             let dv = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(8 * h).cast()));
