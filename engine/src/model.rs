@@ -68,8 +68,9 @@ pub struct Model {
     copies: Copies,
     /// Under `--expert-budget`: the routed experts resident now (the others stay in the file).
     experts: Option<ExpertCache<Mlp>>,
-    /// The CPU steps' activations, kept between steps.
-    workspace: Mutex<Option<Workspace<Cpu>>>,
+    /// The CPU steps' activations, kept between steps: two, for two steps at once (the
+    /// scheduler's decode and prompt lanes).
+    workspaces: [Mutex<Option<Workspace<Cpu>>>; 2],
     /// `--device cuda`: the backend every step runs on, and its activations.
     cuda: Option<std::sync::Arc<crate::backend::Cuda>>,
     cuda_workspace: Mutex<Option<Workspace<crate::backend::Cuda>>>,
@@ -408,7 +409,7 @@ impl Model {
             lm_head,
             copies: Copies::Stored,
             experts: None,
-            workspace: Mutex::new(None),
+            workspaces: [Mutex::new(None), Mutex::new(None)],
             cuda: None,
             cuda_workspace: Mutex::new(None),
         })
@@ -586,7 +587,7 @@ impl Model {
             return step_in(
                 self,
                 cuda.as_ref(),
-                &self.cuda_workspace,
+                std::slice::from_ref(&self.cuda_workspace),
                 batch.rows(),
                 |ws| self.step(cuda.as_ref(), ws, batch, store, rope, prefetch),
             );
@@ -617,6 +618,11 @@ impl Model {
         }
         self.cuda = Some(std::sync::Arc::new(cuda));
         Ok(())
+    }
+
+    /// Whether the steps run on the CUDA backend.
+    pub fn on_cuda(&self) -> bool {
+        self.cuda.is_some()
     }
 
     /// The device the steps run on, in words.
@@ -651,7 +657,7 @@ impl Model {
         rope: Option<&Rope>,
         prefetch: usize,
     ) -> Result<Vec<Vec<f32>>> {
-        step_in(self, &Cpu, &self.workspace, batch.rows(), |ws| {
+        step_in(self, &Cpu, &self.workspaces, batch.rows(), |ws| {
             self.step(&Cpu, ws, batch, store, rope, prefetch)
         })
     }
@@ -919,16 +925,17 @@ struct Routed<'a> {
     copies: Copies,
 }
 
-/// Runs `step` in the workspace kept in `slot`, made at the first step and remade for a
-/// larger one (`rows` rows); a concurrent step, which tests make, gets one of its own.
+/// Runs `step` in the first free workspace of `slots`, made at the first step and remade for
+/// a larger one (`rows` rows); a step that finds every slot in use, which tests make, gets
+/// one of its own.
 fn step_in<B: Backend, T>(
     model: &Model,
     be: &B,
-    slot: &Mutex<Option<Workspace<B>>>,
+    slots: &[Mutex<Option<Workspace<B>>>],
     rows: usize,
     step: impl FnOnce(&mut Workspace<B>) -> Result<T>,
 ) -> Result<T> {
-    let mut held = slot.try_lock().ok();
+    let mut held = slots.iter().find_map(|s| s.try_lock().ok());
     let mut own = None;
     let slot: &mut Option<Workspace<B>> = match held.as_deref_mut() {
         Some(slot) => slot,

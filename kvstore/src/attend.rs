@@ -24,6 +24,9 @@ pub const SEGMENT: usize = 4096;
 pub const GROUP: usize = 64;
 /// Query rows (queries x heads) up to which the decode path is taken.
 const FEW_ROWS: usize = 64;
+/// Queries below which a chunk over a prefix of at least four times its length is read in
+/// place too.
+const IN_PLACE_ROWS: usize = 128;
 
 /// Queries `q` (`[n_q, h_q, d]`, the first at absolute position `params.q_pos`) against every
 /// held key of `layer`; `params.k_pos` is ignored (blocks carry their positions). Writes
@@ -63,7 +66,11 @@ pub fn attend<T: Element + KvUnit>(
     let mut part_out = vec![0f32; out.len()];
     let mut part_lse = vec![0f32; lse.len()];
     let mut stream = store.stream::<T>(seq, layer, opts)?;
-    if n_q * h_q <= FEW_ROWS {
+    // A short chunk over a long prefix (a prompt read a few rows a step beside decoding
+    // requests) also reads the blocks in place: a copy of every block would cost it more
+    // than its own products.
+    let held = store.len(seq, layer)?;
+    if n_q * h_q <= FEW_ROWS || (n_q < IN_PLACE_ROWS && held >= 4 * n_q) {
         let mut first = true;
         loop {
             let mut group = Vec::with_capacity(GROUP);

@@ -657,6 +657,13 @@ fn attend_over_tiered_blocks_matches_the_f64_reference() {
         (5, 1, Mask::Causal, 401, 2, 64),
         (6, 1, Mask::ChunkedLocal { chunk: 40 }, 437, 3, 64),
         (16, 2, Mask::ChunkedLocal { chunk: 48 }, 300, 1, 128),
+        // A prompt chunk over a prefix at least four times its length, read in place (64-key
+        // tiles); chunks of 128 queries or more, or over shorter prefixes, copied into
+        // contiguous segments.
+        (16, 4, Mask::Causal, 700, 30, 64),
+        (7, 2, Mask::ChunkedLocal { chunk: 100 }, 500, 45, 32),
+        (16, 4, Mask::Causal, 150, 40, 64),
+        (8, 2, Mask::Causal, 300, 130, 32),
     ] {
         for kind in [Inputs::Uniform(1.0), Inputs::Uniform(4.0), Inputs::Hard] {
             let dir = TempDir::new("attend");

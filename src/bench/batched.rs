@@ -93,8 +93,9 @@ pub fn run(args: Args) -> Result<()> {
                 max_context: args.prompt + args.new,
                 kv_tokens: total,
                 prefix_entries: 0,
-                // Throughput: every step takes its whole row budget.
+                // Throughput: every step takes its whole row budget, on every thread.
                 max_slowdown: 0.0,
+                prompt_lane: false,
             },
         );
         // Distinct prompts (no shared prefix), a fixed seed per run.

@@ -36,6 +36,11 @@ pub struct Args {
     /// many times the time of its decode rows alone (0: only the row budget limits it).
     #[arg(long, default_value_t = 3.0)]
     max_slowdown: f64,
+    /// Reads a prompt in shared steps with the decoding requests, on every thread, instead
+    /// of in a lane of its own beside them (half the threads each; the default with two or
+    /// more threads).
+    #[arg(long)]
+    no_prompt_lane: bool,
     #[command(flatten)]
     decode: DecodeOpts,
 }
@@ -82,6 +87,7 @@ fn scheduler<'m>(m: &'m Model, a: &Args, context: usize, prefix: usize) -> Resul
             kv_tokens: context.div_ceil(kv.block_tokens) * kv.block_tokens * (a.streams + 2),
             prefix_entries: prefix,
             max_slowdown: a.max_slowdown,
+            prompt_lane: !a.no_prompt_lane,
         },
     ))
 }
@@ -99,11 +105,12 @@ pub fn run(a: Args) -> Result<()> {
         "--long-prompt must fit the context"
     );
     println!(
-        "{} threads, {}, step {} rows, max slowdown {}",
+        "{} threads, {}, step {} rows, max slowdown {}, prompt lane {}",
         rayon::current_num_threads(),
         a.decode.describe(),
         a.step_tokens,
-        a.max_slowdown
+        a.max_slowdown,
+        if a.no_prompt_lane { "off" } else { "on" }
     );
 
     // Five phases, each a few seconds to minutes: two questions, a long prompt alone, the

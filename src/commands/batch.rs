@@ -162,8 +162,10 @@ pub fn run(args: Args) -> Result<()> {
             max_running: args.concurrency,
             max_waiting: 2 * args.concurrency,
             max_context: limit,
-            // Throughput over latency: every step takes its whole row budget.
+            // Throughput over latency: every step takes its whole row budget, on every
+            // thread.
             max_slowdown: 0.0,
+            prompt_lane: false,
             kv_tokens: limit
                 .div_ceil(kv.block_tokens)
                 .saturating_mul(kv.block_tokens)

@@ -60,6 +60,11 @@ pub struct Args {
     /// many times the time of its decode rows alone (0: only the row budget limits it).
     #[arg(long, default_value_t = 3.0)]
     max_slowdown: f64,
+    /// Reads a prompt in shared steps with the decoding requests, on every thread, instead
+    /// of in a lane of its own beside them (half the threads each; the default with two or
+    /// more threads).
+    #[arg(long)]
+    no_prompt_lane: bool,
     /// Prompt plus new tokens of one request (default: the model's trained context, at
     /// most 32768).
     #[arg(long)]
@@ -128,6 +133,7 @@ pub fn run(args: Args) -> Result<()> {
         kv_tokens: args.kv_tokens,
         prefix_entries: args.prefix_cache,
         max_slowdown: args.max_slowdown,
+        prompt_lane: !args.no_prompt_lane,
     };
     let worker = Worker::start(m.model, args.decode.kv().with_host_tier(), cfg)?;
     let app = Arc::new(App {

@@ -42,6 +42,11 @@ pub struct SchedConfig {
     /// many times the time of its decode rows alone ([`pace`]); 0 or 1: no limit but
     /// `step_tokens`.
     pub max_slowdown: f64,
+    /// A step's decode rows and its prompt rows run side by side, each on half the threads
+    /// ([`Lanes`]), when both are present and there are at least two threads. On a CPU two
+    /// threads on one step each do less than one alone, so a prompt read beside the decoding
+    /// requests slows their tokens less, and is itself read faster, than in shared steps.
+    pub prompt_lane: bool,
 }
 
 impl Default for SchedConfig {
@@ -54,6 +59,7 @@ impl Default for SchedConfig {
             kv_tokens: 1 << 17,
             prefix_entries: 16,
             max_slowdown: 3.0,
+            prompt_lane: true,
         }
     }
 }
@@ -119,6 +125,8 @@ pub struct Stats {
     pub running: usize,
     pub waiting: usize,
     pub steps: u64,
+    /// Steps whose decode and prompt rows ran side by side in two lanes.
+    pub lane_steps: u64,
     pub prompt_tokens: u64,
     /// Prompt tokens computed (the rest came from the prefix cache).
     pub prefill_tokens: u64,
@@ -161,6 +169,34 @@ impl Running {
     }
 }
 
+/// Two thread pools that split the threads: a step's decode rows run in one while its prompt
+/// rows run in the other.
+struct Lanes {
+    decode: rayon::ThreadPool,
+    prompt: rayon::ThreadPool,
+}
+
+impl Lanes {
+    /// Lanes over `threads` threads (the decode lane takes the odd one); none for fewer than
+    /// two, or where the pools cannot be made.
+    fn new(threads: usize) -> Option<Lanes> {
+        if threads < 2 {
+            return None;
+        }
+        let pool = |n: usize, name: &'static str| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(move |i| format!("longctx-{name}-{i}"))
+                .build()
+                .ok()
+        };
+        Some(Lanes {
+            decode: pool(threads - threads / 2, "decode")?,
+            prompt: pool(threads / 2, "prompt")?,
+        })
+    }
+}
+
 /// Continuous batching over one model and its KV store.
 pub struct Scheduler<'m> {
     model: &'m Model,
@@ -172,6 +208,7 @@ pub struct Scheduler<'m> {
     swapped: Vec<Running>,
     cache: PrefixCache,
     pacer: Pacer,
+    lanes: Option<Lanes>,
     next_id: u64,
     stats: Stats,
 }
@@ -180,6 +217,10 @@ impl<'m> Scheduler<'m> {
     pub fn new(model: &'m Model, store: KvStore, cfg: SchedConfig) -> Scheduler<'m> {
         let cache = PrefixCache::new(cfg.prefix_entries);
         let pacer = Pacer::new(cfg.max_slowdown);
+        // The CUDA backend runs a step on the GPU: no CPU threads to split.
+        let lanes = (cfg.prompt_lane && !model.on_cuda())
+            .then(|| Lanes::new(rayon::current_num_threads()))
+            .flatten();
         Scheduler {
             model,
             store,
@@ -189,6 +230,7 @@ impl<'m> Scheduler<'m> {
             swapped: vec![],
             cache,
             pacer,
+            lanes,
             next_id: 0,
             stats: Stats::default(),
         }
@@ -396,7 +438,10 @@ impl<'m> Scheduler<'m> {
             }
         }
         let decode_rows = rows.len();
-        let mut budget = self.pacer.prompt_rows(decode_rows, budget);
+        let mut budget = match self.lanes {
+            Some(_) => self.pacer.lane_prompt_rows(decode_rows, budget),
+            None => self.pacer.prompt_rows(decode_rows, budget),
+        };
         let mut reading: Vec<usize> = (0..self.running.len())
             .filter(|i| self.running[*i].reading_prompt())
             .collect();
@@ -412,6 +457,26 @@ impl<'m> Scheduler<'m> {
             budget -= take;
         }
         rows
+    }
+
+    /// The forward step of `rows` (as [`Scheduler::plan`] gives them), in `pool` or the
+    /// caller's; its logits, one entry a row, and the seconds it took.
+    fn forward_in(
+        &self,
+        pool: Option<&rayon::ThreadPool>,
+        rows: &[(usize, Vec<u32>, usize)],
+    ) -> (Result<Vec<Vec<f32>>>, f64) {
+        let mut batch = Batch::new();
+        for (i, toks, pos) in rows {
+            batch.push(self.running[*i].seq, toks, *pos, Logits::Last);
+        }
+        let t = std::time::Instant::now();
+        let run = || self.model.forward_batch(&batch, &self.store, None, 4);
+        let out = match pool {
+            Some(p) => p.install(run),
+            None => run(),
+        };
+        (out, t.elapsed().as_secs_f64())
     }
 
     /// One forward step over the running requests; what each produced.
@@ -447,20 +512,39 @@ impl<'m> Scheduler<'m> {
         if rows.is_empty() {
             return events;
         }
-        let mut batch = Batch::new();
-        for (i, toks, pos) in &rows {
-            batch.push(self.running[*i].seq, toks, *pos, Logits::Last);
-        }
         self.stats.steps += 1;
+        // Decode rows come first in the plan, prompt chunks after them.
         let decode_rows = rows
             .iter()
             .filter(|(i, _, _)| self.running[*i].pending.is_some())
             .count();
         let prompt_rows = rows.iter().map(|r| r.1.len()).sum::<usize>() - decode_rows;
-        let t = std::time::Instant::now();
-        let out = self.model.forward_batch(&batch, &self.store, None, 4);
-        self.pacer
-            .observe(decode_rows, prompt_rows, t.elapsed().as_secs_f64());
+        let out = match &self.lanes {
+            Some(lanes) if decode_rows > 0 && prompt_rows > 0 => {
+                self.stats.lane_steps += 1;
+                let (decode, prompt) = rows.split_at(decode_rows);
+                let ((d, d_secs), (p, p_secs)) = std::thread::scope(|s| {
+                    let p = s.spawn(|| self.forward_in(Some(&lanes.prompt), prompt));
+                    let d = self.forward_in(Some(&lanes.decode), decode);
+                    let p = p.join().unwrap_or_else(|_| {
+                        let e = EngineError::Batch("the prompt lane's step panicked".into());
+                        (Err(e), f64::NAN)
+                    });
+                    (d, p)
+                });
+                self.pacer
+                    .observe_lanes((decode_rows, d_secs), (prompt_rows, p_secs));
+                d.and_then(|mut d| {
+                    d.extend(p?);
+                    Ok(d)
+                })
+            }
+            _ => {
+                let (out, secs) = self.forward_in(None, &rows);
+                self.pacer.observe(decode_rows, prompt_rows, secs);
+                out
+            }
+        };
         match out {
             Ok(logits) => {
                 for ((i, toks, _), lg) in rows.iter().zip(logits) {

@@ -3,6 +3,11 @@
 //! that only for one model, machine and prompt position. The pacer keeps running estimates
 //! of what a decode row and a prompt row each add to a step and lets a step take as many
 //! prompt rows as keep it within `slowdown` times the same step's decode rows alone.
+//!
+//! With a prompt lane (the scheduler's decode rows and prompt rows on threads of their own,
+//! side by side) the prompt rows add nothing to the decode rows' time but their lane's own:
+//! a step then takes as many prompt rows as its lane reads while the decode lane computes,
+//! within `slowdown` times the decode rows alone on every thread.
 
 /// Weight of the old estimate in each update.
 const KEEP: f64 = 0.7;
@@ -16,6 +21,9 @@ pub struct Pacer {
     decode_row: Option<f64>,
     /// Seconds a prompt row adds to a step (what the decode rows do not explain).
     prompt_row: Option<f64>,
+    /// With lanes: seconds a decode row takes in its lane, and a prompt row in its own.
+    lane_decode_row: Option<f64>,
+    lane_prompt_row: Option<f64>,
 }
 
 fn ewma(old: Option<f64>, new: f64) -> Option<f64> {
@@ -29,6 +37,8 @@ impl Pacer {
             slowdown,
             decode_row: None,
             prompt_row: None,
+            lane_decode_row: None,
+            lane_prompt_row: None,
         }
     }
 
@@ -51,6 +61,46 @@ impl Pacer {
         };
         let rows = (self.slowdown - 1.0) * decode_rows as f64 * d / p;
         (rows.floor() as usize).clamp(1, budget.max(1)).min(budget)
+    }
+
+    /// [`Pacer::prompt_rows`] for a step whose prompt rows run in a lane of their own beside
+    /// the decode lane: as many as the prompt lane reads in the decode lane's time (so
+    /// neither waits long for the other), within `slowdown` times the decode rows' time
+    /// alone on every thread; at least one.
+    pub fn lane_prompt_rows(&self, decode_rows: usize, budget: usize) -> usize {
+        if decode_rows == 0 || !self.on() {
+            return budget;
+        }
+        let n = decode_rows as f64;
+        let lane = self.lane_decode_row.map(|d| n * d);
+        let bound = self.decode_row.map(|d| self.slowdown * n * d);
+        let target = match (lane, bound) {
+            (Some(l), Some(b)) => l.min(b),
+            (Some(t), None) | (None, Some(t)) => t,
+            (None, None) => return budget.min(FIRST),
+        };
+        let Some(p) = self.lane_prompt_row.filter(|p| *p > 0.0) else {
+            return budget.min(FIRST);
+        };
+        ((target / p).floor() as usize)
+            .clamp(1, budget.max(1))
+            .min(budget)
+    }
+
+    /// Learns from a step run in two lanes: its decode rows took `decode_secs` in theirs,
+    /// its prompt rows `prompt_secs` in theirs.
+    pub fn observe_lanes(
+        &mut self,
+        (decode_rows, decode_secs): (usize, f64),
+        (prompt_rows, prompt_secs): (usize, f64),
+    ) {
+        let ok = |s: f64| s.is_finite() && s >= 0.0;
+        if decode_rows > 0 && ok(decode_secs) {
+            self.lane_decode_row = ewma(self.lane_decode_row, decode_secs / decode_rows as f64);
+        }
+        if prompt_rows > 0 && ok(prompt_secs) {
+            self.lane_prompt_row = ewma(self.lane_prompt_row, prompt_secs / prompt_rows as f64);
+        }
     }
 
     /// Learns from a step that took `secs`.
@@ -98,6 +148,37 @@ mod tests {
         // Bounded by the row budget, and off when asked.
         assert_eq!(pacer.prompt_rows(16, 3), 3);
         assert_eq!(Pacer::new(0.0).prompt_rows(16, 496), 496);
+    }
+
+    /// In lanes: a step takes as many prompt rows as their lane reads in the decode lane's
+    /// time, within the slowdown of the decode rows alone.
+    #[test]
+    fn lanes_balance_the_prompt_lane_against_the_decode_lane() {
+        let mut pacer = Pacer::new(2.0);
+        // Nothing timed: a first few rows.
+        assert_eq!(pacer.lane_prompt_rows(16, 496), FIRST);
+        // Decode alone on every thread: 1 ms a row; in its lane 1.5 ms; a prompt row 2 ms.
+        pacer.observe(16, 0, 16e-3);
+        assert_eq!(pacer.lane_prompt_rows(16, 496), FIRST);
+        for _ in 0..30 {
+            pacer.observe_lanes((16, 24e-3), (8, 16e-3));
+        }
+        // 24 ms of the decode lane hold 12 prompt rows of 2 ms (11 where the division rounds
+        // down).
+        assert!((11..=12).contains(&pacer.lane_prompt_rows(16, 496)));
+        // A decode lane slower than the bound: the bound (2 x 16 ms) rules.
+        for _ in 0..30 {
+            pacer.observe_lanes((16, 64e-3), (8, 16e-3));
+        }
+        let rows = pacer.lane_prompt_rows(16, 496);
+        assert!((15..=16).contains(&rows), "{rows}");
+        // Prompt rows alone, the budget, and pacing off: as without lanes.
+        assert_eq!(pacer.lane_prompt_rows(0, 512), 512);
+        assert_eq!(pacer.lane_prompt_rows(16, 3), 3);
+        assert_eq!(Pacer::new(0.0).lane_prompt_rows(16, 496), 496);
+        // Garbage times change nothing.
+        pacer.observe_lanes((16, f64::NAN), (8, -1.0));
+        assert_eq!(pacer.lane_prompt_rows(16, 496), rows);
     }
 
     /// Prompt rows that get dearer (attention over a longer prefix) get fewer.

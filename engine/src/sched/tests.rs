@@ -101,18 +101,21 @@ fn drain(s: &mut Scheduler) -> Answers {
 
 /// Requests of different lengths, admitted while others decode, with prompts read in
 /// chunks beside decode rows (a 7-row step budget), each answer as it is alone: Llama and
-/// Llama 4 (chunked-local layers, MoE), with and without sampling.
+/// Llama 4 (chunked-local layers, MoE), with and without sampling, with the prompt rows in
+/// a lane of their own and in shared steps.
 ///
 /// With KV room for about two of them (64 tokens), the newest is preempted as answers grow:
 /// its blocks go to the host tier and come back, and nothing is computed twice.
 #[test]
 fn batched_requests_answer_as_each_alone() {
     let mut rng = rand::rng();
-    for (cfg, kv_tokens) in [
-        (tiny_llama(), 1 << 17),
-        (tiny_llama4_config(), 1 << 17),
-        (tiny_llama(), 64),
-        (tiny_llama4_config(), 64),
+    for (cfg, kv_tokens, prompt_lane) in [
+        (tiny_llama(), 1 << 17, true),
+        (tiny_llama4_config(), 1 << 17, true),
+        (tiny_llama(), 64, true),
+        (tiny_llama4_config(), 64, true),
+        (tiny_llama(), 1 << 17, false),
+        (tiny_llama4_config(), 64, false),
     ] {
         let m = model(&cfg);
         let mut s = sched(
@@ -122,6 +125,7 @@ fn batched_requests_answer_as_each_alone() {
                 step_tokens: 7,
                 prefix_entries: 0,
                 kv_tokens,
+                prompt_lane,
                 ..SchedConfig::default()
             },
         );
@@ -155,6 +159,10 @@ fn batched_requests_answer_as_each_alone() {
         // Every sequence freed; every prompt token computed once.
         assert_eq!(s.store().blocks(), 0);
         let st = s.stats();
+        // Prompts were read in their own lane beside decode rows (where two threads make
+        // lanes), or never without lanes.
+        let lanes = prompt_lane && rayon::current_num_threads() >= 2;
+        assert_eq!(st.lane_steps > 0, lanes, "lane steps {}", st.lane_steps);
         let prompts: usize = reqs.iter().map(|r| r.prompt.len()).sum();
         assert_eq!(st.prefill_tokens, prompts as u64);
         if kv_tokens == 64 {

@@ -493,9 +493,14 @@ fn split_run<T: Element, O: Element>(
         let pl_ptr = SyncPtr(part_l.as_mut_ptr());
         // A block KV under many rows (a prefill chunk) is staged, and the GEMMs on staged f32
         // tiles want long ones; 16-key tiles made its prefill slower than bf16's.
-        let q8_many = engines[0].blocks.is_some() && n_q.min(bq) * shape.group() > 16;
+        let many = n_q.min(bq) * shape.group() > 16;
+        let q8_many = engines[0].blocks.is_some() && many;
         let (bk, tiles_ahead) = if q8_many {
             (BK, 0)
+        } else if many {
+            // A prompt chunk over its prefix in place (see the KV store's `attend`): the
+            // GEMM tiles want long ones, as on the contiguous path.
+            (BK, PREFETCH_TILES)
         } else if row_bytes <= NARROW_ROW_BYTES {
             (SPLIT_BK, 2 * PREFETCH_TILES)
         } else if row_bytes <= MID_ROW_BYTES {
