@@ -93,7 +93,9 @@ fn concurrent_jobs_survive_ten_kills_at_random_moments() {
         .map(|i| {
             format!(
                 r#"{{"id": "k{i}", "prompt": "Write about the number {i}.", "max_tokens": {}}}"#,
-                16 + i % 3 * 16
+                // Work for about 4 s (the whole batch ran in 1.2 s with 16-48 tokens a job,
+                // too little for three kills at random moments to land mid-run).
+                48 + i % 3 * 48
             )
         })
         .collect();
@@ -117,7 +119,7 @@ fn concurrent_jobs_survive_ten_kills_at_random_moments() {
     let mut kills = 0;
     while kills < 10 {
         let mut child = cmd().spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(150..1200)));
+        std::thread::sleep(Duration::from_millis(rng.random_range(150..900)));
         if child.try_wait().unwrap().is_some() {
             // Finished before this moment: no kill to count; the jobs are all done.
             break;

@@ -150,11 +150,12 @@ pub fn run(a: Args) -> Result<()> {
     drain(&mut s);
     bar.inc(1);
     let mut s = scheduler(&m.model, &a, ctx, 0)?;
+    let mut streams = vec![];
     for i in 0..a.streams {
-        s.submit(request(
+        streams.push(s.submit(request(
             random_tokens(512, 1000 + i as u64, vocab),
             100_000.min(ctx - 600),
-        ))?;
+        ))?);
     }
     // Until every stream decodes, then the steady inter-token latency.
     let mut started = std::collections::HashSet::new();
@@ -166,28 +167,45 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     bar.inc(1);
-    let t = Instant::now();
-    let n = 10;
-    for _ in 0..n {
-        s.step();
-    }
-    let itl = t.elapsed().as_secs_f64() / n as f64;
-    let id = s.submit(request(long, 1))?;
-    let t = Instant::now();
-    let (mut steps, mut worst) = (0, 0f64);
-    let loaded_ttft = loop {
-        let ts = Instant::now();
-        let ev = s.step();
-        worst = worst.max(ts.elapsed().as_secs_f64());
-        steps += 1;
-        if ev
-            .iter()
-            .any(|e| matches!(e, Event::Token { id: i, .. } if *i == id))
-        {
-            break t.elapsed().as_secs_f64();
+    // The streams' tokens as they come out (a step in two lanes gives several rounds of
+    // them): each stream's gaps between tokens, timed at the events.
+    let mut last: std::collections::HashMap<RequestId, Instant> =
+        streams.iter().map(|id| (*id, Instant::now())).collect();
+    let mut gaps = (0usize, 0f64, 0f64);
+    let mut on_token = |id: RequestId, gaps: &mut (usize, f64, f64)| {
+        if let Some(t) = last.get_mut(&id) {
+            let now = Instant::now();
+            let g = now.duration_since(*t).as_secs_f64();
+            *t = now;
+            *gaps = (gaps.0 + 1, gaps.1 + g, gaps.2.max(g));
         }
     };
-    let during = (t.elapsed().as_secs_f64()) / steps as f64;
+    // Ten tokens a stream before.
+    while gaps.0 < 10 * a.streams {
+        s.step_with(&mut |e| {
+            if let Event::Token { id, .. } = e {
+                on_token(id, &mut gaps);
+            }
+        });
+    }
+    let itl = gaps.1 / gaps.0 as f64;
+    let id = s.submit(request(long, 1))?;
+    let t = Instant::now();
+    let mut during = (0usize, 0f64, 0f64);
+    let mut loaded_ttft = None;
+    while loaded_ttft.is_none() {
+        s.step_with(&mut |e| {
+            if let Event::Token { id: i, .. } = e {
+                if i == id {
+                    loaded_ttft = Some(t.elapsed().as_secs_f64());
+                } else {
+                    on_token(i, &mut during);
+                }
+            }
+        });
+    }
+    let loaded_ttft = loaded_ttft.expect("the loop ends on it");
+    let (during, worst) = (during.1 / during.0.max(1) as f64, during.2);
     bar.inc(1);
     bar.finish_and_clear();
     println!(

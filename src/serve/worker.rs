@@ -97,7 +97,10 @@ fn run(
         while let Ok(cmd) = rx.try_recv() {
             handle(cmd, &mut sched, &mut routes);
         }
-        for ev in sched.step() {
+        // Each event goes to its client as the step gives it (a step in two lanes gives
+        // several decode rounds' tokens); a client gone is finished after the step.
+        let mut gone = vec![];
+        sched.step_with(&mut |ev| {
             let (id, last) = match &ev {
                 Event::Token { id, .. } | Event::Admitted { id, .. } => (*id, false),
                 Event::Done { id, .. } => {
@@ -109,16 +112,19 @@ fn run(
                     (*id, true)
                 }
             };
-            let gone = match routes.get(&id) {
+            let left = match routes.get(&id) {
                 Some(tx) => tx.send(ev).is_err(),
                 None => !last,
             };
             if last {
                 routes.remove(&id);
-            } else if gone {
-                sched.finish(id);
+            } else if left {
+                gone.push(id);
                 routes.remove(&id);
             }
+        });
+        for id in gone {
+            sched.finish(id);
         }
         let stats = sched.stats();
         let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());

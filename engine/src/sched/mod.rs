@@ -142,6 +142,9 @@ pub struct Stats {
     pub swap_in_blocks: u64,
 }
 
+/// A row of a step: the running request's index, its tokens, their first position.
+type Row = (usize, Vec<u32>, usize);
+
 struct Running {
     id: RequestId,
     req: Request,
@@ -208,7 +211,7 @@ pub struct Scheduler<'m> {
     swapped: Vec<Running>,
     cache: PrefixCache,
     pacer: Pacer,
-    lanes: Option<Lanes>,
+    lanes: Option<std::sync::Arc<Lanes>>,
     next_id: u64,
     stats: Stats,
 }
@@ -220,7 +223,8 @@ impl<'m> Scheduler<'m> {
         // The CUDA backend runs a step on the GPU: no CPU threads to split.
         let lanes = (cfg.prompt_lane && !model.on_cuda())
             .then(|| Lanes::new(rayon::current_num_threads()))
-            .flatten();
+            .flatten()
+            .map(std::sync::Arc::new);
         Scheduler {
             model,
             store,
@@ -428,7 +432,7 @@ impl<'m> Scheduler<'m> {
     /// The step's rows as (running index, tokens, position): a decode row for every
     /// request with a pending token, then prompt chunks, oldest request first, while the
     /// step's token budget lasts.
-    fn plan(&self) -> Vec<(usize, Vec<u32>, usize)> {
+    fn plan(&self) -> Vec<Row> {
         let mut budget = self.cfg.step_tokens.max(1);
         let mut rows = vec![];
         for (i, r) in self.running.iter().enumerate() {
@@ -438,8 +442,10 @@ impl<'m> Scheduler<'m> {
             }
         }
         let decode_rows = rows.len();
+        // With lanes a prompt beside decode rows is read in its own lane ([`Self::lane_step`]),
+        // sized there: any prompt row here only says that one is being read.
         let mut budget = match self.lanes {
-            Some(_) => self.pacer.lane_prompt_rows(decode_rows, budget),
+            Some(_) => budget,
             None => self.pacer.prompt_rows(decode_rows, budget),
         };
         let mut reading: Vec<usize> = (0..self.running.len())
@@ -464,7 +470,7 @@ impl<'m> Scheduler<'m> {
     fn forward_in(
         &self,
         pool: Option<&rayon::ThreadPool>,
-        rows: &[(usize, Vec<u32>, usize)],
+        rows: &[Row],
     ) -> (Result<Vec<Vec<f32>>>, f64) {
         let mut batch = Batch::new();
         for (i, toks, pos) in rows {
@@ -479,26 +485,40 @@ impl<'m> Scheduler<'m> {
         (out, t.elapsed().as_secs_f64())
     }
 
+    /// Device KV tokens the running requests hold once `rows` are appended (whole blocks).
+    fn kv_after(&self, rows: &[Row]) -> usize {
+        let bt = self.block_tokens();
+        self.running
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let new = rows
+                    .iter()
+                    .find(|row| row.0 == i)
+                    .map_or(0, |row| row.1.len());
+                r.held(new, bt)
+            })
+            .sum()
+    }
+
     /// One forward step over the running requests; what each produced.
     pub fn step(&mut self) -> Vec<Event> {
+        let mut events = vec![];
+        self.step_with(&mut |e| events.push(e));
+        events
+    }
+
+    /// [`Scheduler::step`], each event handed to `emit` as it happens. With a prompt lane, a
+    /// step that reads a prompt beside decoding requests runs several decode rounds while
+    /// the prompt lane reads (see [`Scheduler::lane_step`]): their tokens come out as each
+    /// round ends, not when the step does.
+    pub fn step_with(&mut self, emit: &mut dyn FnMut(Event)) {
         let mut events = vec![];
         self.admit(&mut events);
         let mut rows = self.plan();
         // Under KV pressure the newest requests give way until the step fits.
-        let bt = self.block_tokens();
         loop {
-            let after: usize = self
-                .running
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    let new = rows
-                        .iter()
-                        .find(|row| row.0 == i)
-                        .map_or(0, |row| row.1.len());
-                    r.held(new, bt)
-                })
-                .sum();
+            let after = self.kv_after(&rows);
             if after <= self.cfg.kv_tokens || self.running.len() <= 1 {
                 if self.cache.tokens() > self.cfg.kv_tokens.saturating_sub(after) {
                     self.cache
@@ -510,7 +530,8 @@ impl<'m> Scheduler<'m> {
             rows = self.plan();
         }
         if rows.is_empty() {
-            return events;
+            events.into_iter().for_each(&mut *emit);
+            return;
         }
         self.stats.steps += 1;
         // Decode rows come first in the plan, prompt chunks after them.
@@ -519,32 +540,100 @@ impl<'m> Scheduler<'m> {
             .filter(|(i, _, _)| self.running[*i].pending.is_some())
             .count();
         let prompt_rows = rows.iter().map(|r| r.1.len()).sum::<usize>() - decode_rows;
-        let out = match &self.lanes {
-            Some(lanes) if decode_rows > 0 && prompt_rows > 0 => {
-                self.stats.lane_steps += 1;
-                let (decode, prompt) = rows.split_at(decode_rows);
-                let ((d, d_secs), (p, p_secs)) = std::thread::scope(|s| {
-                    let p = s.spawn(|| self.forward_in(Some(&lanes.prompt), prompt));
-                    let d = self.forward_in(Some(&lanes.decode), decode);
-                    let p = p.join().unwrap_or_else(|_| {
-                        let e = EngineError::Batch("the prompt lane's step panicked".into());
-                        (Err(e), f64::NAN)
-                    });
-                    (d, p)
-                });
-                self.pacer
-                    .observe_lanes((decode_rows, d_secs), (prompt_rows, p_secs));
-                d.and_then(|mut d| {
-                    d.extend(p?);
-                    Ok(d)
-                })
-            }
-            _ => {
-                let (out, secs) = self.forward_in(None, &rows);
-                self.pacer.observe(decode_rows, prompt_rows, secs);
-                out
-            }
+        if let (Some(lanes), true) = (self.lanes.clone(), decode_rows > 0 && prompt_rows > 0) {
+            events.into_iter().for_each(&mut *emit);
+            rows.truncate(decode_rows);
+            self.lane_step(&lanes, rows, emit);
+            return;
+        }
+        let (out, secs) = self.forward_in(None, &rows);
+        self.pacer.observe(decode_rows, prompt_rows, secs);
+        self.absorb(&rows, out, &mut events);
+        self.finish_done(&events);
+        events.into_iter().for_each(&mut *emit);
+    }
+
+    /// A step in two lanes: the oldest request reading its prompt reads a chunk of it in the
+    /// prompt lane (about [`pace::LANE_SECS`] of work, so that the lane reads long chunks
+    /// and rarely waits), while the decode lane runs decode rounds over the other requests,
+    /// the first over `decode` (rows as [`Scheduler::plan`] gives them), until the chunk is
+    /// read. Each round's events go to `emit` when it ends.
+    fn lane_step(&mut self, lanes: &Lanes, decode: Vec<Row>, emit: &mut dyn FnMut(Event)) {
+        self.stats.lane_steps += 1;
+        let Some(reader) = (0..self.running.len())
+            .filter(|i| self.running[*i].reading_prompt())
+            .min_by_key(|i| self.running[*i].id)
+        else {
+            return;
         };
+        let (id, seq, at) = {
+            let r = &self.running[reader];
+            (r.id, r.seq, r.kv.len())
+        };
+        let left = self.running[reader].req.prompt.len() - at;
+        let take = self
+            .pacer
+            .lane_prompt_rows(left, self.cfg.step_tokens.max(1));
+        let toks = self.running[reader].req.prompt[at..at + take].to_vec();
+        let (model, store) = (self.model, self.store.clone());
+        let (read, prompt_secs) = std::thread::scope(|s| {
+            let chunk = &toks;
+            let prompt = s.spawn(move || {
+                let mut b = Batch::new();
+                b.push(seq, chunk, at, Logits::Last);
+                let t = std::time::Instant::now();
+                let out = lanes
+                    .prompt
+                    .install(|| model.forward_batch(&b, &store, None, 4));
+                (out, t.elapsed().as_secs_f64())
+            });
+            let mut rows = decode;
+            // Decode rounds until the chunk is read, each one's new KV within the budget.
+            while !rows.is_empty() && self.kv_after(&rows) <= self.cfg.kv_tokens {
+                let (out, _) = self.forward_in(Some(&lanes.decode), &rows);
+                let mut events = vec![];
+                self.absorb(&rows, out, &mut events);
+                self.finish_done(&events);
+                events.into_iter().for_each(&mut *emit);
+                if prompt.is_finished() {
+                    break;
+                }
+                rows = self.plan_decode();
+            }
+            prompt.join().unwrap_or_else(|_| {
+                let e = EngineError::Batch("the prompt lane's step panicked".into());
+                (Err(e), f64::NAN)
+            })
+        });
+        self.pacer.observe_lane(take, prompt_secs);
+        // Rounds may have ended other requests: the reader by its id.
+        let Some(i) = self.running.iter().position(|r| r.id == id) else {
+            return;
+        };
+        let rows = [(i, toks, at)];
+        let mut events = vec![];
+        self.absorb(
+            &rows,
+            read.map(|lg| vec![lg.into_iter().next().unwrap_or_default()]),
+            &mut events,
+        );
+        self.finish_done(&events);
+        events.into_iter().for_each(&mut *emit);
+    }
+
+    /// Decode rows only: one for every request with a pending token.
+    fn plan_decode(&self) -> Vec<Row> {
+        self.running
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.pending.map(|t| (i, vec![t], r.kv.len())))
+            .collect()
+    }
+
+    /// Takes a forward step's result for `rows`: KV read, tokens sampled, events for each
+    /// request; on an error the step's requests fail (their sequences may hold part of its
+    /// KV) and leave, the rest go on.
+    fn absorb(&mut self, rows: &[Row], out: Result<Vec<Vec<f32>>>, events: &mut Vec<Event>) {
         match out {
             Ok(logits) => {
                 for ((i, toks, _), lg) in rows.iter().zip(logits) {
@@ -580,9 +669,8 @@ impl<'m> Scheduler<'m> {
                 }
             }
             Err(e) => {
-                // The step's sequences may hold part of its KV: they end, the rest go on.
                 let msg = e.to_string();
-                for (i, _, _) in &rows {
+                for (i, _, _) in rows {
                     let r = &self.running[*i];
                     events.push(Event::Failed {
                         id: r.id,
@@ -599,20 +687,17 @@ impl<'m> Scheduler<'m> {
                         true
                     }
                 });
-                return events;
             }
         }
-        let done: Vec<RequestId> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Done { id, .. } => Some(*id),
-                _ => None,
-            })
-            .collect();
-        for id in done {
-            self.finish(id);
+    }
+
+    /// Ends the requests `events` report done.
+    fn finish_done(&mut self, events: &[Event]) {
+        for e in events {
+            if let Event::Done { id, .. } = e {
+                self.finish(*id);
+            }
         }
-        events
     }
 }
 

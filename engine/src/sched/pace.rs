@@ -4,15 +4,23 @@
 //! of what a decode row and a prompt row each add to a step and lets a step take as many
 //! prompt rows as keep it within `slowdown` times the same step's decode rows alone.
 //!
-//! With a prompt lane (the scheduler's decode rows and prompt rows on threads of their own,
-//! side by side) the prompt rows add nothing to the decode rows' time but their lane's own:
-//! a step then takes as many prompt rows as its lane reads while the decode lane computes,
-//! within `slowdown` times the decode rows alone on every thread.
+//! With a prompt lane (the scheduler's decode rounds and a prompt's chunk on threads of
+//! their own, side by side) the prompt's rows add nothing to the decode rounds' time: its
+//! chunks are sized by the time they take in their lane ([`LANE_SECS`]), and the slowdown
+//! is not used.
 
 /// Weight of the old estimate in each update.
 const KEEP: f64 = 0.7;
 /// Prompt rows of a mixed step before any prompt row has been timed.
 const FIRST: usize = 8;
+/// Seconds of work a prompt lane's chunk is sized for: long chunks read a prompt faster
+/// (the weights are read once a chunk), and the lane waits for the decode lane's round in
+/// progress once a chunk (under a tenth of this); but requests arriving meanwhile wait for
+/// the chunk's end to be admitted.
+pub const LANE_SECS: f64 = 0.4;
+/// A prompt lane's chunk before one has been timed, and the fewest rows after.
+const LANE_FIRST: usize = 64;
+const LANE_MIN: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct Pacer {
@@ -21,8 +29,7 @@ pub struct Pacer {
     decode_row: Option<f64>,
     /// Seconds a prompt row adds to a step (what the decode rows do not explain).
     prompt_row: Option<f64>,
-    /// With lanes: seconds a decode row takes in its lane, and a prompt row in its own.
-    lane_decode_row: Option<f64>,
+    /// With lanes: seconds a prompt row takes in its lane.
     lane_prompt_row: Option<f64>,
 }
 
@@ -37,7 +44,6 @@ impl Pacer {
             slowdown,
             decode_row: None,
             prompt_row: None,
-            lane_decode_row: None,
             lane_prompt_row: None,
         }
     }
@@ -63,43 +69,21 @@ impl Pacer {
         (rows.floor() as usize).clamp(1, budget.max(1)).min(budget)
     }
 
-    /// [`Pacer::prompt_rows`] for a step whose prompt rows run in a lane of their own beside
-    /// the decode lane: as many as the prompt lane reads in the decode lane's time (so
-    /// neither waits long for the other), within `slowdown` times the decode rows' time
-    /// alone on every thread; at least one.
-    pub fn lane_prompt_rows(&self, decode_rows: usize, budget: usize) -> usize {
-        if decode_rows == 0 || !self.on() {
-            return budget;
-        }
-        let n = decode_rows as f64;
-        let lane = self.lane_decode_row.map(|d| n * d);
-        let bound = self.decode_row.map(|d| self.slowdown * n * d);
-        let target = match (lane, bound) {
-            (Some(l), Some(b)) => l.min(b),
-            (Some(t), None) | (None, Some(t)) => t,
-            (None, None) => return budget.min(FIRST),
+    /// Rows of a prompt lane's chunk (see the scheduler's `lane_step`): about [`LANE_SECS`]
+    /// of that lane's work, at least [`LANE_MIN`], at most `budget` and the `left` rows of
+    /// the prompt; [`LANE_FIRST`] before a chunk has been timed.
+    pub fn lane_prompt_rows(&self, left: usize, budget: usize) -> usize {
+        let rows = match self.lane_prompt_row.filter(|p| *p > 0.0) {
+            Some(p) => ((LANE_SECS / p).floor() as usize).max(LANE_MIN),
+            None => LANE_FIRST,
         };
-        let Some(p) = self.lane_prompt_row.filter(|p| *p > 0.0) else {
-            return budget.min(FIRST);
-        };
-        ((target / p).floor() as usize)
-            .clamp(1, budget.max(1))
-            .min(budget)
+        rows.min(budget).min(left).max(1)
     }
 
-    /// Learns from a step run in two lanes: its decode rows took `decode_secs` in theirs,
-    /// its prompt rows `prompt_secs` in theirs.
-    pub fn observe_lanes(
-        &mut self,
-        (decode_rows, decode_secs): (usize, f64),
-        (prompt_rows, prompt_secs): (usize, f64),
-    ) {
-        let ok = |s: f64| s.is_finite() && s >= 0.0;
-        if decode_rows > 0 && ok(decode_secs) {
-            self.lane_decode_row = ewma(self.lane_decode_row, decode_secs / decode_rows as f64);
-        }
-        if prompt_rows > 0 && ok(prompt_secs) {
-            self.lane_prompt_row = ewma(self.lane_prompt_row, prompt_secs / prompt_rows as f64);
+    /// Learns from a prompt lane's chunk of `rows` rows that took `secs`.
+    pub fn observe_lane(&mut self, rows: usize, secs: f64) {
+        if rows > 0 && secs.is_finite() && secs >= 0.0 {
+            self.lane_prompt_row = ewma(self.lane_prompt_row, secs / rows as f64);
         }
     }
 
@@ -150,35 +134,28 @@ mod tests {
         assert_eq!(Pacer::new(0.0).prompt_rows(16, 496), 496);
     }
 
-    /// In lanes: a step takes as many prompt rows as their lane reads in the decode lane's
-    /// time, within the slowdown of the decode rows alone.
+    /// A prompt lane's chunk: LANE_SECS of its rows as last timed, within the bounds.
     #[test]
-    fn lanes_balance_the_prompt_lane_against_the_decode_lane() {
+    fn lane_chunks_are_sized_by_their_time() {
         let mut pacer = Pacer::new(2.0);
-        // Nothing timed: a first few rows.
-        assert_eq!(pacer.lane_prompt_rows(16, 496), FIRST);
-        // Decode alone on every thread: 1 ms a row; in its lane 1.5 ms; a prompt row 2 ms.
-        pacer.observe(16, 0, 16e-3);
-        assert_eq!(pacer.lane_prompt_rows(16, 496), FIRST);
-        for _ in 0..30 {
-            pacer.observe_lanes((16, 24e-3), (8, 16e-3));
+        assert_eq!(pacer.lane_prompt_rows(4096, 512), LANE_FIRST);
+        assert_eq!(pacer.lane_prompt_rows(10, 512), 10);
+        // 4 ms a row: LANE_SECS / 4 ms rows (one fewer where the division rounds down).
+        pacer.observe_lane(64, 64.0 * 4e-3);
+        let want = (LANE_SECS / 4e-3) as usize;
+        assert!((want - 1..=want).contains(&pacer.lane_prompt_rows(4096, 512)));
+        // The budget, what is left and the least.
+        assert_eq!(pacer.lane_prompt_rows(4096, 20), 20);
+        assert_eq!(pacer.lane_prompt_rows(3, 512), 3);
+        for _ in 0..40 {
+            pacer.observe_lane(16, 16.0);
         }
-        // 24 ms of the decode lane hold 12 prompt rows of 2 ms (11 where the division rounds
-        // down).
-        assert!((11..=12).contains(&pacer.lane_prompt_rows(16, 496)));
-        // A decode lane slower than the bound: the bound (2 x 16 ms) rules.
-        for _ in 0..30 {
-            pacer.observe_lanes((16, 64e-3), (8, 16e-3));
-        }
-        let rows = pacer.lane_prompt_rows(16, 496);
-        assert!((15..=16).contains(&rows), "{rows}");
-        // Prompt rows alone, the budget, and pacing off: as without lanes.
-        assert_eq!(pacer.lane_prompt_rows(0, 512), 512);
-        assert_eq!(pacer.lane_prompt_rows(16, 3), 3);
-        assert_eq!(Pacer::new(0.0).lane_prompt_rows(16, 496), 496);
+        assert_eq!(pacer.lane_prompt_rows(4096, 512), LANE_MIN);
         // Garbage times change nothing.
-        pacer.observe_lanes((16, f64::NAN), (8, -1.0));
-        assert_eq!(pacer.lane_prompt_rows(16, 496), rows);
+        pacer.observe_lane(16, f64::NAN);
+        pacer.observe_lane(16, -1.0);
+        pacer.observe_lane(0, 1.0);
+        assert_eq!(pacer.lane_prompt_rows(4096, 512), LANE_MIN);
     }
 
     /// Prompt rows that get dearer (attention over a longer prefix) get fewer.

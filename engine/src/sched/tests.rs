@@ -186,6 +186,7 @@ fn a_long_prompt_does_not_stall_decoding() {
         SchedConfig {
             step_tokens: 16,
             max_slowdown: 0.0,
+            prompt_lane: false,
             ..SchedConfig::default()
         },
     );
@@ -212,6 +213,60 @@ fn a_long_prompt_does_not_stall_decoding() {
     }
     // 200 prompt tokens at 15 a step (one row goes to the decoding request): 14 steps.
     assert_eq!(b_first, Some(13));
+}
+
+/// The same in a prompt lane: each step reads a chunk of at most the step budget in the
+/// prompt lane while the decoding request gets a token every decode round (at least one a
+/// step, as they come), and both answers are as each alone.
+#[test]
+fn a_long_prompt_in_its_lane_does_not_stall_decoding() {
+    if rayon::current_num_threads() < 2 {
+        eprintln!("skipped: lanes need two threads, this pool has one");
+        return;
+    }
+    let cfg = tiny_llama();
+    let m = model(&cfg);
+    let mut s = sched(
+        &m,
+        SchedConfig {
+            step_tokens: 16,
+            ..SchedConfig::default()
+        },
+    );
+    let ra = greedy(vec![1, 2, 3], 3000);
+    let rb = greedy((0..200).map(|i| i % 300).collect(), 2);
+    let a = s.submit(ra.clone()).unwrap();
+    let mut got: Answers = Answers::default();
+    let mut record = |e: Event, got: &mut Answers| match e {
+        Event::Token { id, token } => got.entry(id).or_default().0.push(token),
+        Event::Done { id, finish, usage } => got.entry(id).or_default().1 = Some((finish, usage)),
+        Event::Failed { error, .. } => panic!("{error}"),
+        Event::Admitted { .. } => {}
+    };
+    s.step_with(&mut |e| record(e, &mut got));
+    let b = s.submit(rb.clone()).unwrap();
+    let mut b_first = None;
+    for step in 0..20 {
+        let before = got.get(&a).map_or(0, |x| x.0.len());
+        s.step_with(&mut |e| record(e, &mut got));
+        assert!(
+            got[&a].0.len() > before,
+            "step {step}: no token for the decoding request"
+        );
+        if b_first.is_none() && got.contains_key(&b) {
+            b_first = Some(step);
+        }
+    }
+    // 200 prompt tokens, 16 a step (the decode rows are not in the budget): 13 steps.
+    assert_eq!(b_first, Some(12));
+    assert_eq!(s.stats().lane_steps, 13);
+    assert_eq!(got[&b].0, alone(&m, &rb));
+    let a_toks = &got[&a].0;
+    assert!(
+        a_toks.len() < ra.max_tokens,
+        "the decoding request ended early"
+    );
+    assert_eq!(a_toks[..], alone(&m, &ra)[..a_toks.len()]);
 }
 
 /// A second request sharing a prompt prefix with a finished one computes only the rest,
