@@ -237,7 +237,7 @@ fn a_long_prompt_in_its_lane_does_not_stall_decoding() {
     let rb = greedy((0..200).map(|i| i % 300).collect(), 2);
     let a = s.submit(ra.clone()).unwrap();
     let mut got: Answers = Answers::default();
-    let mut record = |e: Event, got: &mut Answers| match e {
+    let record = |e: Event, got: &mut Answers| match e {
         Event::Token { id, token } => got.entry(id).or_default().0.push(token),
         Event::Done { id, finish, usage } => got.entry(id).or_default().1 = Some((finish, usage)),
         Event::Failed { error, .. } => panic!("{error}"),
