@@ -416,3 +416,40 @@ echo "{\"n_prompt\": $p, \"n_gen\": $n, \"n_depth\": $d, \"avg_ts\": $((100 + d 
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `bench serving` end to end on the default model, small: the prefix-reuse case reports
+/// the document's tokens from the cache, and the latency case runs in a prompt lane and in
+/// shared steps (a path no run covers would be found broken by a user first).
+#[test]
+fn bench_serving_reports_reuse_and_latency_in_both_modes() {
+    let model = longctx_engine::fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    for lane in [true, false] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_longctx"));
+        c.args(["--threads", "2", "bench", "serving", "--model"])
+            .arg(&model)
+            .args(["--document", "60", "--long-prompt", "300", "--streams", "3"])
+            .args(["--step-tokens", "64"]);
+        if !lane {
+            c.arg("--no-prompt-lane");
+        }
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(&format!("prompt lane {}", if lane { "on" } else { "off" })),
+            "{text}"
+        );
+        assert!(
+            text.contains("60 of its 80 prompt tokens from the cache"),
+            "{text}"
+        );
+        assert!(
+            text.contains("latency under load, 3 streams decoding, a 300-token prompt"),
+            "{text}"
+        );
+    }
+}

@@ -144,10 +144,16 @@ pub fn run(a: Args) -> Result<()> {
 
     // Latency under load.
     let long = random_tokens(a.long_prompt, 7, vocab);
-    let mut s = scheduler(&m.model, &a, ctx, 0)?;
-    let alone = s.submit(request(long.clone(), 1))?;
-    let idle_ttft = first_token(&mut s, alone)?;
-    drain(&mut s);
+    // The prompt alone, timed before and after the loaded case (this machine's speed drifts
+    // by tens of percent within minutes): the ratio is to their mean.
+    let idle = |a: &Args| -> Result<f64> {
+        let mut s = scheduler(&m.model, a, ctx, 0)?;
+        let alone = s.submit(request(long.clone(), 1))?;
+        let t = first_token(&mut s, alone)?;
+        drain(&mut s);
+        Ok(t)
+    };
+    let idle_before = idle(&a)?;
     bar.inc(1);
     let mut s = scheduler(&m.model, &a, ctx, 0)?;
     let mut streams = vec![];
@@ -189,7 +195,7 @@ pub fn run(a: Args) -> Result<()> {
         });
     }
     let itl = gaps.1 / gaps.0 as f64;
-    let id = s.submit(request(long, 1))?;
+    let id = s.submit(request(long.clone(), 1))?;
     let t = Instant::now();
     let mut during = (0usize, 0f64, 0f64);
     let mut loaded_ttft = None;
@@ -206,17 +212,23 @@ pub fn run(a: Args) -> Result<()> {
     }
     let loaded_ttft = loaded_ttft.expect("the loop ends on it");
     let (during, worst) = (during.1 / during.0.max(1) as f64, during.2);
+    drop(s);
+    let idle_after = idle(&a)?;
+    let idle_ttft = (idle_before + idle_after) / 2.0;
     bar.inc(1);
     bar.finish_and_clear();
     println!(
         "latency under load, {} streams decoding, a {}-token prompt arrives: its first token \
-         after {:.2} s ({:.2}x its {:.2} s on an idle model); the streams' inter-token latency \
-         {:.1} ms before, {:.1} ms mean ({:.2}x) and {:.1} ms worst while it is read",
+         after {:.2} s ({:.2}x its {:.2} s on an idle model, {:.2} s before and {:.2} s after); \
+         the streams' inter-token latency {:.1} ms before, {:.1} ms mean ({:.2}x) and {:.1} ms \
+         worst while it is read",
         a.streams,
         a.long_prompt,
         loaded_ttft,
         loaded_ttft / idle_ttft,
         idle_ttft,
+        idle_before,
+        idle_after,
         itl * 1e3,
         during * 1e3,
         during / itl,
