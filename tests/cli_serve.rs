@@ -442,3 +442,52 @@ fn metrics_show_the_expert_cache_under_a_budget() {
     drop(s);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A long prompt arriving while a request streams is read in a lane of its own: the stream
+/// keeps getting tokens meanwhile (each decode round's as it ends), `/metrics` counts the
+/// lane's steps, and the long prompt's answer is the one it gets alone. The exact path: its
+/// products give a row the same bits in any chunk.
+#[test]
+fn a_long_prompt_is_read_in_its_lane_while_a_stream_goes_on() {
+    let s = serve(&["--prefix-cache", "0", "--exact"]);
+    let body = json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 3000,
+                      "temperature": 0, "stream": true})
+    .to_string();
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut got = vec![0u8; 4096];
+    let mut seen = String::new();
+    let mut read_events = |c: &mut TcpStream, seen: &mut String, n: usize| {
+        let want = seen.matches("data: ").count() + n;
+        while seen.matches("data: ").count() < want {
+            let k = c.read(&mut got).unwrap();
+            assert!(k > 0, "the stream ended");
+            seen.push_str(&String::from_utf8_lossy(&got[..k]));
+        }
+    };
+    read_events(&mut c, &mut seen, 3);
+    let long = json!({"model": s.model, "prompt": "the river runs by the old mill ".repeat(150),
+                      "max_tokens": 3, "temperature": 0});
+    let (st, with_stream) = std::thread::scope(|t| {
+        let reader = t.spawn(|| post(&s, "/v1/completions", &long));
+        // The stream goes on while the prompt is read.
+        while !reader.is_finished() {
+            read_events(&mut c, &mut seen, 1);
+        }
+        reader.join().unwrap()
+    });
+    assert_eq!(st, 200, "{with_stream}");
+    assert!(metric(&s, "longctx_prompt_lane_steps_total") >= 1.0);
+    drop(c);
+    let (st, alone) = post(&s, "/v1/completions", &long);
+    assert_eq!(st, 200, "{alone}");
+    assert_eq!(
+        with_stream["choices"][0]["text"],
+        alone["choices"][0]["text"]
+    );
+}

@@ -329,6 +329,12 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "Forward steps run.",
         &one(s.steps as f64),
     );
+    put(
+        "prompt_lane_steps_total",
+        "counter",
+        "Steps that read a prompt in a lane of its own beside decode rounds.",
+        &one(s.lane_steps as f64),
+    );
     if let Some(e) = m.experts {
         put(
             "expert_budget_bytes",
