@@ -132,6 +132,32 @@ fn metric(s: &Server, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} in {text}"))
 }
 
+/// Opens a streamed greedy completion of "Once upon a time", `max_tokens` long.
+fn open_stream(s: &Server, max_tokens: usize) -> TcpStream {
+    let body = json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": max_tokens,
+                      "temperature": 0, "stream": true})
+    .to_string();
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    c
+}
+
+/// Reads `c` into `seen` until `n` more server-sent events have come.
+fn read_events(c: &mut TcpStream, seen: &mut String, n: usize) {
+    let mut got = [0u8; 4096];
+    let want = seen.matches("data: ").count() + n;
+    while seen.matches("data: ").count() < want {
+        let k = c.read(&mut got).unwrap();
+        assert!(k > 0, "the stream ended");
+        seen.push_str(&String::from_utf8_lossy(&got[..k]));
+    }
+}
+
 #[test]
 fn answers_whole_and_streamed_have_the_api_s_shape() {
     let s = serve(&["--prefix-cache", "0"]);
@@ -315,24 +341,10 @@ fn a_client_that_leaves_frees_its_blocks_and_a_full_queue_is_429() {
         "--max-waiting",
         "1",
     ]);
-    let body = json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 4000,
-                      "temperature": 0, "stream": true})
-    .to_string();
-    let mut c = TcpStream::connect(&s.addr).unwrap();
-    write!(
-        c,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut c = open_stream(&s, 4000);
     // Read until the first tokens have come.
-    let mut got = vec![0u8; 4096];
     let mut seen = String::new();
-    while seen.matches("data: ").count() < 3 {
-        let n = c.read(&mut got).unwrap();
-        assert!(n > 0);
-        seen.push_str(&String::from_utf8_lossy(&got[..n]));
-    }
+    read_events(&mut c, &mut seen, 3);
     assert!(metric(&s, "longctx_kv_blocks{tier=\"device\"}") > 0.0);
     // One waits, the next is refused.
     let waiting = std::thread::spawn({
@@ -450,26 +462,8 @@ fn metrics_show_the_expert_cache_under_a_budget() {
 #[test]
 fn a_long_prompt_is_read_in_its_lane_while_a_stream_goes_on() {
     let s = serve(&["--prefix-cache", "0", "--exact"]);
-    let body = json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 3000,
-                      "temperature": 0, "stream": true})
-    .to_string();
-    let mut c = TcpStream::connect(&s.addr).unwrap();
-    write!(
-        c,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut got = vec![0u8; 4096];
+    let mut c = open_stream(&s, 3000);
     let mut seen = String::new();
-    let mut read_events = |c: &mut TcpStream, seen: &mut String, n: usize| {
-        let want = seen.matches("data: ").count() + n;
-        while seen.matches("data: ").count() < want {
-            let k = c.read(&mut got).unwrap();
-            assert!(k > 0, "the stream ended");
-            seen.push_str(&String::from_utf8_lossy(&got[..k]));
-        }
-    };
     read_events(&mut c, &mut seen, 3);
     let long = json!({"model": s.model, "prompt": "the river runs by the old mill ".repeat(150),
                       "max_tokens": 3, "temperature": 0});

@@ -78,6 +78,16 @@ fn alone(m: &Model, req: &Request) -> Vec<u32> {
 /// Each request's tokens and how it ended.
 type Answers = std::collections::BTreeMap<RequestId, (Vec<u32>, Option<(Finish, Usage)>)>;
 
+/// Adds `e` to the answers `got`; a failure panics.
+fn record(got: &mut Answers, e: Event) {
+    match e {
+        Event::Token { id, token } => got.entry(id).or_default().0.push(token),
+        Event::Done { id, finish, usage } => got.entry(id).or_default().1 = Some((finish, usage)),
+        Event::Failed { error, .. } => panic!("{error}"),
+        Event::Admitted { .. } => {}
+    }
+}
+
 /// Runs the scheduler until idle.
 fn drain(s: &mut Scheduler) -> Answers {
     let mut out = Answers::default();
@@ -85,16 +95,7 @@ fn drain(s: &mut Scheduler) -> Answers {
     while !s.idle() {
         steps += 1;
         assert!(steps < 10_000, "the scheduler does not finish");
-        for e in s.step() {
-            match e {
-                Event::Token { id, token } => out.entry(id).or_default().0.push(token),
-                Event::Done { id, finish, usage } => {
-                    out.entry(id).or_default().1 = Some((finish, usage))
-                }
-                Event::Failed { error, .. } => panic!("{error}"),
-                Event::Admitted { .. } => {}
-            }
-        }
+        s.step_with(&mut |e| record(&mut out, e));
     }
     out
 }
@@ -237,18 +238,12 @@ fn a_long_prompt_in_its_lane_does_not_stall_decoding() {
     let rb = greedy((0..200).map(|i| i % 300).collect(), 2);
     let a = s.submit(ra.clone()).unwrap();
     let mut got: Answers = Answers::default();
-    let record = |e: Event, got: &mut Answers| match e {
-        Event::Token { id, token } => got.entry(id).or_default().0.push(token),
-        Event::Done { id, finish, usage } => got.entry(id).or_default().1 = Some((finish, usage)),
-        Event::Failed { error, .. } => panic!("{error}"),
-        Event::Admitted { .. } => {}
-    };
-    s.step_with(&mut |e| record(e, &mut got));
+    s.step_with(&mut |e| record(&mut got, e));
     let b = s.submit(rb.clone()).unwrap();
     let mut b_first = None;
     for step in 0..20 {
         let before = got.get(&a).map_or(0, |x| x.0.len());
-        s.step_with(&mut |e| record(e, &mut got));
+        s.step_with(&mut |e| record(&mut got, e));
         assert!(
             got[&a].0.len() > before,
             "step {step}: no token for the decoding request"
