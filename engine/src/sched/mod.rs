@@ -2,6 +2,9 @@
 //! Every step has a token budget, filled first with one decode row per running request,
 //! then with prefill chunks of the oldest requests still reading their prompts, so a long
 //! prompt is read a chunk per step while the others keep decoding (bounded time per step).
+//! With two or more threads such a step runs in two lanes instead (half the threads each):
+//! the prompt's chunk in one, decode rounds over the others in the other, each round's
+//! tokens out as it ends ([`Scheduler::step_with`]).
 //! Requests are admitted while sequence slots are free and their prompt's KV fits in the
 //! device tier's share (`kv_tokens`); the rest wait in a bounded queue. Answers grow, so a
 //! step may need more KV than is free: then the newest running request is preempted, as
@@ -542,8 +545,10 @@ impl<'m> Scheduler<'m> {
         let prompt_rows = rows.iter().map(|r| r.1.len()).sum::<usize>() - decode_rows;
         if let (Some(lanes), true) = (self.lanes.clone(), decode_rows > 0 && prompt_rows > 0) {
             events.into_iter().for_each(&mut *emit);
+            // The first prompt chunk's request: the oldest reading its prompt.
+            let reader = rows[decode_rows].0;
             rows.truncate(decode_rows);
-            self.lane_step(&lanes, rows, emit);
+            self.lane_step(&lanes, rows, reader, emit);
             return;
         }
         let (out, secs) = self.forward_in(None, &rows);
@@ -553,19 +558,19 @@ impl<'m> Scheduler<'m> {
         events.into_iter().for_each(&mut *emit);
     }
 
-    /// A step in two lanes: the oldest request reading its prompt reads a chunk of it in the
-    /// prompt lane (about [`pace::LANE_SECS`] of work, so that the lane reads long chunks
-    /// and rarely waits), while the decode lane runs decode rounds over the other requests,
-    /// the first over `decode` (rows as [`Scheduler::plan`] gives them), until the chunk is
-    /// read. Each round's events go to `emit` when it ends.
-    fn lane_step(&mut self, lanes: &Lanes, decode: Vec<Row>, emit: &mut dyn FnMut(Event)) {
+    /// A step in two lanes: the request `reader` (running index; the oldest reading its
+    /// prompt) reads a chunk of it in the prompt lane (about [`pace::LANE_SECS`] of work, so
+    /// that the lane reads long chunks and rarely waits), while the decode lane runs decode
+    /// rounds over the other requests, the first over `decode` (rows as [`Scheduler::plan`]
+    /// gives them), until the chunk is read. Each round's events go to `emit` when it ends.
+    fn lane_step(
+        &mut self,
+        lanes: &Lanes,
+        decode: Vec<Row>,
+        reader: usize,
+        emit: &mut dyn FnMut(Event),
+    ) {
         self.stats.lane_steps += 1;
-        let Some(reader) = (0..self.running.len())
-            .filter(|i| self.running[*i].reading_prompt())
-            .min_by_key(|i| self.running[*i].id)
-        else {
-            return;
-        };
         let (id, seq, at) = {
             let r = &self.running[reader];
             (r.id, r.seq, r.kv.len())
