@@ -46,7 +46,7 @@ pub struct SchedConfig {
     /// `step_tokens`.
     pub max_slowdown: f64,
     /// A step's decode rows and its prompt rows run side by side, each on half the threads
-    /// ([`Lanes`]), when both are present and there are at least two threads. On a CPU two
+    /// (two thread pools), when both are present and there are at least two threads. On a CPU two
     /// threads on one step each do less than one alone, so a prompt read beside the decoding
     /// requests slows their tokens less, and is itself read faster, than in shared steps.
     pub prompt_lane: bool,
@@ -513,7 +513,7 @@ impl<'m> Scheduler<'m> {
 
     /// [`Scheduler::step`], each event handed to `emit` as it happens. With a prompt lane, a
     /// step that reads a prompt beside decoding requests runs several decode rounds while
-    /// the prompt lane reads (see [`Scheduler::lane_step`]): their tokens come out as each
+    /// the prompt lane reads (see `Scheduler::lane_step`): their tokens come out as each
     /// round ends, not when the step does.
     pub fn step_with(&mut self, emit: &mut dyn FnMut(Event)) {
         let mut events = vec![];

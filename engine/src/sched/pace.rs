@@ -70,8 +70,8 @@ impl Pacer {
     }
 
     /// Rows of a prompt lane's chunk (see the scheduler's `lane_step`): about [`LANE_SECS`]
-    /// of that lane's work, at least [`LANE_MIN`], at most `budget` and the `left` rows of
-    /// the prompt; [`LANE_FIRST`] before a chunk has been timed.
+    /// of that lane's work, at least `LANE_MIN`, at most `budget` and the `left` rows of
+    /// the prompt; `LANE_FIRST` before a chunk has been timed.
     pub fn lane_prompt_rows(&self, left: usize, budget: usize) -> usize {
         let rows = match self.lane_prompt_row.filter(|p| *p > 0.0) {
             Some(p) => ((LANE_SECS / p).floor() as usize).max(LANE_MIN),
