@@ -114,8 +114,8 @@ impl Tokenizer {
     }
 
     /// From GGUF metadata, as transformers rebuilds it: byte-level BPE
-    /// (`tokenizer.ggml.model = gpt2`, see [`byte_level_bpe`]) or SentencePiece pieces
-    /// (`llama`, see [`sentencepiece_bpe`]); any other kind is a clear error.
+    /// (`tokenizer.ggml.model = gpt2`, see `byte_level_bpe`) or SentencePiece pieces
+    /// (`llama`, see `sentencepiece_bpe`); any other kind is a clear error.
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
         Tokenizer::from_gguf_metadata(&g.metadata)
     }

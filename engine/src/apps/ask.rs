@@ -203,7 +203,7 @@ each under a header with its path. Answer from the files; name the files you rel
 const MARK: &str = "\u{1}QUESTION\u{1}";
 
 /// What prefilling a token costs against relevance when a cached prompt could be reused:
-/// 1000 tokens weigh as much as this fraction of the best file's worth ([`worth`]). At
+/// 1000 tokens weigh as much as this fraction of the best file's worth (`worth`). At
 /// 0.1, the best file is worth recomputing 10K tokens, a file half as relevant 2.5K.
 pub const PREFILL_COST_PER_1K: f64 = 0.1;
 
