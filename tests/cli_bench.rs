@@ -453,3 +453,41 @@ fn bench_serving_reports_reuse_and_latency_in_both_modes() {
         );
     }
 }
+
+#[test]
+fn bench_e2e_reports_what_a_decode_step_reads_beside_the_streaming_read() {
+    let model = longctx_engine::fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
+    let run = |kv: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+            .args(["--threads", "2", "bench", "e2e", "--model"])
+            .arg(&model)
+            .args(["--lengths", "16,300", "--decode-tokens", "3", "--json"])
+            .args(["--decode-weights", "quant", "--kv-dtype", kv])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        v["rows"].as_array().unwrap().clone()
+    };
+    let (bf16, q8) = (run("bf16"), run("q8"));
+    // SmolLM2: 30 layers of 3 KV heads of 64, K and V; bf16 2 bytes a value, q8 36 per 32.
+    let kv_per_key = |bytes: f64| 30.0 * 2.0 * 3.0 * 64.0 * bytes;
+    for (rows, bytes) in [(&bf16, 2.0), (&q8, 36.0 / 32.0)] {
+        for (row, len) in rows.iter().zip([16.0, 300.0]) {
+            let f = |k: &str| row[k].as_f64().unwrap_or_else(|| panic!("{k} in {row}"));
+            // Decode steps at positions len..len + 3 attend to len + 1 ..= len + 3 keys.
+            let kv = kv_per_key(bytes) * (len + 2.0) / 1e6;
+            assert!((f("decode_kv_mb") - kv).abs() < 1e-6 * kv, "{row}");
+            // The weights: the fast path's copies, ~96 MB for the shipped Q4_1 file.
+            let weights = f("decode_read_mb") - f("decode_kv_mb");
+            assert!((80.0..110.0).contains(&weights), "{row}");
+            let gbs = f("decode_read_mb") * f("decode_tok_s") / 1e3;
+            assert!((f("decode_read_gbs") - gbs).abs() < 1e-9 * gbs, "{row}");
+            assert!(f("stream_read_gbs") > 0.0, "{row}");
+        }
+    }
+}

@@ -33,6 +33,6 @@ pub use batch::Batch;
 pub use config::{Arch, ModelConfig};
 pub use error::{EngineError, Result};
 pub use load::{load, Loaded};
-pub use model::{KvOptions, Logits, Model};
+pub use model::{DecodeBytes, KvOptions, Logits, Model};
 pub use runner::Runner;
 pub use tokenizer::Tokenizer;

@@ -76,6 +76,15 @@ pub struct Model {
     cuda_workspace: Mutex<Option<Workspace<crate::backend::Cuda>>>,
 }
 
+/// Bytes one decode step reads ([`Model::decode_read_bytes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DecodeBytes {
+    /// The weights its products stream, the LM head's included.
+    pub weights: u64,
+    /// The KV of every layer it attends to.
+    pub kv: u64,
+}
+
 /// Which logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -185,6 +194,16 @@ impl Mlp {
         if !self.down.reads_stored() {
             self.down.drop_stored();
         }
+    }
+
+    /// Bytes a one-row product of it reads (the stacked gate|up copy, when made, instead of
+    /// the parts').
+    fn row_read_bytes(&self) -> u64 {
+        let gate_up = match &self.gate_up_q {
+            Some(q) => q.bytes() as u64,
+            None => self.gate.row_read_bytes() + self.up.row_read_bytes(),
+        };
+        gate_up + self.down.row_read_bytes()
     }
 
     fn linears(&mut self) -> [&mut Linear; 3] {
@@ -445,6 +464,53 @@ impl Model {
         }
         self.experts = Some(ExpertCache::new(bytes));
         Ok(())
+    }
+
+    /// What one decode step of one sequence at position `pos` reads, in bytes: the weights
+    /// its products stream as prepared (copies, or the stored blocks), a MoE layer's router,
+    /// shared expert and `top_k` times its mean routed expert, the LM head; and the KV it
+    /// attends to in `kv` values (`pos + 1` keys, a chunked-local layer's own chunk's only).
+    /// Under an expert budget a routed expert counts as stored. The measure of a decode
+    /// step's bandwidth (`bench e2e`).
+    pub fn decode_read_bytes(&self, pos: usize, kv: DType) -> DecodeBytes {
+        let c = &self.cfg;
+        let mut weights = self.lm_head.row_read_bytes();
+        let mut keys = 0u64;
+        for l in &self.layers {
+            weights += match &l.qkv_q {
+                Some(q) => q.bytes() as u64,
+                None => [&l.q_proj, &l.k_proj, &l.v_proj]
+                    .iter()
+                    .map(|x| x.row_read_bytes())
+                    .sum(),
+            } + l.o_proj.row_read_bytes();
+            weights += match &l.ffn {
+                Ffn::Dense(m) => m.row_read_bytes(),
+                Ffn::Moe(e) => {
+                    let each: Vec<u64> = e
+                        .routed
+                        .iter()
+                        .map(|x| match (&self.experts, x.mlp.get()) {
+                            (None, Some(m)) => m.row_read_bytes(),
+                            _ => x.file_bytes().iter().map(|b| b.len() as u64).sum(),
+                        })
+                        .collect();
+                    let mean = each.iter().sum::<u64>() / each.len().max(1) as u64;
+                    let top_k = c.moe.as_ref().map_or(1, |m| m.top_k) as u64;
+                    e.router.row_read_bytes() + e.shared.row_read_bytes() + top_k * mean
+                }
+            };
+            keys += match &c.llama4 {
+                Some(l4) if l.rope && l4.chunk > 0 => (pos % l4.chunk + 1) as u64,
+                _ => (pos + 1) as u64,
+            };
+        }
+        // K and V, each `kv_heads` rows of `head_dim` values a key.
+        let per_key = 2 * (c.kv_heads * kv.row_bytes(c.head_dim)) as u64;
+        DecodeBytes {
+            weights,
+            kv: keys * per_key,
+        }
     }
 
     /// What the expert budget did so far (None without one).
@@ -1104,6 +1170,41 @@ mod tests {
 
     fn tiny_llama() -> ModelConfig {
         tiny_llama_config(3, 4, 2, false)
+    }
+
+    #[test]
+    fn a_decode_step_reads_the_weights_it_streams_and_its_layers_kv() {
+        let mut cfg = tiny_llama4_config();
+        // A short chunk, so that the chunked layers' KV wraps within a few positions.
+        cfg.llama4.as_mut().expect("llama 4").chunk = 16;
+        let mut m = random_model(cfg.clone(), 7).expect("model");
+        let (h, hd) = (cfg.hidden, cfg.head_dim);
+        let moe = cfg.moe.clone().expect("moe");
+        // Stored f32: per layer q, k, v, o, the router, the shared expert and top_k experts.
+        let layer = h * hd * (2 * cfg.heads + 2 * cfg.kv_heads)
+            + moe.experts * h
+            + (1 + moe.top_k) * 3 * h * moe.intermediate;
+        let stored = 4 * (cfg.layers * layer + cfg.vocab * h) as u64;
+        let rope: Vec<bool> = (0..cfg.layers)
+            .map(|l| arch::layer_kind(&cfg, l).rope)
+            .collect();
+        assert!(rope.contains(&true) && rope.contains(&false));
+        for pos in [0usize, 5, 15, 16, 40] {
+            let b = m.decode_read_bytes(pos, DType::BF16);
+            assert_eq!(b.weights, stored, "pos {pos}");
+            // A chunked layer attends to its chunk's keys so far, a global one to all.
+            let keys: usize = rope
+                .iter()
+                .map(|&r| if r { pos % 16 + 1 } else { pos + 1 })
+                .sum();
+            assert_eq!(b.kv, (keys * 2 * cfg.kv_heads * hd * 2) as u64, "pos {pos}");
+            let q8 = m.decode_read_bytes(pos, DType::Q8_0);
+            assert_eq!(q8.kv, (keys * 2 * cfg.kv_heads * hd / 32 * 36) as u64);
+        }
+        // The fast path streams its block-quantised copies: about 1.06 bytes a weight, not 4.
+        m.enable_quant_decode().expect("quant");
+        let q = m.decode_read_bytes(0, DType::BF16).weights;
+        assert!(q * 3 < stored && q * 4 > stored, "{q} of {stored}");
     }
 
     #[test]

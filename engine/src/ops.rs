@@ -64,6 +64,20 @@ impl Linear {
         (f + b + q) as u64
     }
 
+    /// Bytes a one-row (decode) product reads: the copy it streams, else the stored weight.
+    pub fn row_read_bytes(&self) -> u64 {
+        if let Some(q) = &self.wt_q {
+            return q.bytes() as u64;
+        }
+        if let Some(b) = &self.wt_bf16 {
+            return 2 * b.len() as u64;
+        }
+        match &self.wt {
+            Some(w) => 4 * w.len() as u64,
+            None => self.w.data.len() as u64,
+        }
+    }
+
     /// Whether some product reads the stored weight itself (no f32 or quantised copy: the
     /// bf16 copy serves one-row products only), so that its file pages stay in use.
     pub fn reads_stored(&self) -> bool {

@@ -1,8 +1,9 @@
 //! `longctx bench e2e`: the default model's prefill and decode speed at given context lengths.
 
 use super::kernels::machine;
+use super::timing::StreamRead;
 use anyhow::Result;
-use longctx_engine::{KvOptions, Logits};
+use longctx_engine::{DecodeBytes, KvOptions, Logits};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,6 +47,14 @@ struct Row {
     prefill_s: f64,
     prefill_tok_s: f64,
     decode_tok_s: f64,
+    /// Bytes a decode step read, on average over the timed steps (weights and KV), in MB.
+    decode_read_mb: f64,
+    /// Of which KV, in MB.
+    decode_kv_mb: f64,
+    /// `decode_read_mb` x tok/s.
+    decode_read_gbs: f64,
+    /// The streaming read measured just before and just after the decode steps (their mean).
+    stream_read_gbs: f64,
 }
 
 #[derive(Serialize)]
@@ -102,6 +111,9 @@ pub fn run(args: Args) -> Result<()> {
         m.model
             .forward(&[argmax(&l)], ids.len(), &store, seq, Logits::Last, None, 4)?;
     }
+    // A decode step is memory-bound: its read is compared with the streaming read measured
+    // beside it (this machine's swings by tens of percent within minutes).
+    let stream = (args.decode_tokens > 0).then(|| StreamRead::new(256 << 20));
     let mut rows = vec![];
     let steps: usize = args.lengths.iter().map(|l| l + args.decode_tokens).sum();
     let bar = crate::commands::Progress::new(steps as u64, "bench e2e", "tokens");
@@ -125,6 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         let prefill = t.elapsed().as_secs_f64();
         let mut next = argmax(&logits);
+        let bw_before = stream.as_ref().map_or(0.0, |s| s.gbs());
         let t = Instant::now();
         for i in 0..args.decode_tokens {
             let l = m
@@ -134,11 +147,26 @@ pub fn run(args: Args) -> Result<()> {
             bar.inc(1);
         }
         let decode = t.elapsed().as_secs_f64();
+        let bw_after = stream.as_ref().map_or(0.0, |s| s.gbs());
+        let read = (0..args.decode_tokens).fold(DecodeBytes::default(), |a, i| {
+            let b = m.model.decode_read_bytes(len + i, dtype);
+            DecodeBytes {
+                weights: a.weights + b.weights,
+                kv: a.kv + b.kv,
+            }
+        });
+        let steps = args.decode_tokens.max(1) as f64;
+        let decode_tok_s = args.decode_tokens as f64 / decode;
+        let read_mb = (read.weights + read.kv) as f64 / steps / 1e6;
         rows.push(Row {
             context: len,
             prefill_s: prefill,
             prefill_tok_s: len as f64 / prefill,
-            decode_tok_s: args.decode_tokens as f64 / decode,
+            decode_tok_s,
+            decode_read_mb: read_mb,
+            decode_kv_mb: read.kv as f64 / steps / 1e6,
+            decode_read_gbs: read_mb * decode_tok_s / 1e3,
+            stream_read_gbs: (bw_before + bw_after) / 2.0,
         });
     }
     bar.finish_and_clear();
@@ -167,13 +195,29 @@ pub fn run(args: Args) -> Result<()> {
         r.load_s, r.prepare_s
     );
     println!(
-        "{:>8} {:>10} {:>14} {:>13}",
-        "context", "prefill s", "prefill tok/s", "decode tok/s"
+        "{:>8} {:>10} {:>14} {:>13} {:>13} {:>12} {:>12}",
+        "context",
+        "prefill s",
+        "prefill tok/s",
+        "decode tok/s",
+        "MB/token(KV)",
+        "decode GB/s",
+        "stream GB/s"
     );
     for x in &r.rows {
         println!(
-            "{:>8} {:>10.2} {:>14.1} {:>13.1}",
-            x.context, x.prefill_s, x.prefill_tok_s, x.decode_tok_s
+            "{:>8} {:>10.2} {:>14.1} {:>13.1} {:>13} {:>12.1} {:>12}",
+            x.context,
+            x.prefill_s,
+            x.prefill_tok_s,
+            x.decode_tok_s,
+            format!("{:.1} ({:.1})", x.decode_read_mb, x.decode_kv_mb),
+            x.decode_read_gbs,
+            format!(
+                "{:.1} {:.0}%",
+                x.stream_read_gbs,
+                100.0 * x.decode_read_gbs / x.stream_read_gbs.max(1e-9)
+            ),
         );
     }
     if let Some(e) = &r.experts {
