@@ -48,10 +48,20 @@ fn benches(c: &mut Criterion) {
         h_kv: 8,
         d: 128,
     };
+    // The 0.55B Llama-4-shaped MoE's decode step at 2K (GQA 4): its KV within the caches.
+    let decode_moe = AttnShape {
+        n_q: 1,
+        n_kv: 2048,
+        h_q: 16,
+        h_kv: 4,
+        d: 64,
+    };
     run::<f32>(c, "prefill_causal_2k", prefill, Mask::Causal);
     run::<bf16>(c, "prefill_causal_2k", prefill, Mask::Causal);
     run::<f32>(c, "decode_32k", decode, Mask::Causal);
     run::<bf16>(c, "decode_32k", decode, Mask::Causal);
+    run::<f32>(c, "decode_moe_2k", decode_moe, Mask::Causal);
+    run::<bf16>(c, "decode_moe_2k", decode_moe, Mask::Causal);
 }
 
 criterion_group!(attention_benches, benches);

@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Only the cases whose name is one of these, comma-separated or repeated (causal, full,
-    /// decode, decode-smol, rope, gemv-q4, gemm-q4); a name that matches none is an error.
+    /// decode, decode-smol, decode-moe, rope, gemv-q4, gemm-q4); a name that matches none is an error.
     /// Default: every case.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -99,6 +99,19 @@ fn cases(quick: bool) -> Vec<Case> {
                 n_kv: 65536,
                 h_q: 9,
                 h_kv: 3,
+                d: 64,
+            },
+            mask: Mask::Causal,
+        },
+        // The 0.55B Llama-4-shaped MoE's decode (GQA 4, d 64) at a short context, its KV
+        // within the caches: what a step costs beyond its bytes.
+        Case {
+            name: "decode-moe",
+            shape: AttnShape {
+                n_q: 1,
+                n_kv: 2048,
+                h_q: 16,
+                h_kv: 4,
                 d: 64,
             },
             mask: Mask::Causal,
