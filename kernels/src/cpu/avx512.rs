@@ -605,8 +605,8 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
     const G: usize = DECODE_TILE;
     // Scores: each group of J keys reduced by a butterfly to a vector whose fixed lanes hold
     // the J sums (reduce8: lanes 0,4,8,12,2,6,10,14; reduce4: quarter q holds key q).
-    let mut u = [[_mm512_setzero_ps(); R]; 4];
-    for (g, ug) in u.iter_mut().enumerate().take(G / J) {
+    let mut u = [_mm512_setzero_ps(); R];
+    for g in 0..G / J {
         let mut acc = [[_mm512_setzero_ps(); J]; R];
         for c in 0..d / 32 {
             let mut qv = [_mm512_setzero_si512(); R];
@@ -623,11 +623,8 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
                 }
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            ug[r] = match J {
-                8 => reduce8_lanes(a[..].try_into().expect("J is 8")),
-                _ => reduce4_lanes(a[..].try_into().expect("J is 4")),
-            };
+        for (ur, a) in u.iter_mut().zip(&acc) {
+            *ur = place_group::<J>(*ur, a, g);
         }
     }
     let (p, alpha) = softmax16::<R, J>(&u, scale2, m, l);
@@ -733,17 +730,40 @@ unsafe fn pv_pass_dp<const R: usize, const C: usize>(
     }
 }
 
-/// The online-softmax step of a fused 16-key decode tile: the scores of row `r` are `u[..][r]`
-/// as the butterfly of `J` keys left them (see [`decode_tile_bf16`]), times `scale2`; updates
-/// `m` and `l`, returns the probabilities (keys in lanes, in order) and each row's rescale
-/// factor. Inlined whole: a call passed its results through memory and stalled on them.
+/// The sums of group `g` of a 16-key decode tile (`J` keys, each `a[j]`'s lanes summed)
+/// blended into `s`, the row's scores so far, without leaving registers: [`reduce8_lanes`]
+/// leaves key `j` of a group in lanes `L[j]` and `L[j] + 1` (`L = 0, 4, 8, 12, 2, 6, 10, 14`),
+/// so group 1 takes the odd lanes; [`reduce4_lanes`] leaves key `q` in every lane of quarter
+/// `q`, so group `g` takes lane `g` of each quarter. [`softmax16`] puts the keys in order.
+/// (Kept as an array of per-group vectors, the sums of a tile spilled to the stack: 6-14%
+/// slower at GQA 4, `cargo bench --bench attention -- decode_moe`.)
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn place_group<const J: usize>(s: __m512, a: &[__m512; J], g: usize) -> __m512 {
+    if J == 8 {
+        let t = reduce8_lanes(a[..].try_into().expect("J is 8"));
+        if g == 0 {
+            t
+        } else {
+            _mm512_mask_mov_ps(s, 0xAAAA, t)
+        }
+    } else {
+        let t = reduce4_lanes(a[..].try_into().expect("J is 4"));
+        _mm512_mask_mov_ps(s, 0x1111 << g, t)
+    }
+}
+
+/// The online-softmax step of a fused 16-key decode tile: the scores of row `r` are `u[r]`
+/// as [`place_group`] left them, times `scale2`; updates `m` and `l`, returns the
+/// probabilities (keys in lanes, in order) and each row's rescale factor. Inlined whole: a
+/// call passed its results through memory and stalled on them.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `m` and `l` hold `R` values. Only for callers that enable it
 /// (`#[inline(always)]` rules out `#[target_feature]`: the intrinsics inline into the caller).
 #[inline(always)]
 unsafe fn softmax16<const R: usize, const J: usize>(
-    u: &[[__m512; R]; 4],
+    u: &[__m512; R],
     scale2: f32,
     m: *mut f32,
     l: *mut f32,
@@ -751,18 +771,15 @@ unsafe fn softmax16<const R: usize, const J: usize>(
     let scale = _mm512_set1_ps(scale2);
     let mut p = [_mm512_setzero_ps(); R];
     let mut alpha = [1f32; R];
+    // Lane of key k (see place_group).
+    let idx = if J == 8 {
+        _mm512_set_epi32(15, 11, 7, 3, 13, 9, 5, 1, 14, 10, 6, 2, 12, 8, 4, 0)
+    } else {
+        _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0)
+    };
     for r in 0..R {
         // Keys 0..16 in lanes 0..16.
-        let s = if J == 8 {
-            let idx = _mm512_set_epi32(30, 26, 22, 18, 28, 24, 20, 16, 14, 10, 6, 2, 12, 8, 4, 0);
-            _mm512_permutex2var_ps(u[0][r], idx, u[1][r])
-        } else {
-            let idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 28, 24, 20, 16, 12, 8, 4, 0);
-            let lo = _mm512_permutex2var_ps(u[0][r], idx, u[1][r]);
-            let hi = _mm512_permutex2var_ps(u[2][r], idx, u[3][r]);
-            let halves = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
-            _mm512_permutex2var_ps(lo, halves, hi)
-        };
+        let s = _mm512_permutexvar_ps(idx, u[r]);
         let s = _mm512_mul_ps(s, scale);
         let (m_old, mx) = (*m.add(r), _mm512_reduce_max_ps(s));
         let m_new = m_old.max(mx);
@@ -804,8 +821,8 @@ pub unsafe fn decode_tile_blocks<B: crate::KvBlock, const R: usize, const J: usi
 ) {
     const G: usize = DECODE_TILE;
     let nb = d / 32;
-    let mut u = [[_mm512_setzero_ps(); R]; 4];
-    for (g, ug) in u.iter_mut().enumerate().take(G / J) {
+    let mut u = [_mm512_setzero_ps(); R];
+    for g in 0..G / J {
         let mut acc = [[_mm512_setzero_ps(); J]; R];
         for c in 0..nb {
             let mut qv = [[_mm512_setzero_ps(); 2]; R];
@@ -821,11 +838,8 @@ pub unsafe fn decode_tile_blocks<B: crate::KvBlock, const R: usize, const J: usi
                 }
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            ug[r] = match J {
-                8 => reduce8_lanes(a[..].try_into().expect("J is 8")),
-                _ => reduce4_lanes(a[..].try_into().expect("J is 4")),
-            };
+        for (ur, a) in u.iter_mut().zip(&acc) {
+            *ur = place_group::<J>(*ur, a, g);
         }
     }
     let (pv, alpha) = softmax16::<R, J>(&u, scale2, m, l);
