@@ -30,6 +30,9 @@ const BK: usize = 64;
 const SPLIT_BK: usize = 16;
 /// How many tiles ahead the split-KV path prefetches.
 const PREFETCH_TILES: usize = 1;
+/// Keys ahead the fused bf16 decode step prefetches its head's rows of a wide KV (rows over
+/// [`MID_ROW_BYTES`]): two of its 16-key steps.
+const DECODE_AHEAD: usize = 32;
 /// Narrow KV rows (all heads of a key in at most this many bytes, SmolLM2's 384 in bf16) are
 /// prefetched two tiles ahead on the split path (`bench kernels --only decode-smol`); it
 /// measured 30% slower on the 2 KiB rows of `decode`.
@@ -136,6 +139,7 @@ pub fn attention_with<T: Element, O: Element>(
         scale2: params.scale * std::f32::consts::LOG2_E,
         bf16_tiles: T::as_bf16_bits(k).is_some() && Ops::new(opts.isa).has_bf16_tiles(),
         blocks: None,
+        decode_ahead: 0,
     };
     let g = shape.group();
     let bq = (ROWS / g).max(1);
@@ -405,6 +409,7 @@ pub fn attention_segments_blocks_split<B: KvBlock, O: Element>(
             scale2: params.scale * std::f32::consts::LOG2_E,
             bf16_tiles: false,
             blocks: Some(B::pair(s.k, s.v)),
+            decode_ahead: 0,
         })
         .collect();
     let row_bytes = row * std::mem::size_of::<B>();
@@ -432,6 +437,21 @@ fn split_kv<T: Element, O: Element>(
     let ops = Ops::new(opts.isa);
     let scale2 = params.scale * std::f32::consts::LOG2_E;
     let bf16_tiles = segs.iter().all(|s| T::as_bf16_bits(s.k).is_some()) && ops.has_bf16_tiles();
+    let bq = (ROWS / shape.group()).max(1);
+    // f32 tiles are read in place, and so are bf16 ones for few rows (decode: widened in
+    // registers); other cases are widened once per tile for all heads.
+    let direct_bf16 =
+        segs.iter().all(|s| T::as_bf16_bits(s.k).is_some()) && n_q.min(bq) * shape.group() <= 16;
+    let row_bytes = row * std::mem::size_of::<T>();
+    // Wide rows under the fused decode step: it prefetches its own rows, spread over its work.
+    let decode_ahead = if direct_bf16
+        && row_bytes > MID_ROW_BYTES
+        && ops.has_decode_tile_bf16(n_q.min(bq) * shape.group(), d)
+    {
+        DECODE_AHEAD
+    } else {
+        0
+    };
     let engines: Vec<Engine<'_, T>> = segs
         .iter()
         .map(|s| Engine {
@@ -447,16 +467,11 @@ fn split_kv<T: Element, O: Element>(
             scale2,
             bf16_tiles,
             blocks: None,
+            decode_ahead,
         })
         .collect();
-    let bq = (ROWS / shape.group()).max(1);
-    // f32 tiles are read in place, and so are bf16 ones for few rows (decode: widened in
-    // registers); other cases are widened once per tile for all heads.
-    let direct_bf16 =
-        segs.iter().all(|s| T::as_bf16_bits(s.k).is_some()) && n_q.min(bq) * shape.group() <= 16;
     // bf16 tiles on the dot-product unit read K and V in place too.
     let staged = T::as_f32(segs[0].k).is_none() && !direct_bf16 && !bf16_tiles;
-    let row_bytes = row * std::mem::size_of::<T>();
     split_run(&engines, shape, splits, staged, row_bytes, out, lse);
 }
 
@@ -495,6 +510,7 @@ fn split_run<T: Element, O: Element>(
         // tiles want long ones; 16-key tiles made its prefill slower than bf16's.
         let many = n_q.min(bq) * shape.group() > 16;
         let q8_many = engines[0].blocks.is_some() && many;
+        let in_kernel = engines[0].decode_ahead > 0;
         let (bk, tiles_ahead) = if q8_many {
             (BK, 0)
         } else if many {
@@ -505,6 +521,10 @@ fn split_run<T: Element, O: Element>(
             (SPLIT_BK, 2 * PREFETCH_TILES)
         } else if row_bytes <= MID_ROW_BYTES {
             (BK, 0)
+        } else if in_kernel {
+            // The fused step prefetches within the segment; this loop only the next
+            // segment's first keys, as far ahead as the step does.
+            (SPLIT_BK, DECODE_AHEAD / SPLIT_BK)
         } else {
             (SPLIT_BK, PREFETCH_TILES)
         };
@@ -551,6 +571,7 @@ fn split_run<T: Element, O: Element>(
                         for (hk, sc) in st.scratch.iter_mut().enumerate() {
                             // Pull a later tile towards the cache, one head's share at a time.
                             match (ahead < span.1, next) {
+                                (true, _) if in_kernel => {}
                                 (true, _) => e.prefetch((ahead, bk), hk),
                                 (false, Some(n)) => n.prefetch((ahead - span.1, bk), hk),
                                 (false, None) => {}
@@ -768,6 +789,9 @@ struct Engine<'a, T> {
     /// A block KV (`k` and `v` then empty): K and V blocks `[n_kv, h_kv, d / 32]`, staged or
     /// widened in registers.
     blocks: Option<BlockPair<'a>>,
+    /// Keys ahead that the fused bf16 decode step prefetches its head's rows (0: none; the
+    /// split loop prefetches instead).
+    decode_ahead: usize,
 }
 
 impl<T: Element> Engine<'_, T> {
@@ -999,6 +1023,7 @@ impl<T: Element> Engine<'_, T> {
                         kb[base..].as_ptr(),
                         vb[base..].as_ptr(),
                         ld,
+                        (self.decode_ahead, self.shape.n_kv - t),
                         sc.m.as_mut_ptr(),
                         sc.l.as_mut_ptr(),
                         sc.o.as_mut_ptr(),

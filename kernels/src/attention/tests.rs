@@ -481,6 +481,19 @@ fn segments_equal_the_contiguous_kv() {
             }
         }
     }
+    // Wide rows (8 KV heads of 128: 2 KiB a key in bf16), where the fused decode step
+    // prefetches its own rows ahead within a segment and the split loop the next segment's
+    // first keys; GQA 4 and 5 (Scout's), segments shorter and longer than that distance.
+    for ratio in [4, 5] {
+        for n_kv in [37, 300, 700] {
+            let mut c = case(1, n_kv, 8, ratio, 128, Mask::Causal);
+            let base = rng.random_range(0..100);
+            c.params = c.params.at(base + n_kv - 1, base);
+            for kind in INPUTS {
+                one::<bf16>(&mut rng, seed, &c, kind);
+            }
+        }
+    }
     print_worst("segments_equal_the_contiguous_kv");
 }
 

@@ -327,6 +327,8 @@ impl Ops {
     /// softmax, `O = alpha O + P V`); see `avx512::decode_tile_bf16`. The caller checks
     /// [`Ops::has_decode_tile_bf16`] first.
     ///
+    /// `ahead`: prefetch this head's rows that many keys on, those below `ahead.1` (0: none).
+    ///
     /// # Safety
     /// `q` holds `rows` rows of `d` bf16 bits; `k` and `v` 16 rows of `d` at stride `ld`;
     /// `m` and `l` `rows` values; `o` `rows` rows of `d` at stride `ldo`.
@@ -341,6 +343,7 @@ impl Ops {
         k: *const u16,
         v: *const u16,
         ld: usize,
+        ahead: (usize, usize),
         m: *mut f32,
         l: *mut f32,
         o: *mut f32,
@@ -351,12 +354,12 @@ impl Ops {
         {
             use avx512::decode_tile_bf16 as f;
             match rows {
-                1 => f::<1, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                2 => f::<2, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                3 => f::<3, 8>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                4 => f::<4, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                5 => f::<5, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
-                6 => f::<6, 4>(d, q, scale2, k, v, ld, m, l, o, ldo),
+                1 => f::<1, 8>(d, q, scale2, k, v, ld, ahead, m, l, o, ldo),
+                2 => f::<2, 8>(d, q, scale2, k, v, ld, ahead, m, l, o, ldo),
+                3 => f::<3, 8>(d, q, scale2, k, v, ld, ahead, m, l, o, ldo),
+                4 => f::<4, 4>(d, q, scale2, k, v, ld, ahead, m, l, o, ldo),
+                5 => f::<5, 4>(d, q, scale2, k, v, ld, ahead, m, l, o, ldo),
+                6 => f::<6, 4>(d, q, scale2, k, v, ld, ahead, m, l, o, ldo),
                 _ => unreachable!("checked by has_decode_tile_bf16"),
             }
         }
