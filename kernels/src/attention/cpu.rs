@@ -394,6 +394,14 @@ pub fn attention_segments_blocks_split<B: KvBlock, O: Element>(
         .unwrap_or_else(|| auto_splits(&shape, rayon::current_num_threads()))
         .max(1);
     let ops = Ops::new(CpuOptions::default().isa);
+    let row_bytes = row * std::mem::size_of::<B>();
+    // Wide rows under the fused decode step: it prefetches its own rows (as over bf16).
+    let rows = shape.n_q.min((ROWS / shape.group()).max(1)) * shape.group();
+    let decode_ahead = if row_bytes > MID_ROW_BYTES && ops.has_decode_tile_blocks(rows, d) {
+        DECODE_AHEAD
+    } else {
+        0
+    };
     let engines: Vec<Engine<'_, f32>> = segments
         .iter()
         .map(|s| Engine {
@@ -409,10 +417,9 @@ pub fn attention_segments_blocks_split<B: KvBlock, O: Element>(
             scale2: params.scale * std::f32::consts::LOG2_E,
             bf16_tiles: false,
             blocks: Some(B::pair(s.k, s.v)),
-            decode_ahead: 0,
+            decode_ahead,
         })
         .collect();
-    let row_bytes = row * std::mem::size_of::<B>();
     split_run(&engines, shape, splits, true, row_bytes, out, lse);
     Ok(())
 }
@@ -938,6 +945,7 @@ impl<T: Element> Engine<'_, T> {
                 // blocks at stride h_kv * nb from `at` lie within k and v (t + kt <= n_kv);
                 // m, l hold rp >= rows values, o rows rows of dp >= d.
                 let state = (sc.m.as_mut_ptr(), sc.l.as_mut_ptr(), sc.o.as_mut_ptr(), dp);
+                let ahead = (self.decode_ahead, self.shape.n_kv - (t + s));
                 let q = sc.qt.as_ptr();
                 unsafe {
                     match blocks {
@@ -946,6 +954,7 @@ impl<T: Element> Engine<'_, T> {
                             d,
                             q,
                             (k[at..].as_ptr(), v[at..].as_ptr(), h_kv * nb),
+                            ahead,
                             state,
                         ),
                         BlockPair::F8(k, v) => self.ops.decode_tile_blocks(
@@ -953,6 +962,7 @@ impl<T: Element> Engine<'_, T> {
                             d,
                             q,
                             (k[at..].as_ptr(), v[at..].as_ptr(), h_kv * nb),
+                            ahead,
                             state,
                         ),
                     }

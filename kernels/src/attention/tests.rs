@@ -569,58 +569,64 @@ fn block_segments_equal_the_reference<B: crate::KvBlock + Default>(name: &str) {
     use rand::seq::{IndexedRandom, SliceRandom};
     let seed: u64 = rand::random();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    for mask in MASKS {
-        for ratio in [1, 4, 8] {
-            for n_q in [1, 3, 40] {
-                for d in [32, 64, 128] {
-                    let n_kv = *[1, 7, 65, 300, 1301].choose(&mut rng).unwrap();
-                    let mut c = case(n_q, n_kv, 2, ratio, d, mask);
-                    let base = rng.random_range(0..100);
-                    c.params = c.params.at(base + n_kv.saturating_sub(n_q), base);
-                    let kind = *INPUTS.choose(&mut rng).unwrap();
-                    let inner = rng.random();
-                    let (q, k, v) =
-                        inputs::<f32>(&mut TestRng::new(inner), &c.shape, &c.params, kind);
-                    let quant = |x: &[f32]| crate::quantize_blocks_vec::<B>("test", x).unwrap();
-                    let (kq, vq) = (quant(&k), quant(&v));
-                    // The portable loop's widening (every ISA's equals it: kvq8, kvf8 tests).
-                    let deq = |b: &[B]| -> Vec<f32> {
-                        let mut x = vec![0f32; b.len() * Q8_BLOCK];
-                        B::widen(Isa::Portable, b, &mut x);
-                        x
-                    };
-                    let (kd, vd) = (deq(&kq), deq(&vq));
-                    let row = 2 * d / Q8_BLOCK;
-                    let mut cuts: Vec<usize> = (0..rng.random_range(0..6))
-                        .map(|_| rng.random_range(0..=n_kv))
-                        .chain([0, n_kv, n_kv.min(1)])
-                        .collect();
-                    cuts.sort();
-                    let mut segs: Vec<KvBlockSegment<'_, B>> = cuts
-                        .windows(2)
-                        .map(|w| KvBlockSegment {
-                            k: &kq[w[0] * row..w[1] * row],
-                            v: &vq[w[0] * row..w[1] * row],
-                            pos: c.params.k_pos + w[0],
-                        })
-                        .collect();
-                    segs.shuffle(&mut rng);
-                    let splits = *[None, Some(1), Some(2), Some(3)].choose(&mut rng).unwrap();
-                    let mut out = vec![0f32; q.len()];
-                    let mut lse = vec![0f32; q.len() / d];
-                    cpu::attention_segments_blocks_split(
-                        &q, &segs, c.shape, &c.params, splits, &mut out, &mut lse,
-                    )
-                    .unwrap();
-                    let want = reference(&q, &kd, &vd, c.shape, &c.params);
-                    assert_close(&out, &lse, &want, TOL_F32, &|| {
-                        format!(
-                            "{:?} {:?} {kind:?} cuts {cuts:?} splits {splits:?} (seed {seed}, {inner})",
-                            c.shape, c.params
-                        )
-                    });
-                }
+    // (KV heads, GQA ratio, queries, head dim); the last two wide rows (8 KV heads of 128:
+    // 1152 bytes a key), where the fused decode step prefetches its own rows ahead.
+    let mut shapes: Vec<(usize, usize, usize, usize)> = vec![];
+    for ratio in [1, 4, 8] {
+        for n_q in [1, 3, 40] {
+            for d in [32, 64, 128] {
+                shapes.push((2, ratio, n_q, d));
             }
+        }
+    }
+    shapes.extend([(8, 4, 1, 128), (8, 5, 1, 128)]);
+    for mask in MASKS {
+        for &(h_kv, ratio, n_q, d) in &shapes {
+            let n_kv = *[1, 7, 65, 300, 1301].choose(&mut rng).unwrap();
+            let mut c = case(n_q, n_kv, h_kv, ratio, d, mask);
+            let base = rng.random_range(0..100);
+            c.params = c.params.at(base + n_kv.saturating_sub(n_q), base);
+            let kind = *INPUTS.choose(&mut rng).unwrap();
+            let inner = rng.random();
+            let (q, k, v) = inputs::<f32>(&mut TestRng::new(inner), &c.shape, &c.params, kind);
+            let quant = |x: &[f32]| crate::quantize_blocks_vec::<B>("test", x).unwrap();
+            let (kq, vq) = (quant(&k), quant(&v));
+            // The portable loop's widening (every ISA's equals it: kvq8, kvf8 tests).
+            let deq = |b: &[B]| -> Vec<f32> {
+                let mut x = vec![0f32; b.len() * Q8_BLOCK];
+                B::widen(Isa::Portable, b, &mut x);
+                x
+            };
+            let (kd, vd) = (deq(&kq), deq(&vq));
+            let row = h_kv * d / Q8_BLOCK;
+            let mut cuts: Vec<usize> = (0..rng.random_range(0..6))
+                .map(|_| rng.random_range(0..=n_kv))
+                .chain([0, n_kv, n_kv.min(1)])
+                .collect();
+            cuts.sort();
+            let mut segs: Vec<KvBlockSegment<'_, B>> = cuts
+                .windows(2)
+                .map(|w| KvBlockSegment {
+                    k: &kq[w[0] * row..w[1] * row],
+                    v: &vq[w[0] * row..w[1] * row],
+                    pos: c.params.k_pos + w[0],
+                })
+                .collect();
+            segs.shuffle(&mut rng);
+            let splits = *[None, Some(1), Some(2), Some(3)].choose(&mut rng).unwrap();
+            let mut out = vec![0f32; q.len()];
+            let mut lse = vec![0f32; q.len() / d];
+            cpu::attention_segments_blocks_split(
+                &q, &segs, c.shape, &c.params, splits, &mut out, &mut lse,
+            )
+            .unwrap();
+            let want = reference(&q, &kd, &vd, c.shape, &c.params);
+            assert_close(&out, &lse, &want, TOL_F32, &|| {
+                format!(
+                    "{:?} {:?} {kind:?} cuts {cuts:?} splits {splits:?} (seed {seed}, {inner})",
+                    c.shape, c.params
+                )
+            });
         }
     }
     print_worst(name);

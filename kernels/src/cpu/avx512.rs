@@ -817,7 +817,7 @@ unsafe fn softmax16<const R: usize, const J: usize>(
 /// a scale per 32 values) with f32 queries: each key block is widened in registers (see
 /// [`widen_block`]) and meets the queries by FMA; the online softmax and `O = alpha O + P V`
 /// as there, V widened the same way. Reads 36 (q8) or 33 (FP8) bytes per 32 values and writes
-/// nothing but the state.
+/// nothing but the state. `ahead` as [`decode_tile_bf16`] takes it.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `q` holds `R` rows of `d` f32 (`d` a multiple of 32), `k` and
@@ -832,6 +832,7 @@ pub unsafe fn decode_tile_blocks<B: crate::KvBlock, const R: usize, const J: usi
     k: *const B,
     v: *const B,
     ld: usize,
+    ahead: (usize, usize),
     m: *mut f32,
     l: *mut f32,
     o: *mut f32,
@@ -839,8 +840,23 @@ pub unsafe fn decode_tile_blocks<B: crate::KvBlock, const R: usize, const J: usi
 ) {
     const G: usize = DECODE_TILE;
     let nb = d / 32;
+    // A head's row of blocks, unaligned: one line more than its bytes fill.
+    let lines = (nb * std::mem::size_of::<B>()).div_ceil(64) + 1;
     let mut u = [_mm512_setzero_ps(); R];
     for g in 0..G / J {
+        if ahead.0 > 0 {
+            // As decode_tile_bf16 prefetches a wide KV: a group's worth of rows at a time.
+            for row in (ahead.0 + g * J..ahead.0 + (g + 1) * J).filter(|&r| r < ahead.1) {
+                let (kr, vr) = (
+                    k.wrapping_add(row * ld).cast::<i8>(),
+                    v.wrapping_add(row * ld).cast::<i8>(),
+                );
+                for x in 0..lines {
+                    _mm_prefetch::<_MM_HINT_T1>(kr.wrapping_add(64 * x));
+                    _mm_prefetch::<_MM_HINT_T1>(vr.wrapping_add(64 * x));
+                }
+            }
+        }
         let mut acc = [[_mm512_setzero_ps(); J]; R];
         for c in 0..nb {
             let mut qv = [[_mm512_setzero_ps(); 2]; R];

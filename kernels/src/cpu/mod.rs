@@ -386,6 +386,7 @@ impl Ops {
         d: usize,
         q: *const f32,
         (k, v, ld): (*const B, *const B, usize),
+        ahead: (usize, usize),
         (m, l, o, ldo): (*mut f32, *mut f32, *mut f32, usize),
     ) {
         debug_assert!(self.has_decode_tile_blocks(rows, d));
@@ -393,12 +394,12 @@ impl Ops {
         {
             use avx512::decode_tile_blocks as f;
             match rows {
-                1 => f::<B, 1, 8>(d, q, 1.0, k, v, ld, m, l, o, ldo),
-                2 => f::<B, 2, 8>(d, q, 1.0, k, v, ld, m, l, o, ldo),
-                3 => f::<B, 3, 8>(d, q, 1.0, k, v, ld, m, l, o, ldo),
-                4 => f::<B, 4, 4>(d, q, 1.0, k, v, ld, m, l, o, ldo),
-                5 => f::<B, 5, 4>(d, q, 1.0, k, v, ld, m, l, o, ldo),
-                6 => f::<B, 6, 4>(d, q, 1.0, k, v, ld, m, l, o, ldo),
+                1 => f::<B, 1, 8>(d, q, 1.0, k, v, ld, ahead, m, l, o, ldo),
+                2 => f::<B, 2, 8>(d, q, 1.0, k, v, ld, ahead, m, l, o, ldo),
+                3 => f::<B, 3, 8>(d, q, 1.0, k, v, ld, ahead, m, l, o, ldo),
+                4 => f::<B, 4, 4>(d, q, 1.0, k, v, ld, ahead, m, l, o, ldo),
+                5 => f::<B, 5, 4>(d, q, 1.0, k, v, ld, ahead, m, l, o, ldo),
+                6 => f::<B, 6, 4>(d, q, 1.0, k, v, ld, ahead, m, l, o, ldo),
                 _ => unreachable!("checked by has_decode_tile_blocks"),
             }
         }
