@@ -10,7 +10,8 @@ Usage (outside the repo; CI never runs this; numpy in the Python that runs it):
 LLAMA_CPP_DIR is what ../shared/tools/build-llamacpp.sh prints. Prints the files it wrote.
 L4_SHAPE=moe055 makes instead the ~0.55B-parameter shape of the throughput benchmarks
 (`llama4_moe_bench.sh`'s: 8 layers, hidden 1024, 16 heads and 4 KV heads of 64, experts of
-1024, shared FF 2048) as `llama4-moe055-*.gguf`, without torch.
+1024, shared FF 2048) as `llama4-moe055-*.gguf`, without torch; L4_SHAPE=scoutattn Scout's
+attention (40 heads, 8 KV heads of 128) on 4 layers of hidden 512.
 """
 import os
 import subprocess
@@ -26,6 +27,11 @@ SHAPE = os.environ.get("L4_SHAPE", "long")
 if SHAPE == "moe055":
     HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 1024, 8, 16, 4, 64
     EXPERTS, EXPERT_FF, DENSE_FF = 16, 1024, 2048
+elif SHAPE == "scoutattn":
+    # Scout's attention (40 heads, 8 KV heads of 128: 2 KiB of bf16 K a token and layer)
+    # on a small body, for decode over a wide KV.
+    HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 512, 4, 40, 8, 128
+    EXPERTS, EXPERT_FF, DENSE_FF = 16, 512, 1024
 else:
     HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 4, 1, 64
     EXPERTS, EXPERT_FF, DENSE_FF = 16, 256, 512
