@@ -30,8 +30,8 @@ const BK: usize = 64;
 const SPLIT_BK: usize = 16;
 /// How many tiles ahead the split-KV path prefetches.
 const PREFETCH_TILES: usize = 1;
-/// Keys ahead the fused bf16 decode step prefetches its head's rows of a wide KV (rows over
-/// [`MID_ROW_BYTES`]): two of its 16-key steps.
+/// Keys ahead the fused decode step (bf16, q8_0 or FP8 KV) prefetches its head's rows of a
+/// wide KV (rows over [`MID_ROW_BYTES`]): two of its 16-key steps.
 const DECODE_AHEAD: usize = 32;
 /// Narrow KV rows (all heads of a key in at most this many bytes, SmolLM2's 384 in bf16) are
 /// prefetched two tiles ahead on the split path (`bench kernels --only decode-smol`); it
@@ -796,8 +796,8 @@ struct Engine<'a, T> {
     /// A block KV (`k` and `v` then empty): K and V blocks `[n_kv, h_kv, d / 32]`, staged or
     /// widened in registers.
     blocks: Option<BlockPair<'a>>,
-    /// Keys ahead that the fused bf16 decode step prefetches its head's rows (0: none; the
-    /// split loop prefetches instead).
+    /// Keys ahead that the fused decode step prefetches its head's rows (0: none; the split
+    /// loop prefetches instead).
     decode_ahead: usize,
 }
 
