@@ -1,5 +1,7 @@
 //! End to end: the `longctx bench kernels` command runs and its JSON carries every case.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -458,17 +460,12 @@ fn bench_serving_reports_reuse_and_latency_in_both_modes() {
 fn bench_e2e_reports_what_a_decode_step_reads_beside_the_streaming_read() {
     let model = longctx_engine::fetch::smollm2(&mut |m| eprintln!("{m}")).unwrap();
     let run = |kv: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
-            .args(["--threads", "2", "bench", "e2e", "--model"])
-            .arg(&model)
-            .args(["--lengths", "16,300", "--decode-tokens", "3", "--json"])
-            .args(["--decode-weights", "quant", "--kv-dtype", kv])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = common::run_ok(
+            Command::new(env!("CARGO_BIN_EXE_longctx"))
+                .args(["--threads", "2", "bench", "e2e", "--model"])
+                .arg(&model)
+                .args(["--lengths", "16,300", "--decode-tokens", "3", "--json"])
+                .args(["--decode-weights", "quant", "--kv-dtype", kv]),
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
         v["rows"].as_array().unwrap().clone()

@@ -4,7 +4,18 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
+
+/// Runs `cmd` to its end and returns its output; a failure panics with its stderr.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
 
 /// `longctx perplexity --ctx 256 --json` on `tests/reference/ppl.txt` (the default model when
 /// `model` is None): its JSON report, the command's stderr in the panic otherwise.

@@ -417,6 +417,17 @@ fn bad_shapes_are_errors_not_panics() {
 
 /// A KV cut into segments (random lengths, some empty or of one key, in shuffled order, each
 /// at its own absolute position) gives what the same keys give in one piece.
+/// Where a KV of `n_kv` keys is cut into segments, sorted: 0, `n_kv`, a one-key first
+/// segment, and fewer than `most` random cuts (empty segments among them).
+fn random_cuts(rng: &mut impl Rng, n_kv: usize, most: usize) -> Vec<usize> {
+    let mut cuts: Vec<usize> = (0..rng.random_range(0..most))
+        .map(|_| rng.random_range(0..=n_kv))
+        .chain([0, n_kv, n_kv.min(1)])
+        .collect();
+    cuts.sort();
+    cuts
+}
+
 #[test]
 fn segments_equal_the_contiguous_kv() {
     use rand::seq::{IndexedRandom, SliceRandom};
@@ -424,11 +435,7 @@ fn segments_equal_the_contiguous_kv() {
         let AttnShape { n_kv, h_kv, d, .. } = c.shape;
         let row = h_kv * d;
         let (q, k, v) = inputs::<T>(&mut TestRng::new(rng.random()), &c.shape, &c.params, kind);
-        let mut cuts: Vec<usize> = (0..rng.random_range(0..12))
-            .map(|_| rng.random_range(0..=n_kv))
-            .chain([0, n_kv, n_kv.min(1)])
-            .collect();
-        cuts.sort();
+        let cuts = random_cuts(rng, n_kv, 12);
         let mut segs: Vec<KvSegment<'_, T>> = cuts
             .windows(2)
             .map(|w| KvSegment {
@@ -599,11 +606,7 @@ fn block_segments_equal_the_reference<B: crate::KvBlock + Default>(name: &str) {
             };
             let (kd, vd) = (deq(&kq), deq(&vq));
             let row = h_kv * d / Q8_BLOCK;
-            let mut cuts: Vec<usize> = (0..rng.random_range(0..6))
-                .map(|_| rng.random_range(0..=n_kv))
-                .chain([0, n_kv, n_kv.min(1)])
-                .collect();
-            cuts.sort();
+            let cuts = random_cuts(&mut rng, n_kv, 6);
             let mut segs: Vec<KvBlockSegment<'_, B>> = cuts
                 .windows(2)
                 .map(|w| KvBlockSegment {
