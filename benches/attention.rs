@@ -56,12 +56,21 @@ fn benches(c: &mut Criterion) {
         h_kv: 4,
         d: 64,
     };
+    // SmolLM2's decode step (GQA 3, d 64) at 4K: its KV within the caches.
+    let decode_smol = AttnShape {
+        n_q: 1,
+        n_kv: 4096,
+        h_q: 9,
+        h_kv: 3,
+        d: 64,
+    };
     run::<f32>(c, "prefill_causal_2k", prefill, Mask::Causal);
     run::<bf16>(c, "prefill_causal_2k", prefill, Mask::Causal);
     run::<f32>(c, "decode_32k", decode, Mask::Causal);
     run::<bf16>(c, "decode_32k", decode, Mask::Causal);
     run::<f32>(c, "decode_moe_2k", decode_moe, Mask::Causal);
     run::<bf16>(c, "decode_moe_2k", decode_moe, Mask::Causal);
+    run::<bf16>(c, "decode_smol_4k", decode_smol, Mask::Causal);
 }
 
 criterion_group!(attention_benches, benches);
