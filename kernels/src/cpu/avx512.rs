@@ -579,8 +579,9 @@ const DECODE_TILE: usize = super::Ops::DECODE_TILE;
 /// this is the f32 dot product of the same values, without widening K), laid out row-major
 /// (keys in lanes), so the online softmax takes one exp2 per row per 16 keys instead of one
 /// per key; then `O = alpha O + P V` on the bf16 dot product too (see [`pv_pass_dp`]: P in
-/// two bf16 parts, so f32-exact to 2^-17), the output rows in registers. `J` keys share a
-/// butterfly reduction (8 for up to 3 rows, 4 for 4-6: `R x J` accumulators in registers).
+/// two bf16 parts, so f32-exact to 2^-17), the output rows in registers. Up to 64 dims the
+/// scores take keys in pairs ([`scores_pairs`]); wider, `J` keys share a butterfly reduction
+/// (8 for up to 3 rows, 4 for 4-6: `R x J` accumulators in registers, [`scores_groups`]).
 ///
 /// State as [`softmax_tile`] keeps it: `m` (running max, log2 units), `l` (sum of exp2),
 /// `o` rows at stride `ldo`, all un-normalised. `d` must be a multiple of 32.
@@ -609,43 +610,14 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
     o: *mut f32,
     ldo: usize,
 ) {
-    const G: usize = DECODE_TILE;
-    let lines = (2 * d).div_ceil(64);
-    // Scores: each group of J keys reduced by a butterfly to a vector whose fixed lanes hold
-    // the J sums (reduce8: lanes 0,4,8,12,2,6,10,14; reduce4: quarter q holds key q).
-    let mut u = [_mm512_setzero_ps(); R];
-    for g in 0..G / J {
-        if ahead.0 > 0 {
-            for row in (ahead.0 + g * J..ahead.0 + (g + 1) * J).filter(|&r| r < ahead.1) {
-                // Pointers only formed (wrapping) and prefetched: a prefetch never faults.
-                let (kr, vr) = (k.wrapping_add(row * ld), v.wrapping_add(row * ld));
-                for x in 0..lines {
-                    _mm_prefetch::<_MM_HINT_T1>(kr.cast::<i8>().wrapping_add(64 * x));
-                    _mm_prefetch::<_MM_HINT_T1>(vr.cast::<i8>().wrapping_add(64 * x));
-                }
-            }
-        }
-        let mut acc = [[_mm512_setzero_ps(); J]; R];
-        for c in 0..d / 32 {
-            let mut qv = [_mm512_setzero_si512(); R];
-            for (r, x) in qv.iter_mut().enumerate() {
-                *x = _mm512_loadu_si512(q.add(r * d + c * 32).cast());
-            }
-            for j in 0..J {
-                let kv: __m512bh = std::mem::transmute(_mm512_loadu_si512(
-                    k.add((g * J + j) * ld + c * 32).cast(),
-                ));
-                for (a, qr) in acc.iter_mut().zip(&qv) {
-                    a[j] =
-                        _mm512_dpbf16_ps(a[j], std::mem::transmute::<__m512i, __m512bh>(*qr), kv);
-                }
-            }
-        }
-        for (ur, a) in u.iter_mut().zip(&acc) {
-            *ur = place_group::<J>(*ur, a, g);
-        }
-    }
-    let (p, alpha) = softmax16::<R, J>(&u, scale2, m, l);
+    // Scores, keys in lanes in the order `place_group::<J>` leaves them (`J` = 8 for pairs).
+    let (p, alpha) = if d <= 64 {
+        let u = scores_pairs::<R>(d, q, k, ld, ahead, v);
+        softmax16::<R, 8>(&u, scale2, m, l)
+    } else {
+        let u = scores_groups::<R, J>(d, q, k, ld, ahead, v);
+        softmax16::<R, J>(&u, scale2, m, l)
+    };
     // P as two bf16 parts (hi, the rounding of p; lo, the rounding of what is left: 16
     // significant bits together), each as pairs of consecutive keys, the bf16 dot product's
     // operands.
@@ -670,6 +642,113 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
             c0 += 1;
         }
     }
+}
+
+/// Prefetches rows `rows` (keys from `k`, `v` at stride `ld`, `d` bf16 values each) of this
+/// head, those below `ahead.1`: see [`decode_tile_bf16`].
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn prefetch_rows(
+    rows: std::ops::Range<usize>,
+    (k, v, ld, d): (*const u16, *const u16, usize, usize),
+    ahead: (usize, usize),
+) {
+    if ahead.0 == 0 {
+        return;
+    }
+    let lines = (2 * d).div_ceil(64);
+    for row in rows.map(|r| r + ahead.0).filter(|&r| r < ahead.1) {
+        // Pointers only formed (wrapping) and prefetched: a prefetch never faults.
+        let (kr, vr) = (k.wrapping_add(row * ld), v.wrapping_add(row * ld));
+        for x in 0..lines {
+            _mm_prefetch::<_MM_HINT_T1>(kr.cast::<i8>().wrapping_add(64 * x));
+            _mm_prefetch::<_MM_HINT_T1>(vr.cast::<i8>().wrapping_add(64 * x));
+        }
+    }
+}
+
+/// [`decode_tile_bf16`]'s scores for `d` <= 64, eight keys a group as four pairs: a pair's
+/// two keys share a vector, 16 dims of one in its low half and of the other in its high half
+/// against the query's 16 dims in both, so each key's sum is spread over 8 lanes, not 16,
+/// and [`sum_pairs`] (11 instructions a row) sums a group. At d 64 the butterflies over 16
+/// lanes were most of the scores' work: SmolLM2's step (GQA 3) 17-32% faster, the MoE's
+/// (GQA 4) 12%; at d 128 building the pairs costs more than it saves (15-25% slower).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn scores_pairs<const R: usize>(
+    d: usize,
+    q: *const u16,
+    k: *const u16,
+    ld: usize,
+    ahead: (usize, usize),
+    v: *const u16,
+) -> [__m512; R] {
+    let mut u = [_mm512_setzero_ps(); R];
+    for g in 0..DECODE_TILE / 8 {
+        prefetch_rows(g * 8..(g + 1) * 8, (k, v, ld, d), ahead);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for h in 0..d / 16 {
+            let mut kp = [_mm512_setzero_si512(); 4];
+            for (p, x) in kp.iter_mut().enumerate() {
+                let key = |i: usize| _mm256_loadu_si256(k.add((g * 8 + i) * ld + 16 * h).cast());
+                *x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(key(2 * p)), key(2 * p + 1));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(q.add(r * d + 16 * h).cast()));
+                let qh: __m512bh = std::mem::transmute(qh);
+                for (x, kx) in a.iter_mut().zip(&kp) {
+                    *x = _mm512_dpbf16_ps(*x, qh, std::mem::transmute::<__m512i, __m512bh>(*kx));
+                }
+            }
+        }
+        for (ur, a) in u.iter_mut().zip(&acc) {
+            let t = sum_pairs(a);
+            *ur = if g == 0 {
+                t
+            } else {
+                _mm512_mask_mov_ps(*ur, 0xAAAA, t)
+            };
+        }
+    }
+    u
+}
+
+/// [`decode_tile_bf16`]'s scores for wider heads: each group of `J` keys' vectors summed by
+/// a butterfly ([`place_group`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn scores_groups<const R: usize, const J: usize>(
+    d: usize,
+    q: *const u16,
+    k: *const u16,
+    ld: usize,
+    ahead: (usize, usize),
+    v: *const u16,
+) -> [__m512; R] {
+    let mut u = [_mm512_setzero_ps(); R];
+    for g in 0..DECODE_TILE / J {
+        prefetch_rows(g * J..(g + 1) * J, (k, v, ld, d), ahead);
+        let mut acc = [[_mm512_setzero_ps(); J]; R];
+        for c in 0..d / 32 {
+            let mut qv = [_mm512_setzero_si512(); R];
+            for (r, x) in qv.iter_mut().enumerate() {
+                *x = _mm512_loadu_si512(q.add(r * d + c * 32).cast());
+            }
+            for j in 0..J {
+                let kv: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                    k.add((g * J + j) * ld + c * 32).cast(),
+                ));
+                for (a, qr) in acc.iter_mut().zip(&qv) {
+                    a[j] =
+                        _mm512_dpbf16_ps(a[j], std::mem::transmute::<__m512i, __m512bh>(*qr), kv);
+                }
+            }
+        }
+        for (ur, a) in u.iter_mut().zip(&acc) {
+            *ur = place_group::<J>(*ur, a, g);
+        }
+    }
+    u
 }
 
 /// Chunks `c0 .. c0 + C` (32 dims each) of [`decode_tile_bf16`]'s `O = alpha O + P V` on the
@@ -746,6 +825,21 @@ unsafe fn pv_pass_dp<const R: usize, const C: usize>(
             _mm512_storeu_ps(at.add(16), _mm512_permutex2var_ps(lo, from_halves[1], hi));
         }
     }
+}
+
+/// The sums of four pair vectors (vector `p`: key `2p`'s partial sums in lanes 0..8, key
+/// `2p + 1`'s in lanes 8..16) as [`reduce8_lanes`] leaves eight keys' sums: key `j` in lanes
+/// `L[j]` and `L[j] + 1`, `L = 0, 4, 8, 12, 2, 6, 10, 14`. Quarters first (each then one
+/// key's four partials), then pairs of lanes, then neighbours.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sum_pairs(a: &[__m512; 4]) -> __m512 {
+    let (x01, x23) = (fold_quarters(a[0], a[1]), fold_quarters(a[2], a[3]));
+    let t = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x44>(x01, x23),
+        _mm512_shuffle_ps::<0xEE>(x01, x23),
+    );
+    _mm512_add_ps(t, _mm512_permute_ps::<0xB1>(t))
 }
 
 /// The sums of group `g` of a 16-key decode tile (`J` keys, each `a[j]`'s lanes summed)
