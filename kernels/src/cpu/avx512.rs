@@ -671,8 +671,9 @@ unsafe fn prefetch_rows(
 /// two keys share a vector, 16 dims of one in its low half and of the other in its high half
 /// against the query's 16 dims in both, so each key's sum is spread over 8 lanes, not 16,
 /// and [`sum_pairs`] (11 instructions a row) sums a group. At d 64 the butterflies over 16
-/// lanes were most of the scores' work: SmolLM2's step (GQA 3) 17-32% faster, the MoE's
-/// (GQA 4) 12%; at d 128 building the pairs costs more than it saves (15-25% slower).
+/// lanes cost as much as the products: SmolLM2's step (GQA 3) and the MoE's (GQA 4) 10-17%
+/// faster (criterion `decode_smol_4k`, `decode_moe_2k`, one thread); at d 128 building the
+/// pairs costs more than it saves (15-25% slower).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
 unsafe fn scores_pairs<const R: usize>(
