@@ -835,12 +835,7 @@ unsafe fn pv_pass_dp<const R: usize, const C: usize>(
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn sum_pairs(a: &[__m512; 4]) -> __m512 {
-    let (x01, x23) = (fold_quarters(a[0], a[1]), fold_quarters(a[2], a[3]));
-    let t = _mm512_add_ps(
-        _mm512_shuffle_ps::<0x44>(x01, x23),
-        _mm512_shuffle_ps::<0xEE>(x01, x23),
-    );
-    _mm512_add_ps(t, _mm512_permute_ps::<0xB1>(t))
+    fold_pairs(fold_quarters(a[0], a[1]), fold_quarters(a[2], a[3]))
 }
 
 /// The sums of group `g` of a 16-key decode tile (`J` keys, each `a[j]`'s lanes summed)
@@ -1109,10 +1104,18 @@ unsafe fn reduce8_lanes(v: &[__m512; 8]) -> __m512 {
         fold_halves(v[4], v[5]),
         fold_halves(v[6], v[7]),
     );
-    let (y1, y2) = (fold_quarters(x01, x23), fold_quarters(x45, x67));
+    fold_pairs(fold_quarters(x01, x23), fold_quarters(x45, x67))
+}
+
+/// The last two butterfly steps on two [`fold_quarters`] results: their 64-bit halves of
+/// each quarter folded (`a`'s to lanes 0-1, `b`'s to 2-3), then each lane with its
+/// neighbour, so lanes `2i` and `2i + 1` hold the same sum.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fold_pairs(a: __m512, b: __m512) -> __m512 {
     let u = _mm512_add_ps(
-        _mm512_shuffle_ps::<0x44>(y1, y2),
-        _mm512_shuffle_ps::<0xEE>(y1, y2),
+        _mm512_shuffle_ps::<0x44>(a, b),
+        _mm512_shuffle_ps::<0xEE>(a, b),
     );
     _mm512_add_ps(u, _mm512_permute_ps::<0xB1>(u))
 }
