@@ -644,25 +644,29 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
     }
 }
 
-/// Prefetches rows `rows` (keys from `k`, `v` at stride `ld`, `d` bf16 values each) of this
-/// head, those below `ahead.1`: see [`decode_tile_bf16`].
+/// Prefetches the K and V rows `rows` of this head shifted `ahead.0` keys on (rows of `T` at
+/// stride `ld` from `k` and `v`, `lines` cache lines each), those below `ahead.1`; nothing
+/// when `ahead.0` is 0: see [`decode_tile_bf16`].
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn prefetch_rows(
+unsafe fn prefetch_rows<T>(
     rows: std::ops::Range<usize>,
-    (k, v, ld, d): (*const u16, *const u16, usize, usize),
+    (k, v, ld): (*const T, *const T, usize),
+    lines: usize,
     ahead: (usize, usize),
 ) {
     if ahead.0 == 0 {
         return;
     }
-    let lines = (2 * d).div_ceil(64);
     for row in rows.map(|r| r + ahead.0).filter(|&r| r < ahead.1) {
         // Pointers only formed (wrapping) and prefetched: a prefetch never faults.
-        let (kr, vr) = (k.wrapping_add(row * ld), v.wrapping_add(row * ld));
+        let (kr, vr) = (
+            k.wrapping_add(row * ld).cast::<i8>(),
+            v.wrapping_add(row * ld).cast::<i8>(),
+        );
         for x in 0..lines {
-            _mm_prefetch::<_MM_HINT_T1>(kr.cast::<i8>().wrapping_add(64 * x));
-            _mm_prefetch::<_MM_HINT_T1>(vr.cast::<i8>().wrapping_add(64 * x));
+            _mm_prefetch::<_MM_HINT_T1>(kr.wrapping_add(64 * x));
+            _mm_prefetch::<_MM_HINT_T1>(vr.wrapping_add(64 * x));
         }
     }
 }
@@ -686,7 +690,7 @@ unsafe fn scores_pairs<const R: usize>(
 ) -> [__m512; R] {
     let mut u = [_mm512_setzero_ps(); R];
     for g in 0..DECODE_TILE / 8 {
-        prefetch_rows(g * 8..(g + 1) * 8, (k, v, ld, d), ahead);
+        prefetch_rows(g * 8..(g + 1) * 8, (k, v, ld), (2 * d).div_ceil(64), ahead);
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         for h in 0..d / 16 {
             let mut kp = [_mm512_setzero_si512(); 4];
@@ -703,12 +707,7 @@ unsafe fn scores_pairs<const R: usize>(
             }
         }
         for (ur, a) in u.iter_mut().zip(&acc) {
-            let t = sum_pairs(a);
-            *ur = if g == 0 {
-                t
-            } else {
-                _mm512_mask_mov_ps(*ur, 0xAAAA, t)
-            };
+            *ur = blend_group::<8>(*ur, sum_pairs(a), g);
         }
     }
     u
@@ -728,7 +727,7 @@ unsafe fn scores_groups<const R: usize, const J: usize>(
 ) -> [__m512; R] {
     let mut u = [_mm512_setzero_ps(); R];
     for g in 0..DECODE_TILE / J {
-        prefetch_rows(g * J..(g + 1) * J, (k, v, ld, d), ahead);
+        prefetch_rows(g * J..(g + 1) * J, (k, v, ld), (2 * d).div_ceil(64), ahead);
         let mut acc = [[_mm512_setzero_ps(); J]; R];
         for c in 0..d / 32 {
             let mut qv = [_mm512_setzero_si512(); R];
@@ -848,16 +847,22 @@ unsafe fn sum_pairs(a: &[__m512; 4]) -> __m512 {
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn place_group<const J: usize>(s: __m512, a: &[__m512; J], g: usize) -> __m512 {
-    if J == 8 {
-        let t = reduce8_lanes(a[..].try_into().expect("J is 8"));
-        if g == 0 {
-            t
-        } else {
-            _mm512_mask_mov_ps(s, 0xAAAA, t)
-        }
+    let t = if J == 8 {
+        reduce8_lanes(a[..].try_into().expect("J is 8"))
     } else {
-        let t = reduce4_lanes(a[..].try_into().expect("J is 4"));
-        _mm512_mask_mov_ps(s, 0x1111 << g, t)
+        reduce4_lanes(a[..].try_into().expect("J is 4"))
+    };
+    blend_group::<J>(s, t, g)
+}
+
+/// Group `g`'s sums `t`, laid out as [`place_group`] says, blended into the row's scores `s`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn blend_group<const J: usize>(s: __m512, t: __m512, g: usize) -> __m512 {
+    match (J, g) {
+        (8, 0) => t,
+        (8, _) => _mm512_mask_mov_ps(s, 0xAAAA, t),
+        _ => _mm512_mask_mov_ps(s, 0x1111 << g, t),
     }
 }
 
@@ -934,19 +939,8 @@ pub unsafe fn decode_tile_blocks<B: crate::KvBlock, const R: usize, const J: usi
     let lines = (nb * std::mem::size_of::<B>()).div_ceil(64) + 1;
     let mut u = [_mm512_setzero_ps(); R];
     for g in 0..G / J {
-        if ahead.0 > 0 {
-            // As decode_tile_bf16 prefetches a wide KV: a group's worth of rows at a time.
-            for row in (ahead.0 + g * J..ahead.0 + (g + 1) * J).filter(|&r| r < ahead.1) {
-                let (kr, vr) = (
-                    k.wrapping_add(row * ld).cast::<i8>(),
-                    v.wrapping_add(row * ld).cast::<i8>(),
-                );
-                for x in 0..lines {
-                    _mm_prefetch::<_MM_HINT_T1>(kr.wrapping_add(64 * x));
-                    _mm_prefetch::<_MM_HINT_T1>(vr.wrapping_add(64 * x));
-                }
-            }
-        }
+        // As decode_tile_bf16 prefetches a wide KV: a group's worth of rows at a time.
+        prefetch_rows(g * J..(g + 1) * J, (k, v, ld), lines, ahead);
         let mut acc = [[_mm512_setzero_ps(); J]; R];
         for c in 0..nb {
             let mut qv = [[_mm512_setzero_ps(); 2]; R];
