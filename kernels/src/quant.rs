@@ -108,6 +108,15 @@ impl QKind {
         self != QKind::Q8_0
     }
 
+    /// The word of a block's activations each of the eight unpacked weight vectors takes.
+    fn words(self) -> &'static [usize; 8] {
+        if self.packed() {
+            &WORD_PACKED
+        } else {
+            &WORD_Q8
+        }
+    }
+
     /// Whether fifth bits are held (Q5_0, Q5_1).
     fn five(self) -> bool {
         matches!(self, QKind::Q5_0 | QKind::Q5_1)
@@ -623,6 +632,10 @@ impl QMatrix {
         crate::attention::check_len(OP, "y", self.rows, y.len())?;
         let act = Act::quantize(x);
         let vnni = vnni_available();
+        let mut tile = Tile::default();
+        if vnni {
+            tile.pack(&[&act], self.kind.words());
+        }
         // About four chunks a thread (at least 64 rows, whole groups): enough to balance,
         // few enough that scheduling stays small beside a product of a few microseconds.
         let threads = rayon::current_num_threads().max(1);
@@ -633,7 +646,15 @@ impl QMatrix {
             if vnni {
                 // SAFETY: VNNI checked at run time; r0 starts a group, rows r0..r0 +
                 // yc.len() exist.
-                unsafe { self.rows_vnni(&[&act], r0, yc.len(), yc.as_mut_ptr(), 0) };
+                unsafe {
+                    self.rows_vnni(
+                        std::slice::from_ref(&tile),
+                        r0,
+                        yc.len(),
+                        yc.as_mut_ptr(),
+                        0,
+                    )
+                };
                 return;
             } else if avx2::available() {
                 // SAFETY: as above, AVX2 checked at run time.
@@ -694,6 +715,19 @@ impl QMatrix {
             return Ok(());
         }
         let acts: Vec<&Act> = acts.iter().collect();
+        let mut tiles = Vec::new();
+        if vnni {
+            tiles = TILES.with(|pool| pool.take());
+            if tiles.len() < m.div_ceil(TILE) {
+                tiles.resize_with(m.div_ceil(TILE), Tile::default);
+            }
+            let words = self.kind.words();
+            tiles[..m.div_ceil(TILE)]
+                .par_iter_mut()
+                .zip(acts.par_chunks(TILE))
+                .for_each(|(t, a)| t.pack(a, words));
+        }
+        let tiles_in = &tiles[..if vnni { m.div_ceil(TILE) } else { 0 }];
         // At least four chunks a thread; at most 64 rows (64 x 1536 4-bit weights: ~60 KB).
         let threads = rayon::current_num_threads().max(1);
         let rows_per = self
@@ -713,12 +747,15 @@ impl QMatrix {
                 // (checked to be m x rows long).
                 unsafe {
                     if vnni {
-                        self.rows_vnni(&acts, r0, len, out.at(r0), self.rows)
+                        self.rows_vnni(tiles_in, r0, len, out.at(r0), self.rows)
                     } else {
                         self.rows_avx2(&acts, r0, len, out.at(r0), self.rows)
                     }
                 };
             });
+        if vnni {
+            TILES.with(|pool| pool.replace(tiles));
+        }
         Ok(())
     }
 
@@ -746,26 +783,26 @@ impl QMatrix {
         }
     }
 
-    /// Rows `r0..r0 + len` (`r0` a group's first) times every activation of `acts`: row
-    /// `r0 + i`'s product with activation `j` goes to `y[j * stride + i]`. Activations in
-    /// panels of 64 (their int8 rows stay in L2 while the rows' groups pass), eight at a time
-    /// per group.
+    /// Rows `r0..r0 + len` (`r0` a group's first) times every activation of `tiles`: row
+    /// `r0 + i`'s product with activation `j` (row `j % 8` of tile `j / 8`; every tile but the
+    /// last is full) goes to `y[j * stride + i]`. Activations in panels of 64 (their int8
+    /// rows stay in L2 while the rows' groups pass), one tile of eight at a time per group.
     ///
     /// # Safety
-    /// VNNI present; `y` valid for writes at `j * stride + i` for every `j < acts.len()`,
-    /// `i < len`.
+    /// VNNI present; the tiles packed for this matrix's kind and columns; `y` valid for writes
+    /// at `j * stride + i` for every activation `j` and `i < len`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")]
-    unsafe fn rows_vnni(&self, acts: &[&Act], r0: usize, len: usize, y: *mut f32, stride: usize) {
+    unsafe fn rows_vnni(&self, tiles: &[Tile], r0: usize, len: usize, y: *mut f32, stride: usize) {
         debug_assert!(r0.is_multiple_of(G));
-        const PANEL: usize = 64;
-        for (p, panel) in acts.chunks(PANEL).enumerate() {
+        const PANEL: usize = 64 / TILE;
+        for (p, panel) in tiles.chunks(PANEL).enumerate() {
             let mut i = 0;
             while i < len {
                 let lanes = (len - i).min(G);
                 let g = (r0 + i) / G;
-                for (t, tile) in panel.chunks(8).enumerate() {
-                    let out = y.add((p * PANEL + t * 8) * stride + i);
+                for (t, tile) in panel.iter().enumerate() {
+                    let out = y.add((p * PANEL + t) * TILE * stride + i);
                     match self.kind {
                         QKind::Q6 => self.tile_vnni::<HALVES_Q6>(tile, g, out, stride, lanes),
                         QKind::Q2_16 | QKind::Q3_16 => {
@@ -785,13 +822,13 @@ impl QMatrix {
     #[inline]
     unsafe fn tile_vnni<const H: u8>(
         &self,
-        tile: &[&Act],
+        tile: &Tile,
         g: usize,
         out: *mut f32,
         stride: usize,
         lanes: usize,
     ) {
-        match tile.len() {
+        match tile.rows {
             1 => self.group_vnni::<1, H>(tile, g, out, stride, lanes),
             2 => self.group_vnni::<2, H>(tile, g, out, stride, lanes),
             3 => self.group_vnni::<3, H>(tile, g, out, stride, lanes),
@@ -814,7 +851,7 @@ impl QMatrix {
     #[inline]
     unsafe fn group_vnni<const J: usize, const H: u8>(
         &self,
-        acts: &[&Act],
+        tile: &Tile,
         g: usize,
         out: *mut f32,
         stride: usize,
@@ -830,14 +867,17 @@ impl QMatrix {
         let (two_bit, plane_bit) = (kind.two_bit(), kind.plane_bit());
         let (three, bit) = (_mm512_set1_epi8(3), _mm512_set1_epi8(plane_bit as i8));
         let levels = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()));
-        let words = if packed { WORD_PACKED } else { WORD_Q8 };
         let low = _mm512_set1_epi8(0x0f);
         let offset = _mm512_set1_ps(kind.offset());
         let mut acc = [_mm512_setzero_ps(); J];
-        let a: [*const i8; J] = std::array::from_fn(|j| acts[j].a.as_ptr());
-        let s: [*const f32; J] = std::array::from_fn(|j| acts[j].s.as_ptr());
-        let ss: [*const f32; J] = std::array::from_fn(|j| acts[j].ssum.as_ptr());
-        let hs: [*const i32; J] = std::array::from_fn(|j| acts[j].hsum.as_ptr());
+        debug_assert_eq!(tile.rows, J);
+        debug_assert!(tile.w.len() >= nb * 8 * J && tile.hs.len() >= 2 * nb * J);
+        let (tw, ts, tss, ths) = (
+            tile.w.as_ptr(),
+            tile.s.as_ptr(),
+            tile.ss.as_ptr(),
+            tile.hs.as_ptr(),
+        );
         let pair_bits = _mm512_set1_epi8(0x30);
         let (qend, send) = (self.q.as_ptr_range().end, self.scales.as_ptr_range().end);
         for b in 0..nb {
@@ -923,10 +963,9 @@ impl QMatrix {
             // scales.
             let mut dot = [_mm512_setzero_si512(); J];
             let mut dot_hi = [_mm512_setzero_si512(); J];
-            let word = |j: usize, t: usize| {
-                let p = a[j].add(b * QK + 4 * words[t]).cast::<i32>();
-                _mm512_set1_epi32(p.read_unaligned())
-            };
+            let word = |j: usize, t: usize| _mm512_set1_epi32(*tw.add((b * 8 + t) * J + j));
+            let s = |j: usize| *ts.add(b * J + j);
+            let hs = |j: usize, h: usize| *ths.add((2 * b + h) * J + j);
             // Even and odd vectors in loops of their own: each accumulator is then known at
             // compile time (a choice per vector, in a loop the compiler does not unroll, put
             // the half-block kinds' accumulators in memory: 3.5x slower).
@@ -946,8 +985,8 @@ impl QMatrix {
             if Q6 {
                 // scale (sum(q a) - 32 sum(a)) per half, the offset exact in integers.
                 for j in 0..J {
-                    let sv = _mm512_set1_ps(*s[j].add(b));
-                    let off = |h: usize| _mm512_set1_epi32(32 * *hs[j].add(2 * b + h));
+                    let sv = _mm512_set1_ps(s(j));
+                    let off = |h: usize| _mm512_set1_epi32(32 * hs(j, h));
                     let lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[j], off(0)));
                     let hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot_hi[j], off(1)));
                     acc[j] = _mm512_fmadd_ps(lo, _mm512_mul_ps(dv, sv), acc[j]);
@@ -960,11 +999,11 @@ impl QMatrix {
                 let m_lo = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(2 * G).cast()));
                 let m_hi = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(3 * G).cast()));
                 for j in 0..J {
-                    let sj = *s[j].add(b);
+                    let sj = s(j);
                     let sv = _mm512_set1_ps(sj);
                     let lo = _mm512_cvtepi32_ps(dot[j]);
                     let hi = _mm512_cvtepi32_ps(dot_hi[j]);
-                    let sum = |h: usize| _mm512_set1_ps(sj * *hs[j].add(2 * b + h) as f32);
+                    let sum = |h: usize| _mm512_set1_ps(sj * hs(j, h) as f32);
                     acc[j] = _mm512_fmadd_ps(lo, _mm512_mul_ps(dv, sv), acc[j]);
                     acc[j] = _mm512_fmadd_ps(hi, _mm512_mul_ps(mv, sv), acc[j]);
                     acc[j] = _mm512_fmadd_ps(m_lo, sum(0), acc[j]);
@@ -973,9 +1012,9 @@ impl QMatrix {
                 continue;
             }
             for j in 0..J {
-                let ds = _mm512_mul_ps(dv, _mm512_set1_ps(*s[j].add(b)));
+                let ds = _mm512_mul_ps(dv, _mm512_set1_ps(s(j)));
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j]), ds, acc[j]);
-                acc[j] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*ss[j].add(b)), acc[j]);
+                acc[j] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*tss.add(b * J + j)), acc[j]);
             }
         }
         let mask: __mmask16 = if lanes >= G {
@@ -1200,6 +1239,62 @@ struct Act {
 thread_local! {
     /// Each calling thread's quantised activation rows, reused by every product.
     static ACTS: std::cell::RefCell<Vec<Act>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The same rows packed in tiles for the VNNI kernel.
+    static TILES: std::cell::RefCell<Vec<Tile>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Activation rows per [`Tile`]: the VNNI kernel's accumulators for 16 weight rows each.
+const TILE: usize = 8;
+
+/// Up to [`TILE`] quantised activation rows interleaved for [`QMatrix::group_vnni`]: per
+/// block, the eight words the unpacked weight vectors take in turn (the kind's
+/// [`QKind::words`] order), each with every row's side by side; then per block the rows'
+/// scales, scaled sums and half sums. The kernel reads a tile through one pointer at offsets
+/// known when it is compiled: with a pointer per row, eight rows' pointers (four arrays each)
+/// did not fit the registers, and the compiler, to reload each spilled pointer once, ordered
+/// the integer products one row's dependent chain after another, a quarter of the rate the
+/// chip's two products a cycle allow.
+#[derive(Default)]
+struct Tile {
+    rows: usize,
+    /// `[block][vector t][row]`: the word (4 int8) vector `t` multiplies.
+    w: Vec<i32>,
+    /// `[block][row]`.
+    s: Vec<f32>,
+    ss: Vec<f32>,
+    /// `[block][half][row]`.
+    hs: Vec<i32>,
+}
+
+impl Tile {
+    /// `acts` (1 to [`TILE`] rows of the same length) in the tile's layout, word `words[t]`
+    /// of each block for vector `t`.
+    fn pack(&mut self, acts: &[&Act], words: &[usize; 8]) {
+        let j = acts.len();
+        debug_assert!((1..=TILE).contains(&j));
+        let nb = acts[0].s.len();
+        self.rows = j;
+        self.w.resize(nb * 8 * j, 0);
+        self.s.resize(nb * j, 0.0);
+        self.ss.resize(nb * j, 0.0);
+        self.hs.resize(2 * nb * j, 0);
+        for (r, act) in acts.iter().enumerate() {
+            debug_assert_eq!(act.s.len(), nb);
+            for b in 0..nb {
+                let blk = &act.a[b * QK..(b + 1) * QK];
+                for (t, &wd) in words.iter().enumerate() {
+                    let q = &blk[4 * wd..4 * wd + 4];
+                    let word = [q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8];
+                    self.w[(b * 8 + t) * j + r] = i32::from_le_bytes(word);
+                }
+                self.s[b * j + r] = act.s[b];
+                self.ss[b * j + r] = act.ssum[b];
+                for h in 0..2 {
+                    self.hs[(2 * b + h) * j + r] = act.hsum[2 * b + h];
+                }
+            }
+        }
+    }
 }
 
 impl Act {
