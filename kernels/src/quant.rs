@@ -189,6 +189,46 @@ struct GroupPlanes<'a> {
     hi2: &'a mut [u8],
 }
 
+/// One row's GGUF blocks of `kind` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) into lane `lane` of
+/// its group, by whole 4-byte words: in the group layout a packed byte holds elements `4c + i`
+/// and `16 + 4c + i` as GGUF's byte `4c + i` does, Q8_0's `q + 128` is its byte with the top
+/// bit flipped, and Q5's fifth bits of vector `2c + high` are bits `16 high + 4c..+4` of its
+/// `qh` (the four bytes before the nibbles). (Element by element it took 4 ns a weight.)
+fn place_row(kind: QKind, row: &[u8], lane: usize, p: &mut GroupPlanes) {
+    let (qb, per, bs) = (
+        kind.qbytes() * G,
+        kind.scales_per_block() * G,
+        kind.block_bytes(),
+    );
+    let head = bs - kind.qbytes();
+    let q5 = kind.five();
+    for (b, blk) in row.chunks_exact(bs).enumerate() {
+        let sc = &mut p.scales[b * per..(b + 1) * per];
+        sc[lane] = u16::from_le_bytes([blk[0], blk[1]]);
+        if per == 2 * G {
+            sc[G + lane] = u16::from_le_bytes([blk[2], blk[3]]);
+        }
+        if q5 {
+            let qh = &blk[head - 4..head];
+            let h = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]) as u64;
+            for t in 0..8 {
+                let (c, high) = (t / 2, t % 2);
+                p.hi[b * 8 + t] |= ((h >> (16 * high + 4 * c)) & 0xf) << (4 * lane);
+            }
+        }
+        let dst = &mut p.q[b * qb..(b + 1) * qb];
+        for (c, w) in blk[head..].chunks_exact(4).enumerate() {
+            let o = &mut dst[c * 64 + 4 * lane..c * 64 + 4 * lane + 4];
+            if kind == QKind::Q8_0 {
+                let x = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080;
+                o.copy_from_slice(&x.to_le_bytes());
+            } else {
+                o.copy_from_slice(w);
+            }
+        }
+    }
+}
+
 /// One row's block as values: `w = d * v + m`, `v` unsigned (0..15, 0..31, `q + 128`, or
 /// Iq4's level + 128).
 struct RowBlock {
@@ -336,49 +376,32 @@ impl QMatrix {
     }
 
     /// [`QMatrix::pack`] of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL GGUF blocks by whole
-    /// 4-byte words: in the group layout a packed byte holds elements `4c + i` and
-    /// `16 + 4c + i` as GGUF's byte `4c + i` does, Q8_0's `q + 128` is its byte with the top
-    /// bit flipped, and Q5's fifth bits of vector `2c + high` are bits `16 high + 4c..+4` of
-    /// its `qh` (the four bytes before the nibbles). (Loading
-    /// prepares every weight this way: element by element it took 4 ns a weight.)
+    /// 4-byte words ([`place_row`]).
     fn pack_words(kind: QKind, bytes: &[u8], rows: usize, cols: usize) -> QMatrix {
-        let nb = cols / QK;
-        let (qb, per, bs) = (
-            kind.qbytes() * G,
-            kind.scales_per_block() * G,
-            kind.block_bytes(),
-        );
-        let head = bs - kind.qbytes();
-        let q5 = kind.five();
-        QMatrix::planes(kind, rows, cols, |g, p| {
+        let row_bytes = cols / QK * kind.block_bytes();
+        QMatrix::rows_as(kind, rows, cols, |r, buf| {
+            buf.extend_from_slice(&bytes[r * row_bytes..(r + 1) * row_bytes])
+        })
+    }
+
+    /// A matrix of `kind` whose row `r` `conv(r, buf)` writes as GGUF blocks of `kind` into
+    /// the (cleared) `buf`: converted and laid out in the groups in one pass, group by group
+    /// in parallel, with no whole-matrix copy between (loading prepares every weight this
+    /// way, and an expert left on disk at each miss).
+    fn rows_as(
+        kind: QKind,
+        rows: usize,
+        cols: usize,
+        conv: impl Fn(usize, &mut Vec<u8>) + Sync,
+    ) -> QMatrix {
+        let row_bytes = cols / QK * kind.block_bytes();
+        QMatrix::planes(kind, rows, cols, |g, mut p| {
+            let mut buf = Vec::with_capacity(row_bytes);
             for r in g * G..(g * G + G).min(rows) {
-                let lane = r % G;
-                let row = &bytes[r * nb * bs..(r + 1) * nb * bs];
-                for (b, blk) in row.chunks_exact(bs).enumerate() {
-                    let sc = &mut p.scales[b * per..(b + 1) * per];
-                    sc[lane] = u16::from_le_bytes([blk[0], blk[1]]);
-                    if per == 2 * G {
-                        sc[G + lane] = u16::from_le_bytes([blk[2], blk[3]]);
-                    }
-                    if q5 {
-                        let qh = &blk[head - 4..head];
-                        let h = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]) as u64;
-                        for t in 0..8 {
-                            let (c, high) = (t / 2, t % 2);
-                            p.hi[b * 8 + t] |= ((h >> (16 * high + 4 * c)) & 0xf) << (4 * lane);
-                        }
-                    }
-                    let dst = &mut p.q[b * qb..(b + 1) * qb];
-                    for (c, w) in blk[head..].chunks_exact(4).enumerate() {
-                        let o = &mut dst[c * 64 + 4 * lane..c * 64 + 4 * lane + 4];
-                        if kind == QKind::Q8_0 {
-                            let x = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080;
-                            o.copy_from_slice(&x.to_le_bytes());
-                        } else {
-                            o.copy_from_slice(w);
-                        }
-                    }
-                }
+                buf.clear();
+                conv(r, &mut buf);
+                debug_assert_eq!(buf.len(), row_bytes);
+                place_row(kind, &buf, r % G, &mut p);
             }
         })
     }
@@ -516,20 +539,13 @@ impl QMatrix {
                         reason: format!("{cols} columns are not whole blocks of {QK}"),
                     });
                 }
-                // Rows in parallel, each into its place (no per-row vectors to gather).
-                let row_bytes = cols / QK * 34;
-                let mut bytes = vec![0u8; rows * row_bytes];
-                bytes
-                    .par_chunks_mut(row_bytes.max(1))
-                    .enumerate()
-                    .for_each_init(
-                        || vec![0f32; cols],
-                        |row, (r, out)| {
-                            rows_in.dequantize_row(r, row);
-                            q8_blocks(row, out);
-                        },
-                    );
-                QMatrix::from_gguf(QKind::Q8_0, &bytes, rows, cols)
+                let row_bytes = cols / QK * QKind::Q8_0.block_bytes();
+                Ok(QMatrix::rows_as(QKind::Q8_0, rows, cols, |r, buf| {
+                    let mut row = vec![0f32; cols];
+                    rows_in.dequantize_row(r, &mut row);
+                    buf.resize(row_bytes, 0);
+                    q8_blocks(&row, buf);
+                }))
             }
         }
     }
@@ -1076,19 +1092,13 @@ fn round_away(v: f32) -> i32 {
 fn super_blocks_as(rows_in: &StoredRows, kind: QKind, conv: fn(&[u8], &mut Vec<u8>)) -> QMatrix {
     let (rows, cols) = (rows_in.rows, rows_in.cols);
     let sb = rows_in.format.block_bytes();
-    let out: Vec<u8> = rows_in
-        .bytes
-        .par_chunks(sb * (cols / 256).max(1))
-        .flat_map_iter(|row| {
-            let mut out = Vec::with_capacity(row.len() / sb * 8 * kind.block_bytes());
-            for b in row.chunks_exact(sb) {
-                conv(b, &mut out);
-            }
-            out
-        })
-        .collect();
+    let row_bytes = sb * (cols / 256);
     // StoredRows checked the super-blocks, so the blocks made from them are whole.
-    QMatrix::pack_words(kind, &out, rows, cols)
+    QMatrix::rows_as(kind, rows, cols, |r, buf| {
+        for b in rows_in.bytes[r * row_bytes..(r + 1) * row_bytes].chunks_exact(sb) {
+            conv(b, buf);
+        }
+    })
 }
 
 /// One Q4_K super-block as eight Q4_1 blocks: sub-block `s` is `x = (d sc_s) q - dmin m_s`,
@@ -1118,9 +1128,17 @@ fn k_as_blocks(sb: &[u8], qh: Option<&[u8]>, qs: &[u8], out: &mut Vec<u8>) {
             let bits = (0..32).fold(0u32, |m, l| m | ((((qh[l] >> s) & 1) as u32) << l));
             out.extend_from_slice(&bits.to_le_bytes());
         }
+        // Byte j: element j's nibble low, j + 16's high; 16 bytes at once.
         let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
-        let nib = |l: usize| if s % 2 == 0 { q[l] & 0x0f } else { q[l] >> 4 };
-        out.extend((0..16).map(|j| nib(j) | (nib(j + 16) << 4)));
+        let half = |h: usize| u128::from_le_bytes(q[16 * h..16 * h + 16].try_into().expect("16"));
+        let (lo, hi) = (half(0), half(1));
+        const LOW: u128 = u128::from_le_bytes([0x0f; 16]);
+        let bytes = if s % 2 == 0 {
+            (lo & LOW) | ((hi & LOW) << 4)
+        } else {
+            ((lo >> 4) & LOW) | (hi & !LOW)
+        };
+        out.extend_from_slice(&bytes.to_le_bytes());
     }
 }
 
