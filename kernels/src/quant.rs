@@ -648,10 +648,14 @@ impl QMatrix {
         crate::attention::check_len(OP, "y", self.rows, y.len())?;
         let act = Act::quantize(x);
         let vnni = vnni_available();
-        let mut tile = Tile::default();
+        let mut tiles = take_tiles();
         if vnni {
-            tile.pack(&[&act], self.kind.words());
+            if tiles.is_empty() {
+                tiles.push(Tile::default());
+            }
+            tiles[0].pack(&[&act], self.kind.words());
         }
+        let tile = &tiles[..tiles.len().min(1)];
         // About four chunks a thread (at least 64 rows, whole groups): enough to balance,
         // few enough that scheduling stays small beside a product of a few microseconds.
         let threads = rayon::current_num_threads().max(1);
@@ -662,15 +666,7 @@ impl QMatrix {
             if vnni {
                 // SAFETY: VNNI checked at run time; r0 starts a group, rows r0..r0 +
                 // yc.len() exist.
-                unsafe {
-                    self.rows_vnni(
-                        std::slice::from_ref(&tile),
-                        r0,
-                        yc.len(),
-                        yc.as_mut_ptr(),
-                        0,
-                    )
-                };
+                unsafe { self.rows_vnni(tile, r0, yc.len(), yc.as_mut_ptr(), 0) };
                 return;
             } else if avx2::available() {
                 // SAFETY: as above, AVX2 checked at run time.
@@ -680,6 +676,7 @@ impl QMatrix {
             let _ = vnni;
             self.rows_portable(&act, r0, yc);
         });
+        give_tiles(tiles);
         Ok(())
     }
 
@@ -733,7 +730,7 @@ impl QMatrix {
         let acts: Vec<&Act> = acts.iter().collect();
         let mut tiles = Vec::new();
         if vnni {
-            tiles = TILES.with(|pool| pool.take());
+            tiles = take_tiles();
             if tiles.len() < m.div_ceil(TILE) {
                 tiles.resize_with(m.div_ceil(TILE), Tile::default);
             }
@@ -770,7 +767,7 @@ impl QMatrix {
                 };
             });
         if vnni {
-            TILES.with(|pool| pool.replace(tiles));
+            give_tiles(tiles);
         }
         Ok(())
     }
@@ -1257,8 +1254,23 @@ struct Act {
 thread_local! {
     /// Each calling thread's quantised activation rows, reused by every product.
     static ACTS: std::cell::RefCell<Vec<Act>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The same rows packed in tiles for the VNNI kernel.
-    static TILES: std::cell::RefCell<Vec<Tile>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Sets of tiles kept between products, one taken by each product running (so their memory
+/// follows how many products run at once, not which thread runs the next one).
+static TILE_SETS: std::sync::Mutex<Vec<Vec<Tile>>> = std::sync::Mutex::new(Vec::new());
+
+fn take_tiles() -> Vec<Tile> {
+    TILE_SETS
+        .lock()
+        .map(|mut sets| sets.pop().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn give_tiles(tiles: Vec<Tile>) {
+    if let Ok(mut sets) = TILE_SETS.lock() {
+        sets.push(tiles);
+    }
 }
 
 /// Activation rows per [`Tile`]: the VNNI kernel's accumulators for 16 weight rows each.
