@@ -201,7 +201,7 @@ pub fn run(args: Args) -> Result<()> {
     for name in cases(args.quick)
         .iter()
         .map(|c| c.name)
-        .chain(["rope", "gemv-q4", "gemm-q4"])
+        .chain(["rope", "gemv-q4", "gemm-q4", "gemm-q8"])
     {
         // Several cases share a name (causal at four sizes): listed once.
         if !known.contains(&name) {
@@ -225,7 +225,8 @@ pub fn run(args: Args) -> Result<()> {
         .sum::<usize>()
         + usize::from(named("rope"))
         + usize::from(named("gemv-q4"))
-        + if named("gemm-q4") { gemm_ms.len() } else { 0 };
+        + if named("gemm-q4") { gemm_ms.len() } else { 0 }
+        + if named("gemm-q8") { gemm_ms.len() } else { 0 };
     let bar = Progress::new(steps as u64, "bench kernels", "rows");
     let bw = read_bandwidth_gbs(if args.quick { 256 << 20 } else { 1 << 30 });
     let mut rows = Vec::new();
@@ -275,6 +276,18 @@ pub fn run(args: Args) -> Result<()> {
         // gate|up of the Llama-4-shaped benchmark MoE: [2048, 1024]); the weights stay in L2.
         for &m in gemm_ms {
             let row = time_q4(2048, 1024, m, reps)?;
+            push(row, &mut rows);
+        }
+    }
+    if wanted(&Case {
+        name: "gemm-q8",
+        shape: cases(true)[0].shape,
+        mask: Mask::None,
+    }) {
+        // The same product from 8-bit blocks: what the fast path makes of bf16 and f16
+        // weights (the benchmark MoE's bf16 file), whose offset the kernel adds in integers.
+        for &m in gemm_ms {
+            let row = time_q8(2048, 1024, m, reps)?;
             push(row, &mut rows);
         }
     }
@@ -387,6 +400,24 @@ fn time_q4(rows: usize, cols: usize, m: usize, reps: usize) -> Result<Row> {
     }
     let w = QMatrix::from_gguf(kind, &bytes, rows, cols)?;
     drop(bytes);
+    time_gemm(
+        &w,
+        m,
+        reps,
+        if m == 1 { "gemv-q4" } else { "gemm-q4" },
+        "q4_1",
+    )
+}
+
+/// [`time_q4`] for Q8_0 blocks quantised from random f32 weights.
+fn time_q8(rows: usize, cols: usize, m: usize, reps: usize) -> Result<Row> {
+    let w = QMatrix::quantize_q8(&fill_random(rows * cols, 7), rows, cols)?;
+    time_gemm(&w, m, reps, "gemm-q8", "q8_0")
+}
+
+/// `w` times `m` random activation rows (int8 per block), timed.
+fn time_gemm(w: &QMatrix, m: usize, reps: usize, case: &str, dtype: &'static str) -> Result<Row> {
+    let (rows, cols) = (w.rows(), w.cols());
     let x: Vec<f32> = fill_random(m * cols, 6);
     let mut y = vec![0f32; m * rows];
     let mut result = Ok(());
@@ -397,8 +428,8 @@ fn time_q4(rows: usize, cols: usize, m: usize, reps: usize) -> Result<Row> {
     });
     result?;
     Ok(Row {
-        case: if m == 1 { "gemv-q4" } else { "gemm-q4" }.into(),
-        dtype: "q4_1",
+        case: case.into(),
+        dtype,
         shape: format!("[{rows}, {cols}] x {m} int8 rows"),
         median_ms: secs * 1e3,
         gflops: Some(2.0 * (m * rows * cols) as f64 / secs / 1e9),
