@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Only the cases whose name is one of these, comma-separated or repeated (causal, full,
-    /// decode, decode-smol, decode-moe, rope, gemv-q4, gemm-q4); a name that matches none is an error.
+    /// decode, decode-smol, decode-moe, rope, gemv-q4, gemm-q4, gemm-q8); a name that matches none is an error.
     /// Default: every case.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
