@@ -728,19 +728,18 @@ impl QMatrix {
             return Ok(());
         }
         let acts: Vec<&Act> = acts.iter().collect();
-        let mut tiles = Vec::new();
-        if vnni {
-            tiles = take_tiles();
-            if tiles.len() < m.div_ceil(TILE) {
-                tiles.resize_with(m.div_ceil(TILE), Tile::default);
-            }
-            let words = self.kind.words();
-            tiles[..m.div_ceil(TILE)]
-                .par_iter_mut()
-                .zip(acts.par_chunks(TILE))
-                .for_each(|(t, a)| t.pack(a, words));
+        // The VNNI kernel's tiles (none for the others), from the pool.
+        let n_tiles = if vnni { m.div_ceil(TILE) } else { 0 };
+        let mut tiles = if vnni { take_tiles() } else { Vec::new() };
+        if tiles.len() < n_tiles {
+            tiles.resize_with(n_tiles, Tile::default);
         }
-        let tiles_in = &tiles[..if vnni { m.div_ceil(TILE) } else { 0 }];
+        let words = self.kind.words();
+        tiles[..n_tiles]
+            .par_iter_mut()
+            .zip(acts.par_chunks(TILE))
+            .for_each(|(t, a)| t.pack(a, words));
+        let tiles_in = &tiles[..n_tiles];
         // At least four chunks a thread; at most 64 rows (64 x 1536 4-bit weights: ~60 KB).
         let threads = rayon::current_num_threads().max(1);
         let rows_per = self
