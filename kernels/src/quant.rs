@@ -1062,24 +1062,32 @@ fn q8_blocks_scalar(w: &[f32], out: &mut [u8]) {
             amax = if a > amax { a } else { amax };
             finite &= a < f32::INFINITY;
         }
-        if !finite {
-            // A NaN or infinite weight makes its block's scale NaN, so every product reading
-            // it is NaN (and the forward pass stops there) instead of the weight rounding to 0.
-            o[..2].copy_from_slice(&f16::NAN.to_le_bytes());
-            o[2..].fill(0);
+        let Some(inv) = q8_scale(finite, amax, o) else {
             continue;
-        }
-        let d = f16::from_f32(amax / 127.0);
-        let inv = if d.to_f32() > 0.0 {
-            1.0 / d.to_f32()
-        } else {
-            0.0
         };
-        o[..2].copy_from_slice(&d.to_le_bytes());
         for (q, x) in o[2..].iter_mut().zip(blk) {
             *q = round_away(x * inv) as i8 as u8;
         }
     }
+}
+
+/// A Q8_0 block's scale `amax / 127` in f16 into `o`'s first two bytes, and its inverse;
+/// `None` (the scale NaN, the values 0) for a block with a NaN or infinite weight, so every
+/// product reading it is NaN (and the forward pass stops there) instead of the weight
+/// rounding to 0.
+fn q8_scale(finite: bool, amax: f32, o: &mut [u8]) -> Option<f32> {
+    if !finite {
+        o[..2].copy_from_slice(&f16::NAN.to_le_bytes());
+        o[2..].fill(0);
+        return None;
+    }
+    let d = f16::from_f32(amax / 127.0);
+    o[..2].copy_from_slice(&d.to_le_bytes());
+    Some(if d.to_f32() > 0.0 {
+        1.0 / d.to_f32()
+    } else {
+        0.0
+    })
 }
 
 /// `v.round().clamp(-127, 127)` for a finite `v` without a call to `roundf`, so the loop
@@ -1112,19 +1120,10 @@ unsafe fn q8_blocks_avx512(w: &[f32], out: &mut [u8]) {
         // Every |x| < inf is false for a NaN or an infinity.
         let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a[0], inf)
             & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a[1], inf);
-        if finite != 0xffff {
-            o[..2].copy_from_slice(&f16::NAN.to_le_bytes());
-            o[2..].fill(0);
-            continue;
-        }
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(a[0], a[1]));
-        let d = f16::from_f32(amax / 127.0);
-        let inv = if d.to_f32() > 0.0 {
-            1.0 / d.to_f32()
-        } else {
-            0.0
+        let Some(inv) = q8_scale(finite == 0xffff, amax, o) else {
+            continue;
         };
-        o[..2].copy_from_slice(&d.to_le_bytes());
         let inv = _mm512_set1_ps(inv);
         for (h, x) in v.iter().enumerate() {
             // round_away: clamp, truncate, then one up or down from the exact remainder.
