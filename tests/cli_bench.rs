@@ -25,6 +25,7 @@ fn bench_kernels_json_has_every_case() {
         ("decode", "bf16"),
         ("rope", "bf16"),
         ("gemv-q4", "q4_1"),
+        ("gemv-moe", "q8_0"),
     ] {
         let row = rows
             .iter()

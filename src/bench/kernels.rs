@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Only the cases whose name is one of these, comma-separated or repeated (causal, full,
-    /// decode, decode-smol, decode-moe, rope, gemv-q4, gemm-q4, gemm-q8); a name that matches none is an error.
+    /// decode, decode-smol, decode-moe, rope, gemv-q4, gemv-moe, gemm-q4, gemm-q8); a name that matches none is an error.
     /// Default: every case.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -201,7 +201,7 @@ pub fn run(args: Args) -> Result<()> {
     for name in cases(args.quick)
         .iter()
         .map(|c| c.name)
-        .chain(["rope", "gemv-q4", "gemm-q4", "gemm-q8"])
+        .chain(["rope", "gemv-q4", "gemv-moe", "gemm-q4", "gemm-q8"])
     {
         // Several cases share a name (causal at four sizes): listed once.
         if !known.contains(&name) {
@@ -225,6 +225,7 @@ pub fn run(args: Args) -> Result<()> {
         .sum::<usize>()
         + usize::from(named("rope"))
         + usize::from(named("gemv-q4"))
+        + usize::from(named("gemv-moe"))
         + if named("gemm-q4") { gemm_ms.len() } else { 0 }
         + if named("gemm-q8") { gemm_ms.len() } else { 0 };
     let bar = Progress::new(steps as u64, "bench kernels", "rows");
@@ -265,6 +266,14 @@ pub fn run(args: Args) -> Result<()> {
         mask: Mask::None,
     }) {
         let row = time_q4(if args.quick { 4096 } else { 49152 }, 2048, 1, reps)?;
+        push(row, &mut rows);
+    }
+    if named("gemv-moe") {
+        let row = if args.quick {
+            time_moe_chain(2, 8192, reps)?
+        } else {
+            time_moe_chain(8, 49152, reps)?
+        };
         push(row, &mut rows);
     }
     if wanted(&Case {
@@ -413,6 +422,68 @@ fn time_q4(rows: usize, cols: usize, m: usize, reps: usize) -> Result<Row> {
 fn time_q8(rows: usize, cols: usize, m: usize, reps: usize) -> Result<Row> {
     let w = QMatrix::quantize_q8(&fill_random(rows * cols, 7), rows, cols)?;
     time_gemm(&w, m, reps, "gemm-q8", "q8_0")
+}
+
+/// One decode token's chain of weight products on the benchmark MoE's Q8_0 copies (what the
+/// fast path makes of its bf16 file): per layer q|k|v, o, the router, the shared expert's
+/// gate|up and down, one routed expert's gate|up and down (hidden 1024, 16 heads and 4 KV
+/// heads of 64, experts of 1024, shared 2048), then the LM head (`vocab` x 1024), every
+/// matrix distinct so they stream from memory as a model's do (~135 MB at 8 layers). Each
+/// product's input is the previous one's output (cut or repeated to its width), as in a step.
+/// GB/s counts every matrix's bytes once per token: the rate decode's products reach
+/// between the step's other work.
+fn time_moe_chain(layers: usize, vocab: usize, reps: usize) -> Result<Row> {
+    let shapes: &[(usize, usize)] = &[
+        (1536, 1024),
+        (1024, 1024),
+        (16, 1024),
+        (4096, 1024),
+        (1024, 2048),
+        (2048, 1024),
+        (1024, 1024),
+    ];
+    let mut mats = Vec::new();
+    for l in 0..layers {
+        for (i, &(r, c)) in shapes.iter().enumerate() {
+            let seed = 100 + (l * shapes.len() + i) as u64;
+            mats.push(QMatrix::quantize_q8(&fill_random(r * c, seed), r, c)?);
+        }
+    }
+    mats.push(QMatrix::quantize_q8(
+        &fill_random(vocab * 1024, 99),
+        vocab,
+        1024,
+    )?);
+    let bytes: usize = mats.iter().map(|w| w.bytes()).sum();
+    let mut x: Vec<f32> = fill_random(4096, 6);
+    let mut y = vec![0f32; vocab.max(4096)];
+    let mut result = Ok(());
+    // In the pool, as a model's step runs (each product's split then needs no hand-off).
+    let secs = median_secs(reps.max(5), || {
+        rayon::scope(|_| {
+            for w in &mats {
+                x.resize(w.cols(), 0.01);
+                if let Err(e) = w.gemv(&x, &mut y[..w.rows()]) {
+                    result = Err(e);
+                }
+                // The next input: this output, scaled back to a norm's range.
+                let n = w.rows().min(4096);
+                let s = 1.0 / (y[..n].iter().map(|v| v.abs()).sum::<f32>() / n as f32 + 1e-6);
+                x.clear();
+                x.extend(y[..n].iter().map(|v| v * s));
+            }
+        })
+    });
+    result?;
+    let flops: usize = mats.iter().map(|w| 2 * w.rows() * w.cols()).sum();
+    Ok(Row {
+        case: "gemv-moe".into(),
+        dtype: "q8_0",
+        shape: format!("{layers} layers + head, {} products x 1 row", mats.len()),
+        median_ms: secs * 1e3,
+        gflops: Some(flops as f64 / secs / 1e9),
+        gbs: Some(bytes as f64 / secs / 1e9),
+    })
 }
 
 /// `w` times `m` random activation rows (int8 per block), timed.
