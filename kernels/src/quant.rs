@@ -10,8 +10,9 @@
 //! Every kind is held as `w = d * q + m` with `q` unsigned (0..15 packed two per byte, 0..31,
 //! 0..63 or 0..255): Q4_1 and Q5_1 as stored, Q4_0 with `m = -8 d`, Q5_0 with `m = -16 d`,
 //! Q8_0 with `q = i8 + 128` and `m = -128 d`, IQ4 with `q` its level + 128 (looked up from
-//! the nibble) and `m = -128 d`; Q6, Q2_16 and Q3_16 with a `d` and `m` per half block (the
-//! latter two's values in 2-bit planes). With int8
+//! the nibble) and `m = -128 d`; Q6 with a scale per half block; Q2_16 and Q3_16 (their
+//! values in 2-bit planes) with the file's own sub-scales per half block and super-block
+//! scales, `d` and `m` per half made from them in the kernel. With int8
 //! activations `x ~ s * a`, a block's product is `d s sum(q a) + m s sum(a)`. Rows are
 //! interleaved in groups of 16 (see [`QMatrix`]) and the scales stay f16 as in the file, so
 //! a product streams the GGUF's own bytes per block.
@@ -43,11 +44,13 @@ pub enum QKind {
     /// up (`vpshufb`) and take them as `q + 128` with Q8_0's offset.
     Iq4,
     /// Q2_K as 32-weight blocks of its 2-bit values `v = q` with a scale and a minimum per
-    /// 16 weights (`w = d_h v + m_h`, four f16: `d_h = d sc`, `m_h = -dmin m`). 0.5 bytes a
-    /// weight (the file's 0.33: its 4-bit sub-scales are held as f16).
+    /// 16 weights, `w = d_h v + m_h`, `d_h = d sc`, `m_h = -dmin m`: the file's own bytes, its
+    /// 4-bit `sc` and `m` per half (one byte) and its f16 `d` and `dmin` per super-block of 256
+    /// weights, multiplied out in the kernel. 0.33 bytes a weight, as the file.
     Q2_16,
-    /// Q3_K as [`QKind::Q2_16`] plus a plane of third bits: `v = q + 4` (0..7),
-    /// `d_h = d (sc - 32)`, `m_h = -4 d_h`. 0.625 bytes a weight (the file's 0.43).
+    /// Q3_K as [`QKind::Q2_16`] plus a plane of third bits: `v = q + 4` (0..7), its 6-bit
+    /// `sc` per half (a byte), `d_h = d (sc - 32)`, `m_h = -4 d_h`. 0.45 bytes a weight (the
+    /// file's 0.43).
     Q3_16,
 }
 
@@ -73,9 +76,10 @@ impl QKind {
             QKind::Q8_0 => 34,
             // As held: nibbles, high bit pairs, two f16 scales.
             QKind::Q6 => 28,
-            // As held: 2-bit values (and third bits), four f16 scales.
-            QKind::Q2_16 => 16,
-            QKind::Q3_16 => 20,
+            // As held: 2-bit values (and third bits), the halves' sub-scales (two bytes); the
+            // super-block's `d` and `dmin` (4 bytes for 8 blocks) apart.
+            QKind::Q2_16 => 10,
+            QKind::Q3_16 => 14,
         }
     }
 
@@ -127,12 +131,12 @@ impl QKind {
         matches!(self, QKind::Q4_1 | QKind::Q5_1)
     }
 
-    /// f16 scales kept per block: `d`; Q4_1's and Q5_1's `m`, Q6's second half's scale;
-    /// Q2_16's and Q3_16's two halves' scales and minimums.
+    /// 16-bit scales kept per block: `d` (f16); Q4_1's and Q5_1's `m`, Q6's second half's
+    /// scale; Q2_16's and Q3_16's one word of the two halves' sub-scale bytes (the first
+    /// half's in the low byte).
     fn scales_per_block(self) -> usize {
         match self {
             QKind::Q4_1 | QKind::Q5_1 | QKind::Q6 => 2,
-            QKind::Q2_16 | QKind::Q3_16 => 4,
             _ => 1,
         }
     }
@@ -166,8 +170,11 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     /// Per group, per block: the 16 rows' `d` as f16 bits, then (Q4_1, Q5_1) their `m`
-    /// (Q6: their second halves' scales; Q2_16, Q3_16: those, then both halves' minimums).
+    /// (Q6: their second halves' scales); Q2_16, Q3_16: the rows' sub-scale words.
     scales: Vec<u16>,
+    /// Q2_16's and Q3_16's super-block scales per group and super-block (8 blocks): the 16
+    /// rows' `d`, then their `dmin` (Q3_16: unused), f16 bits as in the file; empty otherwise.
+    sup: Vec<u16>,
     /// Per group, per block, the 16 rows' weights as the kernel loads them. Packed kinds:
     /// four 64-byte chunks, chunk `c` holding in bytes `4r..4r + 4` row r's elements
     /// `4c..4c + 4` (low nibbles) and `16 + 4c..16 + 4c + 4` (high nibbles). Q8_0 (`q + 128`):
@@ -184,6 +191,7 @@ pub struct QMatrix {
 /// One group's scales, weights, fifth bits and high bit pairs, as [`QMatrix`] holds them.
 struct GroupPlanes<'a> {
     scales: &'a mut [u16],
+    sup: &'a mut [u16],
     q: &'a mut [u8],
     hi: &'a mut [u64],
     hi2: &'a mut [u8],
@@ -234,8 +242,8 @@ fn place_row(kind: QKind, row: &[u8], lane: usize, p: &mut GroupPlanes) {
 struct RowBlock {
     /// The block's f16 scales as [`QMatrix::scales`] holds them, the first
     /// [`QKind::scales_per_block`] used: `d`; then Q4_1's and Q5_1's `m`, or Q6's scale of
-    /// elements 16..32 (`d` is that of 0..16); Q2_16's and Q3_16's `[d_lo, d_hi, m_lo, m_hi]`. The
-    /// other kinds' offset follows from `d`.
+    /// elements 16..32 (`d` is that of 0..16). Q2_16 and Q3_16: `[sub-scale word, d, dmin,
+    /// 0]` (`d` and `dmin` their super-block's). The other kinds' offset follows from `d`.
     sc: [u16; 4],
     v: [u8; QK],
 }
@@ -271,21 +279,36 @@ impl QMatrix {
         let (qb, per) = (kind.qbytes() * G, kind.scales_per_block() * G);
         // Q5_0's fifth bits and Q6's bit pairs; one unused element a group for the other
         // kinds (parallel chunks need a size), dropped after.
-        let (q5, q6) = (kind.plane_bit() != 0, kind == QKind::Q6);
+        let (q5, q6, k16) = (kind.plane_bit() != 0, kind == QKind::Q6, kind.two_bit());
         let (hw, h2w) = (if q5 { nb * 8 } else { 1 }, if q6 { nb * 128 } else { 1 });
+        let sw = if k16 { nb.div_ceil(8) * 2 * G } else { 1 };
         let mut scales = vec![0u16; groups * nb * per];
+        let mut sup = vec![0u16; groups * sw];
         let mut q = vec![0u8; groups * nb * qb];
         let mut hi = vec![0u64; groups * hw];
         let mut hi2 = vec![0u8; groups * h2w];
         if nb > 0 {
             q.par_chunks_mut(nb * qb)
                 .zip(scales.par_chunks_mut(nb * per))
+                .zip(sup.par_chunks_mut(sw))
                 .zip(hi.par_chunks_mut(hw))
                 .zip(hi2.par_chunks_mut(h2w))
                 .enumerate()
-                .for_each(|(g, (((q, scales), hi), hi2))| {
-                    fill(g, GroupPlanes { scales, q, hi, hi2 })
+                .for_each(|(g, ((((q, scales), sup), hi), hi2))| {
+                    fill(
+                        g,
+                        GroupPlanes {
+                            scales,
+                            sup,
+                            q,
+                            hi,
+                            hi2,
+                        },
+                    )
                 });
+        }
+        if !k16 {
+            sup = vec![];
         }
         if !q5 {
             hi = vec![];
@@ -298,6 +321,7 @@ impl QMatrix {
             rows,
             cols,
             scales,
+            sup,
             q,
             hi,
             hi2,
@@ -320,6 +344,10 @@ impl QMatrix {
                     let rb = block(r, b);
                     for k in 0..per / G {
                         p.scales[b * per + k * G + lane] = rb.sc[k];
+                    }
+                    if kind.two_bit() {
+                        let at = (b / 8) * 2 * G + lane;
+                        (p.sup[at], p.sup[at + G]) = (rb.sc[1], rb.sc[2]);
                     }
                     let dst = &mut p.q[b * qb..(b + 1) * qb];
                     // Byte i of unpacked vector t (elements 4c..4c + 4 of the low half for
@@ -455,6 +483,10 @@ impl QMatrix {
         for (k, o) in sc.iter_mut().enumerate().take(per / G) {
             *o = self.scales[blk * per + k * G + lane];
         }
+        if self.kind.two_bit() {
+            let at = (g * self.nb().div_ceil(8) + b / 8) * 2 * G + lane;
+            (sc[1], sc[2]) = (self.sup[at], self.sup[at + G]);
+        }
         RowBlock { sc, v }
     }
 
@@ -586,6 +618,7 @@ impl QMatrix {
                 rows,
                 cols: first.cols,
                 scales: joined(parts, |p| &p.scales),
+                sup: joined(parts, |p| &p.sup),
                 q: joined(parts, |p| &p.q),
                 hi: joined(parts, |p| &p.hi),
                 hi2: joined(parts, |p| &p.hi2),
@@ -615,7 +648,7 @@ impl QMatrix {
 
     /// Bytes a product streams (the last group's padding rows included).
     pub fn bytes(&self) -> usize {
-        self.q.len() + 2 * self.scales.len() + 8 * self.hi.len() + self.hi2.len()
+        self.q.len() + 2 * (self.scales.len() + self.sup.len()) + 8 * self.hi.len() + self.hi2.len()
     }
 
     fn nb(&self) -> usize {
@@ -629,7 +662,14 @@ impl QMatrix {
         match self.kind {
             QKind::Q4_1 | QKind::Q5_1 => (f(0), f(1)),
             QKind::Q6 => (f(h), -32.0 * f(h)),
-            QKind::Q2_16 | QKind::Q3_16 => (f(h), f(2 + h)),
+            QKind::Q2_16 => {
+                let sub = (rb.sc[0] >> (8 * h)) as u8;
+                (f(1) * (sub & 15) as f32, -f(2) * (sub >> 4) as f32)
+            }
+            QKind::Q3_16 => {
+                let d = f(1) * (((rb.sc[0] >> (8 * h)) & 0xff) as i32 - 32) as f32;
+                (d, -4.0 * d)
+            }
             k => (f(0), k.offset() * f(0)),
         }
     }
@@ -880,6 +920,7 @@ impl QMatrix {
         let (three, bit) = (_mm512_set1_epi8(3), _mm512_set1_epi8(plane_bit as i8));
         let levels = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()));
         let low = _mm512_set1_epi8(0x0f);
+        let low_i32 = _mm512_set1_epi32(0x0f);
         let offset = _mm512_set1_ps(kind.offset());
         let mut acc = [_mm512_setzero_ps(); J];
         debug_assert_eq!(tile.rows, J);
@@ -965,11 +1006,47 @@ impl QMatrix {
                     *wt = _mm512_or_si512(*wt, _mm512_maskz_mov_epi8(*h.add(t), bit));
                 }
             }
-            let dv = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
-            let mv = if has_min || Q6 || Q16 {
-                _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(G).cast()))
+            // Q2_16 and Q3_16: per half, `d` and `m` from the sub-scale bytes and the
+            // super-block's `d` (and `dmin`); `dv` and `mv` the halves' scales, `m16` their
+            // minimums.
+            let (dv, mv, m16) = if Q16 {
+                let su = self.sup.as_ptr().add((g * nb.div_ceil(8) + b / 8) * 2 * G);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(su.cast()));
+                let words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(sp.cast()));
+                let byte = [
+                    _mm512_and_si512(words, _mm512_set1_epi32(0xff)),
+                    _mm512_srli_epi32::<8>(words),
+                ];
+                if plane_bit != 0 {
+                    // Q3_16: d (sc - 32), and -4 times it.
+                    let off = _mm512_set1_epi32(32);
+                    let dh = byte
+                        .map(|x| _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(x, off))));
+                    let m4 = _mm512_set1_ps(-4.0);
+                    (
+                        dh[0],
+                        dh[1],
+                        [_mm512_mul_ps(dh[0], m4), _mm512_mul_ps(dh[1], m4)],
+                    )
+                } else {
+                    // Q2_16: d (sc & 15), -dmin (sc >> 4).
+                    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(su.add(G).cast()));
+                    let neg = _mm512_sub_ps(_mm512_setzero_ps(), dmin);
+                    let dh = byte.map(|x| {
+                        _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(x, low_i32)))
+                    });
+                    let mh = byte
+                        .map(|x| _mm512_mul_ps(neg, _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(x))));
+                    (dh[0], dh[1], mh)
+                }
             } else {
-                _mm512_mul_ps(dv, offset)
+                let dv = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
+                let mv = if has_min || Q6 {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(G).cast()))
+                } else {
+                    _mm512_mul_ps(dv, offset)
+                };
+                (dv, mv, [_mm512_setzero_ps(); 2])
             };
             // Q6, Q2_16, Q3_16: elements 0..16 (even vectors) and 16..32 (odd) apart, for their
             // scales.
@@ -1008,8 +1085,7 @@ impl QMatrix {
             }
             if Q16 {
                 // d_h s sum(v a) + m_h s sum(a) per half.
-                let m_lo = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(2 * G).cast()));
-                let m_hi = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(3 * G).cast()));
+                let [m_lo, m_hi] = m16;
                 for j in 0..J {
                     let sj = s(j);
                     let sv = _mm512_set1_ps(sj);
@@ -1224,36 +1300,31 @@ fn k16_as_half_blocks(rows_in: &StoredRows) -> QMatrix {
         let sb = &rows_in.bytes[(r * sbs + b / 8) * bb_bytes..(r * sbs + b / 8 + 1) * bb_bytes];
         let bb = b % 8;
         let (n, j) = (bb / 4, bb % 4);
-        let f = |i: usize| f16::from_le_bytes([sb[i], sb[i + 1]]).to_f32();
         let mut v = [0u8; QK];
-        let mut sc = [0u16; 4];
-        let h16 = |x: f32| f16::from_f32(x).to_bits();
-        if q3 {
+        let bits = |i: usize| u16::from_le_bytes([sb[i], sb[i + 1]]);
+        let word = |lo: u8, hi: u8| lo as u16 | (hi as u16) << 8;
+        let sc = if q3 {
             let (hm, qs) = (&sb[0..32], &sb[32..96]);
             let scales = crate::formats::q3_k_scales(&sb[96..108]);
-            let d = f(108);
             for (e, o) in v.iter_mut().enumerate() {
                 let low = (qs[32 * n + e] >> (2 * j)) & 3;
                 let high = (hm[e] >> (4 * n + j)) & 1;
                 *o = low + 4 * high;
             }
-            for h in 0..2 {
-                let dh = f16::from_f32(d * (scales[2 * bb + h] as i32 - 32) as f32);
-                sc[h] = dh.to_bits();
-                sc[2 + h] = h16(-4.0 * dh.to_f32());
-            }
+            let (lo, hi) = (scales[2 * bb], scales[2 * bb + 1]);
+            [word(lo, hi), bits(108), 0, 0]
         } else {
             let (scales, qs) = (&sb[0..16], &sb[16..80]);
-            let (d, dmin) = (f(80), f(82));
             for (e, o) in v.iter_mut().enumerate() {
                 *o = (qs[32 * n + e] >> (2 * j)) & 3;
             }
-            for h in 0..2 {
-                let s = scales[2 * bb + h];
-                sc[h] = h16(d * (s & 0x0f) as f32);
-                sc[2 + h] = h16(-dmin * (s >> 4) as f32);
-            }
-        }
+            [
+                word(scales[2 * bb], scales[2 * bb + 1]),
+                bits(80),
+                bits(82),
+                0,
+            ]
+        };
         RowBlock { sc, v }
     })
 }
@@ -1958,9 +2029,10 @@ mod tests {
     /// Every stored format through the decode path: the product within int8 rounding (of the
     /// activations, and of the weights where they are requantised) of the float64 product of
     /// the file's dequantised weights. Every block format is held as its own values: exactly
-    /// where it is kept as stored; where its super-blocks are converted (Q4_K, Q5_K, IQ4_XS,
-    /// Q2_K, Q3_K and Q6_K), every weight within f16 rounding of its
-    /// scales.
+    /// where it is kept as stored (Q2_K and Q3_K too: their sub-scales and super-block scales
+    /// as the file has them, in as many bytes as the file, Q3_K's 5% more); where its
+    /// super-blocks are converted (Q4_K, Q5_K, IQ4_XS and Q6_K), every weight within f16
+    /// rounding of its scales.
     #[test]
     fn every_stored_format_multiplies_from_its_blocks() {
         let mut rng = rand::rng();
@@ -1990,7 +2062,16 @@ mod tests {
                     | Format::Q5_1
                     | Format::Q8_0
                     | Format::IQ4_NL
+                    | Format::Q2_K
+                    | Format::Q3_K
             );
+            // Rows held in whole groups of 16, the last one padded.
+            let file = rows.next_multiple_of(16) * cols / 256 * f.block_bytes();
+            match f {
+                Format::Q2_K => assert_eq!(w.bytes(), file, "{f}"),
+                Format::Q3_K => assert!(w.bytes() <= file * 106 / 100, "{f}"),
+                _ => {}
+            }
             if fast != QKind::Q8_0 {
                 for (i, &e) in wf.iter().enumerate() {
                     let (r, c) = (i / cols, i % cols);

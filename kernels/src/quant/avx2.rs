@@ -246,11 +246,44 @@ impl QMatrix {
                     *wt = _mm256_or_si256(*wt, _mm256_and_si256(bytes_from_bits(bits), bit));
                 }
             }
-            let dv = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(8 * h).cast()));
-            let mv = if has_min || halves {
-                _mm256_cvtph_ps(_mm_loadu_si128(sp.add(G + 8 * h).cast()))
+            // Q2_16 and Q3_16: per half, `d` and `m` from the sub-scale bytes and the
+            // super-block's scales (see `group_vnni`).
+            let (dv, mv, m16) = if q16 {
+                let su = self
+                    .sup
+                    .as_ptr()
+                    .add((g * nb.div_ceil(8) + b / 8) * 2 * G + 8 * h);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(su.cast()));
+                let words = _mm256_cvtepu16_epi32(_mm_loadu_si128(sp.add(8 * h).cast()));
+                let byte = [
+                    _mm256_and_si256(words, _mm256_set1_epi32(0xff)),
+                    _mm256_srli_epi32::<8>(words),
+                ];
+                if plane_bit != 0 {
+                    let off = _mm256_set1_epi32(32);
+                    let dh = byte
+                        .map(|x| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(x, off))));
+                    let m4 = _mm256_set1_ps(-4.0);
+                    let mh = [_mm256_mul_ps(dh[0], m4), _mm256_mul_ps(dh[1], m4)];
+                    (dh[0], dh[1], mh)
+                } else {
+                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(su.add(G).cast()));
+                    let neg = _mm256_sub_ps(_mm256_setzero_ps(), dmin);
+                    let low4 = _mm256_set1_epi32(0x0f);
+                    let dh = byte
+                        .map(|x| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(x, low4))));
+                    let mh = byte
+                        .map(|x| _mm256_mul_ps(neg, _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(x))));
+                    (dh[0], dh[1], mh)
+                }
             } else {
-                _mm256_mul_ps(dv, offset)
+                let dv = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(8 * h).cast()));
+                let mv = if has_min || halves {
+                    _mm256_cvtph_ps(_mm_loadu_si128(sp.add(G + 8 * h).cast()))
+                } else {
+                    _mm256_mul_ps(dv, offset)
+                };
+                (dv, mv, [_mm256_setzero_ps(); 2])
             };
             for j in 0..J {
                 let mut dot = [_mm256_setzero_si256(); 2];
@@ -282,8 +315,7 @@ impl QMatrix {
                 if q16 {
                     let sj = *s[j].add(b);
                     let sum = |k: usize| _mm256_set1_ps(sj * *hs[j].add(2 * b + k) as f32);
-                    let m_lo = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(2 * G + 8 * h).cast()));
-                    let m_hi = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(3 * G + 8 * h).cast()));
+                    let [m_lo, m_hi] = m16;
                     let lo = _mm256_cvtepi32_ps(dot[0]);
                     let hi = _mm256_cvtepi32_ps(dot[1]);
                     acc[j] = _mm256_fmadd_ps(lo, _mm256_mul_ps(dv, sv), acc[j]);
