@@ -1287,46 +1287,75 @@ fn iq4_xs_as_iq4_nl(sb: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Q2_K and Q3_K super-blocks as [`QKind::Q2_16`] and [`QKind::Q3_16`] blocks. Element `32 bb + e` of a
-/// super-block (block `bb` = `4n + j`, half `h = e / 16`) takes bits `2j..2j + 2` of
-/// `qs[32n + e]` and the scale `8n + 2j + h = 2 bb + h`; Q3_K's third bit is bit `4n + j` of
-/// `hmask[e]`, unset meaning -4.
+/// Q2_K and Q3_K super-blocks as [`QKind::Q2_16`] and [`QKind::Q3_16`] blocks, row by row
+/// straight into the groups ([`place_k16_row`]: loading prepares every weight so, and an
+/// expert left on disk at each miss; block by block through [`RowBlock`]s took ~60% of a
+/// Q2_K MoE's decode under a small `--expert-budget`).
 fn k16_as_half_blocks(rows_in: &StoredRows) -> QMatrix {
     let (rows, cols) = (rows_in.rows, rows_in.cols);
-    let sbs = cols / 256;
-    let (q3, bb_bytes) = (rows_in.format == Format::Q3_K, rows_in.format.block_bytes());
+    let q3 = rows_in.format == Format::Q3_K;
     let kind = if q3 { QKind::Q3_16 } else { QKind::Q2_16 };
-    QMatrix::pack(kind, rows, cols, |r, b| {
-        let sb = &rows_in.bytes[(r * sbs + b / 8) * bb_bytes..(r * sbs + b / 8 + 1) * bb_bytes];
-        let bb = b % 8;
-        let (n, j) = (bb / 4, bb % 4);
-        let mut v = [0u8; QK];
-        let bits = |i: usize| u16::from_le_bytes([sb[i], sb[i + 1]]);
-        let word = |lo: u8, hi: u8| lo as u16 | (hi as u16) << 8;
-        let sc = if q3 {
-            let (hm, qs) = (&sb[0..32], &sb[32..96]);
-            let scales = crate::formats::q3_k_scales(&sb[96..108]);
-            for (e, o) in v.iter_mut().enumerate() {
-                let low = (qs[32 * n + e] >> (2 * j)) & 3;
-                let high = (hm[e] >> (4 * n + j)) & 1;
-                *o = low + 4 * high;
-            }
-            let (lo, hi) = (scales[2 * bb], scales[2 * bb + 1]);
-            [word(lo, hi), bits(108), 0, 0]
-        } else {
-            let (scales, qs) = (&sb[0..16], &sb[16..80]);
-            for (e, o) in v.iter_mut().enumerate() {
-                *o = (qs[32 * n + e] >> (2 * j)) & 3;
-            }
-            [
-                word(scales[2 * bb], scales[2 * bb + 1]),
-                bits(80),
-                bits(82),
-                0,
-            ]
-        };
-        RowBlock { sc, v }
+    let row_bytes = cols / 256 * rows_in.format.block_bytes();
+    QMatrix::planes(kind, rows, cols, |g, mut p| {
+        for r in g * G..(g * G + G).min(rows) {
+            let row = &rows_in.bytes[r * row_bytes..(r + 1) * row_bytes];
+            place_k16_row(q3, row, r % G, &mut p);
+        }
     })
+}
+
+/// One row's Q2_K or Q3_K super-blocks into lane `lane` of its group. Element `32 bb + e` of
+/// a super-block (block `bb` = `4n + j`, half `h = e / 16`) takes bits `2j..2j + 2` of
+/// `qs[32n + e]` and the sub-scale `2 bb + h`; Q3_K's third bit is bit `4n + j` of
+/// `hmask[e]`, unset meaning -4. Four elements at a time as the bytes of a `u32`: the plane
+/// byte `4 lane + i` of chunk `ch` holds, at bits `2u`, element `16 (u % 2) + 8 ch + 4 (u /
+/// 2) + i` (the unpacked vector `4 ch + u`'s byte `i`, see [`QMatrix::pack`]).
+fn place_k16_row(q3: bool, row: &[u8], lane: usize, p: &mut GroupPlanes) {
+    let sb_bytes = if q3 { 110 } else { 84 };
+    let qb = 8 * G;
+    let word = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    for (s, sb) in row.chunks_exact(sb_bytes).enumerate() {
+        let (qs, subs, d, dmin) = if q3 {
+            let sc = crate::formats::q3_k_scales(&sb[96..108]);
+            (&sb[32..96], sc, [sb[108], sb[109]], 0u16)
+        } else {
+            let mut sc = [0u8; 16];
+            sc.copy_from_slice(&sb[0..16]);
+            (
+                &sb[16..80],
+                sc,
+                [sb[80], sb[81]],
+                u16::from_le_bytes([sb[82], sb[83]]),
+            )
+        };
+        let at = s * 2 * G + lane;
+        (p.sup[at], p.sup[at + G]) = (u16::from_le_bytes(d), dmin);
+        for bb in 0..8 {
+            let (n, j) = (bb / 4, bb % 4);
+            let b = 8 * s + bb;
+            p.scales[b * G + lane] = subs[2 * bb] as u16 | (subs[2 * bb + 1] as u16) << 8;
+            // Elements 4k..4k + 4 of the block, one a byte.
+            let v: [u32; 8] =
+                std::array::from_fn(|k| (word(qs, 32 * n + 4 * k) >> (2 * j)) & 0x0303_0303);
+            let dst = &mut p.q[b * qb..(b + 1) * qb];
+            for (ch, k) in [[0, 4, 1, 5], [2, 6, 3, 7]].iter().enumerate() {
+                let plane = v[k[0]] | v[k[1]] << 2 | v[k[2]] << 4 | v[k[3]] << 6;
+                dst[ch * 64 + 4 * lane..ch * 64 + 4 * lane + 4]
+                    .copy_from_slice(&plane.to_le_bytes());
+            }
+            if q3 {
+                // Third bits: vector t's byte i is element 16 (t % 2) + 4 (t / 2) + i.
+                let hm = &sb[0..32];
+                for t in 0..8 {
+                    let e0 = 16 * (t % 2) + 4 * (t / 2);
+                    let nib = (0..4).fold(0u64, |m, i| {
+                        m | ((((hm[e0 + i] >> (4 * n + j)) & 1) as u64) << i)
+                    });
+                    p.hi[b * 8 + t] |= nib << (4 * lane);
+                }
+            }
+        }
+    }
 }
 
 /// Q6_K super-blocks (256 weights: `ql` nibbles, `qh` bit pairs, 16 int8 scales, f16 `d`)
