@@ -1361,30 +1361,52 @@ fn place_k16_row(q3: bool, row: &[u8], lane: usize, p: &mut GroupPlanes) {
 /// Q6_K super-blocks (256 weights: `ql` nibbles, `qh` bit pairs, 16 int8 scales, f16 `d`)
 /// as Q6 blocks: element `128n + 32k + l` of a super-block is `d sc[8n + 2k + l / 16] (q -
 /// 32)`, so 32-weight block `4n + k` has the scales `d sc[2(4n + k)]`, `d sc[2(4n + k) + 1]`
-/// (rounded to f16) and the same 6-bit `q`.
+/// (rounded to f16) and the same 6-bit `q`. Row by row straight into the groups, four
+/// elements a word (block by block through [`RowBlock`]s took ~15% of a Q4_K_M MoE's
+/// decode under a small `--expert-budget`: its experts' down projections are Q6_K).
 fn q6_k_as_q6(rows_in: &StoredRows) -> QMatrix {
     let (rows, cols) = (rows_in.rows, rows_in.cols);
-    let sbs = cols / 256;
-    let bb = Format::Q6_K.block_bytes();
-    QMatrix::pack(QKind::Q6, rows, cols, |r, b| {
-        let sb = &rows_in.bytes[(r * sbs + b / 8) * bb..(r * sbs + b / 8 + 1) * bb];
-        let (n, k) = ((b % 8) / 4, b % 4);
-        let d = f16::from_le_bytes([sb[208], sb[209]]).to_f32();
-        let (ql, qh) = (
-            &sb[64 * n..64 * n + 64],
-            &sb[128 + 32 * n..128 + 32 * n + 32],
-        );
-        let mut v = [0u8; QK];
-        let (lows, shift) = (&ql[32 * (k % 2)..32 * (k % 2) + 32], 4 * (k / 2));
-        for ((o, lo), h) in v.iter_mut().zip(lows).zip(qh) {
-            *o = ((lo >> shift) & 15) | (((h >> (2 * k)) & 3) << 4);
-        }
-        let scale = |h: usize| f16::from_f32(d * sb[192 + 2 * (b % 8) + h] as i8 as f32).to_bits();
-        RowBlock {
-            sc: [scale(0), scale(1), 0, 0],
-            v,
+    let row_bytes = cols / 256 * Format::Q6_K.block_bytes();
+    QMatrix::planes(QKind::Q6, rows, cols, |g, mut p| {
+        for r in g * G..(g * G + G).min(rows) {
+            let row = &rows_in.bytes[r * row_bytes..(r + 1) * row_bytes];
+            place_q6_row(row, r % G, &mut p);
         }
     })
+}
+
+/// One row's Q6_K super-blocks into lane `lane` of its group: the low nibbles as the packed
+/// kinds hold them (chunk `c`'s byte `4 lane + i`: elements `4c + i` and `16 + 4c + i`), the
+/// high bit pairs as [`QMatrix::hi2`] does (chunk `h`'s byte `4 lane + i` holds at bits `2u`
+/// the pair of element `16 (u % 2) + 8 h + 4 (u / 2) + i`).
+fn place_q6_row(row: &[u8], lane: usize, p: &mut GroupPlanes) {
+    let (qb, per) = (16 * G, 2 * G);
+    let word = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    for (s, sb) in row.chunks_exact(Format::Q6_K.block_bytes()).enumerate() {
+        let d = f16::from_le_bytes([sb[208], sb[209]]).to_f32();
+        for bb in 0..8 {
+            let (n, k) = (bb / 4, bb % 4);
+            let b = 8 * s + bb;
+            let scale = |h: usize| f16::from_f32(d * sb[192 + 2 * bb + h] as i8 as f32).to_bits();
+            (p.scales[b * per + lane], p.scales[b * per + G + lane]) = (scale(0), scale(1));
+            // Elements 4w..4w + 4 of the block, one a byte: low nibbles and high pairs.
+            let (ql, qh) = (64 * n + 32 * (k % 2), 128 + 32 * n);
+            let lo: [u32; 8] =
+                std::array::from_fn(|w| (word(sb, ql + 4 * w) >> (4 * (k / 2))) & 0x0f0f_0f0f);
+            let hi: [u32; 8] =
+                std::array::from_fn(|w| (word(sb, qh + 4 * w) >> (2 * k)) & 0x0303_0303);
+            let dst = &mut p.q[b * qb..(b + 1) * qb];
+            for c in 0..4 {
+                let x = lo[c] | lo[4 + c] << 4;
+                dst[c * 64 + 4 * lane..c * 64 + 4 * lane + 4].copy_from_slice(&x.to_le_bytes());
+            }
+            let dst = &mut p.hi2[b * 128..(b + 1) * 128];
+            for (h, w) in [[0, 4, 1, 5], [2, 6, 3, 7]].iter().enumerate() {
+                let x = hi[w[0]] | hi[w[1]] << 2 | hi[w[2]] << 4 | hi[w[3]] << 6;
+                dst[h * 64 + 4 * lane..h * 64 + 4 * lane + 4].copy_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
 }
 
 /// y's base pointer shared by the chunks of a product, which write disjoint parts of it.
