@@ -14,7 +14,7 @@
 //! of each item across threads and merges the parts by their log-sum-exp. Decode over a
 //! bf16 KV takes whole unmasked 16-key tiles in one fused step where the CPU has bf16 dot
 //! products (`Ops::decode_tile_bf16`: scores with keys in lanes, one exp2 per row per tile;
-//! `P V` on the dot product too, two keys at a time, P split in two bf16 parts).
+//! `P V` on the dot product too, two keys at a time, P rounded to bf16 as in the tiles).
 //! A KV in pieces (a paged cache's blocks) is read in place by [`attention_segments`].
 
 use super::{check_len, merge_into, AttnParams, AttnShape};
@@ -75,13 +75,15 @@ impl Default for CpuOptions {
 
 /// Whether attention over bf16 inputs of this shape rounds P to bf16 on this CPU with the
 /// default options: query blocks of more than 16 rows run on the bf16 dot-product tiles where
-/// the CPU has AVX512_BF16. The outputs then carry up to 2^-9 of `|P| |V|` (FlashAttention's
-/// bf16 P on a GPU does the same); otherwise bf16 inputs give f32-exact products (decode's
-/// fused step splits P in two bf16 parts). For callers' error bounds.
+/// the CPU has AVX512_BF16, and blocks of up to 6 rows (decode) take their whole unmasked
+/// 16-key tiles in the fused step ([`Ops::decode_tile_bf16`]). The outputs then carry up to
+/// 2^-9 of `|P| |V|` (FlashAttention's bf16 P on a GPU does the same); otherwise bf16 inputs
+/// give f32-exact products. For callers' error bounds.
 pub fn rounds_p_to_bf16(shape: &AttnShape) -> bool {
     let g = shape.group();
     let rows = shape.n_q.min((ROWS / g).max(1)) * g;
-    rows > 16 && Ops::new(Isa::detect()).has_bf16_tiles()
+    let ops = Ops::new(Isa::detect());
+    (rows > 16 && ops.has_bf16_tiles()) || ops.has_decode_tile_bf16(rows, shape.d)
 }
 
 /// Flash-attention forward on the CPU with the default options. See the module docs of

@@ -578,8 +578,8 @@ const DECODE_TILE: usize = super::Ops::DECODE_TILE;
 /// bf16 dot products (`vdpbf16ps`: the products of bf16 queries and keys are exact in f32, so
 /// this is the f32 dot product of the same values, without widening K), laid out row-major
 /// (keys in lanes), so the online softmax takes one exp2 per row per 16 keys instead of one
-/// per key; then `O = alpha O + P V` on the bf16 dot product too (see [`pv_pass_dp`]: P in
-/// two bf16 parts, so f32-exact to 2^-17), the output rows in registers. Up to 64 dims the
+/// per key; then `O = alpha O + P V` on the bf16 dot product too (see [`pv_pass_dp`]: P
+/// rounded to bf16, 2^-9 of `|P| |V|` as the prefill tiles), the output rows in registers. Up to 64 dims the
 /// scores take keys in pairs ([`scores_pairs`]); wider, `J` keys share a butterfly reduction
 /// (8 for up to 3 rows, 4 for 4-6: `R x J` accumulators in registers, [`scores_groups`]).
 ///
@@ -618,17 +618,14 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
         let u = scores_groups::<R, J>(d, q, k, ld, ahead, v);
         softmax16::<R, J>(&u, scale2, m, l)
     };
-    // P as two bf16 parts (hi, the rounding of p; lo, the rounding of what is left: 16
-    // significant bits together), each as pairs of consecutive keys, the bf16 dot product's
-    // operands.
-    let mut pp = [[[0u32; DECODE_TILE / 2]; 2]; R];
+    // P rounded to bf16 (as the prefill tiles take it), as pairs of consecutive keys, the
+    // bf16 dot product's operands.
+    let mut pp = [[0u32; DECODE_TILE / 2]; R];
     for (pr, x) in pp.iter_mut().zip(&p) {
-        let hi = _mm512_cvtneps_pbh(*x);
-        let hi_bits: __m256i = std::mem::transmute(hi);
-        let hi32 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi_bits)));
-        let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_sub_ps(*x, hi32)));
-        _mm256_storeu_si256(pr[0].as_mut_ptr().cast(), hi_bits);
-        _mm256_storeu_si256(pr[1].as_mut_ptr().cast(), lo);
+        _mm256_storeu_si256(
+            pr.as_mut_ptr().cast(),
+            std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(*x)),
+        );
     }
     // O = alpha O + P V, 64 dims a pass (32 for a last one of 96).
     let chunks = d / 32;
@@ -753,11 +750,12 @@ unsafe fn scores_groups<const R: usize, const J: usize>(
 
 /// Chunks `c0 .. c0 + C` (32 dims each) of [`decode_tile_bf16`]'s `O = alpha O + P V` on the
 /// bf16 dot product: two keys' V rows interleaved by `vpunpck{l,h}wd` meet a broadcast pair of
-/// their probabilities, one `vdpbf16ps` per 16 dims and part of P, two keys at a time. P comes
-/// in two bf16 parts (`pp[r][0]` its rounding, `pp[r][1]` the rounding of the rest: 16
-/// significant bits, 2^-17 of `|P| |V|`, so decode over a bf16 KV keeps f32-exact products;
-/// one part, 2^-9 as the prefill tiles, measured ~8% faster in cache). Widening V and an FMA
-/// per key took three
+/// their probabilities, one `vdpbf16ps` per 16 dims, two keys at a time. P is rounded to
+/// bf16 (2^-9 of `|P| |V|`, as the prefill tiles and FlashAttention's bf16 P on a GPU): it
+/// was once split in two bf16 parts to keep f32-exact products (2^-17), which doubled these
+/// products; one part measured 6-18% faster (criterion `decode_32k`, `decode_moe_2k`,
+/// `decode_smol_4k`, one thread, four alternating rounds). Widening V and an FMA per key
+/// took three
 /// instructions per 16 dims and key; this takes one. The unpacks leave dims in the order
 /// `8L + 4h + k` at lane `4L + k` of half `h`; O is permuted into it when loaded and back when
 /// stored (two permutes per 32 dims and row a tile).
@@ -768,7 +766,7 @@ unsafe fn scores_groups<const R: usize, const J: usize>(
 #[allow(clippy::needless_range_loop)]
 unsafe fn pv_pass_dp<const R: usize, const C: usize>(
     c0: usize,
-    pp: &[[[u32; DECODE_TILE / 2]; 2]; R],
+    pp: &[[u32; DECODE_TILE / 2]; R],
     alpha: &[f32; R],
     v: *const u16,
     ld: usize,
@@ -806,13 +804,11 @@ unsafe fn pv_pass_dp<const R: usize, const C: usize>(
             vv[c] = [_mm512_unpacklo_epi16(a, b), _mm512_unpackhi_epi16(a, b)];
         }
         for r in 0..R {
-            for part in &pp[r] {
-                let pr: __m512bh = std::mem::transmute(_mm512_set1_epi32(part[i] as i32));
-                for c in 0..C {
-                    for h in 0..2 {
-                        let vh: __m512bh = std::mem::transmute(vv[c][h]);
-                        acc[r][c][h] = _mm512_dpbf16_ps(acc[r][c][h], pr, vh);
-                    }
+            let pr: __m512bh = std::mem::transmute(_mm512_set1_epi32(pp[r][i] as i32));
+            for c in 0..C {
+                for h in 0..2 {
+                    let vh: __m512bh = std::mem::transmute(vv[c][h]);
+                    acc[r][c][h] = _mm512_dpbf16_ps(acc[r][c][h], pr, vh);
                 }
             }
         }
