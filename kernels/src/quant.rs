@@ -1315,7 +1315,7 @@ fn k16_as_half_blocks(rows_in: &StoredRows) -> QMatrix {
 /// byte `4 lane + i` of chunk `ch` holds, at bits `2u`, element `16 (u % 2) + 8 ch + 4 (u /
 /// 2) + i` (the unpacked vector `4 ch + u`'s byte `i`, see [`QMatrix::pack`]).
 fn place_k16_row(q3: bool, row: &[u8], lane: usize, p: &mut GroupPlanes) {
-    let sb_bytes = if q3 { 110 } else { 84 };
+    let sb_bytes = if q3 { Format::Q3_K } else { Format::Q2_K }.block_bytes();
     let qb = 8 * G;
     let word = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     for (s, sb) in row.chunks_exact(sb_bytes).enumerate() {
