@@ -1308,6 +1308,22 @@ fn k16_as_half_blocks(rows_in: &StoredRows) -> QMatrix {
     })
 }
 
+/// The little-endian `u32` at byte `at` of `b`.
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// A block's 2-bit values (`v[w]`: elements `4w..4w + 4`, one a byte) as the two chunks of a
+/// plane of bit pairs into lane `lane` of `dst`: chunk `h`'s byte `4 lane + i` holds at bits
+/// `2u` element `16 (u % 2) + 8 h + 4 (u / 2) + i` (the unpacked vector `4h + u`'s byte `i`,
+/// see [`QMatrix::pack`]). Q2_K's and Q3_K's values, Q6_K's high pairs.
+fn place_pair_planes(v: &[u32; 8], lane: usize, dst: &mut [u8]) {
+    for (h, w) in [[0, 4, 1, 5], [2, 6, 3, 7]].iter().enumerate() {
+        let x = v[w[0]] | v[w[1]] << 2 | v[w[2]] << 4 | v[w[3]] << 6;
+        dst[h * 64 + 4 * lane..h * 64 + 4 * lane + 4].copy_from_slice(&x.to_le_bytes());
+    }
+}
+
 /// One row's Q2_K or Q3_K super-blocks into lane `lane` of its group. Element `32 bb + e` of
 /// a super-block (block `bb` = `4n + j`, half `h = e / 16`) takes bits `2j..2j + 2` of
 /// `qs[32n + e]` and the sub-scale `2 bb + h`; Q3_K's third bit is bit `4n + j` of
@@ -1317,7 +1333,6 @@ fn k16_as_half_blocks(rows_in: &StoredRows) -> QMatrix {
 fn place_k16_row(q3: bool, row: &[u8], lane: usize, p: &mut GroupPlanes) {
     let sb_bytes = if q3 { Format::Q3_K } else { Format::Q2_K }.block_bytes();
     let qb = 8 * G;
-    let word = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     for (s, sb) in row.chunks_exact(sb_bytes).enumerate() {
         let (qs, subs, d, dmin) = if q3 {
             let sc = crate::formats::q3_k_scales(&sb[96..108]);
@@ -1340,13 +1355,9 @@ fn place_k16_row(q3: bool, row: &[u8], lane: usize, p: &mut GroupPlanes) {
             p.scales[b * G + lane] = subs[2 * bb] as u16 | (subs[2 * bb + 1] as u16) << 8;
             // Elements 4k..4k + 4 of the block, one a byte.
             let v: [u32; 8] =
-                std::array::from_fn(|k| (word(qs, 32 * n + 4 * k) >> (2 * j)) & 0x0303_0303);
+                std::array::from_fn(|k| (u32_at(qs, 32 * n + 4 * k) >> (2 * j)) & 0x0303_0303);
             let dst = &mut p.q[b * qb..(b + 1) * qb];
-            for (ch, k) in [[0, 4, 1, 5], [2, 6, 3, 7]].iter().enumerate() {
-                let plane = v[k[0]] | v[k[1]] << 2 | v[k[2]] << 4 | v[k[3]] << 6;
-                dst[ch * 64 + 4 * lane..ch * 64 + 4 * lane + 4]
-                    .copy_from_slice(&plane.to_le_bytes());
-            }
+            place_pair_planes(&v, lane, dst);
             if q3 {
                 // Third bits: vector t's byte i is element 16 (t % 2) + 4 (t / 2) + i.
                 let hm = &sb[0..32];
@@ -1385,7 +1396,6 @@ fn q6_k_as_q6(rows_in: &StoredRows) -> QMatrix {
 /// the pair of element `16 (u % 2) + 8 h + 4 (u / 2) + i`).
 fn place_q6_row(row: &[u8], lane: usize, p: &mut GroupPlanes) {
     let (qb, per) = (16 * G, 2 * G);
-    let word = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     for (s, sb) in row.chunks_exact(Format::Q6_K.block_bytes()).enumerate() {
         let d = f16::from_le_bytes([sb[208], sb[209]]).to_f32();
         for bb in 0..8 {
@@ -1396,19 +1406,16 @@ fn place_q6_row(row: &[u8], lane: usize, p: &mut GroupPlanes) {
             // Elements 4w..4w + 4 of the block, one a byte: low nibbles and high pairs.
             let (ql, qh) = (64 * n + 32 * (k % 2), 128 + 32 * n);
             let lo: [u32; 8] =
-                std::array::from_fn(|w| (word(sb, ql + 4 * w) >> (4 * (k / 2))) & 0x0f0f_0f0f);
+                std::array::from_fn(|w| (u32_at(sb, ql + 4 * w) >> (4 * (k / 2))) & 0x0f0f_0f0f);
             let hi: [u32; 8] =
-                std::array::from_fn(|w| (word(sb, qh + 4 * w) >> (2 * k)) & 0x0303_0303);
+                std::array::from_fn(|w| (u32_at(sb, qh + 4 * w) >> (2 * k)) & 0x0303_0303);
             let dst = &mut p.q[b * qb..(b + 1) * qb];
             for c in 0..4 {
                 let x = lo[c] | lo[4 + c] << 4;
                 dst[c * 64 + 4 * lane..c * 64 + 4 * lane + 4].copy_from_slice(&x.to_le_bytes());
             }
             let dst = &mut p.hi2[b * 128..(b + 1) * 128];
-            for (h, w) in [[0, 4, 1, 5], [2, 6, 3, 7]].iter().enumerate() {
-                let x = hi[w[0]] | hi[w[1]] << 2 | hi[w[2]] << 4 | hi[w[3]] << 6;
-                dst[h * 64 + 4 * lane..h * 64 + 4 * lane + 4].copy_from_slice(&x.to_le_bytes());
-            }
+            place_pair_planes(&hi, lane, dst);
         }
     }
 }
