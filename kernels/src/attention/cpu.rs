@@ -30,8 +30,11 @@ const BK: usize = 64;
 const SPLIT_BK: usize = 16;
 /// How many tiles ahead the split-KV path prefetches.
 const PREFETCH_TILES: usize = 1;
-/// Keys ahead the fused decode step (bf16, q8_0 or FP8 KV) prefetches its head's rows of a
-/// wide KV (rows over [`MID_ROW_BYTES`]): two of its 16-key steps.
+/// Keys ahead the fused decode step prefetches its head's rows: two of its 16-key steps. A
+/// bf16 KV of any row width (SmolLM2's 384-byte rows read 1.3-1.4x faster from memory than
+/// under the loop's tile prefetch, `bench e2e` at 8K and `bench kernels --only decode-smol`);
+/// a q8_0 or FP8 one only for rows over [`MID_ROW_BYTES`] (narrower, that step is bound by
+/// its widening, and its own prefetch measured no better).
 const DECODE_AHEAD: usize = 32;
 /// Narrow KV rows (all heads of a key in at most this many bytes, SmolLM2's 384 in bf16) are
 /// prefetched two tiles ahead on the split path (`bench kernels --only decode-smol`); it
@@ -452,11 +455,8 @@ fn split_kv<T: Element, O: Element>(
     let direct_bf16 =
         segs.iter().all(|s| T::as_bf16_bits(s.k).is_some()) && n_q.min(bq) * shape.group() <= 16;
     let row_bytes = row * std::mem::size_of::<T>();
-    // Wide rows under the fused decode step: it prefetches its own rows, spread over its work.
-    let decode_ahead = if direct_bf16
-        && row_bytes > MID_ROW_BYTES
-        && ops.has_decode_tile_bf16(n_q.min(bq) * shape.group(), d)
-    {
+    // The fused decode step prefetches its own rows, spread over its work.
+    let decode_ahead = if direct_bf16 && ops.has_decode_tile_bf16(n_q.min(bq) * shape.group(), d) {
         DECODE_AHEAD
     } else {
         0
