@@ -314,6 +314,9 @@ impl Expert {
     /// A new MLP prepared as `copies` asks: the expert brought in under `--expert-budget`
     /// (the same copies the model would have kept), and the bytes it holds.
     fn prepared_copy(&self, copies: Copies) -> Result<Made<Mlp>> {
+        for b in self.file_bytes() {
+            b.populate();
+        }
         let mut m = self.fresh()?;
         m.prepare(copies)?;
         let read: u64 = self.file_bytes().iter().map(|b| b.len() as u64).sum();

@@ -1118,3 +1118,62 @@ unsafe fn reduce4_lanes(v: &[__m512; 4]) -> __m512 {
     let u = _mm512_add_ps(y, _mm512_permute_ps::<0x4E>(y));
     _mm512_add_ps(u, _mm512_permute_ps::<0xB1>(u))
 }
+
+/// `vpermt2w` indices of [`transpose32_u16`]'s stage `b`: lanes whose bit `b` is clear keep
+/// `a`'s, the others take `b`'s with that bit clear (`hi`: `a`'s with it set, `b`'s kept).
+const fn swap_bit_index(b: u16, hi: bool) -> [u16; 32] {
+    let mut x = [0u16; 32];
+    let mut j = 0;
+    while j < 32 {
+        let jj = j as u16;
+        x[j] = match (jj & b == 0, hi) {
+            (true, false) => jj,
+            (false, false) => 32 + jj - b,
+            (true, true) => jj + b,
+            (false, true) => 32 + jj,
+        };
+        j += 1;
+    }
+    x
+}
+
+const SWAP_INDEX: [[[u16; 32]; 2]; 5] = {
+    let mut t = [[[0u16; 32]; 2]; 5];
+    let mut s = 0;
+    while s < 5 {
+        t[s][0] = swap_bit_index(16 >> s, false);
+        t[s][1] = swap_bit_index(16 >> s, true);
+        s += 1;
+    }
+    t
+};
+
+/// `dst[c * lds + i] = src[i * lss + c]` for `i, c < 32`, 16-bit elements: 32 rows in
+/// registers, then for each bit of the index the row and lane bits swapped where they differ
+/// (two `vpermt2w` a pair of rows), five times.
+///
+/// # Safety
+/// The CPU must have AVX-512F/BW; `src` valid for 32 rows of 32 elements at stride `lss`,
+/// `dst` for 32 rows of 32 at stride `lds` (elements; no alignment needed).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn transpose32_u16(src: *const u16, lss: usize, dst: *mut u16, lds: usize) {
+    let mut r = [_mm512_setzero_si512(); 32];
+    for (i, x) in r.iter_mut().enumerate() {
+        *x = _mm512_loadu_si512(src.add(i * lss).cast());
+    }
+    for (s, idx) in SWAP_INDEX.iter().enumerate() {
+        let b = 16 >> s;
+        let (lo, hi) = (
+            _mm512_loadu_si512(idx[0].as_ptr().cast()),
+            _mm512_loadu_si512(idx[1].as_ptr().cast()),
+        );
+        for i in (0..32).filter(|i| i & b == 0) {
+            let (x, y) = (r[i], r[i + b]);
+            r[i] = _mm512_permutex2var_epi16(x, lo, y);
+            r[i + b] = _mm512_permutex2var_epi16(x, hi, y);
+        }
+    }
+    for (c, x) in r.iter().enumerate() {
+        _mm512_storeu_si512(dst.add(c * lds).cast(), *x);
+    }
+}

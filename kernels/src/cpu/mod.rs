@@ -477,7 +477,7 @@ impl Ops {
 
 /// Asks the cache hierarchy (L2) for `data`, one request per 64-byte line; a hint only.
 #[inline]
-pub(crate) fn prefetch<T>(data: &[T]) {
+pub fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
@@ -490,6 +490,24 @@ pub(crate) fn prefetch<T>(data: &[T]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
+}
+
+/// `dst[c * lds + i] = src[i * lss + c]` for `i, c < 32`: a 32 x 32 tile of 16-bit elements
+/// (little-endian bytes; strides in elements) transposed in registers. `false`, and nothing
+/// written, without AVX-512 BW or where the slices are too short for the tile: the caller
+/// then moves the elements itself.
+pub fn transpose32_u16(src: &[u8], lss: usize, dst: &mut [u8], lds: usize) -> bool {
+    let need = |ld: usize| (31 * ld + 32) * 2;
+    if lss < 32 || lds < 32 || src.len() < need(lss) || dst.len() < need(lds) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() == Isa::Avx512 && is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has AVX-512F/BW, and both slices hold the whole tile (checked).
+        unsafe { avx512::transpose32_u16(src.as_ptr().cast(), lss, dst.as_mut_ptr().cast(), lds) };
+        return true;
+    }
+    false
 }
 
 /// Widens bf16 bit patterns to f32 with the best instruction set of this CPU.
@@ -543,6 +561,32 @@ unsafe fn scores_dot_avx2(
 mod tests {
     use super::*;
     use rand::Rng;
+
+    /// The register transpose moves every element of a tile to its mirror place and writes
+    /// nothing outside the tile (odd strides; a short slice is refused untouched).
+    #[test]
+    fn a_tile_of_16_bit_elements_is_transposed() {
+        let mut rng = rand::rng();
+        let (lss, lds) = (45, 37);
+        let src: Vec<u8> = (0..(31 * lss + 32) * 2).map(|_| rng.random()).collect();
+        let mut dst = vec![0xAAu8; (31 * lds + 32) * 2 + 6];
+        if !transpose32_u16(&src, lss, &mut dst, lds) {
+            eprintln!("skipped: no AVX-512 BW here");
+            return;
+        }
+        for (at, pair) in dst.chunks_exact(2).enumerate() {
+            let (c, i) = (at / lds, at % lds);
+            if c < 32 && i < 32 {
+                let s = 2 * (i * lss + c);
+                assert_eq!(pair, &src[s..s + 2], "row {c}, column {i}");
+            } else {
+                assert_eq!(pair, [0xAA, 0xAA], "element {at} outside the tile written");
+            }
+        }
+        let mut short = vec![0u8; (31 * lds + 31) * 2];
+        assert!(!transpose32_u16(&src, lss, &mut short, lds));
+        assert!(short.iter().all(|&b| b == 0));
+    }
 
     /// A value's SiLU does not depend on its offset in the slice (a batched step holds a
     /// row at another offset than the row alone; the vector code's tail is masked, not

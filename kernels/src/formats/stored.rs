@@ -69,6 +69,15 @@ impl Blob {
         self.advise(libc::MADV_WILLNEED);
     }
 
+    /// Maps this blob's pages in one call (Linux's `MADV_POPULATE_READ`; a no-op for owned
+    /// bytes, elsewhere, or where the kernel refuses it): for bytes about to be read whole
+    /// once. An expert read under `--expert-budget` otherwise takes one page fault per few
+    /// pages (a 6 MB bf16 expert, ~1,500 faults on every miss).
+    pub fn populate(&self) {
+        #[cfg(target_os = "linux")]
+        self.advise(libc::MADV_POPULATE_READ);
+    }
+
     #[cfg(unix)]
     fn advise(&self, advice: libc::c_int) {
         if self.mapped {
@@ -79,7 +88,7 @@ impl Blob {
                 // SAFETY: lo..hi lies within a read-only private file map that stays mapped
                 // (this blob holds it); MADV_DONTNEED on such a map only drops pages, which
                 // later reads fault in from the file with the same contents, and
-                // MADV_WILLNEED only starts reading them.
+                // MADV_WILLNEED and MADV_POPULATE_READ only read them.
                 unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, advice) };
             }
         }
