@@ -31,8 +31,8 @@ const SPLIT_BK: usize = 16;
 /// How many tiles ahead the split-KV path prefetches.
 const PREFETCH_TILES: usize = 1;
 /// Keys ahead the fused decode step prefetches its head's rows: two of its 16-key steps. A
-/// bf16 KV of any row width (SmolLM2's 384-byte rows read 1.3-1.4x faster from memory than
-/// under the loop's tile prefetch, `bench e2e` at 8K and `bench kernels --only decode-smol`);
+/// bf16 KV of any row width (SmolLM2's 384-byte rows: its decode 1.3x faster at 8K and 1.9x
+/// at 32K than under the loop's burst of prefetches per tile, `bench e2e`);
 /// a q8_0 or FP8 one only for rows over [`MID_ROW_BYTES`] (narrower, that step is bound by
 /// its widening, and its own prefetch measured no better).
 const DECODE_AHEAD: usize = 32;
