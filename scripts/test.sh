@@ -19,10 +19,6 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 # The attention kernels again without the bf16 dot product: the decode path of CPUs without
 # AVX512_BF16 (this one has it, so the run above takes the fused step).
 LONGCTX_NO_BF16_DOT=1 cargo test --locked -p longctx-kernels attention 2>&1 | tee -a "$log"
-# And a q8_0 KV's decode without AVX-512 VNNI: its step widened to f32 (this CPU takes the
-# integer step above).
-LONGCTX_NO_VNNI=1 cargo test --locked -p longctx-kernels segments 2>&1 | tee -a "$log"
-LONGCTX_NO_VNNI=1 cargo test --locked -p longctx-kvstore attend 2>&1 | tee -a "$log"
 # One closing line for the whole workspace (cargo prints one per test binary).
 sort -u "$skips"
 n_skip=$(sort -u "$skips" | wc -l)

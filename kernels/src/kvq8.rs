@@ -50,50 +50,6 @@ pub fn dequantize_q8(src: &[BlockQ8], dst: &mut [f32]) {
     crate::cpu::dequant_q8(crate::Isa::detect(), src, dst)
 }
 
-/// One query row's 32-value block quantised for the q8_0 decode step (`cpu::avx512_q8`):
-/// `q ~= scale (256 hi + lo)`, `hi` in -127..=127, `lo` in -128..=127 (16 bits: 2^-16 of
-/// the block's largest value); `corr` is `-128` times the sum of each part (the step flips
-/// the keys' sign bits, `k + 128`, which adds `128 sum` to each product).
-#[derive(Clone, Copy, Debug, Default)]
-#[repr(C, align(64))]
-pub(crate) struct QueryQ8 {
-    pub(crate) hi: [i8; 32],
-    pub(crate) lo: [i8; 32],
-    pub(crate) scale: f32,
-    pub(crate) corr: [i32; 2],
-}
-
-impl QueryQ8 {
-    /// Largest magnitude of `256 hi + lo`.
-    const MAX: f32 = 127.0 * 256.0;
-
-    /// Quantises 32 query values (already scaled for the softmax).
-    pub(crate) fn new(q: &[f32]) -> QueryQ8 {
-        debug_assert_eq!(q.len(), 32);
-        let amax = q.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let mut b = QueryQ8::default();
-        if !(amax > 0.0 && amax.is_finite()) {
-            // Zero (or a non-finite row: its scores are then zero, as garbage in).
-            return b;
-        }
-        b.scale = amax / Self::MAX;
-        let inv = Self::MAX / amax;
-        let (mut sh, mut sl) = (0i32, 0i32);
-        for (i, x) in q.iter().enumerate() {
-            let x = (x * inv).round().clamp(-Self::MAX, Self::MAX) as i32;
-            // hi = floor((x + 128) / 256) leaves lo in -128..=127.
-            let hi = (x + 128).div_euclid(256);
-            let lo = x - 256 * hi;
-            b.hi[i] = hi as i8;
-            b.lo[i] = lo as i8;
-            sh += hi;
-            sl += lo;
-        }
-        b.corr = [-128 * sh, -128 * sl];
-        b
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,47 +125,6 @@ mod tests {
             for (i, (g, v)) in got.iter().zip(&x).enumerate() {
                 assert!((g - v).abs() <= 0.5 * q[i / 32].scale * 1.0001, "{i}");
             }
-        }
-    }
-
-    /// A query block splits into two signed bytes that rebuild it within half a step (plus f32
-    /// rounding) of
-    /// 2^-16 of its largest value, with the corrections the step subtracts; zero and
-    /// non-finite blocks give zero.
-    #[test]
-    fn query_blocks_split_into_two_bytes_within_half_a_step() {
-        let seed: u64 = rand::random();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        for _ in 0..200 {
-            let mag = 10f32.powi(rng.random_range(-4..4));
-            let q: Vec<f32> = (0..32)
-                .map(|_| rng.random_range(-1.0f32..1.0) * mag)
-                .collect();
-            let b = QueryQ8::new(&q);
-            let amax = q.iter().fold(0f32, |a, x| a.max(x.abs()));
-            assert!(
-                (b.scale - amax / (127.0 * 256.0)).abs() <= b.scale * 1e-6,
-                "seed {seed}"
-            );
-            let (mut sh, mut sl) = (0, 0);
-            for (i, x) in q.iter().enumerate() {
-                let (h, l) = (b.hi[i] as i32, b.lo[i] as i32);
-                assert!((-127..=127).contains(&h), "seed {seed}");
-                let back = b.scale * (256 * h + l) as f32;
-                assert!(
-                    (back - x).abs() <= 0.51 * b.scale,
-                    "{i}: {back} {x} seed {seed}"
-                );
-                (sh, sl) = (sh + h, sl + l);
-            }
-            assert_eq!(b.corr, [-128 * sh, -128 * sl], "seed {seed}");
-        }
-        for q in [[0f32; 32], [f32::NAN; 32], [f32::INFINITY; 32]] {
-            let b = QueryQ8::new(&q);
-            assert_eq!(
-                (b.scale, b.hi, b.lo, b.corr),
-                (0.0, [0; 32], [0; 32], [0, 0])
-            );
         }
     }
 }

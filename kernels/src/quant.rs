@@ -1638,7 +1638,7 @@ unsafe fn quantize_avx512(
     }
 }
 
-pub(crate) fn vnni_available() -> bool {
+fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

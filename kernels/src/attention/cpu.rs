@@ -15,9 +15,7 @@
 //! bf16 KV takes whole unmasked 16-key tiles in one fused step where the CPU has bf16 dot
 //! products (`Ops::decode_tile_bf16`: scores with keys in lanes, one exp2 per row per tile;
 //! `P V` on the dot product too, two keys at a time, P rounded to bf16 as in the tiles).
-//! A KV in pieces (a paged cache's blocks) is read in place by [`attention_segments`]; a
-//! q8_0 one under few rows takes a fused step on integer dot products where the CPU has
-//! AVX-512 VNNI (`Ops::decode_tile_q8`: the queries quantised to 16 bits once per item).
+//! A KV in pieces (a paged cache's blocks) is read in place by [`attention_segments`].
 
 use super::{check_len, merge_into, AttnParams, AttnShape};
 use crate::cpu::{Isa, Ops};
@@ -89,21 +87,6 @@ pub fn rounds_p_to_bf16(shape: &AttnShape) -> bool {
     let rows = shape.n_q.min((ROWS / g).max(1)) * g;
     let ops = Ops::new(Isa::detect());
     (rows > 16 && ops.has_bf16_tiles()) || ops.has_decode_tile_bf16(rows, shape.d)
-}
-
-/// Whether attention over a q8_0 KV of this shape rounds its queries on this CPU: blocks of
-/// up to 6 rows (decode, or the last block of a prompt's) take their whole unmasked 16-key tiles in the integer step
-/// ([`Ops::decode_tile_q8`], AVX-512 VNNI), which rounds the queries to 16 bits a block and
-/// each tile's `P x V-scale` to 15 bits (2^-16 of their largest term each); otherwise the
-/// blocks are widened and multiplied in f32. For callers' error bounds.
-pub fn rounds_q8_queries(shape: &AttnShape) -> bool {
-    let g = shape.group();
-    let bq = (ROWS / g).max(1);
-    let ops = Ops::new(Isa::detect());
-    // A whole block of queries, or the last one's few.
-    let tail = shape.n_q % bq;
-    ops.has_decode_tile_q8(shape.n_q.min(bq) * g, shape.d)
-        || (tail > 0 && ops.has_decode_tile_q8(tail * g, shape.d))
 }
 
 /// Flash-attention forward on the CPU with the default options. See the module docs of
@@ -745,9 +728,6 @@ struct Scratch {
     vbuf: Vec<f32>,
     /// Scores, then probabilities, key-major: `[BK, rows_pad]`.
     st: Vec<f32>,
-    /// Few rows over a q8_0 KV on VNNI: the scaled queries quantised, `[rows, d / 32]`
-    /// blocks; empty otherwise.
-    qq: Vec<crate::kvq8::QueryQ8>,
     /// Output accumulator: `[rows, d_pad]`.
     o: Vec<f32>,
     /// Running max (log2 units), running sum and the last rescale factor, per row.
@@ -917,16 +897,6 @@ impl<T: Element> Engine<'_, T> {
                 }
             }
         }
-        sc.qq.clear();
-        if few
-            && matches!(self.blocks, Some(BlockPair::Q8(..)))
-            && self.ops.has_decode_tile_q8(rows, d)
-        {
-            // The scaled rows (row-major) quantised once for the step's integer products.
-            let q = &sc.qt[..rows * d];
-            sc.qq
-                .extend(q.chunks_exact(Q8_BLOCK).map(crate::kvq8::QueryQ8::new));
-        }
         self.retarget(sc, q0, q1, j0, j1)
     }
 
@@ -981,15 +951,6 @@ impl<T: Element> Engine<'_, T> {
                 let q = sc.qt.as_ptr();
                 unsafe {
                     match blocks {
-                        // SAFETY: qq holds rows x nb blocks, quantised by `begin`.
-                        BlockPair::Q8(k, v) if !sc.qq.is_empty() => self.ops.decode_tile_q8(
-                            rows,
-                            d,
-                            sc.qq.as_ptr(),
-                            (k[at..].as_ptr(), v[at..].as_ptr(), h_kv * nb),
-                            ahead,
-                            state,
-                        ),
                         BlockPair::Q8(k, v) => self.ops.decode_tile_blocks(
                             rows,
                             d,

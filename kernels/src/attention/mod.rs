@@ -17,8 +17,8 @@ pub mod reference;
 
 pub use cpu::{
     attention, attention_segments, attention_segments_blocks, attention_segments_blocks_split,
-    attention_segments_split, attention_with, rounds_p_to_bf16, rounds_q8_queries, BlockPair,
-    CpuOptions, KvBlockSegment, KvSegment, KvSegmentQ8, Strategy,
+    attention_segments_split, attention_with, rounds_p_to_bf16, BlockPair, CpuOptions,
+    KvBlockSegment, KvSegment, KvSegmentQ8, Strategy,
 };
 pub use merge::{merge, merge_into};
 

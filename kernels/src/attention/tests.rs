@@ -18,11 +18,6 @@ const TOL_BF16: f64 = 1e-2;
 /// error measure is relative to `|P| |V|`, so at most ~2e-3 (measured 1.2e-3). A wrong pair
 /// order or a lost tile shows as O(1).
 const TOL_P_BF16: f64 = 3e-3;
-/// The q8_0 decode step on integer dot products (few rows on a CPU with AVX-512 VNNI): the
-/// queries rounded to 16 bits a block, each tile's `P x V-scale` to 15 bits, 2^-16 of
-/// their largest term each; measured up to 2.3e-4 (out) and 1.8e-5 (LSE) over 21 runs, so
-/// 4x that. A wrong transpose, pair or scale shows as O(1).
-const TOL_Q8_INT: f64 = 1e-3;
 
 /// The tolerance for bf16 inputs with f32 outputs: f32 arithmetic alone unless this CPU runs
 /// the shape's tiles on the bf16 dot product ([`cpu::rounds_p_to_bf16`]), which rounds P.
@@ -96,23 +91,12 @@ fn assert_close<O: Element>(
     tol: f64,
     what: &dyn Fn() -> String,
 ) {
-    assert_close_lse(out, lse, want, (tol, TOL_F32), what)
-}
-
-/// [`assert_close`] with a tolerance of its own for the LSE: `(out, lse)`.
-fn assert_close_lse<O: Element>(
-    out: &[O],
-    lse: &[f32],
-    want: &reference::Reference,
-    (tol, tol_lse): (f64, f64),
-    what: &dyn Fn() -> String,
-) {
     let got: Vec<f32> = out.iter().map(|x| x.to_f32()).collect();
     let e = errors(&got, lse, want);
     note_worst(O::DTYPE == crate::DType::F32, &e);
     assert!(
-        e.out <= tol && e.row_out <= tol && e.lse <= tol_lse && e.row_lse <= tol_lse,
-        "{}: {e:?} (tol {tol:.0e}, lse {tol_lse:.0e})",
+        e.out <= tol && e.row_out <= tol && e.lse <= TOL_F32 && e.row_lse <= TOL_F32,
+        "{}: {e:?} (tol {tol:.0e})",
         what()
     );
 }
@@ -602,15 +586,7 @@ fn block_segments_equal_the_reference<B: crate::KvBlock + Default>(name: &str) {
             }
         }
     }
-    // Then every row count of the fused step (1 to 6): GQA 2 with 1 and 3 queries, and
-    // SmolLM2's heads (3 of 64, GQA 3).
-    shapes.extend([
-        (8, 4, 1, 128),
-        (8, 5, 1, 128),
-        (2, 2, 1, 64),
-        (2, 2, 3, 64),
-        (3, 3, 1, 64),
-    ]);
+    shapes.extend([(8, 4, 1, 128), (8, 5, 1, 128)]);
     for mask in MASKS {
         for &(h_kv, ratio, n_q, d) in &shapes {
             let n_kv = *[1, 7, 65, 300, 1301].choose(&mut rng).unwrap();
@@ -619,14 +595,7 @@ fn block_segments_equal_the_reference<B: crate::KvBlock + Default>(name: &str) {
             c.params = c.params.at(base + n_kv.saturating_sub(n_q), base);
             let kind = *INPUTS.choose(&mut rng).unwrap();
             let inner = rng.random();
-            let (q, k, mut v) = inputs::<f32>(&mut TestRng::new(inner), &c.shape, &c.params, kind);
-            // A run of 40 keys with zero values: whole zero V blocks in a fused tile. (Not
-            // under the hard inputs' spike: zero there, the output is the f32-underflowing
-            // rest, ~2^-200 of the reference's scale.)
-            if matches!(kind, Inputs::Uniform(_)) {
-                let zero = rng.random_range(0..n_kv);
-                v[zero * h_kv * d..(zero + 40).min(n_kv) * h_kv * d].fill(0.0);
-            }
+            let (q, k, v) = inputs::<f32>(&mut TestRng::new(inner), &c.shape, &c.params, kind);
             let quant = |x: &[f32]| crate::quantize_blocks_vec::<B>("test", x).unwrap();
             let (kq, vq) = (quant(&k), quant(&v));
             // The portable loop's widening (every ISA's equals it: kvq8, kvf8 tests).
@@ -655,12 +624,7 @@ fn block_segments_equal_the_reference<B: crate::KvBlock + Default>(name: &str) {
             )
             .unwrap();
             let want = reference(&q, &kd, &vd, c.shape, &c.params);
-            let tol = if B::KV_DTYPE == crate::DType::Q8_0 && cpu::rounds_q8_queries(&c.shape) {
-                TOL_Q8_INT
-            } else {
-                TOL_F32
-            };
-            assert_close_lse(&out, &lse, &want, (tol, tol), &|| {
+            assert_close(&out, &lse, &want, TOL_F32, &|| {
                 format!(
                     "{:?} {:?} {kind:?} cuts {cuts:?} splits {splits:?} (seed {seed}, {inner})",
                     c.shape, c.params

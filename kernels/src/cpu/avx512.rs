@@ -135,7 +135,7 @@ pub unsafe fn gemm(
 /// 2^x to within an f32 rounding: 0 for x <= -200 and for -inf, +inf from 128 on.
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(super) unsafe fn exp2(x: __m512) -> __m512 {
+unsafe fn exp2(x: __m512) -> __m512 {
     let x = _mm512_max_ps(x, _mm512_set1_ps(-200.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm512_sub_ps(x, n); // in [-0.5, 0.5]
@@ -646,7 +646,7 @@ pub unsafe fn decode_tile_bf16<const R: usize, const J: usize>(
 /// when `ahead.0` is 0: see [`decode_tile_bf16`].
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(super) unsafe fn prefetch_rows<T>(
+unsafe fn prefetch_rows<T>(
     rows: std::ops::Range<usize>,
     (k, v, ld): (*const T, *const T, usize),
     lines: usize,

@@ -7,9 +7,6 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
-#[cfg(target_arch = "x86_64")]
-mod avx512_q8;
-
 mod isa;
 mod portable;
 
@@ -404,51 +401,6 @@ impl Ops {
                 5 => f::<B, 5, 4>(d, q, 1.0, k, v, ld, ahead, m, l, o, ldo),
                 6 => f::<B, 6, 4>(d, q, 1.0, k, v, ld, ahead, m, l, o, ldo),
                 _ => unreachable!("checked by has_decode_tile_blocks"),
-            }
-        }
-    }
-}
-
-impl Ops {
-    /// Whether [`Ops::decode_tile_q8`] takes `rows` rows of `d` dims here: AVX-512 VNNI
-    /// (`LONGCTX_NO_VNNI` turns it off, as for the quantised products).
-    pub fn has_decode_tile_q8(&self, rows: usize, d: usize) -> bool {
-        self.has_decode_tile_blocks(rows, d)
-            && d <= 32 * avx512_q8::MAX_BLOCKS
-            && crate::quant::vnni_available()
-    }
-
-    /// One fused decode step over [`Ops::DECODE_TILE`] keys of a q8_0 KV on integer dot
-    /// products, the queries quantised by [`crate::kvq8::QueryQ8::new`]; see
-    /// `avx512_q8::decode_tile_q8`. The caller checks [`Ops::has_decode_tile_q8`] first.
-    ///
-    /// # Safety
-    /// `q` holds `rows` rows of `d / 32` query blocks; `k` and `v` 16 rows of `d / 32`
-    /// blocks at stride `ld` blocks; `m` and `l` `rows` values; `o` `rows` rows of `d` at
-    /// stride `ldo`.
-    #[inline]
-    pub(crate) unsafe fn decode_tile_q8(
-        &self,
-        rows: usize,
-        d: usize,
-        q: *const crate::kvq8::QueryQ8,
-        (k, v, ld): (*const crate::BlockQ8, *const crate::BlockQ8, usize),
-        ahead: (usize, usize),
-        (m, l, o, ldo): (*mut f32, *mut f32, *mut f32, usize),
-    ) {
-        debug_assert!(self.has_decode_tile_q8(rows, d));
-        #[cfg(target_arch = "x86_64")]
-        {
-            use avx512_q8::decode_tile_q8 as f;
-            let nb = d / 32;
-            match rows {
-                1 => f::<1>(nb, q, k, v, ld, ahead, m, l, o, ldo),
-                2 => f::<2>(nb, q, k, v, ld, ahead, m, l, o, ldo),
-                3 => f::<3>(nb, q, k, v, ld, ahead, m, l, o, ldo),
-                4 => f::<4>(nb, q, k, v, ld, ahead, m, l, o, ldo),
-                5 => f::<5>(nb, q, k, v, ld, ahead, m, l, o, ldo),
-                6 => f::<6>(nb, q, k, v, ld, ahead, m, l, o, ldo),
-                _ => unreachable!("checked by has_decode_tile_q8"),
             }
         }
     }
