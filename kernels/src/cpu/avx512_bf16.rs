@@ -18,6 +18,8 @@ use std::arch::x86_64::*;
 const JB: usize = 6;
 /// Output rows per register block of the `P V` product.
 const RB: usize = 6;
+/// Keys ahead that the packing of V asks for in L1.
+const V_AHEAD: usize = 8;
 
 /// `st[j * 16NV + r] = scale * sum_p K[j, 2p..2p + 2] . qw[p * 16NV + r]` for `j < kt` and
 /// `r < 16NV`, `p < d / 2`.
@@ -38,6 +40,11 @@ pub unsafe fn scores<const NV: usize>(
 ) {
     let mut j = 0;
     while j + JB <= kt {
+        // The next block's key rows into L1 while this one computes (they come from L2,
+        // where the caller prefetched the tile; the broadcasts stalled on them).
+        for jj in j + JB..(j + 2 * JB).min(kt) {
+            prefetch_l1(k.add(jj * ldk), d * 2);
+        }
         score_keys::<JB, NV>(d, qw, k.add(j * ldk), ldk, scale, st.add(j * 16 * NV));
         j += JB;
     }
@@ -91,6 +98,15 @@ unsafe fn score_keys<const J: usize, const NV: usize>(
     }
 }
 
+/// Asks for the `bytes` from `p` in L1, a line at a time; a hint only.
+#[inline(always)]
+unsafe fn prefetch_l1<T>(p: *const T, bytes: usize) {
+    let p = p.cast::<i8>();
+    for off in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+    }
+}
+
 /// Word `i` of the result of `cvtne2ps_pbh(hi, lo)` to move to word `i` of the pairs:
 /// `lo[m]` to word `2m`, `hi[m]` to word `2m + 1`.
 const PAIR_ONE: [u16; 32] = {
@@ -119,10 +135,99 @@ const fn pair_two(c0: u16) -> [u16; 32] {
 const PAIR_LO: [u16; 32] = pair_two(0);
 const PAIR_HI: [u16; 32] = pair_two(16);
 
-/// `O[rows, 0..d] += P V` for a tile of `kt` keys: `st` holds P key-major (`kt` rows of
-/// `ldst` f32, `ldst` a multiple of 16 and at least `rows`), `v` the tile's `kt` rows of `d`
-/// bf16 at stride `ldv`, `o` `rows` rows of `dp` at stride `ldo` (`dp`, the next multiple of
-/// 16 of `d`, columns). `pw` and `vw` are scratch for the packed pairs.
+/// 2^x for the probabilities the `P V` product rounds to bf16 (8 bits): a degree-4
+/// polynomial on the fraction (a minimax fit with its constant term pinned to 1), within
+/// 3e-6 relative (a bf16 rounding is 2e-3), exactly 1 at 0 (an unchanged running max
+/// rescales nothing); 0 for x <= -200 and for -inf.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn exp2_short(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-200.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+    let f = _mm512_sub_ps(x, n); // in [-0.5, 0.5]
+    const C: [f32; 5] = [1.0, 0.693_124_2, 0.240_241, 0.055_906_4, 0.009_582_83];
+    let mut p = _mm512_set1_ps(C[4]);
+    for &ci in C[..4].iter().rev() {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(ci));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// The online-softmax step of a score tile whose probabilities go to [`pv`]: `st` holds the
+/// scores key-major (`kt` rows of `ld` f32, log2 units, masked keys -inf), `ncols` (a multiple
+/// of 16, at most `ld`) columns of them. Updates the running max `m`, sum `l` and rescale
+/// `alpha` of each column as [`super::avx512::softmax_tile`] does, and writes the
+/// probabilities straight to `pw` as bf16 pairs of consecutive keys (`[kt.div_ceil(2), ld]`,
+/// a missing last key zero): one pass, no f32 probabilities stored.
+///
+/// # Safety
+/// The CPU must have AVX-512F/BW and AVX512_BF16; `st` valid for `kt` rows of `ld`, `m`, `l`,
+/// `alpha` for `ncols` values, `pw` for `kt.div_ceil(2) * ld` pairs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn softmax_pairs(
+    st: *const f32,
+    kt: usize,
+    ncols: usize,
+    ld: usize,
+    m: *mut f32,
+    l: *mut f32,
+    alpha: *mut f32,
+    pw: *mut u32,
+) {
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let one = _mm512_loadu_si512(PAIR_ONE.as_ptr().cast());
+    let np = kt.div_ceil(2);
+    for c0 in (0..ncols).step_by(16) {
+        // Two chains for the max and the sums (a single one waits on each add).
+        let (mut mx0, mut mx1) = (ninf, ninf);
+        let mut j = 0;
+        while j + 1 < kt {
+            mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(st.add(j * ld + c0)));
+            mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(st.add((j + 1) * ld + c0)));
+            j += 2;
+        }
+        if j < kt {
+            mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(st.add(j * ld + c0)));
+        }
+        let m_old = _mm512_loadu_ps(m.add(c0));
+        let m_new = _mm512_max_ps(m_old, _mm512_max_ps(mx0, mx1));
+        // Columns with no unmasked key so far use 0 as reference: exp2(-inf) = 0, no NaN.
+        let empty = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_new, ninf);
+        let mref = _mm512_mask_mov_ps(m_new, empty, _mm512_setzero_ps());
+        let a = exp2_short(_mm512_sub_ps(m_old, mref));
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for p in 0..np {
+            let e0 = exp2_short(_mm512_sub_ps(
+                _mm512_loadu_ps(st.add(2 * p * ld + c0)),
+                mref,
+            ));
+            let e1 = if 2 * p + 1 < kt {
+                exp2_short(_mm512_sub_ps(
+                    _mm512_loadu_ps(st.add((2 * p + 1) * ld + c0)),
+                    mref,
+                ))
+            } else {
+                _mm512_setzero_ps()
+            };
+            s0 = _mm512_add_ps(s0, e0);
+            s1 = _mm512_add_ps(s1, e1);
+            let x: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(e1, e0));
+            _mm512_storeu_si512(pw.add(p * ld + c0).cast(), _mm512_permutexvar_epi16(one, x));
+        }
+        let l_old = _mm512_loadu_ps(l.add(c0));
+        _mm512_storeu_ps(l.add(c0), _mm512_fmadd_ps(l_old, a, _mm512_add_ps(s0, s1)));
+        _mm512_storeu_ps(m.add(c0), m_new);
+        _mm512_storeu_ps(alpha.add(c0), a);
+    }
+}
+
+/// `O[rows, 0..d] += P V` for a tile of `kt` keys: `pw` holds P as [`softmax_pairs`] wrote
+/// it (bf16 pairs of consecutive keys, `kt.div_ceil(2)` rows of `ldp >= rows` pairs), `v` the
+/// tile's `kt` rows of `d` bf16 at stride `ldv`, `o` `rows` rows of `dp` at stride `ldo`
+/// (`dp`, the next multiple of 16 of `d`, columns), each first scaled by its row's `alpha`
+/// (the softmax step's rescale, folded into the accumulators' loads). `vw` is scratch for V's
+/// packed pairs.
 ///
 /// # Safety
 /// The CPU must have AVX-512F/BW/VL and AVX512_BF16; the pointers valid for those sizes.
@@ -132,38 +237,19 @@ pub unsafe fn pv(
     rows: usize,
     kt: usize,
     d: usize,
-    st: *const f32,
-    ldst: usize,
+    pw: *const u32,
+    ldp: usize,
     v: *const u16,
     ldv: usize,
-    pw: &mut Vec<u32>,
     vw: &mut Vec<u32>,
+    alpha: *const f32,
     o: *mut f32,
     ldo: usize,
 ) {
     let np = kt.div_ceil(2);
     let dp = d.next_multiple_of(16);
-    if pw.len() < np * ldst {
-        pw.resize(np * ldst, 0);
-    }
     if vw.len() < np * dp {
         vw.resize(np * dp, 0);
-    }
-    // P to bf16 pairs of consecutive keys, `[np, ldst]`; a missing last key is zero.
-    let one = _mm512_loadu_si512(PAIR_ONE.as_ptr().cast());
-    let zero = _mm512_setzero_ps();
-    for p in 0..np {
-        let a = st.add(2 * p * ldst);
-        let b = (2 * p + 1 < kt).then(|| st.add((2 * p + 1) * ldst));
-        for c in (0..ldst).step_by(16) {
-            let lo = _mm512_loadu_ps(a.add(c));
-            let hi = b.map_or(zero, |b| _mm512_loadu_ps(b.add(c)));
-            let x: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(
-                pw.as_mut_ptr().add(p * ldst + c).cast(),
-                _mm512_permutexvar_epi16(one, x),
-            );
-        }
     }
     // V to pairs of consecutive keys, `[np, dp]`; columns past `d` and a missing key zero.
     let (ilo, ihi) = (
@@ -173,13 +259,30 @@ pub unsafe fn pv(
     for p in 0..np {
         let a = v.add(2 * p * ldv);
         let b = (2 * p + 1 < kt).then(|| v.add((2 * p + 1) * ldv));
+        // Rows a few pairs ahead into L1, from L2 where the caller prefetched the tile: at
+        // a KV row stride of 1-2 KiB a whole tile's rows share a few L1 sets, so they are
+        // asked for shortly before use, not all at once.
+        if 2 * p + V_AHEAD + 1 < kt {
+            prefetch_l1(v.add((2 * p + V_AHEAD) * ldv), d * 2);
+            prefetch_l1(v.add((2 * p + V_AHEAD + 1) * ldv), d * 2);
+        }
         for c in (0..dp).step_by(32) {
             let n = (d - c).min(32);
             let mask = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
-            let ra = _mm512_maskz_loadu_epi16(mask, a.add(c).cast());
-            let rb = b.map_or(_mm512_setzero_si512(), |b| {
-                _mm512_maskz_loadu_epi16(mask, b.add(c).cast())
-            });
+            let (ra, rb) = match b {
+                Some(b) if n == 32 => (
+                    _mm512_loadu_si512(a.add(c).cast()),
+                    _mm512_loadu_si512(b.add(c).cast()),
+                ),
+                Some(b) => (
+                    _mm512_maskz_loadu_epi16(mask, a.add(c).cast()),
+                    _mm512_maskz_loadu_epi16(mask, b.add(c).cast()),
+                ),
+                None => (
+                    _mm512_maskz_loadu_epi16(mask, a.add(c).cast()),
+                    _mm512_setzero_si512(),
+                ),
+            };
             let dst = vw.as_mut_ptr().add(p * dp + c);
             _mm512_storeu_si512(dst.cast(), _mm512_permutex2var_epi16(ra, ilo, rb));
             if c + 16 < dp {
@@ -187,11 +290,11 @@ pub unsafe fn pv(
             }
         }
     }
-    let (pw, vw) = (pw.as_ptr(), vw.as_ptr());
+    let vw = vw.as_ptr();
     let mut r = 0;
     while r < rows {
         let n = (rows - r).min(RB);
-        let (pr, or) = (pw.add(r), o.add(r * ldo));
+        let (pr, or, ar) = (pw.add(r), o.add(r * ldo), alpha.add(r));
         let mut c = 0;
         while c < dp / 16 {
             let w = (dp / 16 - c).min(4);
@@ -200,10 +303,10 @@ pub unsafe fn pv(
                 ($($r:literal),*) => {
                     match (n, w) {
                         $(
-                            ($r, 4) => pv_block::<$r, 4>(np, pr, ldst, vc, dp, oc, ldo),
-                            ($r, 3) => pv_block::<$r, 3>(np, pr, ldst, vc, dp, oc, ldo),
-                            ($r, 2) => pv_block::<$r, 2>(np, pr, ldst, vc, dp, oc, ldo),
-                            ($r, _) => pv_block::<$r, 1>(np, pr, ldst, vc, dp, oc, ldo),
+                            ($r, 4) => pv_block::<$r, 4>(np, pr, ldp, vc, dp, ar, oc, ldo),
+                            ($r, 3) => pv_block::<$r, 3>(np, pr, ldp, vc, dp, ar, oc, ldo),
+                            ($r, 2) => pv_block::<$r, 2>(np, pr, ldp, vc, dp, ar, oc, ldo),
+                            ($r, _) => pv_block::<$r, 1>(np, pr, ldp, vc, dp, ar, oc, ldo),
                         )*
                         _ => unreachable!("row blocks hold 1..=RB rows"),
                     }
@@ -226,13 +329,15 @@ unsafe fn pv_block<const R: usize, const W: usize>(
     ldp: usize,
     vw: *const u32,
     ldv: usize,
+    alpha: *const f32,
     o: *mut f32,
     ldo: usize,
 ) {
     let mut acc = [[_mm512_setzero_ps(); W]; R];
     for r in 0..R {
+        let a = _mm512_set1_ps(*alpha.add(r));
         for c in 0..W {
-            acc[r][c] = _mm512_loadu_ps(o.add(r * ldo + 16 * c));
+            acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * ldo + 16 * c)), a);
         }
     }
     for p in 0..np {

@@ -446,13 +446,55 @@ impl Ops {
         }
     }
 
-    /// `o[r, 0..d] += sum_j p[j * ldp + r] * v[j, 0..d]` for `r < rows`, with P rounded to
-    /// bf16; `o` has rows of `d` rounded up to 16 at stride `ldo`, `pw` and `vw` are scratch.
-    /// The caller checks [`Ops::has_bf16_tiles`] first.
+    /// The online-softmax step of a score tile for [`Ops::pv_bf16`]: masks already applied
+    /// (-inf), `st` `[kt, ld]` key-major, columns `0..ncols` (a multiple of 16, at most `ld`);
+    /// updates `m`, `l`, `alpha` as [`Ops::softmax_tile`] does and writes the probabilities,
+    /// rounded to bf16, as pairs of consecutive keys to `pw` (`[kt.div_ceil(2), ld]`, resized
+    /// as needed), not back to `st`. The caller checks [`Ops::has_bf16_tiles`] first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_pairs(
+        &self,
+        st: &[f32],
+        kt: usize,
+        ncols: usize,
+        ld: usize,
+        m: &mut [f32],
+        l: &mut [f32],
+        alpha: &mut [f32],
+        pw: &mut Vec<u32>,
+    ) {
+        assert!(self.has_bf16_tiles() && ncols.is_multiple_of(16) && ncols <= ld);
+        assert!(m.len() >= ncols && l.len() >= ncols && alpha.len() >= ncols);
+        assert!(kt == 0 || st.len() >= (kt - 1) * ld + ncols);
+        let np = kt.div_ceil(2);
+        if pw.len() < np * ld {
+            pw.resize(np * ld, 0);
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the instructions (`has_bf16_tiles`); every buffer's size was
+        // checked above.
+        unsafe {
+            avx512_bf16::softmax_pairs(
+                st.as_ptr(),
+                kt,
+                ncols,
+                ld,
+                m.as_mut_ptr(),
+                l.as_mut_ptr(),
+                alpha.as_mut_ptr(),
+                pw.as_mut_ptr(),
+            )
+        };
+    }
+
+    /// `o[r, 0..d] = alpha[r] * o[r, 0..d] + sum_j p_j[r] * v[j, 0..d]` for `r < rows`, P as
+    /// [`Ops::softmax_pairs`] wrote it (`pw`: `kt.div_ceil(2)` rows of `ldp >= rows` bf16
+    /// pairs) and `alpha` its rescale factors; `o` has rows of `d` rounded up to 16 at stride
+    /// `ldo`, `vw` is scratch. The caller checks [`Ops::has_bf16_tiles`] first.
     ///
     /// # Safety
-    /// `p` holds `kt` rows of `ldp >= rows` (a multiple of 16) values, `v` `kt` rows of `d`
-    /// at stride `ldv`, `o` `rows` rows.
+    /// `pw` holds `kt.div_ceil(2) * ldp` pairs, `v` `kt` rows of `d` at stride `ldv`, `alpha`
+    /// `rows` values, `o` `rows` rows.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn pv_bf16(
@@ -460,19 +502,65 @@ impl Ops {
         rows: usize,
         kt: usize,
         d: usize,
-        p: *const f32,
+        pw: *const u32,
         ldp: usize,
         v: *const u16,
         ldv: usize,
-        pw: &mut Vec<u32>,
         vw: &mut Vec<u32>,
+        alpha: *const f32,
         o: *mut f32,
         ldo: usize,
     ) {
-        debug_assert!(self.has_bf16_tiles() && ldp.is_multiple_of(16) && ldp >= rows);
+        debug_assert!(self.has_bf16_tiles() && ldp >= rows);
         #[cfg(target_arch = "x86_64")]
-        avx512_bf16::pv(rows, kt, d, p, ldp, v, ldv, pw, vw, o, ldo);
+        avx512_bf16::pv(rows, kt, d, pw, ldp, v, ldv, vw, alpha, o, ldo);
     }
+}
+
+/// Asks the cache hierarchy (L2) for `rows` rows of `len` elements of `data`, the first at
+/// `start`, one every `stride`; rows past the end of `data` are skipped. One bounds check,
+/// not one a row: the prefill tiles ask for 128 rows a tile.
+#[inline]
+pub fn prefetch_rows<T>(data: &[T], start: usize, rows: usize, stride: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let fit = match data.len().checked_sub(start + len) {
+            Some(room) if stride > 0 => rows.min(room / stride + 1),
+            Some(_) => rows.min(1),
+            None => 0,
+        };
+        let bytes = len * std::mem::size_of::<T>();
+        let p = data.as_ptr() as *const i8;
+        let row_bytes = stride * std::mem::size_of::<T>();
+        let first = start * std::mem::size_of::<T>();
+        for r in 0..fit {
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: row r < fit ends at start + r * stride + len <= data.len().
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(p.add(first + r * row_bytes + off)) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, start, rows, stride, len);
+}
+
+/// Asks for `data` in L1, one request per 64-byte line: rows the next few hundred cycles
+/// read (a hint only).
+#[inline]
+pub fn prefetch_l1<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = std::mem::size_of_val(data);
+        let p = data.as_ptr() as *const i8;
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: `off < bytes`, inside `data`; prefetches never fault anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Asks the cache hierarchy (L2) for `data`, one request per 64-byte line; a hint only.
@@ -586,6 +674,105 @@ mod tests {
         let mut short = vec![0u8; (31 * lds + 31) * 2];
         assert!(!transpose32_u16(&src, lss, &mut short, lds));
         assert!(short.iter().all(|&b| b == 0));
+    }
+
+    /// The bf16 tiles' softmax step (probabilities straight to bf16 pairs) against f64: the
+    /// running max, the rescale and the sum within 1e-5, each probability within a bf16
+    /// rounding, pairs of consecutive keys with a zero for an odd tile's missing key; a
+    /// column masked throughout (no visible key yet) stays empty, a masked key gives 0.
+    #[test]
+    fn softmax_pairs_match_f64() {
+        let ops = Ops::new(Isa::detect());
+        if !ops.has_bf16_tiles() {
+            eprintln!("skipped: no AVX-512 BF16 here");
+            return;
+        }
+        let mut rng = rand::rng();
+        for (kt, ncols, ld) in [(64, 64, 64), (37, 32, 48), (1, 16, 16), (2, 48, 64)] {
+            let st: Vec<f32> = (0..kt * ld)
+                .map(|i| match (i % ld, rng.random_range(0..8)) {
+                    (3, _) => f32::NEG_INFINITY,
+                    (_, 0) => f32::NEG_INFINITY,
+                    _ => rng.random_range(-40.0..40.0),
+                })
+                .collect();
+            let m0: Vec<f32> = (0..ncols)
+                .map(|c| match c % 3 {
+                    0 => f32::NEG_INFINITY,
+                    _ => rng.random_range(-30.0..30.0),
+                })
+                .collect();
+            let l0: Vec<f32> = m0
+                .iter()
+                .map(|m| {
+                    if m.is_finite() {
+                        rng.random_range(0.5..9.0)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let (mut m, mut l, mut alpha) = (m0.clone(), l0.clone(), vec![f32::NAN; ncols]);
+            let mut pw = Vec::new();
+            ops.softmax_pairs(&st, kt, ncols, ld, &mut m, &mut l, &mut alpha, &mut pw);
+            assert!(pw.len() >= kt.div_ceil(2) * ld);
+            let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1e-30);
+            for c in 0..ncols {
+                let mx = (0..kt)
+                    .map(|j| st[j * ld + c] as f64)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let m_new = mx.max(m0[c] as f64);
+                assert_eq!(m[c] as f64, m_new, "column {c}: max");
+                let mref = if m_new == f64::NEG_INFINITY {
+                    0.0
+                } else {
+                    m_new
+                };
+                let a = (m0[c] as f64 - mref).exp2();
+                assert!(
+                    close(alpha[c] as f64, a, 1e-5),
+                    "column {c}: alpha {} vs {a}",
+                    alpha[c]
+                );
+                let mut sum = 0.0;
+                for j in 0..kt.next_multiple_of(2) {
+                    let p = if j < kt {
+                        (st[j * ld + c] as f64 - mref).exp2()
+                    } else {
+                        0.0
+                    };
+                    sum += p;
+                    let word = pw[j / 2 * ld + c] >> (16 * (j % 2));
+                    let got = f32::from_bits((word & 0xFFFF) << 16) as f64;
+                    assert!(
+                        close(got, p, 2f64.powi(-8)),
+                        "column {c}, key {j}: {got} vs {p}"
+                    );
+                    if p == 0.0 {
+                        assert_eq!(got, 0.0, "column {c}, key {j}: a masked key");
+                    }
+                }
+                let want_l = l0[c] as f64 * a + sum;
+                assert!(
+                    close(l[c] as f64, want_l, 1e-5),
+                    "column {c}: sum {} vs {want_l}",
+                    l[c]
+                );
+            }
+        }
+    }
+
+    /// Prefetching rows never reads or faults outside the slice: rows past its end, a start
+    /// beyond it, a zero stride and zero rows are all taken.
+    #[test]
+    fn prefetching_rows_stays_inside_the_slice() {
+        let data = vec![0u16; 1000];
+        prefetch_rows(&data, 0, 64, 128, 64);
+        prefetch_rows(&data, 990, 4, 128, 64);
+        prefetch_rows(&data, 5000, 4, 128, 64);
+        prefetch_rows(&data, 10, 3, 0, 64);
+        prefetch_rows(&data, 10, 0, 128, 64);
+        prefetch_rows::<u16>(&[], 0, 8, 1, 1);
     }
 
     /// A value's SiLU does not depend on its offset in the slice (a batched step holds a
