@@ -19,7 +19,7 @@ const JB: usize = 6;
 /// Output rows per register block of the `P V` product.
 const RB: usize = 6;
 /// Keys ahead that the packing of V asks for in L1.
-const V_AHEAD: usize = 8;
+const V_AHEAD: usize = 24;
 
 /// `st[j * 16NV + r] = scale * sum_p K[j, 2p..2p + 2] . qw[p * 16NV + r]` for `j < kt` and
 /// `r < 16NV`, `p < d / 2`.
