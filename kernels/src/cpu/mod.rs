@@ -545,24 +545,6 @@ pub fn prefetch_rows<T>(data: &[T], start: usize, rows: usize, stride: usize, le
     let _ = (data, start, rows, stride, len);
 }
 
-/// Asks for `data` in L1, one request per 64-byte line: rows the next few hundred cycles
-/// read (a hint only).
-#[inline]
-pub fn prefetch_l1<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let bytes = std::mem::size_of_val(data);
-        let p = data.as_ptr() as *const i8;
-        for off in (0..bytes).step_by(64) {
-            // SAFETY: `off < bytes`, inside `data`; prefetches never fault anyway.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
-}
-
 /// Asks the cache hierarchy (L2) for `data`, one request per 64-byte line; a hint only.
 #[inline]
 pub fn prefetch<T>(data: &[T]) {
