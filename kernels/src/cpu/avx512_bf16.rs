@@ -135,22 +135,28 @@ const fn pair_two(c0: u16) -> [u16; 32] {
 const PAIR_LO: [u16; 32] = pair_two(0);
 const PAIR_HI: [u16; 32] = pair_two(16);
 
-/// 2^x for the probabilities the `P V` product rounds to bf16 (8 bits): a degree-4
-/// polynomial on the fraction (a minimax fit with its constant term pinned to 1), within
-/// 3e-6 relative (a bf16 rounding is 2e-3), exactly 1 at 0 (an unchanged running max
-/// rescales nothing); 0 for x <= -200 and for -inf.
-#[target_feature(enable = "avx512f")]
+/// 2^x for the probabilities the `P V` product rounds to bf16 (8 bits), in three steps:
+/// the fraction `f = x - floor(x)` by `vreduceps`, a degree-4 polynomial for 2^f on [0, 1)
+/// (a minimax fit with its constant term pinned to 1: within 3e-6 relative, where a bf16
+/// rounding is 2e-3; exactly 1 at 0, so an unchanged running max rescales nothing), and
+/// `vscalefps`, which multiplies by 2^floor(x) itself. No clamp: -inf reduces to 0 and
+/// scales to 0, as does any x below -150.
+#[target_feature(enable = "avx512f,avx512dq")]
 #[inline]
 unsafe fn exp2_short(x: __m512) -> __m512 {
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-200.0));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-    let f = _mm512_sub_ps(x, n); // in [-0.5, 0.5]
-    const C: [f32; 5] = [1.0, 0.693_124_2, 0.240_241, 0.055_906_4, 0.009_582_83];
+    let f = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(x);
+    const C: [f32; 5] = [
+        1.0,
+        0.693_044_84,
+        0.241_280_14,
+        0.052_242_603,
+        0.013_426_605,
+    ];
     let mut p = _mm512_set1_ps(C[4]);
     for &ci in C[..4].iter().rev() {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(ci));
     }
-    _mm512_scalef_ps(p, n)
+    _mm512_scalef_ps(p, x)
 }
 
 /// The online-softmax step of a score tile whose probabilities go to [`pv`]: `st` holds the
@@ -161,9 +167,9 @@ unsafe fn exp2_short(x: __m512) -> __m512 {
 /// a missing last key zero): one pass, no f32 probabilities stored.
 ///
 /// # Safety
-/// The CPU must have AVX-512F/BW and AVX512_BF16; `st` valid for `kt` rows of `ld`, `m`, `l`,
+/// The CPU must have AVX-512F/BW/DQ and AVX512_BF16; `st` valid for `kt` rows of `ld`, `m`, `l`,
 /// `alpha` for `ncols` values, `pw` for `kt.div_ceil(2) * ld` pairs.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512dq")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn softmax_pairs(
     st: *const f32,

@@ -291,6 +291,9 @@ pub(crate) fn bf16_dot_available() -> bool {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512bf16")
+                // The bf16 tiles' exp2 takes its fraction by `vreduceps` (every CPU with
+                // AVX512_BF16 has DQ; checked all the same).
+                && is_x86_feature_detected!("avx512dq")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
