@@ -17,6 +17,11 @@ fn bench_kernels_json_has_every_case() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert!(v["read_bandwidth_gbs"].as_f64().unwrap() > 0.0);
+    // The units' peaks: a positive figure where the CPU has the unit, null where not.
+    for peak in ["bf16_dot_peak_gflops", "f32_fma_peak_gflops"] {
+        let p = v.get(peak).unwrap_or_else(|| panic!("no {peak}"));
+        assert!(p.is_null() || p.as_f64().unwrap() > 0.0, "{peak}: {p}");
+    }
     let rows = v["rows"].as_array().unwrap();
     for (case, dtype) in [
         ("causal", "f32"),

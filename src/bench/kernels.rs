@@ -1,16 +1,19 @@
 //! `longctx bench kernels`: the attention cases of the foundation issue, with the machine's
-//! read bandwidth measured in the same run for the memory-bound decode case.
+//! read bandwidth measured in the same run for the memory-bound decode case, and its bf16 dot
+//! product and f32 FMA peaks for the compute-bound prefill cases.
 
 use super::timing::{fill_random, median_secs, read_bandwidth_gbs};
 use crate::commands::Progress;
 use anyhow::Result;
 use half::bf16;
+use longctx_kernels::cpu::{peak_gflops, Peak};
 use longctx_kernels::{
     attention, attention_segments_blocks, quantize_blocks_vec, AttnParams, AttnShape, BlockF8,
     BlockQ8, DType, Element, Isa, KvBlock, KvBlockSegment, Mask, QKind, QMatrix,
 };
 use longctx_rope::{apply_table, Layout, Rope, RopeTable, Scaling};
 use serde::Serialize;
+use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,6 +49,10 @@ struct Report {
     threads: usize,
     isa: &'static str,
     read_bandwidth_gbs: f64,
+    /// The arithmetic units' peaks in the same run (every thread at once), where the CPU has
+    /// them: the yardsticks of the GFLOP/s rows.
+    bf16_dot_peak_gflops: Option<f64>,
+    f32_fma_peak_gflops: Option<f64>,
     rows: Vec<Row>,
 }
 
@@ -230,6 +237,9 @@ pub fn run(args: Args) -> Result<()> {
         + if named("gemm-q8") { gemm_ms.len() } else { 0 };
     let bar = Progress::new(steps as u64, "bench kernels", "rows");
     let bw = read_bandwidth_gbs(if args.quick { 256 << 20 } else { 1 << 30 });
+    let probe = Duration::from_millis(if args.quick { 50 } else { 300 });
+    let dot_peak = peak_gflops(Peak::Bf16Dot, probe);
+    let fma_peak = peak_gflops(Peak::F32Fma, probe);
     let mut rows = Vec::new();
     // Each row printed (table) and counted as it is timed.
     let push = |row: Row, rows: &mut Vec<Row>| {
@@ -306,6 +316,8 @@ pub fn run(args: Args) -> Result<()> {
         threads: rayon::current_num_threads(),
         isa: Isa::detect().name(),
         read_bandwidth_gbs: bw,
+        bf16_dot_peak_gflops: dot_peak,
+        f32_fma_peak_gflops: fma_peak,
         rows,
     };
     if args.json {
@@ -315,6 +327,22 @@ pub fn run(args: Args) -> Result<()> {
             "\n{} | {} threads | {} | streaming read {:.1} GB/s",
             report.machine, report.threads, report.isa, bw
         );
+        let peaks = [("bf16", dot_peak, "bf16 dot"), ("f32", fma_peak, "f32 FMA")];
+        for (dtype, peak, unit) in peaks {
+            let Some(p) = peak else { continue };
+            println!("{unit} peak {p:.0} GFLOP/s");
+            for r in report.rows.iter().filter(|r| r.dtype == dtype) {
+                if let Some(g) = r.gflops {
+                    println!(
+                        "{} {} {}: {g:.1} GFLOP/s = {:.0}% of the {unit} peak",
+                        r.case,
+                        r.dtype,
+                        r.shape,
+                        100.0 * g / p
+                    );
+                }
+            }
+        }
         for r in report.rows.iter().filter(|r| r.gbs.is_some()) {
             println!(
                 "{} {}: {:.1} GB/s = {:.0}% of the read bandwidth",

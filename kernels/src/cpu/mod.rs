@@ -8,9 +8,11 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
 mod isa;
+mod peak;
 mod portable;
 
 pub use isa::Isa;
+pub use peak::{peak_gflops, Peak};
 
 /// An element of a weight the decode GEMV streams: f32, or bf16 held as its bit pattern
 /// (`u16`), widened exactly to f32 on load.
