@@ -8,8 +8,10 @@
 //! running max, the sum and the exp2 are then vertical vector operations across rows, and
 //! `O[rows, d] += P . V_tile` reads V rows in place. bf16/f16 tiles are widened to f32 first,
 //! except blocks of more than 16 rows over a bf16 KV on a CPU with AVX512_BF16: both products
-//! then run on the bf16 dot product (`Ops::scores_bf16`, `Ops::pv_bf16`), K read in place, Q
-//! and V packed in pairs, P rounded to bf16 (2^-9 relative, as FlashAttention's on a GPU).
+//! then run on the bf16 dot product (`Ops::scores_bf16`, `Ops::softmax_pairs`,
+//! `Ops::pv_bf16`), K read in place, Q and V packed in pairs, P rounded to bf16 (2^-9
+//! relative, as FlashAttention's on a GPU); over a contiguous KV an item there holds two row
+//! blocks that share each tile's packed V and its prefetches (`Engine::block_pair`).
 //! Work items run on the rayon pool; the decode shape (few rows, long KV) splits the keys
 //! of each item across threads and merges the parts by their log-sum-exp. Decode over a
 //! bf16 KV takes whole unmasked 16-key tiles in one fused step where the CPU has bf16 dot
@@ -148,7 +150,11 @@ pub fn attention_with<T: Element, O: Element>(
     };
     let g = shape.group();
     let bq = (ROWS / g).max(1);
-    let n_blocks = n_q.div_ceil(bq);
+    // Over a bf16 KV on the dot product an item is two row blocks sharing each tile's
+    // packed V (`Engine::block_pair`).
+    let pairs = engine.bf16_tiles;
+    let bq_item = if pairs { 2 * bq } else { bq };
+    let n_blocks = n_q.div_ceil(bq_item);
     let items = n_blocks * h_kv;
     let splits = match opts.strategy {
         Strategy::QueryTiles => 1,
@@ -159,7 +165,7 @@ pub fn attention_with<T: Element, O: Element>(
     let lse_ptr = SyncPtr(lse.as_mut_ptr());
     let block_of = |i: usize| {
         let (hk, b) = (i % h_kv, i / h_kv);
-        (hk, b * bq, ((b + 1) * bq).min(n_q))
+        (hk, b * bq_item, ((b + 1) * bq_item).min(n_q))
     };
 
     if splits == 1 {
@@ -172,11 +178,29 @@ pub fn attention_with<T: Element, O: Element>(
         });
         order.par_iter().for_each(|&i| {
             with_scratch(|st| {
-                let sc = &mut st.scratch[0];
                 let (hk, q0, q1) = block_of(i);
-                engine.block(sc, hk, q0, q1, 0, n_kv);
-                // SAFETY: items cover disjoint (query, head) rows of `out` and `lse`.
-                unsafe { engine.store(sc, hk, q0, q1, out_ptr, lse_ptr) };
+                let qm = (q0 + bq).min(q1);
+                // Both halves many rows (few take the decode path's packing).
+                if pairs && (q1 - qm) * g > 16 && (qm - q0) * g > 16 {
+                    st.scratch.resize_with(2, Scratch::default);
+                    let (sa, sb) = st.scratch.split_at_mut(1);
+                    let (sa, sb) = (&mut sa[0], &mut sb[0]);
+                    engine.block_pair(sa, sb, hk, (q0, qm, q1));
+                    // SAFETY: items cover disjoint (query, head) rows of `out` and `lse`.
+                    unsafe {
+                        engine.store(sa, hk, q0, qm, out_ptr, lse_ptr);
+                        engine.store(sb, hk, qm, q1, out_ptr, lse_ptr);
+                    }
+                    return;
+                }
+                let sc = &mut st.scratch[0];
+                for (a, b) in [(q0, qm), (qm, q1)] {
+                    if a < b {
+                        engine.block(sc, hk, a, b, 0, n_kv);
+                        // SAFETY: as above.
+                        unsafe { engine.store(sc, hk, a, b, out_ptr, lse_ptr) };
+                    }
+                }
             })
         });
         return Ok(());
@@ -1011,51 +1035,16 @@ impl<T: Element> Engine<'_, T> {
             T::as_bf16_bits(self.k),
             T::as_bf16_bits(self.v),
         ) {
-            // Many rows over a bf16 KV: both products on the bf16 dot product, K and V read
-            // in place.
-            // SAFETY: qw is [d / 2, rp] with rp <= 64 (rows per item); kt rows of d at
-            // stride ld from `base` lie within k and v; st is [BK, rp], o [rows, dp].
+            // Many rows over a bf16 KV: both products on the bf16 dot product, K read in
+            // place, V packed into key pairs first.
+            let mut vw = std::mem::take(&mut sc.vw);
+            // SAFETY: kt rows of d at stride ld from `base` lie within v.
             unsafe {
-                self.ops.scores_bf16(
-                    rp,
-                    kt,
-                    d,
-                    sc.qw.as_ptr(),
-                    kb[base..].as_ptr(),
-                    ld,
-                    self.scale2,
-                    sc.st.as_mut_ptr(),
-                );
-            }
-            self.mask_tile(sc, nq, t, kt);
-            self.ops.softmax_pairs(
-                &sc.st,
-                kt,
-                rp,
-                rp,
-                &mut sc.m,
-                &mut sc.l,
-                &mut sc.alpha,
-                &mut sc.pw,
-            );
-            // SAFETY: pw holds kt.div_ceil(2) rows of rp >= rows pairs; V as above; alpha
-            // holds rp >= rows factors (the rescale, applied as o is loaded); o is
-            // [rows, dp].
-            unsafe {
-                self.ops.pv_bf16(
-                    rows,
-                    kt,
-                    d,
-                    sc.pw.as_ptr(),
-                    rp,
-                    vb[base..].as_ptr(),
-                    ld,
-                    &mut sc.vw,
-                    sc.alpha.as_ptr(),
-                    sc.o.as_mut_ptr(),
-                    dp,
-                );
-            }
+                self.ops
+                    .pack_v_bf16(kt, d, vb[base..].as_ptr(), ld, &mut vw)
+            };
+            self.tile_bf16(sc, hk, (q0, q1), (t, kt), kb, &vw);
+            sc.vw = vw;
             return;
         }
         let bits = match (staged, few) {
@@ -1195,6 +1184,107 @@ impl<T: Element> Engine<'_, T> {
                 true,
             )
         };
+    }
+
+    /// One KV tile on the bf16 dot product (`sc` packed by [`Engine::begin`] for it): the
+    /// scores from K in place, the mask, the softmax step into bf16 pairs of P, and `P V`
+    /// from `vw`, the tile's V as [`Ops::pack_v_bf16`] packed it (once for every row block
+    /// over the tile).
+    fn tile_bf16(
+        &self,
+        sc: &mut Scratch,
+        hk: usize,
+        (q0, q1): (usize, usize),
+        (t, kt): (usize, usize),
+        kb: &[u16],
+        vw: &[u32],
+    ) {
+        let AttnShape { h_kv, d, .. } = self.shape;
+        let nq = q1 - q0;
+        let rows = nq * self.shape.group();
+        let (rp, dp) = (rows.next_multiple_of(16), sc.d_pad);
+        let (ld, base) = (h_kv * d, (t * h_kv + hk) * d);
+        // SAFETY: qw is [d / 2, rp] with rp <= 64 (rows per item); kt rows of d at stride
+        // ld from `base` lie within k; st is [BK, rp].
+        unsafe {
+            self.ops.scores_bf16(
+                rp,
+                kt,
+                d,
+                sc.qw.as_ptr(),
+                kb[base..].as_ptr(),
+                ld,
+                self.scale2,
+                sc.st.as_mut_ptr(),
+            );
+        }
+        self.mask_tile(sc, nq, t, kt);
+        self.ops.softmax_pairs(
+            &sc.st,
+            kt,
+            rp,
+            rp,
+            &mut sc.m,
+            &mut sc.l,
+            &mut sc.alpha,
+            &mut sc.pw,
+        );
+        // SAFETY: pw holds kt.div_ceil(2) rows of rp >= rows pairs; alpha rp >= rows
+        // factors (the rescale, applied as o is loaded); o is [rows, dp]; pv_bf16 checks
+        // vw's length.
+        unsafe {
+            self.ops.pv_bf16(
+                rows,
+                kt,
+                d,
+                sc.pw.as_ptr(),
+                rp,
+                vw,
+                sc.alpha.as_ptr(),
+                sc.o.as_mut_ptr(),
+                dp,
+            );
+        }
+    }
+
+    /// [`Engine::block`] for two row blocks of one head over a bf16 KV on the dot product,
+    /// queries `q0..qm` into `sa` and `qm..q1` into `sb`: each KV tile's V is packed once
+    /// and its rows prefetched once for both (the packing was a tenth of `P V`'s time, the
+    /// prefetches a twentieth of the whole). Keys `0..n_kv`.
+    fn block_pair(&self, sa: &mut Scratch, sb: &mut Scratch, hk: usize, q: (usize, usize, usize)) {
+        let (q0, qm, q1) = q;
+        let n_kv = self.shape.n_kv;
+        let a = self.begin(sa, hk, q0, qm, 0, n_kv);
+        let b = self.begin(sb, hk, qm, q1, 0, n_kv);
+        let (Some(kb), Some(vb)) = (T::as_bf16_bits(self.k), T::as_bf16_bits(self.v)) else {
+            unreachable!("a pair of blocks runs over a bf16 KV only")
+        };
+        let AttnShape { h_kv, d, .. } = self.shape;
+        let (start, end) = (a.0.min(b.0), a.1.max(b.1));
+        let mut vw = std::mem::take(&mut sa.vw);
+        let mut t = start;
+        while t < end {
+            let kt = BK.min(end - t);
+            let (pa, pb) = ((t + BK).min(end), (t + 2 * BK).min(end));
+            let at = (pa * h_kv + hk) * d;
+            crate::cpu::prefetch_rows(self.k, at, pb - pa, h_kv * d, d);
+            crate::cpu::prefetch_rows(self.v, at, pb - pa, h_kv * d, d);
+            // SAFETY: kt rows of d at stride h_kv * d from the tile's first lie within v.
+            unsafe {
+                let base = (t * h_kv + hk) * d;
+                self.ops
+                    .pack_v_bf16(kt, d, vb[base..].as_ptr(), h_kv * d, &mut vw)
+            };
+            // A block whose keys miss the tile skips it (its mask would hide every key).
+            if t < a.1 && t + kt > a.0 {
+                self.tile_bf16(sa, hk, (q0, qm), (t, kt), kb, &vw);
+            }
+            if t < b.1 && t + kt > b.0 {
+                self.tile_bf16(sb, hk, (qm, q1), (t, kt), kb, &vw);
+            }
+            t += kt;
+        }
+        sa.vw = vw;
     }
 
     /// Whether the block tile of keys `t..t + kt` runs on [`Ops::decode_tile_blocks`]: few

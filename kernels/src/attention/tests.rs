@@ -376,6 +376,41 @@ fn bf16_dot_tiles_match_f64_at_awkward_sizes() {
     print_worst("bf16_dot_tiles_match_f64_at_awkward_sizes");
 }
 
+/// Query tiles over a bf16 KV run two row blocks an item, sharing each tile's packed V
+/// (`Engine::block_pair`): halves whose keys start and end at different tiles (causal,
+/// chunked-local masks whose chunks cut tiles, queries offset into a longer KV), a last
+/// item of one block, a second half too small for the tiles (alone, on the decode path's
+/// packing), GQA 1/4/8; against f64.
+#[test]
+fn paired_row_blocks_match_f64() {
+    for (n_q, n_kv, ratio, d) in [
+        (200, 200, 1, 64),
+        (150, 400, 1, 64),
+        (77, 77, 4, 128),
+        (70, 133, 8, 72),
+        (130, 130, 1, 96),
+    ] {
+        for mask in MASKS {
+            let mut c = case(n_q, n_kv, 2, ratio, d, mask);
+            c.params = c.params.at(n_kv - n_q, 0);
+            let o = opts(Isa::detect(), Strategy::QueryTiles);
+            let tol = tol_bf16_inputs(o.isa, &c.shape);
+            for kind in INPUTS {
+                let seed: u64 = rand::random();
+                let (q, k, v) = inputs::<bf16>(&mut TestRng::new(seed), &c.shape, &c.params, kind);
+                let mut out = vec![0f32; n_q * ratio * 2 * d];
+                let mut lse = vec![0f32; n_q * ratio * 2];
+                attention_with(&q, &k, &v, c.shape, &c.params, &mut out, &mut lse, &o).unwrap();
+                let want = reference(&q, &k, &v, c.shape, &c.params);
+                assert_close(&out, &lse, &want, tol, &|| {
+                    format!("{:?} {mask:?} {kind:?} (seed {seed})", c.shape)
+                });
+            }
+        }
+    }
+    print_worst("paired_row_blocks_match_f64");
+}
+
 #[test]
 fn bad_shapes_are_errors_not_panics() {
     let s = AttnShape {

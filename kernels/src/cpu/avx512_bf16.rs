@@ -6,8 +6,9 @@
 //! - scores `S^T[kt, rows] = K . Q^T` reduce over `d`: a K row is already pairs (read in
 //!   place, one 32-bit pair broadcast per key), `Q^T` is packed once per work item as
 //!   `[d / 2, rows]` pairs;
-//! - `O[rows, d] += P . V` reduces over keys: `P` (f32 after the softmax) is rounded to bf16
-//!   and packed `[kt / 2, rows]`, and each V tile `[kt / 2, d]`, pairs of consecutive keys.
+//! - `O[rows, d] += P . V` reduces over keys: the softmax step writes `P` rounded to bf16
+//!   as `[kt / 2, rows]` pairs of consecutive keys, and each V tile is packed `[kt / 2, d]`
+//!   the same way (once for every row block over the tile).
 //!
 //! Rounding P to bf16 is the path's one extra error (2^-9 relative per probability, as
 //! FlashAttention's bf16 P on a GPU); scores, the softmax and the output stay f32.
@@ -228,36 +229,19 @@ pub unsafe fn softmax_pairs(
     }
 }
 
-/// `O[rows, 0..d] += P V` for a tile of `kt` keys: `pw` holds P as [`softmax_pairs`] wrote
-/// it (bf16 pairs of consecutive keys, `kt.div_ceil(2)` rows of `ldp >= rows` pairs), `v` the
-/// tile's `kt` rows of `d` bf16 at stride `ldv`, `o` `rows` rows of `dp` at stride `ldo`
-/// (`dp`, the next multiple of 16 of `d`, columns), each first scaled by its row's `alpha`
-/// (the softmax step's rescale, folded into the accumulators' loads). `vw` is scratch for V's
-/// packed pairs.
+/// V's tile of `kt` rows of `d` bf16 at stride `ldv` packed for [`pv`] into `vw`: pairs of
+/// consecutive keys, `[kt.div_ceil(2), dp]` (`dp`, the next multiple of 16 of `d`), columns
+/// past `d` and a missing last key zero; `vw` grown as needed.
 ///
 /// # Safety
-/// The CPU must have AVX-512F/BW/VL and AVX512_BF16; the pointers valid for those sizes.
+/// The CPU must have AVX-512F/BW and AVX512_BF16; `v` valid for `kt` rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn pv(
-    rows: usize,
-    kt: usize,
-    d: usize,
-    pw: *const u32,
-    ldp: usize,
-    v: *const u16,
-    ldv: usize,
-    vw: &mut Vec<u32>,
-    alpha: *const f32,
-    o: *mut f32,
-    ldo: usize,
-) {
+pub unsafe fn pack_v(kt: usize, d: usize, v: *const u16, ldv: usize, vw: &mut Vec<u32>) {
     let np = kt.div_ceil(2);
     let dp = d.next_multiple_of(16);
     if vw.len() < np * dp {
         vw.resize(np * dp, 0);
     }
-    // V to pairs of consecutive keys, `[np, dp]`; columns past `d` and a missing key zero.
     let (ilo, ihi) = (
         _mm512_loadu_si512(PAIR_LO.as_ptr().cast()),
         _mm512_loadu_si512(PAIR_HI.as_ptr().cast()),
@@ -296,7 +280,31 @@ pub unsafe fn pv(
             }
         }
     }
-    let vw = vw.as_ptr();
+}
+
+/// `O[rows, 0..d] += P V` for a tile of `kt` keys: `pw` holds P as [`softmax_pairs`] wrote
+/// it (bf16 pairs of consecutive keys, `kt.div_ceil(2)` rows of `ldp >= rows` pairs), `vw`
+/// the tile's V as [`pack_v`] packed it, `o` `rows` rows of `dp` at stride `ldo` (`dp`, the
+/// next multiple of 16 of `d`, columns), each first scaled by its row's `alpha` (the softmax
+/// step's rescale, folded into the accumulators' loads).
+///
+/// # Safety
+/// The CPU must have AVX-512F/BW/VL and AVX512_BF16; the pointers valid for those sizes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn pv(
+    rows: usize,
+    kt: usize,
+    d: usize,
+    pw: *const u32,
+    ldp: usize,
+    vw: *const u32,
+    alpha: *const f32,
+    o: *mut f32,
+    ldo: usize,
+) {
+    let np = kt.div_ceil(2);
+    let dp = d.next_multiple_of(16);
     let mut r = 0;
     while r < rows {
         let n = (rows - r).min(RB);

@@ -492,14 +492,35 @@ impl Ops {
         };
     }
 
-    /// `o[r, 0..d] = alpha[r] * o[r, 0..d] + sum_j p_j[r] * v[j, 0..d]` for `r < rows`, P as
-    /// [`Ops::softmax_pairs`] wrote it (`pw`: `kt.div_ceil(2)` rows of `ldp >= rows` bf16
-    /// pairs) and `alpha` its rescale factors; `o` has rows of `d` rounded up to 16 at stride
-    /// `ldo`, `vw` is scratch. The caller checks [`Ops::has_bf16_tiles`] first.
+    /// Packs V's tile (`kt` rows of `d` bf16 at stride `ldv`) into `vw` for
+    /// [`Ops::pv_bf16`]: pairs of consecutive keys, `[kt.div_ceil(2), d.next_multiple_of(16)]`
+    /// (`vw` grown as needed). One packing serves every row block over the tile. The caller
+    /// checks [`Ops::has_bf16_tiles`] first.
     ///
     /// # Safety
-    /// `pw` holds `kt.div_ceil(2) * ldp` pairs, `v` `kt` rows of `d` at stride `ldv`, `alpha`
-    /// `rows` values, `o` `rows` rows.
+    /// `v` holds `kt` rows of `d` at stride `ldv`.
+    #[inline]
+    pub unsafe fn pack_v_bf16(
+        &self,
+        kt: usize,
+        d: usize,
+        v: *const u16,
+        ldv: usize,
+        vw: &mut Vec<u32>,
+    ) {
+        debug_assert!(self.has_bf16_tiles());
+        #[cfg(target_arch = "x86_64")]
+        avx512_bf16::pack_v(kt, d, v, ldv, vw);
+    }
+
+    /// `o[r, 0..d] = alpha[r] * o[r, 0..d] + sum_j p_j[r] * v[j, 0..d]` for `r < rows`, P as
+    /// [`Ops::softmax_pairs`] wrote it (`pw`: `kt.div_ceil(2)` rows of `ldp >= rows` bf16
+    /// pairs) and `alpha` its rescale factors, V as [`Ops::pack_v_bf16`] packed it into
+    /// `vw`; `o` has rows of `d` rounded up to 16 at stride `ldo`. The caller checks
+    /// [`Ops::has_bf16_tiles`] first.
+    ///
+    /// # Safety
+    /// `pw` holds `kt.div_ceil(2) * ldp` pairs, `alpha` `rows` values, `o` `rows` rows.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn pv_bf16(
@@ -509,16 +530,15 @@ impl Ops {
         d: usize,
         pw: *const u32,
         ldp: usize,
-        v: *const u16,
-        ldv: usize,
-        vw: &mut Vec<u32>,
+        vw: &[u32],
         alpha: *const f32,
         o: *mut f32,
         ldo: usize,
     ) {
         debug_assert!(self.has_bf16_tiles() && ldp >= rows);
+        assert!(vw.len() >= kt.div_ceil(2) * d.next_multiple_of(16));
         #[cfg(target_arch = "x86_64")]
-        avx512_bf16::pv(rows, kt, d, pw, ldp, v, ldv, vw, alpha, o, ldo);
+        avx512_bf16::pv(rows, kt, d, pw, ldp, vw.as_ptr(), alpha, o, ldo);
     }
 }
 
