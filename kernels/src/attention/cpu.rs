@@ -1254,11 +1254,14 @@ impl<T: Element> Engine<'_, T> {
     fn block_pair(&self, sa: &mut Scratch, sb: &mut Scratch, hk: usize, q: (usize, usize, usize)) {
         let (q0, qm, q1) = q;
         let n_kv = self.shape.n_kv;
+        let (Some(kb), Some(vb)) = (T::as_bf16_bits(self.k), T::as_bf16_bits(self.v)) else {
+            // Not a bf16 KV: each block on its own.
+            self.block(sa, hk, q0, qm, 0, n_kv);
+            self.block(sb, hk, qm, q1, 0, n_kv);
+            return;
+        };
         let a = self.begin(sa, hk, q0, qm, 0, n_kv);
         let b = self.begin(sb, hk, qm, q1, 0, n_kv);
-        let (Some(kb), Some(vb)) = (T::as_bf16_bits(self.k), T::as_bf16_bits(self.v)) else {
-            unreachable!("a pair of blocks runs over a bf16 KV only")
-        };
         let AttnShape { h_kv, d, .. } = self.shape;
         let (start, end) = (a.0.min(b.0), a.1.max(b.1));
         let mut vw = std::mem::take(&mut sa.vw);
