@@ -870,17 +870,22 @@ impl<T: Element> Engine<'_, T> {
                 crate::cpu::prefetch(&self.k[a..b]);
                 crate::cpu::prefetch(&self.v[a..b]);
             } else if !sc.qw.is_empty() {
-                // Many rows on the bf16 dot product: this head's rows of the next tile, one
-                // row of d values every h_kv * d; the hardware prefetcher misses that stride
-                // (the V tile's loads were 45% of the P V product's time, `perf`).
-                let (a, b) = ((t + bk).min(end), (t + 2 * bk).min(end));
-                let at = (a * h_kv + hk) * d;
-                crate::cpu::prefetch_rows(self.k, at, b - a, h_kv * d, d);
-                crate::cpu::prefetch_rows(self.v, at, b - a, h_kv * d, d);
+                // Many rows on the bf16 dot product: this head's rows of the next tile.
+                self.prefetch_head_rows(hk, (t + bk).min(end), (t + 2 * bk).min(end));
             }
             self.tile(sc, hk, (q0, q1), (t, kt), None);
             t += kt;
         }
+    }
+
+    /// Asks L2 for head `hk`'s K and V rows of keys `a..b`: one row of d values every
+    /// `h_kv * d`, a stride the hardware prefetcher misses (the V tile's loads were 45% of
+    /// the bf16 `P V` product's time, `perf`).
+    fn prefetch_head_rows(&self, hk: usize, a: usize, b: usize) {
+        let AttnShape { h_kv, d, .. } = self.shape;
+        let at = (a * h_kv + hk) * d;
+        crate::cpu::prefetch_rows(self.k, at, b.saturating_sub(a), h_kv * d, d);
+        crate::cpu::prefetch_rows(self.v, at, b.saturating_sub(a), h_kv * d, d);
     }
 
     /// Packs the queries of head group `hk` into `sc` and resets its running state; returns
@@ -1268,10 +1273,7 @@ impl<T: Element> Engine<'_, T> {
         let mut t = start;
         while t < end {
             let kt = BK.min(end - t);
-            let (pa, pb) = ((t + BK).min(end), (t + 2 * BK).min(end));
-            let at = (pa * h_kv + hk) * d;
-            crate::cpu::prefetch_rows(self.k, at, pb - pa, h_kv * d, d);
-            crate::cpu::prefetch_rows(self.v, at, pb - pa, h_kv * d, d);
+            self.prefetch_head_rows(hk, (t + BK).min(end), (t + 2 * BK).min(end));
             // SAFETY: kt rows of d at stride h_kv * d from the tile's first lie within v.
             unsafe {
                 let base = (t * h_kv + hk) * d;
