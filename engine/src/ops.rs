@@ -189,7 +189,7 @@ impl Linear {
 /// `w = None` is Llama 4's weightless QK-norm.
 pub fn rms_norm(x: &[f32], w: Option<&[f32]>, eps: f32, dim: usize, y: &mut [f32]) {
     for (xr, yr) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let ms = sum_squares(xr) / dim as f32;
         let r = 1.0 / (ms + eps).sqrt();
         match w {
             Some(w) => {
@@ -206,10 +206,24 @@ pub fn rms_norm(x: &[f32], w: Option<&[f32]>, eps: f32, dim: usize, y: &mut [f32
     }
 }
 
+/// The sum of the squares of `x` in 16 running sums: one sum in order is a chain of
+/// dependent adds (~0.6 us a 576-wide row, 3% of a 16-sequence decode step, serial).
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let tail: f32 = it.remainder().iter().map(|v| v * v).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// RMSNorm without a weight, each row of `x` in place (Llama 4's QK-norm).
 pub fn rms_norm_in_place(x: &mut [f32], eps: f32, dim: usize) {
     for r in x.chunks_exact_mut(dim) {
-        let ms = r.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let ms = sum_squares(r) / dim as f32;
         let s = 1.0 / (ms + eps).sqrt();
         r.iter_mut().for_each(|v| *v *= s);
     }

@@ -159,6 +159,9 @@ const G: usize = 16;
 /// How far ahead (in bytes of weights) the products prefetch: the hardware prefetcher alone
 /// leaves part of a decode step's bandwidth unused.
 const PREFETCH: usize = 4096;
+/// Activation values (rows x columns) up to which [`QMatrix::gemm`] quantises and packs its
+/// rows serially: a 16-sequence step of a model up to 2,048 wide.
+const SERIAL_ELEMS: usize = 1 << 15;
 
 /// A `[rows, cols]` matrix of quantised rows (`cols` a multiple of 32), in groups of 16
 /// rows interleaved so that one integer dot product covers 4 weights of each of 16 rows and
@@ -756,9 +759,19 @@ impl QMatrix {
             pool.resize_with(m, Act::default);
         }
         let acts = &mut pool[..m];
-        acts.par_iter_mut()
-            .zip(x.par_chunks_exact(self.cols))
-            .for_each(|(a, x)| a.quantize_into(x));
+        // A decode step's few rows are quantised and packed on this thread: each parallel
+        // loop costs the other workers a wake-up and a join (a 16-sequence step ran ~420 of
+        // them, ~10% of its time idle in the scheduler), more than these microseconds.
+        let small = m * self.cols <= SERIAL_ELEMS;
+        if small {
+            for (a, x) in acts.iter_mut().zip(x.chunks_exact(self.cols)) {
+                a.quantize_into(x);
+            }
+        } else {
+            acts.par_iter_mut()
+                .zip(x.par_chunks_exact(self.cols))
+                .for_each(|(a, x)| a.quantize_into(x));
+        }
         let acts = &*acts;
         let vnni = vnni_available();
         #[cfg(target_arch = "x86_64")]
@@ -779,10 +792,16 @@ impl QMatrix {
             tiles.resize_with(n_tiles, Tile::default);
         }
         let words = self.kind.words();
-        tiles[..n_tiles]
-            .par_iter_mut()
-            .zip(acts.par_chunks(TILE))
-            .for_each(|(t, a)| t.pack(a, words));
+        if small {
+            for (t, a) in tiles[..n_tiles].iter_mut().zip(acts.chunks(TILE)) {
+                t.pack(a, words);
+            }
+        } else {
+            tiles[..n_tiles]
+                .par_iter_mut()
+                .zip(acts.par_chunks(TILE))
+                .for_each(|(t, a)| t.pack(a, words));
+        }
         let tiles_in = &tiles[..n_tiles];
         // At least four chunks a thread; at most 64 rows (64 x 1536 4-bit weights: ~60 KB).
         let threads = rayon::current_num_threads().max(1);
@@ -1843,7 +1862,8 @@ mod tests {
     /// step (amax / 254) of its value, at amplitudes below and above 127 (so the scale is a
     /// division, not a remainder), all-zero blocks exactly zero.
     /// A batched product is each row's vector product, bit for bit (the same int8
-    /// activations and the same kernel), at row counts that are not multiples of a chunk.
+    /// activations and the same kernel), at row counts that are not multiples of a chunk,
+    /// with few activation rows (quantised serially) and many (in parallel).
     #[test]
     fn gemm_rows_are_their_gemvs() {
         let mut rng = rand::rng();
@@ -1854,6 +1874,8 @@ mod tests {
                 (130, 576, 5),
                 (67, 1536, 17),
                 (33, 64, 70),
+                // Past SERIAL_ELEMS: the activations quantised and packed in parallel.
+                (9, 1536, 23),
             ] {
                 let (w, cols) = matrix(kind, rows, cols, &mut rng);
                 let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
