@@ -120,6 +120,9 @@ pub struct Sampler {
     picked: Vec<u32>,
     /// How often each token was picked.
     counts: std::collections::HashMap<u32, u32>,
+    /// Each token's weight, and the candidates drawn from: kept between tokens.
+    weights: Vec<f32>,
+    cand: Vec<(f32, u32)>,
 }
 
 impl Sampler {
@@ -130,6 +133,8 @@ impl Sampler {
             state,
             picked: vec![],
             counts: Default::default(),
+            weights: vec![],
+            cand: vec![],
         }
     }
 
@@ -197,72 +202,108 @@ impl Sampler {
     }
 
     /// The next token: the likeliest at temperature 0, else a draw from the softmax at the
-    /// temperature over the top-k, then min-p, then top-p candidates, walked from the
-    /// likeliest (ties by index). Only as much of the order as the walk reaches is sorted:
-    /// sorting all of a 49,152-token vocabulary took ~2 ms a token, serial between steps.
+    /// temperature over the candidates top-k, min-p and top-p keep (each by likelihood, equal
+    /// weights by token), walked in token order with f64 sums. A NaN logit is never drawn.
+    /// Nothing sorts the vocabulary: a sort of 49,152 indices took ~2 ms a token, serial
+    /// between a batch's steps.
     fn pick(&mut self, logits: &[f32]) -> u32 {
         let temp = self.cfg.temperature;
-        if temp <= 0.0 {
-            return argmax(logits);
-        }
-        // Likeliest first; equal logits by index (the order a stable sort gives).
-        let cmp = |a: &(u32, f32), b: &(u32, f32)| {
-            logits[b.0 as usize]
-                .total_cmp(&logits[a.0 as usize])
-                .then(a.0.cmp(&b.0))
-        };
-        let mut cand: Vec<(u32, f32)> = (0..logits.len() as u32).map(|i| (i, 0.0)).collect();
-        let Some(&(top, _)) = cand.iter().min_by(|a, b| cmp(a, b)) else {
-            return 0;
-        };
-        if self.cfg.top_k > 0 && self.cfg.top_k < cand.len() {
-            cand.select_nth_unstable_by(self.cfg.top_k - 1, cmp);
-            cand.truncate(self.cfg.top_k);
+        let top = argmax(logits);
+        if temp <= 0.0 || logits.is_empty() {
+            return top;
         }
         let mx = logits[top as usize];
-        for (i, w) in cand.iter_mut() {
-            *w = ((logits[*i as usize] - mx) / temp).exp();
+        if mx == f32::NEG_INFINITY || mx.is_nan() {
+            return top;
         }
-        // min-p keeps those at least min_p times as likely as the likeliest (whose weight is 1).
-        if self.cfg.min_p > 0.0 {
-            cand.retain(|c| c.1 >= self.cfg.min_p);
-            if cand.is_empty() {
-                cand.push((top, 1.0));
+        let w = &mut self.weights;
+        w.resize(logits.len(), 0.0);
+        longctx_kernels::cpu::exp_scaled_into(w, logits, mx, temp);
+        // Weight 0 (far below the likeliest, or NaN) is never drawn; min-p keeps those at
+        // least min_p times as likely as the likeliest (weight 1).
+        let min_w = self.cfg.min_p;
+        let allowed = |v: f32| v > 0.0 && v >= min_w;
+        // The least likely candidate top-k and top-p keep, when either is on.
+        let mut bound = None;
+        let (k, p) = (self.cfg.top_k, self.cfg.top_p);
+        if k > 0 || p < 1.0 {
+            let cand = &mut self.cand;
+            cand.clear();
+            cand.extend(
+                w.iter()
+                    .enumerate()
+                    .filter(|(_, v)| allowed(**v))
+                    .map(|(i, v)| (*v, i as u32)),
+            );
+            let cut = k > 0 && k < cand.len();
+            if cut {
+                cand.select_nth_unstable_by(k - 1, likelier);
+                cand.truncate(k);
+            }
+            if p < 1.0 {
+                // The shortest likeliest-first run whose share reaches top_p.
+                let want = p as f64 * cand.iter().map(|c| c.0 as f64).sum::<f64>();
+                let (i, _) = locate(cand, |upto| upto >= want);
+                bound = Some(cand[i]);
+            } else if cut {
+                bound = cand.iter().copied().max_by(likelier);
             }
         }
-        // Summed in f64: the same total whatever order the candidates lie in.
-        let total = cand.iter().map(|c| c.1 as f64).sum::<f64>() as f32;
-        let mut order = LazySorted::new(cand, cmp);
-        // top-p: the shortest likeliest-first run whose share reaches top_p, renormalised.
-        let mut kept = usize::MAX;
-        let mut norm = 1.0;
-        if self.cfg.top_p < 1.0 {
-            let mut acc = 0.0f32;
-            let mut n = 0;
-            while let Some((_, w)) = order.get(n) {
-                acc += w / total;
-                n += 1;
-                if acc >= self.cfg.top_p {
-                    break;
-                }
-            }
-            (kept, norm) = (n, acc);
-        }
-        let mut u = self.uniform();
-        let mut n = 0;
+        let keep = |t: usize, v: f32| {
+            allowed(v) && bound.is_none_or(|b| likelier(&(v, t as u32), &b).is_le())
+        };
+        let mass: f64 = w
+            .iter()
+            .enumerate()
+            .filter(|(t, v)| keep(*t, **v))
+            .map(|(_, v)| *v as f64)
+            .sum();
+        let at = self.uniform() as f64 * mass;
+        let w = &self.weights;
+        let mut acc = 0.0;
         let mut last = top;
-        while n < kept {
-            let Some((i, w)) = order.get(n) else { break };
-            let x = w / total / norm;
-            if u < x {
-                return i;
+        for (t, v) in w.iter().enumerate().filter(|(t, v)| keep(*t, **v)) {
+            acc += *v as f64;
+            last = t as u32;
+            if acc > at {
+                break;
             }
-            u -= x;
-            last = i;
-            n += 1;
         }
         last
     }
+}
+
+/// The likelier of two (weight, token) candidates first; equal weights by token.
+fn likelier(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// In the order [`likelier`] gives, the first candidate `i` whose running sum of weights
+/// through it (in f64) satisfies `reached` (monotone: false, then true), and the sum before
+/// it; the last when none does. Linear time: each round selects the likelier half of what
+/// is left and keeps the half holding the answer.
+fn locate(c: &mut [(f32, u32)], reached: impl Fn(f64) -> bool) -> (usize, f64) {
+    let (mut lo, mut hi, mut before) = (0, c.len(), 0.0f64);
+    while hi - lo > 64 {
+        let mid = lo + (hi - lo) / 2;
+        c[lo..hi].select_nth_unstable_by(mid - lo, likelier);
+        let upper: f64 = c[lo..mid].iter().map(|x| x.0 as f64).sum();
+        if reached(before + upper) {
+            hi = mid;
+        } else {
+            before += upper;
+            lo = mid;
+        }
+    }
+    c[lo..hi].sort_unstable_by(likelier);
+    for (i, x) in c.iter().enumerate().take(hi).skip(lo) {
+        let upto = before + x.0 as f64;
+        if reached(upto) || i + 1 == hi {
+            return (i, before);
+        }
+        before = upto;
+    }
+    (hi.saturating_sub(1), before)
 }
 
 /// The index of the first largest value (NaN never wins); 0 when none is above -inf.
@@ -283,38 +324,6 @@ fn argmax(x: &[f32]) -> u32 {
         return 0;
     }
     x.iter().position(|v| *v == best).unwrap_or(0) as u32
-}
-
-/// Items in the order `cmp` gives, sorted only as far as they are read: each extension
-/// selects the next run (as long as all before it, at least 64) in linear time and sorts
-/// just that run.
-struct LazySorted<T, F> {
-    idx: Vec<T>,
-    sorted: usize,
-    cmp: F,
-}
-
-impl<T: Copy, F: FnMut(&T, &T) -> std::cmp::Ordering> LazySorted<T, F> {
-    fn new(idx: Vec<T>, cmp: F) -> Self {
-        LazySorted {
-            idx,
-            sorted: 0,
-            cmp,
-        }
-    }
-
-    fn get(&mut self, n: usize) -> Option<T> {
-        while n >= self.sorted && self.sorted < self.idx.len() {
-            let rest = &mut self.idx[self.sorted..];
-            let run = self.sorted.max(64).min(rest.len());
-            if run < rest.len() {
-                rest.select_nth_unstable_by(run - 1, &mut self.cmp);
-            }
-            rest[..run].sort_unstable_by(&mut self.cmp);
-            self.sorted += run;
-        }
-        self.idx.get(n).copied()
-    }
 }
 
 /// What a generation produced.
@@ -431,55 +440,47 @@ mod tests {
     /// No run of `n` picked tokens occurs twice, however strongly the logits pull back to one
     /// (greedy on fixed logits repeats one token forever without the ban); the ban looks at
     /// the answer, not beyond, and 0 is off.
-    /// The sampler as first written: every candidate sorted (stably) before the walk; only
-    /// the total is summed in f64, as `pick` sums it.
+    /// The sampler's rule spelt out: the candidates sorted by weight (likeliest first,
+    /// equal ones by token) for top-k, min-p and top-p, then those kept walked in token order
+    /// with f64 sums.
     fn pick_by_full_sort(cfg: &Sampling, u: f32, logits: &[f32]) -> u32 {
+        let top = argmax(logits);
         if cfg.temperature <= 0.0 {
-            let mut best = (0, f32::NEG_INFINITY);
-            for (i, v) in logits.iter().enumerate() {
-                if *v > best.1 {
-                    best = (i, *v);
-                }
-            }
-            return best.0 as u32;
+            return top;
         }
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        idx.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
-        if cfg.top_k > 0 {
-            idx.truncate(cfg.top_k);
-        }
-        let mx = logits[idx[0]];
-        let mut p: Vec<f32> = idx
-            .iter()
-            .map(|i| ((logits[*i] - mx) / cfg.temperature).exp())
+        let mut w = vec![0f32; logits.len()];
+        let mx = logits[top as usize];
+        longctx_kernels::cpu::exp_scaled_into(&mut w, logits, mx, cfg.temperature);
+        let mut c: Vec<(f32, u32)> = (0..w.len() as u32)
+            .map(|i| (w[i as usize], i))
+            .filter(|c| c.0 > 0.0 && c.0 >= cfg.min_p)
             .collect();
-        if cfg.min_p > 0.0 {
-            let keep = p.iter().take_while(|x| **x >= cfg.min_p).count();
-            p.truncate(keep.max(1));
+        c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        if cfg.top_k > 0 {
+            c.truncate(cfg.top_k);
         }
-        let total = p.iter().map(|x| *x as f64).sum::<f64>() as f32;
-        p.iter_mut().for_each(|x| *x /= total);
         if cfg.top_p < 1.0 {
+            let mass: f64 = c.iter().map(|x| x.0 as f64).sum();
             let mut acc = 0.0;
-            let keep = p
+            let keep = c
                 .iter()
                 .position(|x| {
-                    acc += x;
-                    acc >= cfg.top_p
+                    acc += x.0 as f64;
+                    acc >= cfg.top_p as f64 * mass
                 })
-                .map_or(p.len(), |i| i + 1);
-            p.truncate(keep);
-            let t: f32 = p.iter().sum();
-            p.iter_mut().for_each(|x| *x /= t);
+                .map_or(c.len(), |i| i + 1);
+            c.truncate(keep);
         }
-        let mut u = u;
-        for (i, x) in p.iter().enumerate() {
-            if u < *x {
-                return idx[i] as u32;
+        c.sort_by_key(|x| x.1);
+        let at = u as f64 * c.iter().map(|x| x.0 as f64).sum::<f64>();
+        let mut acc = 0.0;
+        for x in &c {
+            acc += x.0 as f64;
+            if acc > at {
+                return x.1;
             }
-            u -= x;
         }
-        idx[p.len() - 1] as u32
+        c.last().map_or(top, |x| x.1)
     }
 
     #[test]
@@ -489,15 +490,18 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for case in 0..400 {
             // Vocabularies below, at and past the first sorted run (64), ties in some.
-            let vocab = [1, 7, 64, 65, 300, 5000][case % 6];
+            let vocab = [1, 7, 64, 65, 300, 5000, 49152][case % 7];
             let ties = case % 3 == 0;
+            // Some cases hold logits no draw may take: -inf and NaN.
+            let holes = case % 5 == 0;
             let logits: Vec<f32> = (0..vocab)
                 .map(|_| {
                     let v: f32 = rng.random_range(-8.0..8.0);
-                    if ties {
-                        v.round()
-                    } else {
-                        v
+                    match rng.random_range(0..10) {
+                        0 if holes => f32::NEG_INFINITY,
+                        1 if holes => f32::NAN,
+                        _ if ties => v.round(),
+                        _ => v,
                     }
                 })
                 .collect();

@@ -32,6 +32,10 @@ pub struct Args {
     /// Rows (tokens) per forward step: decode rows first, then prompt chunks.
     #[arg(long, default_value_t = 512)]
     step_tokens: usize,
+    /// Softmax temperature each sequence samples at (seeded per sequence); 0 is greedy. A
+    /// server's requests sample (the OpenAI API's default is 1). Default: 0.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     #[command(flatten)]
     decode: DecodeOpts,
     /// Print one JSON object on stdout instead of a table. Default: off.
@@ -56,6 +60,7 @@ struct Report {
     model: String,
     prompt: usize,
     new: usize,
+    temperature: f32,
     rows: Vec<Row>,
 }
 
@@ -67,6 +72,10 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(
         args.concurrency.iter().all(|c| *c >= 1),
         "--concurrency values must be at least 1"
+    );
+    anyhow::ensure!(
+        args.temperature.is_finite() && args.temperature >= 0.0,
+        "--temperature must be a number at least 0"
     );
     let path = crate::commands::resolve_model(&args.model)?;
     let m = args.decode.open(&Some(path.clone()))?;
@@ -100,11 +109,16 @@ pub fn run(args: Args) -> Result<()> {
         );
         // Distinct prompts (no shared prefix), a fixed seed per run.
         for i in 0..b {
-            let prompt = random_tokens(args.prompt, (k * 1000 + i) as u64, vocab);
+            let seed = (k * 1000 + i) as u64;
+            let prompt = random_tokens(args.prompt, seed, vocab);
             s.submit(Request {
                 prompt,
                 max_tokens: args.new,
-                sampling: Sampling::default(),
+                sampling: Sampling {
+                    temperature: args.temperature,
+                    seed,
+                    ..Sampling::default()
+                },
                 // No stop token: every sequence runs its TG tokens, as llama-batched-bench.
                 stop: vec![],
             })?;
@@ -159,6 +173,7 @@ pub fn run(args: Args) -> Result<()> {
             model: path.display().to_string(),
             prompt: args.prompt,
             new: args.new,
+            temperature: args.temperature,
             rows,
         };
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -175,6 +175,29 @@ pub unsafe fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
     }
 }
 
+/// Same contract as [`super::portable::exp_scaled_into`], `e^y` by [`exp_accurate`]; the
+/// tail masked, as in [`silu_mul_into`].
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn exp_scaled_into(out: &mut [f32], x: &[f32], shift: f32, div: f32) {
+    let n = out.len().min(x.len());
+    let (o, xp) = (out.as_mut_ptr(), x.as_ptr());
+    let (sh, dv) = (_mm512_set1_ps(shift), _mm512_set1_ps(div));
+    let mut i = 0;
+    while i < n {
+        let k: __mmask16 = if n - i >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        let y = _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, xp.add(i)), sh), dv);
+        _mm512_mask_storeu_ps(o.add(i), k, exp_accurate(y));
+        i += 16;
+    }
+}
+
 /// `e^y` to an ulp or two of libm's `expf` (which rounds correctly): `y = n ln 2 + r` with
 /// `ln 2` in two parts (Cody and Waite, Cephes' constants), so `r` carries no error from
 /// `|y|`, then a degree-7 Taylor polynomial on `|r| <= ln 2 / 2` (error 2e-8) and `2^n` by

@@ -316,6 +316,20 @@ pub fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
     }
 }
 
+/// `out = e^((x - shift) / div)` elementwise (a sampler's softmax weights at a temperature),
+/// over the shorter of the two; with AVX-512 16 lanes at a time, within an ulp or two of
+/// libm's `expf` (as [`silu_mul_into`]), `e^0` exactly 1; elsewhere libm's `expf`.
+pub fn exp_scaled_into(out: &mut [f32], x: &[f32], shift: f32, div: f32) {
+    let n = out.len().min(x.len());
+    let (out, x) = (&mut out[..n], &x[..n]);
+    match Isa::detect() {
+        // SAFETY: `Isa::detect` only returns an instruction set the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::exp_scaled_into(out, x, shift, div) },
+        _ => portable::exp_scaled_into(out, x, shift, div),
+    }
+}
+
 impl Ops {
     /// Keys per [`Ops::decode_tile_bf16`] step.
     pub const DECODE_TILE: usize = 16;
@@ -856,6 +870,42 @@ mod tests {
             let tol = 5e-7 * w.abs();
             let same = (o.is_nan() && w.is_nan()) || o == w || (o - w).abs() <= tol;
             assert!(same, "g {gi}: {o} vs libm's {w}");
+        }
+    }
+
+    /// A sampler's weights: within a few ulps of f64 over the range where they go from 1 to
+    /// underflow, at every length around the 16 lanes; `e^0` exactly 1; the edges as libm's.
+    #[test]
+    fn scaled_exp_matches_f64_and_is_one_at_the_shift() {
+        let mut rng = rand::rng();
+        for n in [1, 15, 16, 17, 100, 4099] {
+            let (shift, div) = (
+                rng.random_range(-5.0f32..5.0),
+                rng.random_range(0.1f32..2.0),
+            );
+            let x: Vec<f32> = (0..n)
+                .map(|_| shift - rng.random_range(0.0..30.0))
+                .collect();
+            let mut out = vec![f32::NAN; n];
+            exp_scaled_into(&mut out, &x, shift, div);
+            for i in 0..n {
+                let y = ((x[i] - shift) / div) as f64;
+                let want = y.exp();
+                let err = (out[i] as f64 - want).abs() / want.max(1e-38);
+                assert!(err < 5e-7, "n {n} y {y}: {} vs {want}", out[i]);
+            }
+            let mut one = [0f32; 3];
+            exp_scaled_into(&mut one, &[shift; 3], shift, div);
+            assert_eq!(one, [1.0; 3]);
+        }
+        let x = [0.0f32, -1e30, f32::NEG_INFINITY, f32::NAN, 200.0, -200.0];
+        let mut out = [0f32; 6];
+        exp_scaled_into(&mut out, &x, 0.0, 1.0);
+        let mut want = [0f32; 6];
+        portable::exp_scaled_into(&mut want, &x, 0.0, 1.0);
+        for ((o, w), xi) in out.iter().zip(&want).zip(&x) {
+            let same = (o.is_nan() && w.is_nan()) || o == w || (o - w).abs() <= 5e-7 * w.abs();
+            assert!(same, "x {xi}: {o} vs libm's {w}");
         }
     }
 

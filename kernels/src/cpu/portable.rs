@@ -204,6 +204,13 @@ pub unsafe fn axpy_rows<T: super::RowElem>(
     }
 }
 
+/// `out = e^((x - shift) / div)`, libm's `expf`; equal lengths.
+pub fn exp_scaled_into(out: &mut [f32], x: &[f32], shift: f32, div: f32) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = ((*v - shift) / div).exp();
+    }
+}
+
 /// `out = SiLU(gate) * up`, libm's `expf`; equal lengths.
 pub fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
     for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
