@@ -243,7 +243,7 @@ impl Sampler {
             if p < 1.0 {
                 // The shortest likeliest-first run whose share reaches top_p.
                 let want = p as f64 * cand.iter().map(|c| c.0 as f64).sum::<f64>();
-                let (i, _) = locate(cand, |upto| upto >= want);
+                let i = locate(cand, |upto| upto >= want);
                 bound = Some(cand[i]);
             } else if cut {
                 bound = cand.iter().copied().max_by(likelier);
@@ -278,11 +278,11 @@ fn likelier(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
-/// In the order [`likelier`] gives, the first candidate `i` whose running sum of weights
-/// through it (in f64) satisfies `reached` (monotone: false, then true), and the sum before
-/// it; the last when none does. Linear time: each round selects the likelier half of what
-/// is left and keeps the half holding the answer.
-fn locate(c: &mut [(f32, u32)], reached: impl Fn(f64) -> bool) -> (usize, f64) {
+/// The index, once `c` is reordered, of the first candidate in the order [`likelier`] gives
+/// whose running sum of weights through it (in f64) satisfies `reached` (monotone: false,
+/// then true); the last when none does. Linear time: each round selects the likelier half of
+/// what is left and keeps the half holding the answer.
+fn locate(c: &mut [(f32, u32)], reached: impl Fn(f64) -> bool) -> usize {
     let (mut lo, mut hi, mut before) = (0, c.len(), 0.0f64);
     while hi - lo > 64 {
         let mid = lo + (hi - lo) / 2;
@@ -297,13 +297,12 @@ fn locate(c: &mut [(f32, u32)], reached: impl Fn(f64) -> bool) -> (usize, f64) {
     }
     c[lo..hi].sort_unstable_by(likelier);
     for (i, x) in c.iter().enumerate().take(hi).skip(lo) {
-        let upto = before + x.0 as f64;
-        if reached(upto) || i + 1 == hi {
-            return (i, before);
+        before += x.0 as f64;
+        if reached(before) {
+            return i;
         }
-        before = upto;
     }
-    (hi.saturating_sub(1), before)
+    hi.saturating_sub(1)
 }
 
 /// The index of the first largest value (NaN never wins); 0 when none is above -inf.
