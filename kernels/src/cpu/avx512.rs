@@ -161,11 +161,7 @@ pub unsafe fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
-        let k: __mmask16 = if n - i >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << (n - i)) - 1
-        };
+        let k = tail_mask((n - i).min(16));
         let gv = _mm512_maskz_loadu_ps(k, g.add(i));
         let e = exp_accurate(_mm512_sub_ps(_mm512_setzero_ps(), gv));
         let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
@@ -187,11 +183,7 @@ pub unsafe fn exp_scaled_into(out: &mut [f32], x: &[f32], shift: f32, div: f32) 
     let (sh, dv) = (_mm512_set1_ps(shift), _mm512_set1_ps(div));
     let mut i = 0;
     while i < n {
-        let k: __mmask16 = if n - i >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << (n - i)) - 1
-        };
+        let k = tail_mask((n - i).min(16));
         let y = _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, xp.add(i)), sh), dv);
         _mm512_mask_storeu_ps(o.add(i), k, exp_accurate(y));
         i += 16;
