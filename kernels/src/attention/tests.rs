@@ -330,6 +330,23 @@ fn bf16_inputs_with_f32_outputs() {
     print_worst("bf16_inputs_with_f32_outputs");
 }
 
+/// Case `c` under `o` on bf16 inputs of every kind (seeds from `seed`) against f64, within
+/// `tol`; `what` names the case's variant in a failure.
+fn bf16_inputs_match_f64(c: &Case, o: &CpuOptions, tol: f64, seed: u64, what: &str) {
+    let AttnShape { n_q, h_q, d, .. } = c.shape;
+    for (i, kind) in INPUTS.into_iter().enumerate() {
+        let seed = seed.wrapping_add(i as u64);
+        let (q, k, v) = inputs::<bf16>(&mut TestRng::new(seed), &c.shape, &c.params, kind);
+        let mut out = vec![0f32; n_q * h_q * d];
+        let mut lse = vec![0f32; n_q * h_q];
+        attention_with(&q, &k, &v, c.shape, &c.params, &mut out, &mut lse, o).unwrap();
+        let want = reference(&q, &k, &v, c.shape, &c.params);
+        assert_close(&out, &lse, &want, tol, &|| {
+            format!("{:?} {what} {kind:?} (seed {seed})", c.shape)
+        });
+    }
+}
+
 #[test]
 fn bf16_dot_tiles_match_f64_at_awkward_sizes() {
     // The bf16 dot-product tiles (blocks of more than 16 rows over a bf16 KV): every mask, GQA
@@ -360,17 +377,7 @@ fn bf16_dot_tiles_match_f64_at_awkward_sizes() {
             let tol = tol_bf16_inputs(o.isa, &c.shape);
             // The case reaches the tiles where the CPU has them (else it tests nothing new).
             assert_eq!(tol == TOL_P_BF16, bf16_tiles, "{:?}", c.shape);
-            for kind in INPUTS {
-                let seed: u64 = rng.random();
-                let (q, k, v) = inputs::<bf16>(&mut TestRng::new(seed), &c.shape, &c.params, kind);
-                let mut out = vec![0f32; n_q * ratio * 2 * d];
-                let mut lse = vec![0f32; n_q * ratio * 2];
-                attention_with(&q, &k, &v, c.shape, &c.params, &mut out, &mut lse, &o).unwrap();
-                let want = reference(&q, &k, &v, c.shape, &c.params);
-                assert_close(&out, &lse, &want, tol, &|| {
-                    format!("{:?} {mask:?} {strategy:?} {kind:?} (seed {seed})", c.shape)
-                });
-            }
+            bf16_inputs_match_f64(&c, &o, tol, rng.random(), &format!("{mask:?} {strategy:?}"));
         }
     }
     print_worst("bf16_dot_tiles_match_f64_at_awkward_sizes");
@@ -395,17 +402,7 @@ fn paired_row_blocks_match_f64() {
             c.params = c.params.at(n_kv - n_q, 0);
             let o = opts(Isa::detect(), Strategy::QueryTiles);
             let tol = tol_bf16_inputs(o.isa, &c.shape);
-            for kind in INPUTS {
-                let seed: u64 = rand::random();
-                let (q, k, v) = inputs::<bf16>(&mut TestRng::new(seed), &c.shape, &c.params, kind);
-                let mut out = vec![0f32; n_q * ratio * 2 * d];
-                let mut lse = vec![0f32; n_q * ratio * 2];
-                attention_with(&q, &k, &v, c.shape, &c.params, &mut out, &mut lse, &o).unwrap();
-                let want = reference(&q, &k, &v, c.shape, &c.params);
-                assert_close(&out, &lse, &want, tol, &|| {
-                    format!("{:?} {mask:?} {kind:?} (seed {seed})", c.shape)
-                });
-            }
+            bf16_inputs_match_f64(&c, &o, tol, rand::random(), &format!("{mask:?}"));
         }
     }
     print_worst("paired_row_blocks_match_f64");
