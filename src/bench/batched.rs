@@ -73,10 +73,18 @@ pub fn run(args: Args) -> Result<()> {
         args.concurrency.iter().all(|c| *c >= 1),
         "--concurrency values must be at least 1"
     );
-    anyhow::ensure!(
-        args.temperature.is_finite() && args.temperature >= 0.0,
-        "--temperature must be a number at least 0"
-    );
+    let sampling = Sampling {
+        temperature: args.temperature,
+        ..Sampling::default()
+    };
+    sampling.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "--{} must be {}, got {}",
+            e.field.replace('_', "-"),
+            e.range,
+            e.value
+        )
+    })?;
     let path = crate::commands::resolve_model(&args.model)?;
     let m = args.decode.open(&Some(path.clone()))?;
     let vocab = m.model.cfg.vocab as u32;
@@ -115,9 +123,8 @@ pub fn run(args: Args) -> Result<()> {
                 prompt,
                 max_tokens: args.new,
                 sampling: Sampling {
-                    temperature: args.temperature,
                     seed,
-                    ..Sampling::default()
+                    ..sampling.clone()
                 },
                 // No stop token: every sequence runs its TG tokens, as llama-batched-bench.
                 stop: vec![],
